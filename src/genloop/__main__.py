@@ -1,0 +1,3 @@
+from genloop.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``genloop`` command line: thin commands that parse, call one plain function, print."""

@@ -1,0 +1,1 @@
+"""Watching models in production and in training: metrics, logs, usage, drift, alerts."""

@@ -1,0 +1,1 @@
+"""Security boundaries: keys, encryption, safe loading, guardrails, privacy, paths."""
