@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 import genloop
-from genloop.cli import config_cmd, models
+from genloop.cli import config_cmd, data, models
 from genloop.cli.context import console, err_console, state
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(models.app, name="models")
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(data.app, name="data")
 
 
 def _version(value: bool) -> None:
@@ -78,8 +79,10 @@ def _global(
 def init(
     directory: Annotated[
         Path | None,
-        typer.Argument(help="Where to create it [default: --workspace, $GENLOOP_HOME or "
-                       "./genloop-workspace].", show_default=False),
+        typer.Argument(
+            help="Where to create it [default: --workspace, $GENLOOP_HOME or ./genloop-workspace].",
+            show_default=False,
+        ),
     ] = None,
 ) -> None:
     """Create a workspace (catalog database + artifact store), or migrate an existing one."""
@@ -107,7 +110,9 @@ def main() -> None:
     except GenloopError as exc:
         if state.debug:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -8,8 +8,10 @@ import typer
 
 from genloop.cli.context import console, open_workspace, print_json, print_table
 
-app = typer.Typer(help="Model versions, lineage and aliases (NAME, NAME@3, NAME@production).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Model versions, lineage and aliases (NAME, NAME@3, NAME@production).",
+    no_args_is_help=True,
+)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -31,8 +33,14 @@ def list_(
         console.print("no model versions yet")
         return
     rows = [
-        [i.ref, i.family, ", ".join(i.aliases), i.parent, _headline(i.metrics),
-         i.created_at.strftime("%Y-%m-%d %H:%M")]
+        [
+            i.ref,
+            i.family,
+            ", ".join(i.aliases),
+            i.parent,
+            _headline(i.metrics),
+            i.created_at.strftime("%Y-%m-%d %H:%M"),
+        ]
         for i in infos
     ]
     print_table(None, ["model", "family", "aliases", "parent", "metrics", "created (UTC)"], rows)
@@ -60,8 +68,16 @@ def show(
     if json:
         print_json(data)
         return
-    for key in ("ref", "family", "aliases", "parent", "run_id", "dataset_version_id",
-                "created_at", "path"):
+    for key in (
+        "ref",
+        "family",
+        "aliases",
+        "parent",
+        "run_id",
+        "dataset_version_id",
+        "created_at",
+        "path",
+    ):
         console.print(f"[bold]{key}:[/] {data[key]}", highlight=False)
     if info.metrics:
         print_table("metrics", ["metric", "value"], [[k, v] for k, v in info.metrics.items()])
@@ -128,8 +144,15 @@ def diff(
     console.print(f"{d['a']} → {d['b']}", highlight=False)
     if d["metrics"]:
         rows = [
-            [k, v["a"], v["b"], "" if "delta" not in v else f"{v['delta']:+.4g}"
-             + (f" ({v['delta_pct']:+.1f}%)" if "delta_pct" in v else "")]
+            [
+                k,
+                v["a"],
+                v["b"],
+                ""
+                if "delta" not in v
+                else f"{v['delta']:+.4g}"
+                + (f" ({v['delta_pct']:+.1f}%)" if "delta_pct" in v else ""),
+            ]
             for k, v in d["metrics"].items()
         ]
         print_table("metrics", ["metric", d["a"], d["b"], "delta"], rows)

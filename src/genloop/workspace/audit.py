@@ -9,9 +9,7 @@ from sqlalchemy.orm import Session
 from genloop.workspace.tables import AuditEvent
 
 
-def record(
-    session: Session, actor: str, action: str, target: str, **details: Any
-) -> AuditEvent:
+def record(session: Session, actor: str, action: str, target: str, **details: Any) -> AuditEvent:
     event = AuditEvent(actor=actor, action=action, target=target, details=details)
     session.add(event)
     return event

@@ -27,7 +27,9 @@ def _files(directory: Path) -> list[Path]:
     for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory)
         if path.is_symlink():
-            raise IntegrityError(f"{directory}: {rel} is a symbolic link; artifacts hold files only")
+            raise IntegrityError(
+                f"{directory}: {rel} is a symbolic link; artifacts hold files only"
+            )
         if path.is_file() and rel.as_posix() != MANIFEST:
             out.append(path)
     return out
@@ -43,10 +45,16 @@ def fsync_dir(directory: Path) -> None:
 
 def write_manifest(directory: Path) -> Path:
     """Hash every file under ``directory`` and write the manifest last, durably."""
-    lines = [f"{file_sha256(p)}  {p.relative_to(directory).as_posix()}\n" for p in _files(directory)]
+    lines = []
+    for p in _files(directory):
+        rel = p.relative_to(directory).as_posix()
+        if "\n" in rel:  # one line per file: a newline in a name would corrupt the list
+            raise IntegrityError(f"{p}: file names in an artifact may not contain a newline")
+        # surrogateescape: a name that is not UTF-8 is written back as the same bytes.
+        lines.append(f"{file_sha256(p)}  {rel}\n".encode("utf-8", "surrogateescape"))
     target = directory / MANIFEST
     tmp = directory / (MANIFEST + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with tmp.open("wb") as f:
         f.writelines(lines)
         f.flush()
         os.fsync(f.fileno())
@@ -58,9 +66,14 @@ def write_manifest(directory: Path) -> Path:
 def read_manifest(directory: Path) -> dict[str, str]:
     path = directory / MANIFEST
     if not path.is_file():
-        raise IntegrityError(f"{directory}: no {MANIFEST}; the artifact is incomplete or not genloop's")
+        raise IntegrityError(
+            f"{directory}: no {MANIFEST}; the artifact is incomplete or not genloop's"
+        )
     entries: dict[str, str] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # Split on '\n' only: str.splitlines() and text mode would also break names that
+    # contain '\r', '\x85' or '\u2028', which are legal in file names.
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    for n, line in enumerate(text.removesuffix("\n").split("\n") if text else [], 1):
         digest, sep, rel = line.partition("  ")
         if not sep or len(digest) != 64 or not rel:
             raise IntegrityError(f"{path}: line {n} is malformed")

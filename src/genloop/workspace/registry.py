@@ -165,7 +165,9 @@ def register_model(
     parent_info = resolve(ws, parent) if parent is not None else None
     for _attempt in range(20):  # concurrent registrations race for the next number
         with ws.catalog.session() as s:
-            newest = s.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
+            newest = s.scalar(
+                select(func.max(ModelVersion.version)).where(ModelVersion.name == name)
+            )
         version = (newest or 0) + 1
         key = f"models/{name}/{version}"
         meta = {
@@ -232,9 +234,11 @@ def promote(
             current.model_version_id = row.id
             current.updated_at = utcnow()
         if previous != row.id:
-            s.add(AliasHistory(
-                name=row.name, alias=alias, model_version_id=row.id, actor=actor, reason=reason
-            ))
+            s.add(
+                AliasHistory(
+                    name=row.name, alias=alias, model_version_id=row.id, actor=actor, reason=reason
+                )
+            )
         audit.record(
             s, actor, "promote", f"{row.name}@{alias}", version=row.version, previous_id=previous
         )
@@ -274,9 +278,7 @@ def rollback(
         current.updated_at = utcnow()
         row = s.get(ModelVersion, previous.model_version_id)
         assert row is not None
-        audit.record(
-            s, actor, "rollback", f"{name}@{alias}", version=row.version, reason=reason
-        )
+        audit.record(s, actor, "rollback", f"{name}@{alias}", version=row.version, reason=reason)
         s.flush()
         return _info(s, row)
 

@@ -55,17 +55,39 @@ class ArtifactStore:
             yield staging
             write_manifest(staging)
             final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():  # overwrite: move the old one aside first, then drop it
+            if overwrite and final.exists():  # move the old one aside first, then drop it
                 old = tmp_root / (uuid.uuid4().hex + ".old")
                 os.replace(final, old)
                 os.replace(staging, final)
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(staging, final)
+                try:
+                    os.replace(staging, final)
+                except OSError:
+                    # Another writer published the same key since the check above
+                    # (rename(2) will not replace a non-empty directory).
+                    if final.exists():
+                        raise ConflictError(f"artifact {key} already exists") from None
+                    raise
             fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    @contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A private working directory on the store's filesystem, removed afterwards.
+
+        Files built here move into an artifact with a cheap rename (see ``writer``).
+        """
+        tmp_root = self.root / _TMP
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        path = tmp_root / ("work-" + uuid.uuid4().hex)
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def put_dir(self, key: str, source: Path, *, overwrite: bool = False) -> Path:
         """Copy a directory's files into a new artifact ``key``."""

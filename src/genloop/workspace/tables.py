@@ -9,7 +9,7 @@ is stored encrypted (``*_enc`` columns, see ``genloop.security.crypto``).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -43,7 +43,10 @@ def utcnow() -> datetime:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+    """Timezone-aware UTC datetimes on every backend, whatever the server's time zone.
+
+    Naive datetimes given to it are taken as UTC (SQLite stores them naive).
+    """
 
     impl = DateTime(timezone=True)
     cache_ok = True
@@ -56,14 +59,16 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value
+        if value is None:
+            return None
+        if value.tzinfo is None:  # SQLite: stored as UTC without an offset
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)  # PostgreSQL: in the session's time zone
 
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
 def _ts() -> Mapped[datetime]:
@@ -105,7 +110,9 @@ class Run(Base):
     __tablename__ = "runs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex
     name: Mapped[str] = mapped_column(String(128), default="")
-    kind: Mapped[str] = mapped_column(String(32), default="train")  # train|tune|eval|retrain|pipeline
+    kind: Mapped[str] = mapped_column(
+        String(32), default="train"
+    )  # train|tune|eval|retrain|pipeline
     status: Mapped[str] = mapped_column(String(16), default="running")  # running|completed|failed|…
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     summary: Mapped[dict[str, Any]] = mapped_column(default=dict)  # final metrics

@@ -36,9 +36,7 @@ class Workspace:
         self.store = ArtifactStore(root / ARTIFACTS_DIR)
 
     @classmethod
-    def open(
-        cls, path: str | Path | None = None, *, database_url: str | None = None
-    ) -> Workspace:
+    def open(cls, path: str | Path | None = None, *, database_url: str | None = None) -> Workspace:
         """Open an existing workspace; a missing one is an error that says how to create it."""
         root = resolve_root(path)
         url = _database_url(root, database_url)

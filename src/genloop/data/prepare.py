@@ -1,0 +1,460 @@
+"""``genloop data prepare``: sources → cleaned, deduplicated, split, tokenized dataset version.
+
+The main flow, top to bottom:
+
+1. build the sources and hash their inputs together with the config; if this dataset
+   already has a version with that hash, return it (nothing is redone);
+2. stream records from the sources in chunks to worker processes, which run the
+   per-record steps (normalize, filters, code checks, PII redaction, image decoding) and
+   compute dedup keys; the main process keeps the global dedup state (exact keys, MinHash
+   LSH), assigns each document to train/val/test by its id, and writes it out;
+3. train a byte-level BPE tokenizer on the training split (or copy an existing one), then
+   tokenize in parallel and pack memory-mapped token shards per split;
+4. write statistics, a dataset card, samples and the quarantine file, and register the
+   artifact as the next dataset version.
+
+Memory stays flat: records stream, only dedup keys and signatures are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from genloop.data.records import Dropped, Quarantined, Record
+from genloop.workspace.datasets import (
+    DatasetVersionInfo,
+    find_by_hash,
+    register_dataset_version,
+)
+from genloop.workspace.workspace import Workspace
+
+if TYPE_CHECKING:
+    from genloop.config import DataConfig, TokenizerConfig
+    from genloop.data.sources import Source
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the artifact layout or the steps' behaviour changes
+CHUNK_RECORDS = 64
+ProgressFn = Callable[[str, int], None]  # (stage, items just done)
+
+
+# ---------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class Steps:
+    """What every worker runs on each record; plain data so it pickles to the workers."""
+
+    steps: list[Any]
+    exact: bool
+    near: bool
+    num_perm: int
+    shingle_size: int
+    binary: bool  # dedup on record.data (images) instead of record.text
+
+
+@dataclass
+class Outcome:
+    record: Record | None
+    dropped: Dropped | None = None
+    step: str = ""
+    exact_key: bytes | None = None
+    signature: Any = None
+
+
+@dataclass
+class StepCounts:
+    seen: int = 0
+    changed: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def merge(self, other: StepCounts) -> None:
+        self.seen += other.seen
+        self.changed += other.changed
+        self.dropped.update(other.dropped)
+
+
+def build_steps(cfg: DataConfig) -> Steps:
+    from genloop.data import clean, code, pii
+
+    steps: list[Any] = []
+    if cfg.kind == "images":
+        from genloop.data.images import DecodeImage
+
+        steps.append(DecodeImage(size=cfg.images.size, channels=cfg.images.channels))
+        return Steps(steps, exact=cfg.dedup.exact, near=False, num_perm=0, shingle_size=0,
+                     binary=True)
+    c = cfg.clean
+    steps.append(clean.Normalize(form=c.normalize, strip_whitespace=c.strip_whitespace,
+                                 lowercase=c.lowercase))
+    if c.remove_stopwords:
+        steps.append(clean.RemoveStopwords())
+    if cfg.kind == "code":
+        if cfg.code.require_parse:
+            steps.append(code.RequireParse())
+        if cfg.code.strip_license_header:
+            steps.append(code.StripLicenseHeader())
+        if cfg.code.format:
+            steps.append(code.FormatCode())
+    steps.append(clean.QualityFilter(
+        min_chars=c.min_chars, max_chars=c.max_chars,
+        max_repetition_ratio=c.max_repetition_ratio, max_symbol_ratio=c.max_symbol_ratio,
+    ))
+    if cfg.pii.enabled:
+        steps.append(pii.RedactPII(kinds=tuple(cfg.pii.kinds)))
+    return Steps(steps, exact=cfg.dedup.exact, near=cfg.dedup.near,
+                 num_perm=cfg.dedup.num_perm, shingle_size=cfg.dedup.shingle_size, binary=False)
+
+
+_WORKER_STEPS: Steps | None = None
+
+
+def _init_worker(steps: Steps) -> None:
+    global _WORKER_STEPS
+    _WORKER_STEPS = steps
+
+
+def process_chunk(
+    records: list[Record], steps: Steps | None = None
+) -> tuple[list[Outcome], dict[str, StepCounts]]:
+    """Run the per-record steps and compute dedup keys for one chunk (in a worker)."""
+    from genloop.data.dedup import exact_key, minhash_signature
+
+    pipeline = steps or _WORKER_STEPS
+    assert pipeline is not None
+    counts = {s.name: StepCounts() for s in pipeline.steps}
+    out: list[Outcome] = []
+    for record in records:
+        outcome = Outcome(record)
+        for step in pipeline.steps:
+            before = record.data if pipeline.binary else record.text
+            result = step(record)
+            c = counts[step.name]
+            c.seen += 1
+            if isinstance(result, Dropped):
+                c.dropped[result.reason] += 1
+                outcome = Outcome(None, dropped=result, step=step.name)
+                outcome.record = record if result.quarantine else None
+                break
+            record = result
+            after = record.data if pipeline.binary else record.text
+            if after is not before and after != before:
+                c.changed += 1
+        else:
+            outcome.record = record
+            if pipeline.binary:
+                if pipeline.exact and record.data is not None:
+                    outcome.exact_key = hashlib.blake2b(record.data, digest_size=16).digest()
+            else:
+                text = record.text or ""
+                if pipeline.exact:
+                    outcome.exact_key = exact_key(text)
+                if pipeline.near:
+                    outcome.signature = minhash_signature(
+                        text, num_perm=pipeline.num_perm, shingle_size=pipeline.shingle_size
+                    )
+        out.append(outcome)
+    return out, counts
+
+
+def _chunks(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def ordered_map(
+    fn: Callable[[list[Record]], Any],
+    chunks: Iterable[list[Record]],
+    workers: int,
+    initializer: Callable[..., None],
+    initargs: tuple[Any, ...],
+) -> Iterator[Any]:
+    """``map`` over worker processes, in order, with a bounded number of chunks in flight
+    (``Executor.map`` would read the whole input first and break flat memory)."""
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer,
+                             initargs=initargs) as pool:
+        window: list[Future[Any]] = []
+        for chunk in chunks:
+            window.append(pool.submit(fn, chunk))
+            if len(window) >= 4 * workers:
+                yield window.pop(0).result()
+        for fut in window:
+            yield fut.result()
+
+
+# ------------------------------------------------------------------------- the main flow
+
+
+def input_hash(cfg: DataConfig, tok: TokenizerConfig | None, sources: list[Source]) -> str:
+    h = hashlib.sha256()
+    h.update(f"genloop-data-v{FORMAT_VERSION}\n".encode())
+    h.update(json.dumps(cfg.model_dump(mode="json", exclude={"workers"}), sort_keys=True).encode())
+    h.update(json.dumps(tok.model_dump(mode="json") if tok else None, sort_keys=True).encode())
+    for src in sources:
+        h.update(src.fingerprint().encode())
+    return h.hexdigest()
+
+
+def prepare_dataset(
+    ws: Workspace,
+    cfg: DataConfig,
+    tokenizer: TokenizerConfig | None = None,
+    *,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[DatasetVersionInfo, bool]:
+    """Build (or find) the dataset version for ``cfg``; returns it and whether it was new."""
+    from genloop.data.sources import build_source
+
+    started = time.perf_counter()
+    workers = workers or cfg.workers or os.cpu_count() or 1
+    sources = [build_source(spec.model_dump()) for spec in cfg.sources]
+    # 1. same inputs + same config → the same version, nothing redone
+    digest = input_hash(cfg, tokenizer if cfg.kind != "images" else None, sources)
+    existing = find_by_hash(ws, cfg.name, digest)
+    if existing is not None:
+        log.info("dataset %s is unchanged: reusing version %s", cfg.name, existing.version)
+        return existing, False
+
+    with ws.store.scratch() as work:
+        stats = _clean_and_split(cfg, sources, work, workers, progress)
+        if cfg.kind != "images" and tokenizer is not None:
+            stats["tokenizer"] = _tokenize(tokenizer, work, workers, progress, stats)
+        stats["seconds"] = round(time.perf_counter() - started, 3)
+        lineage = {"sources": [s.describe() for s in sources]}
+        config = {"data": cfg.model_dump(mode="json"),
+                  "tokenizer": tokenizer.model_dump(mode="json") if tokenizer else None}
+        (work / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+        def publish(staging: Path) -> None:
+            (work / "card.md").write_text(_card(cfg.name, digest, config, stats, lineage, work))
+            for entry in work.iterdir():
+                os.replace(entry, staging / entry.name)
+
+        info = register_dataset_version(
+            ws, cfg.name, digest, publish, kind=cfg.kind, config=config, stats=stats,
+            lineage=lineage,
+        )
+    return info, True
+
+
+def _clean_and_split(
+    cfg: DataConfig, sources: list[Source], work: Path, workers: int,
+    progress: ProgressFn | None,
+) -> dict[str, Any]:
+    from genloop.data.dedup import ExactDedup, NearDedup
+    from genloop.data.pack import assign_split
+
+    steps = build_steps(cfg)
+    counts = {s.name: StepCounts() for s in steps.steps}
+    exact = ExactDedup() if steps.exact else None
+    near = NearDedup(threshold=cfg.dedup.threshold, num_perm=cfg.dedup.num_perm) \
+        if steps.near else None
+    quarantine_counts: Counter[str] = Counter()
+    dedup_counts: Counter[str] = Counter()
+    splits: dict[str, dict[str, int]] = {}
+    read = 0
+    samples: list[dict[str, Any]] = []
+    out_files: dict[str, TextIO] = {}
+    image_out: dict[str, list[Record]] = {}
+    (work / "docs").mkdir()
+    quarantine = (work / "quarantine.jsonl").open("w", encoding="utf-8")
+
+    def records() -> Iterator[Record]:
+        nonlocal read
+        for src in sources:
+            for item in src.records():
+                if isinstance(item, Quarantined):
+                    quarantine_counts[item.reason] += 1
+                    _quarantine(quarantine, item.id, item.source, "source", item.reason,
+                                item.detail)
+                    continue
+                read += 1
+                yield item
+
+    chunks = _chunks(records(), CHUNK_RECORDS)
+    if workers <= 1:
+        results: Iterator[Any] = (process_chunk(c, steps) for c in chunks)
+    else:
+        results = ordered_map(process_chunk, chunks, workers, _init_worker, (steps,))
+    try:
+        for outcomes, chunk_counts in results:
+            for name, c in chunk_counts.items():
+                counts[name].merge(c)
+            for o in outcomes:
+                if o.dropped is not None:
+                    if o.dropped.quarantine and o.record is not None:
+                        _quarantine(quarantine, o.record.id, o.record.source, o.step,
+                                    o.dropped.reason, o.dropped.detail)
+                    continue
+                rec = o.record
+                assert rec is not None
+                if exact is not None and o.exact_key is not None and exact.seen_before(o.exact_key):
+                    dedup_counts["duplicate"] += 1
+                    continue
+                if near is not None and o.signature is not None and near.is_duplicate(
+                    rec.id, o.signature
+                ):
+                    dedup_counts["near_duplicate"] += 1
+                    continue
+                split = assign_split(rec.id, cfg.split.val, cfg.split.test, cfg.split.seed)
+                s = splits.setdefault(split, {"documents": 0, "bytes": 0})
+                s["documents"] += 1
+                if cfg.kind == "images":
+                    s["bytes"] += len(rec.data or b"")
+                    image_out.setdefault(split, []).append(rec)
+                else:
+                    text = rec.text or ""
+                    s["bytes"] += len(text.encode("utf-8"))
+                    f = out_files.get(split)
+                    if f is None:
+                        f = out_files[split] = (work / "docs" / f"{split}.jsonl").open(
+                            "w", encoding="utf-8")
+                    f.write(json.dumps({"id": rec.id, "text": text, "label": rec.label,
+                                        "meta": rec.meta}, ensure_ascii=False) + "\n")
+                if len(samples) < cfg.sample_records:
+                    samples.append(_sample(rec))
+            if progress:
+                progress("clean", len(outcomes))
+    finally:
+        for f in out_files.values():
+            f.close()
+        quarantine.close()
+    if cfg.kind == "images":
+        from genloop.data.images import write_image_dataset
+
+        for split, recs in image_out.items():
+            write_image_dataset(recs, work / "images" / split)
+    with (work / "samples.jsonl").open("w", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
+    steps_report = [
+        {"name": name, "seen": c.seen, "kept": c.seen - sum(c.dropped.values()),
+         "changed": c.changed, "dropped": dict(c.dropped)}
+        for name, c in counts.items()
+    ]
+    drops: Counter[str] = Counter()
+    drops.update(quarantine_counts)
+    for c in counts.values():
+        drops.update(c.dropped)
+    drops.update(dedup_counts)
+    return {
+        "records_read": read,
+        "quarantined_at_source": dict(quarantine_counts),
+        "steps": steps_report,
+        "dedup": {"exact": dedup_counts["duplicate"], "near": dedup_counts["near_duplicate"]},
+        "drops": dict(drops),
+        "splits": splits,
+        "documents": sum(s["documents"] for s in splits.values()),
+        "bytes": sum(s["bytes"] for s in splits.values()),
+    }
+
+
+def _quarantine(f: TextIO, rid: str, source: str, stage: str, reason: str, detail: str) -> None:
+    f.write(json.dumps({"id": rid, "source": source, "stage": stage, "reason": reason,
+                        "detail": detail[:500]}, ensure_ascii=False) + "\n")
+
+
+def _sample(rec: Record, max_chars: int = 2000) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": rec.id, "source": rec.source, "label": rec.label,
+                           "meta": rec.meta}
+    if rec.text is not None:
+        out["text"] = rec.text[:max_chars]
+    return out
+
+
+def _iter_texts(path: Path) -> Iterator[str]:
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]
+
+
+def _tokenize(
+    tok: TokenizerConfig, work: Path, workers: int, progress: ProgressFn | None,
+    stats: dict[str, Any],
+) -> dict[str, Any]:
+    from genloop.data.pack import ShardWriter
+    from genloop.data.tokenizer import load_tokenizer, tokenize_parallel, train_bpe
+
+    tok_dir = work / "tokenizer"
+    if tok.kind == "pretrained":
+        assert tok.path is not None
+        shutil.copytree(Path(tok.path), tok_dir)
+    else:
+        train_bpe(_iter_texts(work / "docs" / "train.jsonl"), tok_dir,
+                  vocab_size=tok.vocab_size, min_frequency=tok.min_frequency,
+                  special_tokens=tuple(tok.special_tokens), chat_template=tok.chat_template)
+    vocab_size = load_tokenizer(tok_dir).get_vocab_size()
+    total = 0
+    for split in stats["splits"]:
+        writer = ShardWriter(work / "tokens", split, vocab_size=vocab_size)
+        n = 0
+        for ids in tokenize_parallel(tok_dir, _iter_texts(work / "docs" / f"{split}.jsonl"),
+                                     workers=workers):
+            writer.add(ids)
+            n += len(ids)
+            if progress:
+                progress("tokenize", 1)
+        writer.close()
+        stats["splits"][split]["tokens"] = n
+        total += n
+    stats["tokens"] = total
+    return {"kind": tok.kind, "vocab_size": vocab_size, "seq_len": tok.seq_len}
+
+
+def _card(
+    name: str, digest: str, config: dict[str, Any], stats: dict[str, Any],
+    lineage: dict[str, Any], work: Path,
+) -> str:
+    """The dataset card: what went in, what happened to it, what came out."""
+    lines = [f"# Dataset card: {name}", "", f"- input hash: `{digest}`",
+             f"- documents: {stats['documents']:,}", f"- bytes: {stats['bytes']:,}"]
+    if "tokens" in stats:
+        lines.append(f"- tokens: {stats['tokens']:,}")
+    lines += ["", "## Sources", ""]
+    for src in lineage["sources"]:
+        lines.append("- " + ", ".join(f"{k}: {v}" for k, v in src.items()))
+    lines += ["", "## Splits", "", "| split | documents | bytes | tokens |", "|---|---:|---:|---:|"]
+    for split, s in sorted(stats["splits"].items()):
+        lines.append(f"| {split} | {s['documents']:,} | {s['bytes']:,} | {s.get('tokens', '')} |")
+    lines += ["", "## Preprocessing", "", f"Records read: {stats['records_read']:,}", "",
+              "| step | seen | kept | changed | dropped (by reason) |", "|---|---:|---:|---:|---|"]
+    for step in stats["steps"]:
+        dropped = ", ".join(f"{k}: {v}" for k, v in sorted(step["dropped"].items())) or "–"
+        lines.append(f"| {step['name']} | {step['seen']:,} | {step['kept']:,} | "
+                     f"{step['changed']:,} | {dropped} |")
+    lines.append(f"| dedup | | | | exact: {stats['dedup']['exact']}, "
+                 f"near: {stats['dedup']['near']} |")
+    if stats["quarantined_at_source"]:
+        q = ", ".join(f"{k}: {v}" for k, v in sorted(stats["quarantined_at_source"].items()))
+        lines += ["", f"Quarantined while reading: {q} (see `quarantine.jsonl`)."]
+    lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", "",
+              "## Samples", ""]
+    samples_path = work / "samples.jsonl"
+    if samples_path.exists():
+        with samples_path.open(encoding="utf-8") as f:
+            for line in islice(f, 3):
+                sample = json.loads(line)
+                text = str(sample.get("text", f"(label {sample.get('label')})"))[:400]
+                lines += [f"**{sample['id']}**", "", "```", text, "```", ""]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,101 @@
+"""Shared fixtures: a SQLite workspace per test, and one PostgreSQL database per session.
+
+PostgreSQL tests use ``$GENLOOP_TEST_POSTGRES_URL`` (default: the local server, database
+``test``) to create a throwaway ``genloop_test_<hex>`` database, dropped at the end. When the
+server is unreachable they are skipped, except under CI (``$CI`` set), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from genloop.workspace import Workspace, init_workspace
+
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's own workspace or catalog must never leak into a test."""
+    monkeypatch.delenv("GENLOOP_HOME", raising=False)
+    monkeypatch.delenv("GENLOOP_DATABASE_URL", raising=False)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Iterator[Workspace]:
+    """A fresh workspace with a SQLite catalog."""
+    ws = init_workspace(tmp_path / "ws")
+    yield ws
+    ws.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """The URL of a PostgreSQL database created for this test session (dropped afterwards)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    admin_url = make_url(os.environ.get("GENLOOP_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL)
+    if admin_url.drivername in ("postgresql", "postgres"):
+        admin_url = admin_url.set(drivername="postgresql+psycopg")
+    admin = create_engine(
+        admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
+    )
+    name = f"genloop_test_{secrets.token_hex(6)}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        reason = f"PostgreSQL unreachable at {admin_url.render_as_string(hide_password=True)}: "
+        reason += str(exc.orig or exc).strip().splitlines()[0]
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (CI is set, so PostgreSQL tests must run)", pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def reset_postgres(url: str) -> None:
+    """Empty the session database so each test starts from no schema at all."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            # A test that leaked a connection holding locks should fail here, not hang.
+            conn.execute(text("SET lock_timeout = '10s'"))
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+)
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty catalog database URL: a new SQLite file, or the emptied PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    reset_postgres(url)
+    return url
+
+
+@pytest.fixture
+def catalog_workspace(tmp_path: Path, catalog_url: str) -> Iterator[Workspace]:
+    """A fresh workspace on each catalog backend (SQLite, PostgreSQL)."""
+    ws = init_workspace(tmp_path / "ws", database_url=catalog_url)
+    yield ws
+    ws.close()
