@@ -99,11 +99,16 @@ def test_sqlite_pragmas_on_every_connection(workspace: Workspace) -> None:
     conns = [engine.connect() for _ in range(3)]
     try:
         for conn in conns:
-            pragma = lambda name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731, B023
-            assert pragma("journal_mode") == "wal"
-            assert pragma("foreign_keys") == 1
-            assert pragma("synchronous") == 2  # FULL
-            assert pragma("busy_timeout") == catalog_db.SQLITE_BUSY_TIMEOUT_MS
+            pragmas = {
+                name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "foreign_keys", "synchronous", "busy_timeout")
+            }
+            assert pragmas == {
+                "journal_mode": "wal",
+                "foreign_keys": 1,
+                "synchronous": 2,  # FULL
+                "busy_timeout": catalog_db.SQLITE_BUSY_TIMEOUT_MS,
+            }
     finally:
         for conn in conns:
             conn.close()
@@ -206,3 +211,19 @@ def test_normalize_url() -> None:
     assert catalog_db.normalize_url("postgres://u@h/d") == "postgresql+psycopg://u@h/d"
     assert catalog_db.normalize_url("postgresql://u@h/d") == "postgresql+psycopg://u@h/d"
     assert catalog_db.normalize_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_catalog_from_newer_genloop_is_refused(tmp_path: Path) -> None:
+    with init_workspace(tmp_path / "ws") as ws, ws.catalog.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'ffff9999'"))
+    for opener in (Workspace.open, init_workspace):
+        with pytest.raises(WorkspaceError, match="upgrade genloop"):
+            opener(tmp_path / "ws")
+
+
+def test_file_that_is_not_a_database_is_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "ws" / "artifacts").mkdir(parents=True)
+    (tmp_path / "ws" / "catalog.db").write_bytes(b"definitely not sqlite" * 300)
+    with pytest.raises(WorkspaceError, match="not a database") as exc:
+        Workspace.open(tmp_path / "ws")
+    assert "\n" not in str(exc.value)

@@ -44,7 +44,7 @@ def _global(
         typer.Option(
             "--workspace",
             "-w",
-            help="Workspace folder [default: $GENLOOP_HOME or ./genloop-workspace]. "
+            help="Workspace folder \\[default: $GENLOOP_HOME or ./genloop-workspace]. "
             "$GENLOOP_DATABASE_URL puts the catalog in PostgreSQL instead.",
             show_default=False,
         ),
@@ -80,7 +80,9 @@ def init(
     directory: Annotated[
         Path | None,
         typer.Argument(
-            help="Where to create it [default: --workspace, $GENLOOP_HOME or ./genloop-workspace].",
+            # '\\[' keeps rich from reading "[default: ...]" as markup and dropping it.
+            help="Where to create it \\[default: --workspace, $GENLOOP_HOME or "
+            "./genloop-workspace].",
             show_default=False,
         ),
     ] = None,
@@ -94,6 +96,7 @@ def init(
             f"workspace ready at {ws.root} (catalog: {ws.catalog.backend}, "
             f"{ws.catalog.redacted_url()})",
             highlight=False,
+            markup=False,
         )
     finally:
         ws.close()

@@ -96,11 +96,15 @@ def build_steps(cfg: DataConfig) -> Steps:
         from genloop.data.images import DecodeImage
 
         steps.append(DecodeImage(size=cfg.images.size, channels=cfg.images.channels))
-        return Steps(steps, exact=cfg.dedup.exact, near=False, num_perm=0, shingle_size=0,
-                     binary=True)
+        return Steps(
+            steps, exact=cfg.dedup.exact, near=False, num_perm=0, shingle_size=0, binary=True
+        )
     c = cfg.clean
-    steps.append(clean.Normalize(form=c.normalize, strip_whitespace=c.strip_whitespace,
-                                 lowercase=c.lowercase))
+    steps.append(
+        clean.Normalize(
+            form=c.normalize, strip_whitespace=c.strip_whitespace, lowercase=c.lowercase
+        )
+    )
     if c.remove_stopwords:
         steps.append(clean.RemoveStopwords())
     if cfg.kind == "code":
@@ -110,14 +114,24 @@ def build_steps(cfg: DataConfig) -> Steps:
             steps.append(code.StripLicenseHeader())
         if cfg.code.format:
             steps.append(code.FormatCode())
-    steps.append(clean.QualityFilter(
-        min_chars=c.min_chars, max_chars=c.max_chars,
-        max_repetition_ratio=c.max_repetition_ratio, max_symbol_ratio=c.max_symbol_ratio,
-    ))
+    steps.append(
+        clean.QualityFilter(
+            min_chars=c.min_chars,
+            max_chars=c.max_chars,
+            max_repetition_ratio=c.max_repetition_ratio,
+            max_symbol_ratio=c.max_symbol_ratio,
+        )
+    )
     if cfg.pii.enabled:
         steps.append(pii.RedactPII(kinds=tuple(cfg.pii.kinds)))
-    return Steps(steps, exact=cfg.dedup.exact, near=cfg.dedup.near,
-                 num_perm=cfg.dedup.num_perm, shingle_size=cfg.dedup.shingle_size, binary=False)
+    return Steps(
+        steps,
+        exact=cfg.dedup.exact,
+        near=cfg.dedup.near,
+        num_perm=cfg.dedup.num_perm,
+        shingle_size=cfg.dedup.shingle_size,
+        binary=False,
+    )
 
 
 _WORKER_STEPS: Steps | None = None
@@ -187,8 +201,9 @@ def ordered_map(
     """``map`` over worker processes, in order, with a bounded number of chunks in flight
     (``Executor.map`` would read the whole input first and break flat memory)."""
     ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer,
-                             initargs=initargs) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=initializer, initargs=initargs
+    ) as pool:
         window: list[Future[Any]] = []
         for chunk in chunks:
             window.append(pool.submit(fn, chunk))
@@ -238,8 +253,10 @@ def prepare_dataset(
             stats["tokenizer"] = _tokenize(tokenizer, work, workers, progress, stats)
         stats["seconds"] = round(time.perf_counter() - started, 3)
         lineage = {"sources": [s.describe() for s in sources]}
-        config = {"data": cfg.model_dump(mode="json"),
-                  "tokenizer": tokenizer.model_dump(mode="json") if tokenizer else None}
+        config = {
+            "data": cfg.model_dump(mode="json"),
+            "tokenizer": tokenizer.model_dump(mode="json") if tokenizer else None,
+        }
         (work / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -249,14 +266,23 @@ def prepare_dataset(
                 os.replace(entry, staging / entry.name)
 
         info = register_dataset_version(
-            ws, cfg.name, digest, publish, kind=cfg.kind, config=config, stats=stats,
+            ws,
+            cfg.name,
+            digest,
+            publish,
+            kind=cfg.kind,
+            config=config,
+            stats=stats,
             lineage=lineage,
         )
     return info, True
 
 
 def _clean_and_split(
-    cfg: DataConfig, sources: list[Source], work: Path, workers: int,
+    cfg: DataConfig,
+    sources: list[Source],
+    work: Path,
+    workers: int,
     progress: ProgressFn | None,
 ) -> dict[str, Any]:
     from genloop.data.dedup import ExactDedup, NearDedup
@@ -265,8 +291,11 @@ def _clean_and_split(
     steps = build_steps(cfg)
     counts = {s.name: StepCounts() for s in steps.steps}
     exact = ExactDedup() if steps.exact else None
-    near = NearDedup(threshold=cfg.dedup.threshold, num_perm=cfg.dedup.num_perm) \
-        if steps.near else None
+    near = (
+        NearDedup(threshold=cfg.dedup.threshold, num_perm=cfg.dedup.num_perm)
+        if steps.near
+        else None
+    )
     quarantine_counts: Counter[str] = Counter()
     dedup_counts: Counter[str] = Counter()
     splits: dict[str, dict[str, int]] = {}
@@ -283,8 +312,9 @@ def _clean_and_split(
             for item in src.records():
                 if isinstance(item, Quarantined):
                     quarantine_counts[item.reason] += 1
-                    _quarantine(quarantine, item.id, item.source, "source", item.reason,
-                                item.detail)
+                    _quarantine(
+                        quarantine, item.id, item.source, "source", item.reason, item.detail
+                    )
                     continue
                 read += 1
                 yield item
@@ -301,16 +331,24 @@ def _clean_and_split(
             for o in outcomes:
                 if o.dropped is not None:
                     if o.dropped.quarantine and o.record is not None:
-                        _quarantine(quarantine, o.record.id, o.record.source, o.step,
-                                    o.dropped.reason, o.dropped.detail)
+                        _quarantine(
+                            quarantine,
+                            o.record.id,
+                            o.record.source,
+                            o.step,
+                            o.dropped.reason,
+                            o.dropped.detail,
+                        )
                     continue
                 rec = o.record
                 assert rec is not None
                 if exact is not None and o.exact_key is not None and exact.seen_before(o.exact_key):
                     dedup_counts["duplicate"] += 1
                     continue
-                if near is not None and o.signature is not None and near.is_duplicate(
-                    rec.id, o.signature
+                if (
+                    near is not None
+                    and o.signature is not None
+                    and near.is_duplicate(rec.id, o.signature)
                 ):
                     dedup_counts["near_duplicate"] += 1
                     continue
@@ -326,9 +364,15 @@ def _clean_and_split(
                     f = out_files.get(split)
                     if f is None:
                         f = out_files[split] = (work / "docs" / f"{split}.jsonl").open(
-                            "w", encoding="utf-8")
-                    f.write(json.dumps({"id": rec.id, "text": text, "label": rec.label,
-                                        "meta": rec.meta}, ensure_ascii=False) + "\n")
+                            "w", encoding="utf-8"
+                        )
+                    f.write(
+                        json.dumps(
+                            {"id": rec.id, "text": text, "label": rec.label, "meta": rec.meta},
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
                 if len(samples) < cfg.sample_records:
                     samples.append(_sample(rec))
             if progress:
@@ -347,8 +391,13 @@ def _clean_and_split(
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
     steps_report = [
-        {"name": name, "seen": c.seen, "kept": c.seen - sum(c.dropped.values()),
-         "changed": c.changed, "dropped": dict(c.dropped)}
+        {
+            "name": name,
+            "seen": c.seen,
+            "kept": c.seen - sum(c.dropped.values()),
+            "changed": c.changed,
+            "dropped": dict(c.dropped),
+        }
         for name, c in counts.items()
     ]
     drops: Counter[str] = Counter()
@@ -369,13 +418,17 @@ def _clean_and_split(
 
 
 def _quarantine(f: TextIO, rid: str, source: str, stage: str, reason: str, detail: str) -> None:
-    f.write(json.dumps({"id": rid, "source": source, "stage": stage, "reason": reason,
-                        "detail": detail[:500]}, ensure_ascii=False) + "\n")
+    f.write(
+        json.dumps(
+            {"id": rid, "source": source, "stage": stage, "reason": reason, "detail": detail[:500]},
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
 
 
 def _sample(rec: Record, max_chars: int = 2000) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": rec.id, "source": rec.source, "label": rec.label,
-                           "meta": rec.meta}
+    out: dict[str, Any] = {"id": rec.id, "source": rec.source, "label": rec.label, "meta": rec.meta}
     if rec.text is not None:
         out["text"] = rec.text[:max_chars]
     return out
@@ -390,7 +443,10 @@ def _iter_texts(path: Path) -> Iterator[str]:
 
 
 def _tokenize(
-    tok: TokenizerConfig, work: Path, workers: int, progress: ProgressFn | None,
+    tok: TokenizerConfig,
+    work: Path,
+    workers: int,
+    progress: ProgressFn | None,
     stats: dict[str, Any],
 ) -> dict[str, Any]:
     from genloop.data.pack import ShardWriter
@@ -401,16 +457,22 @@ def _tokenize(
         assert tok.path is not None
         shutil.copytree(Path(tok.path), tok_dir)
     else:
-        train_bpe(_iter_texts(work / "docs" / "train.jsonl"), tok_dir,
-                  vocab_size=tok.vocab_size, min_frequency=tok.min_frequency,
-                  special_tokens=tuple(tok.special_tokens), chat_template=tok.chat_template)
+        train_bpe(
+            _iter_texts(work / "docs" / "train.jsonl"),
+            tok_dir,
+            vocab_size=tok.vocab_size,
+            min_frequency=tok.min_frequency,
+            special_tokens=tuple(tok.special_tokens),
+            chat_template=tok.chat_template,
+        )
     vocab_size = load_tokenizer(tok_dir).get_vocab_size()
     total = 0
     for split in stats["splits"]:
         writer = ShardWriter(work / "tokens", split, vocab_size=vocab_size)
         n = 0
-        for ids in tokenize_parallel(tok_dir, _iter_texts(work / "docs" / f"{split}.jsonl"),
-                                     workers=workers):
+        for ids in tokenize_parallel(
+            tok_dir, _iter_texts(work / "docs" / f"{split}.jsonl"), workers=workers
+        ):
             writer.add(ids)
             n += len(ids)
             if progress:
@@ -423,12 +485,21 @@ def _tokenize(
 
 
 def _card(
-    name: str, digest: str, config: dict[str, Any], stats: dict[str, Any],
-    lineage: dict[str, Any], work: Path,
+    name: str,
+    digest: str,
+    config: dict[str, Any],
+    stats: dict[str, Any],
+    lineage: dict[str, Any],
+    work: Path,
 ) -> str:
     """The dataset card: what went in, what happened to it, what came out."""
-    lines = [f"# Dataset card: {name}", "", f"- input hash: `{digest}`",
-             f"- documents: {stats['documents']:,}", f"- bytes: {stats['bytes']:,}"]
+    lines = [
+        f"# Dataset card: {name}",
+        "",
+        f"- input hash: `{digest}`",
+        f"- documents: {stats['documents']:,}",
+        f"- bytes: {stats['bytes']:,}",
+    ]
     if "tokens" in stats:
         lines.append(f"- tokens: {stats['tokens']:,}")
     lines += ["", "## Sources", ""]
@@ -437,19 +508,38 @@ def _card(
     lines += ["", "## Splits", "", "| split | documents | bytes | tokens |", "|---|---:|---:|---:|"]
     for split, s in sorted(stats["splits"].items()):
         lines.append(f"| {split} | {s['documents']:,} | {s['bytes']:,} | {s.get('tokens', '')} |")
-    lines += ["", "## Preprocessing", "", f"Records read: {stats['records_read']:,}", "",
-              "| step | seen | kept | changed | dropped (by reason) |", "|---|---:|---:|---:|---|"]
+    lines += [
+        "",
+        "## Preprocessing",
+        "",
+        f"Records read: {stats['records_read']:,}",
+        "",
+        "| step | seen | kept | changed | dropped (by reason) |",
+        "|---|---:|---:|---:|---|",
+    ]
     for step in stats["steps"]:
         dropped = ", ".join(f"{k}: {v}" for k, v in sorted(step["dropped"].items())) or "–"
-        lines.append(f"| {step['name']} | {step['seen']:,} | {step['kept']:,} | "
-                     f"{step['changed']:,} | {dropped} |")
-    lines.append(f"| dedup | | | | exact: {stats['dedup']['exact']}, "
-                 f"near: {stats['dedup']['near']} |")
+        lines.append(
+            f"| {step['name']} | {step['seen']:,} | {step['kept']:,} | "
+            f"{step['changed']:,} | {dropped} |"
+        )
+    lines.append(
+        f"| dedup | | | | exact: {stats['dedup']['exact']}, near: {stats['dedup']['near']} |"
+    )
     if stats["quarantined_at_source"]:
         q = ", ".join(f"{k}: {v}" for k, v in sorted(stats["quarantined_at_source"].items()))
         lines += ["", f"Quarantined while reading: {q} (see `quarantine.jsonl`)."]
-    lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", "",
-              "## Samples", ""]
+    lines += [
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(config, indent=2),
+        "```",
+        "",
+        "## Samples",
+        "",
+    ]
     samples_path = work / "samples.jsonl"
     if samples_path.exists():
         with samples_path.open(encoding="utf-8") as f:

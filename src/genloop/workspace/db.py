@@ -8,6 +8,7 @@ committed row survives a power cut. The schema is owned by Alembic.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +16,12 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from genloop.errors import WorkspaceError
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -92,6 +95,18 @@ def head_revision(engine: Engine) -> str | None:
     return head
 
 
+def known_revision(engine: Engine, revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return (
+            ScriptDirectory.from_config(alembic_config(engine)).get_revision(revision) is not None
+        )
+    except CommandError:
+        return False
+
+
 def table_names(engine: Engine) -> list[str]:
     return sorted(inspect(engine).get_table_names())
 
@@ -105,19 +120,40 @@ class Catalog:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """One transaction: committed when the block ends, rolled back on an exception."""
+    def session(self, *, write_lock: bool = False) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back on an exception.
+
+        ``write_lock=True`` is for read-then-write transactions (promote, rollback). On
+        SQLite it takes the database's write lock up front (``BEGIN IMMEDIATE``): the
+        driver otherwise starts the transaction only at the first write, so two writers
+        could both act on the same stale read. On PostgreSQL, lock the rows you read
+        with ``SELECT ... FOR UPDATE`` instead.
+        """
         with self._sessions.begin() as s:
+            if write_lock and self.backend == "sqlite":
+                s.connection().exec_driver_sql("BEGIN IMMEDIATE")
             yield s
 
     def migrate(self) -> None:
+        """Bring the schema to this genloop's head revision (nothing to do when it is there)."""
         with self._reachable():
+            before = current_revision(self.engine)
+            self._refuse_unknown(before)
             upgrade(self.engine)
+        after = head_revision(self.engine)
+        if before != after:
+            log.info(
+                "catalog migrated from %s to %s",
+                before or "an empty database",
+                after,
+                extra={"database": self.redacted_url()},
+            )
 
     def check_schema(self) -> None:
         """Refuse to run against a catalog that is older or newer than this genloop."""
         with self._reachable():
             have = current_revision(self.engine)
+        self._refuse_unknown(have)
         want = head_revision(self.engine)
         if have != want:
             raise WorkspaceError(
@@ -125,11 +161,18 @@ class Catalog:
                 "run 'genloop init' to migrate it"
             )
 
+    def _refuse_unknown(self, revision: str | None) -> None:
+        if revision is not None and not known_revision(self.engine, revision):
+            raise WorkspaceError(
+                f"catalog schema is at {revision}, which this genloop does not know: a newer "
+                "genloop migrated it; upgrade genloop to use this workspace"
+            )
+
     @contextmanager
     def _reachable(self) -> Iterator[None]:
         try:
             yield
-        except OperationalError as exc:
+        except DBAPIError as exc:  # unreachable server, bad credentials, not a database…
             first = str(exc.orig or exc).strip().splitlines()[0]
             raise WorkspaceError(
                 f"cannot use the catalog database {self.redacted_url()}: {first}"

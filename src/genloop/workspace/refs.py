@@ -52,7 +52,7 @@ def parse_ref(text: str) -> ModelRef:
     check_name(name)
     if not sep:
         return ModelRef(name)
-    if tail.isdigit():
+    if tail.isascii() and tail.isdigit():  # str.isdigit() alone also accepts '²', '٣'…
         version = int(tail)
         if version < 1:
             raise RefError(f"invalid model ref {text!r}: versions start at 1")

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
@@ -23,7 +23,14 @@ import genloop
 from genloop.errors import ConflictError, GenloopError, NotFoundError
 from genloop.workspace import audit
 from genloop.workspace.refs import ModelRef, check_alias, check_name, parse_ref
-from genloop.workspace.tables import Alias, AliasHistory, ModelVersion, utcnow
+from genloop.workspace.tables import (
+    Alias,
+    AliasHistory,
+    DatasetVersion,
+    ModelVersion,
+    Run,
+    utcnow,
+)
 from genloop.workspace.workspace import Workspace
 
 FAMILIES = ("causal_lm", "seq2seq", "vae", "gan", "diffusion")
@@ -163,12 +170,20 @@ def register_model(
     if not source.is_dir():
         raise NotFoundError(f"model directory {source} does not exist")
     parent_info = resolve(ws, parent) if parent is not None else None
+    with ws.catalog.session() as s:  # a bad reference is a clear error, not a retry loop
+        if run_id is not None and s.get(Run, run_id) is None:
+            raise NotFoundError(f"no run {run_id!r} in the catalog")
+        if dataset_version_id is not None and s.get(DatasetVersion, dataset_version_id) is None:
+            raise NotFoundError(f"no dataset version with id {dataset_version_id}")
+    taken = 0  # numbers other writers hold (published, or left by an interrupted one)
     for _attempt in range(20):  # concurrent registrations race for the next number
         with ws.catalog.session() as s:
             newest = s.scalar(
                 select(func.max(ModelVersion.version)).where(ModelVersion.name == name)
             )
-        version = (newest or 0) + 1
+        version = max(newest or 0, taken) + 1
+        while ws.store.exists(f"models/{name}/{version}"):  # skip without copying
+            version += 1
         key = f"models/{name}/{version}"
         meta = {
             "name": name,
@@ -188,7 +203,8 @@ def register_model(
                 (staging / "MANIFEST.sha256").unlink(missing_ok=True)
                 (staging / GENLOOP_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         except ConflictError:
-            continue  # another writer took this number: try the next
+            taken = version  # another writer published this number first: try the next
+            continue
         try:
             with ws.catalog.session() as s:
                 row = ModelVersion(
@@ -209,6 +225,11 @@ def register_model(
                 return _info(s, row)
         except DBIntegrityError:
             ws.store.delete(key)
+            with ws.catalog.session() as s:
+                mine = (ModelVersion.name == name, ModelVersion.version == version)
+                if s.scalar(select(ModelVersion.id).where(*mine)) is None:
+                    raise  # not a lost race for the number: a real error
+            taken = version
     raise ConflictError(f"could not register a new version of {name}: too many concurrent writers")
 
 
@@ -222,28 +243,38 @@ def promote(
 ) -> ModelVersionInfo:
     """Point ``NAME@alias`` at the version ``ref`` names; returns that version."""
     check_alias(alias)
-    with ws.catalog.session() as s:
-        row = _resolve_row(s, _as_ref(ref))
-        current = s.scalars(
-            select(Alias).where(Alias.name == row.name, Alias.alias == alias).with_for_update()
-        ).first()
-        previous = current.model_version_id if current else None
-        if current is None:
-            s.add(Alias(name=row.name, alias=alias, model_version_id=row.id))
-        else:
-            current.model_version_id = row.id
-            current.updated_at = utcnow()
-        if previous != row.id:
-            s.add(
-                AliasHistory(
-                    name=row.name, alias=alias, model_version_id=row.id, actor=actor, reason=reason
-                )
+    try:
+        with ws.catalog.session(write_lock=True) as s:
+            return _promote(s, _as_ref(ref), alias, actor, reason)
+    except DBIntegrityError:
+        # PostgreSQL: another first promotion of this alias created its row meanwhile
+        # (FOR UPDATE cannot lock a row that does not exist yet). Now it exists: retry.
+        with ws.catalog.session(write_lock=True) as s:
+            return _promote(s, _as_ref(ref), alias, actor, reason)
+
+
+def _promote(s: Session, ref: ModelRef, alias: str, actor: str, reason: str) -> ModelVersionInfo:
+    row = _resolve_row(s, ref)
+    current = s.scalars(
+        select(Alias).where(Alias.name == row.name, Alias.alias == alias).with_for_update()
+    ).first()
+    previous = current.model_version_id if current else None
+    if current is None:
+        s.add(Alias(name=row.name, alias=alias, model_version_id=row.id))
+    else:
+        current.model_version_id = row.id
+        current.updated_at = utcnow()
+    if previous != row.id:
+        s.add(
+            AliasHistory(
+                name=row.name, alias=alias, model_version_id=row.id, actor=actor, reason=reason
             )
-        audit.record(
-            s, actor, "promote", f"{row.name}@{alias}", version=row.version, previous_id=previous
         )
-        s.flush()
-        return _info(s, row)
+    audit.record(
+        s, actor, "promote", f"{row.name}@{alias}", version=row.version, previous_id=previous
+    )
+    s.flush()
+    return _info(s, row)
 
 
 def rollback(
@@ -252,7 +283,11 @@ def rollback(
     """Move ``NAME@alias`` back to the version it pointed at before the current one."""
     check_name(name)
     check_alias(alias)
-    with ws.catalog.session() as s:
+    with ws.catalog.session(write_lock=True) as s:
+        # Lock the alias row first, as promote() does, so the two never interleave.
+        current = s.scalars(
+            select(Alias).where(Alias.name == name, Alias.alias == alias).with_for_update()
+        ).first()
         live = s.scalars(
             select(AliasHistory)
             .where(
@@ -263,7 +298,7 @@ def rollback(
             .order_by(AliasHistory.id.desc())
             .with_for_update()
         ).all()
-        if not live:
+        if current is None or not live:
             _require_name(s, name)
             raise NotFoundError(f"model {name} has no alias {alias!r} to roll back")
         if len(live) < 2:
@@ -273,7 +308,6 @@ def rollback(
             )
         newest, previous = live[0], live[1]
         newest.rolled_back_at = utcnow()
-        current = s.scalars(select(Alias).where(Alias.name == name, Alias.alias == alias)).one()
         current.model_version_id = previous.model_version_id
         current.updated_at = utcnow()
         row = s.get(ModelVersion, previous.model_version_id)
@@ -294,6 +328,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def diff(ws: Workspace, a: str | ModelRef, b: str | ModelRef) -> dict[str, Any]:
     """What differs between two versions: config keys, metrics (with deltas), lineage."""
     ia, ib = resolve(ws, a), resolve(ws, b)
@@ -307,7 +345,7 @@ def diff(ws: Workspace, a: str | ModelRef, b: str | ModelRef) -> dict[str, Any]:
     for k in sorted(ia.metrics.keys() | ib.metrics.keys()):
         va, vb = ia.metrics.get(k), ib.metrics.get(k)
         entry: dict[str, Any] = {"a": va, "b": vb}
-        if isinstance(va, int | float) and isinstance(vb, int | float):
+        if _is_number(va) and _is_number(vb):
             entry["delta"] = vb - va
             if va:
                 entry["delta_pct"] = 100.0 * (vb - va) / abs(va)

@@ -43,7 +43,11 @@ class Workspace:
         if not (root / ARTIFACTS_DIR).is_dir():
             raise WorkspaceError(f"no genloop workspace at {root}; create one with 'genloop init'")
         ws = cls(root, Catalog(url))
-        ws.catalog.check_schema()
+        try:
+            ws.catalog.check_schema()
+        except BaseException:
+            ws.close()  # don't leave a connection pool behind
+            raise
         return ws
 
     def close(self) -> None:

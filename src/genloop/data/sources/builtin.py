@@ -133,7 +133,11 @@ class BuiltinSource:
             buffer = io.BytesIO()
             Image.fromarray(image).save(buffer, format="PNG")  # (8, 8) uint8 → mode "L"
             yield Record(
-                f"digits:{i}", self.kind, data=buffer.getvalue(), label=int(label), meta={"index": i}
+                f"digits:{i}",
+                self.kind,
+                data=buffer.getvalue(),
+                label=int(label),
+                meta={"index": i},
             )
 
 

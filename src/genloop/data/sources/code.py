@@ -1,7 +1,8 @@
 """A source-code folder: one record per file, language from the extension.
 
-Hidden folders, ``__pycache__`` and ``node_modules`` are not entered. ``extensions``
-narrows the files taken (default: every extension in :data:`LANGUAGES`); ``exclude`` globs
+Hidden folders, ``__pycache__`` and ``node_modules`` are not entered. ``extensions`` and
+``languages`` narrow the files taken (default: every extension in :data:`LANGUAGES`; an
+extension not in the table is taken as its own language name); ``exclude`` globs
 work like ``.gitignore`` lines: a pattern without ``/`` matches a file or folder name at
 any depth (``*.min.js``, ``vendor``), one with ``/`` matches from the base
 (``src/gen/**``). Files over ``max_bytes`` are quarantined as ``too_large`` unread.
@@ -64,6 +65,7 @@ class CodeSource:
         path: str | Path,
         *,
         extensions: Sequence[str] | None = None,
+        languages: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         max_bytes: int = MAX_BYTES,
         root: Path | None = None,
@@ -76,6 +78,13 @@ class CodeSource:
         self.extensions = sorted(
             {"." + e.lower().lstrip(".") for e in extensions} if extensions else LANGUAGES
         )
+        self.languages = sorted(set(languages)) if languages else None
+        unknown = sorted(set(self.languages or ()) - set(LANGUAGES.values()))
+        if unknown:
+            raise GenloopError(
+                f"code source: unknown language {unknown}; "
+                f"known: {', '.join(sorted(set(LANGUAGES.values())))}"
+            )
         self.exclude = list(exclude)
         self._excludes = [(("/" in p), local.glob_matcher(p)) for p in self.exclude]
         if max_bytes <= 0:
@@ -97,7 +106,10 @@ class CodeSource:
             return not name.startswith(".") and name not in SKIP_DIRS
 
         for f in local.walk(self._base, keep_dir):
-            if Path(f.rel).suffix.lower() in self.extensions and not self._excluded(f.rel):
+            ext = Path(f.rel).suffix.lower()
+            if ext not in self.extensions or self._excluded(f.rel):
+                continue
+            if self.languages is None or LANGUAGES.get(ext) in self.languages:
                 yield f
 
     def records(self) -> Iterator[Record | Quarantined]:
@@ -126,6 +138,7 @@ class CodeSource:
         header = {
             "kind": self.kind,
             "extensions": self.extensions,
+            "languages": self.languages,
             "exclude": self.exclude,
             "max_bytes": self.max_bytes,
         }
@@ -136,6 +149,7 @@ class CodeSource:
             "kind": self.kind,
             "path": self.path,
             "extensions": self.extensions,
+            "languages": self.languages,
             "exclude": self.exclude,
             "max_bytes": self.max_bytes,
             "files": sum(1 for _ in self._files()),

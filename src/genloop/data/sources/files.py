@@ -6,6 +6,7 @@ entry's base: the folder itself, a file's parent, or a glob's part before its fi
 wildcard. When expanding folders and globs, hidden files and folders are skipped and
 unsupported suffixes ignored; a file named explicitly must have a supported suffix.
 
+Text is decoded with ``encoding`` (default UTF-8, with or without a byte-order mark).
 Ids: ``rel`` for one-record files and a JSON object, ``rel:LINE`` (1-based, as an editor
 shows it) for JSONL lines and CSV rows, ``rel:INDEX`` (0-based) for JSON list items and
 parquet rows. Unreadable input yields :class:`Quarantined` and the rest goes on.
@@ -13,6 +14,7 @@ parquet rows. Unreadable input yields :class:`Quarantined` and the rest goes on.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections.abc import Iterator, Sequence
@@ -39,6 +41,7 @@ class FilesSource:
         *,
         field: str = "text",
         columns: str | Sequence[str] = ("text",),
+        encoding: str = "utf-8",
         root: Path | None = None,
     ) -> None:
         self.paths = [paths] if isinstance(paths, str) else list(paths)
@@ -48,6 +51,13 @@ class FilesSource:
         self.columns = [columns] if isinstance(columns, str) else list(columns)
         if not self.columns:
             raise GenloopError("files source: 'columns' is empty")
+        try:
+            codec = codecs.lookup(encoding).name
+        except LookupError:
+            raise GenloopError(f"files source: unknown encoding {encoding!r}") from None
+        self.encoding = encoding
+        # A UTF-8 byte-order mark is not text: 'utf-8-sig' reads files with or without one.
+        self._codec = "utf-8-sig" if codec == "utf-8" else codec
         self._entries = [self._entry(p, root) for p in self.paths]
 
     @staticmethod
@@ -60,7 +70,7 @@ class FilesSource:
                 f"files source: {pattern!r} has an unsupported suffix; "
                 f"supported: {', '.join(SUFFIXES)}"
             )
-        if glob is not None and not any(_found(base, glob)):
+        if not base.is_file() and not any(_found(base, glob)):
             raise GenloopError(f"files source: {pattern!r} matches no supported file")
         return base, glob
 
@@ -91,6 +101,7 @@ class FilesSource:
 
     def fingerprint(self) -> str:
         header = {"kind": self.kind, "field": self.field, "columns": self.columns}
+        header["encoding"] = self._codec
         return local.fingerprint(header, self._files())
 
     def describe(self) -> dict[str, Any]:
@@ -99,6 +110,7 @@ class FilesSource:
             "paths": self.paths,
             "field": self.field,
             "columns": self.columns,
+            "encoding": self.encoding,
             "files": sum(1 for _ in self._files()),
         }
 
@@ -106,9 +118,9 @@ class FilesSource:
 
     def _text(self, rel: str, path: Path) -> Iterator[Item]:
         try:
-            text = path.read_bytes().decode("utf-8-sig")
+            text = path.read_bytes().decode(self._codec)
         except UnicodeDecodeError as e:
-            yield self._bad(rel, "undecodable", f"not UTF-8: {e.reason} at byte {e.start}")
+            yield self._bad(rel, "undecodable", self._undecodable(e))
             return
         yield Record(rel, self.kind, text=text, meta={"path": rel})
 
@@ -117,9 +129,9 @@ class FilesSource:
             for n, raw in enumerate(fh, start=1):
                 item_id = f"{rel}:{n}"
                 try:
-                    line = raw.decode("utf-8-sig").strip()
+                    line = raw.decode(self._codec).strip()
                 except UnicodeDecodeError as e:
-                    yield self._bad(item_id, "undecodable", f"line {n}: not UTF-8: {e.reason}")
+                    yield self._bad(item_id, "undecodable", f"line {n}: {self._undecodable(e)}")
                     continue
                 if not line:
                     continue
@@ -133,9 +145,9 @@ class FilesSource:
     def _json(self, rel: str, path: Path) -> Iterator[Item]:
         # A .json file is parsed whole; JSONL is the format for corpora larger than memory.
         try:
-            data = json.loads(path.read_bytes().decode("utf-8-sig"))
+            data = json.loads(path.read_bytes().decode(self._codec))
         except UnicodeDecodeError as e:
-            yield self._bad(rel, "undecodable", f"not UTF-8: {e.reason} at byte {e.start}")
+            yield self._bad(rel, "undecodable", self._undecodable(e))
             return
         except json.JSONDecodeError as e:
             yield self._bad(rel, "bad_json", f"{e.msg} at line {e.lineno} column {e.colno}")
@@ -159,7 +171,7 @@ class FilesSource:
 
     def _csv(self, rel: str, path: Path) -> Iterator[Item]:
         meta = {"path": rel, "columns": self.columns}
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with path.open(encoding=self._codec, newline="") as fh:
             reader = csv.DictReader(fh)
             try:
                 header = reader.fieldnames or []
@@ -179,7 +191,7 @@ class FilesSource:
                         yield Record(f"{rel}:{line}", self.kind, text=text, meta=meta)
                     line = reader.line_num + 1
             except UnicodeDecodeError as e:
-                detail = f"not UTF-8 after line {reader.line_num}: {e.reason}"
+                detail = f"after line {reader.line_num}: {self._undecodable(e)}"
                 yield self._bad(rel, "undecodable", detail)
             except csv.Error as e:
                 yield self._bad(rel, "bad_csv", f"line {reader.line_num}: {e}")
@@ -198,7 +210,9 @@ class FilesSource:
                 return
             row = 0
             for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=self.columns):
-                for values in zip(*(batch.column(c).to_pylist() for c in self.columns)):
+                for values in zip(
+                    *(batch.column(c).to_pylist() for c in self.columns), strict=True
+                ):
                     item_id = f"{rel}:{row}"
                     row += 1
                     if not all(isinstance(v, str) for v in values):
@@ -208,6 +222,9 @@ class FilesSource:
                     yield Record(item_id, self.kind, text="\n".join(values), meta=meta)
         except pa.ArrowException as e:
             yield self._bad(rel, "unreadable", f"not a readable parquet file: {e}")
+
+    def _undecodable(self, e: UnicodeDecodeError) -> str:
+        return f"not {self.encoding}: {e.reason} at byte {e.start}"
 
     def _bad(self, item_id: str, reason: str, detail: str) -> Quarantined:
         return Quarantined(item_id, self.kind, reason, detail)

@@ -1,7 +1,8 @@
 """A Hugging Face dataset saved with ``save_to_disk``: one record per row of ``field``.
 
 Rows are read in batches from the memory-mapped Arrow files, so memory stays flat. A
-saved ``DatasetDict`` is read at ``split`` (default ``train``); a saved single ``Dataset``
+saved ``DatasetDict`` is read at ``split`` (default ``train``, or its only split); a saved
+single ``Dataset``
 has no splits, so ``split`` must be left out. Ids are ``SPLIT:ROW`` (or ``ROW`` for a
 single dataset; 0-based). The fingerprint hashes the saved files' content.
 """
@@ -49,7 +50,9 @@ class HfDiskSource:
                 f"hf_disk source: {self.path!r} is not a dataset saved with save_to_disk ({e})"
             ) from e
         if isinstance(ds, DatasetDict):
-            self.split = self._split or "train"
+            self.split = self._split or (
+                "train" if "train" in ds or len(ds) != 1 else next(iter(ds))
+            )
             if self.split not in ds:
                 raise GenloopError(
                     f"hf_disk source: {self.path!r} has no split {self.split!r}; "

@@ -1,0 +1,328 @@
+"""Local Hugging Face checkpoint directories: inspect, load and write them, safely.
+
+A checkpoint directory holds ``config.json``, weights and usually tokenizer files. genloop
+reads weights from safetensors only: a pickle-based file (``pytorch_model.bin``, ``*.pt``,
+``*.pkl``, …) can run arbitrary code when it is opened, so a directory that has nothing
+else is refused unless the caller passes ``trust_pickle=True``, and even then it is read
+with ``torch.load(weights_only=True)``. Nothing is ever downloaded (``local_files_only``),
+and no code from a checkpoint is run (``trust_remote_code=False``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from genloop.errors import ConflictError, GenloopError, NotFoundError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+TextFamily = Literal["causal_lm", "seq2seq"]
+WeightFormat = Literal["safetensors", "pickle"]
+
+GENLOOP_JSON = "genloop.json"  # same name as genloop.workspace.registry.GENLOOP_JSON
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint directory holds, as far as loading it is concerned."""
+
+    path: Path
+    model_type: str
+    family: TextFamily
+    architecture: str  # the transformers class that loads it, e.g. "LlamaForCausalLM"
+    weight_format: WeightFormat
+    weights: tuple[Path, ...]
+    tokenizer_files: tuple[str, ...]
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Check that ``path`` is a loadable checkpoint directory and say what it holds.
+
+    Raises a GenloopError naming the problem: a missing directory or ``config.json``, a
+    model type transformers cannot build offline, or no weight files.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise NotFoundError(f"checkpoint directory {path} does not exist")
+    config = _read_config(path)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise GenloopError(
+            f"{path / 'config.json'}: no model_type, so it is not a transformers config"
+        )
+    family, architecture = _family_of(model_type, config, path)
+    weight_format, weights = _weight_files(path, config)
+    tokenizer = tuple(name for name in TOKENIZER_FILES if (path / name).is_file())
+    return CheckpointInfo(path, model_type, family, architecture, weight_format, weights, tokenizer)
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    family: TextFamily | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    trust_pickle: bool = False,
+    quantize_4bit: bool = False,
+) -> PreTrainedModel:
+    """Load the model in a local checkpoint directory, in eval mode, for inference or tuning.
+
+    ``family`` (when given) must match the checkpoint; ``dtype`` None keeps the stored one;
+    ``quantize_4bit`` loads the base in NF4 for QLoRA (needs CUDA and bitsandbytes).
+    """
+    import transformers
+
+    info = inspect_checkpoint(path)
+    if family is not None and info.family != family:
+        raise GenloopError(
+            f"{info.path} holds a {info.model_type} model, which is family {info.family}, "
+            f"not {family}"
+        )
+    model_cls = getattr(transformers, info.architecture)
+    torch_dtype = _dtype(dtype)
+    kwargs: dict[str, Any] = {
+        # attention: transformers' default, SDPA wherever the architecture supports it
+        "dtype": "auto" if torch_dtype is None else torch_dtype,
+        "local_files_only": True,
+        "trust_remote_code": False,
+    }
+    if quantize_4bit:
+        from genloop.models.lora import qlora_quantization_config
+
+        kwargs["quantization_config"] = qlora_quantization_config()
+        kwargs["device_map"] = {"": device}
+    if info.weight_format == "pickle":
+        if not trust_pickle:
+            names = ", ".join(p.name for p in info.weights)
+            raise GenloopError(
+                f"{info.path} holds only pickle-based weights ({names}); pickle files can run "
+                "code when opened, so they are refused unless trust_pickle=True is given "
+                "(--trust-pickle), and then read with torch.load(weights_only=True). "
+                "Better: convert them to safetensors."
+            )
+        config = transformers.AutoConfig.from_pretrained(
+            info.path, local_files_only=True, trust_remote_code=False
+        )
+        state_dict = _read_pickle_weights(info.weights)
+        loaded = model_cls.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+    else:
+        loaded = model_cls.from_pretrained(info.path, use_safetensors=True, **kwargs)
+    if not quantize_4bit:  # 4-bit weights were placed by device_map
+        loaded.to(device)
+    model: PreTrainedModel = loaded.eval()
+    return model
+
+
+def save_hf_dir(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    family: TextFamily,
+    tokenizer_dir: str | Path | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint directory ``out_dir`` (new or empty).
+
+    Files: ``config.json``, ``model.safetensors`` (shards and an index past 5 GB),
+    ``generation_config.json``, the tokenizer files found in ``tokenizer_dir``, and
+    ``genloop.json`` holding ``{"family": family, **extra}``.
+    """
+    from transformers import PreTrainedModel
+
+    out = Path(out_dir)
+    if getattr(model, "peft_config", None) is not None:
+        raise GenloopError(
+            "this model carries LoRA adapters; merge them first (genloop.models.lora.merge_lora) "
+            "or save the adapters alone (genloop.models.lora.save_adapter)"
+        )
+    if not isinstance(model, PreTrainedModel):
+        raise GenloopError(
+            f"expected a transformers model, got {type(model).__name__}; unwrap torch.compile "
+            "(._orig_mod) or DDP/FSDP (.module) wrappers before saving"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConflictError(f"{out} already exists and is not an empty directory")
+    tokenizer_files = _tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir is not None else []
+    meta = {"family": family, **(extra or {})}
+    try:
+        meta_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    except TypeError as exc:
+        raise GenloopError(f"extra metadata must be JSON-serializable: {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="5GB")  # safetensors only in transformers ≥ 5
+    for source in tokenizer_files:
+        shutil.copyfile(source, out / source.name)
+    (out / GENLOOP_JSON).write_text(meta_text)
+    pickles = [p.name for p in out.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:  # a guard on our own contract, should transformers' behaviour change
+        raise GenloopError(f"saving wrote pickle-based files {pickles}; refusing to continue")
+    return out
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise GenloopError(f"{path} has no config.json, so it is not a Hugging Face checkpoint")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GenloopError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise GenloopError(f"{config_path} does not hold a JSON object")
+    return config
+
+
+def _family_of(model_type: str, config: Mapping[str, Any], path: Path) -> tuple[TextFamily, str]:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL,
+    )
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as SEQ2SEQ,
+    )
+
+    if model_type in SEQ2SEQ and (model_type not in CAUSAL or config.get("is_encoder_decoder")):
+        return "seq2seq", str(SEQ2SEQ[model_type])
+    if model_type in CAUSAL:
+        return "causal_lm", str(CAUSAL[model_type])
+    custom = (
+        " (its config asks for custom code, which genloop never runs)"
+        if "auto_map" in config
+        else ""
+    )
+    raise GenloopError(
+        f"{path}: model_type {model_type!r} is not a causal or seq2seq language model this "
+        f"version of transformers can build{custom}; supported include llama, gpt2, mistral, "
+        "qwen2, phi3, gemma, t5, bart"
+    )
+
+
+def _weight_files(path: Path, config: Mapping[str, Any]) -> tuple[WeightFormat, tuple[Path, ...]]:
+    explicit = config.get("transformers_weights")
+    if explicit is not None:
+        # transformers would load this file whatever its kind; allow safetensors only.
+        if not isinstance(explicit, str) or not explicit.endswith(
+            (".safetensors", ".safetensors.index.json")
+        ):
+            raise GenloopError(
+                f"{path / 'config.json'}: transformers_weights={explicit!r} is not a safetensors "
+                "file; genloop loads weights from safetensors only"
+            )
+        target = (path / explicit).resolve()
+        if not target.is_relative_to(path.resolve()) or not target.is_file():
+            raise GenloopError(f"{path}: transformers_weights={explicit!r} is not a file in it")
+        index = explicit if explicit.endswith(".index.json") else None
+        return "safetensors", _shards(path, index) if index else (target,)
+    if (path / SAFETENSORS).is_file():
+        return "safetensors", (path / SAFETENSORS,)
+    if (path / SAFETENSORS_INDEX).is_file():
+        return "safetensors", _shards(path, SAFETENSORS_INDEX)
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        return "pickle", tuple(pickles)
+    others = sorted(p.name for p in path.glob("*.safetensors"))
+    hint = f" (found {', '.join(others)}, but not under the standard names)" if others else ""
+    raise GenloopError(f"{path} has no {SAFETENSORS} or {SAFETENSORS_INDEX}{hint}")
+
+
+def _shards(path: Path, index_name: str) -> tuple[Path, ...]:
+    index_path = path / index_name
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise GenloopError(f"{index_path} is not a valid weight index: {exc}") from None
+    shards = []
+    for name in names:
+        shard = (path / str(name)).resolve()
+        if not shard.is_relative_to(path.resolve()) or not shard.is_file():
+            raise GenloopError(f"{index_path} lists {name!r}, which is not a file in {path}")
+        if shard.suffix != ".safetensors":
+            raise GenloopError(f"{index_path} lists {name!r}, which is not a safetensors file")
+        shards.append(shard)
+    return (index_path, *shards)
+
+
+def _read_pickle_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
+    """Merge the state dicts in ``files``, read with ``torch.load(weights_only=True)``."""
+    hf_names = [p for p in files if p.name.startswith("pytorch_model")]
+    chosen = hf_names or list(files)
+    if len(chosen) > 1 and not hf_names:
+        names = ", ".join(p.name for p in chosen)
+        raise GenloopError(f"several pickle files ({names}); cannot tell which holds the weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in chosen:
+        try:
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses anything but tensors and plain data
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GenloopError(
+                f"{file}: refused by torch.load(weights_only=True) ({first}); it holds more than "
+                "plain tensors"
+            ) from None
+        if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+        ):
+            raise GenloopError(f"{file} does not hold a flat mapping of names to tensors")
+        state.update(loaded)
+    return state
+
+
+def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+    if not tokenizer_dir.is_dir():
+        raise NotFoundError(f"tokenizer directory {tokenizer_dir} does not exist")
+    found = []
+    for name in TOKENIZER_FILES:
+        source = tokenizer_dir / name
+        if source.is_symlink():
+            raise GenloopError(f"{source} is a symbolic link; copy the file itself")
+        if source.is_file():
+            found.append(source)
+    if not found:
+        raise GenloopError(
+            f"{tokenizer_dir} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})"
+        )
+    return found
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise GenloopError(f"unknown dtype {dtype!r} (dtypes: auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
