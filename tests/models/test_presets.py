@@ -75,6 +75,8 @@ def test_derived_sizes_follow_the_width_unless_given() -> None:
     spec = causal_lm_spec("tiny", n_embd=512, n_head=8)
     assert (spec.intermediate_size, spec.n_kv_head) == (mlp_size(512), 8) == (1408, 8)
     assert causal_lm_spec("tiny", n_embd=512, intermediate_size=1000).intermediate_size == 1000
+    # None means "not given", so a config with every field present still works
+    assert causal_lm_spec("tiny", n_layer=None, n_kv_head=None) == causal_lm_spec("tiny")
 
 
 @pytest.mark.parametrize(

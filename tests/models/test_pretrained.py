@@ -96,4 +96,4 @@ def test_4bit_without_cuda_and_bitsandbytes_explains_why(gpt2_dir: Path) -> None
     if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
         pytest.skip("this machine can load 4-bit models")
     with pytest.raises(GenloopError, match="needs a CUDA GPU with bitsandbytes"):
-        load_pretrained(gpt2_dir, quantize_4bit=True)
+        load_pretrained(gpt2_dir, load_in_4bit=True)

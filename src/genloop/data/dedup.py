@@ -9,7 +9,8 @@ Datasets* ch. 3) from datasketch. The signature is exactly what
 ``datasketch.MinHash(num_perm, seed, hashfunc=<shingle hash>)`` holds after
 ``update_batch`` of the document's shingles, with datasketch's default ``affine32``
 scheme (uint32 values), but computed with a few vectorized numpy operations over all
-shingles at once instead of one Python call per shingle, which is about 10× faster.
+shingles at once instead of one Python call per shingle: about 5× faster than building
+the shingle strings and calling ``update_batch`` (19 vs 3.9 MB/s on the standard library).
 """
 
 from __future__ import annotations
@@ -72,14 +73,14 @@ _BLOCK = 4096  # shingles per (num_perm, block) matrix: 2 MB at 128 permutations
 
 @lru_cache(maxsize=8)
 def _permutations(num_perm: int, seed: int) -> tuple[NDArray[np.uint32], NDArray[np.uint32]]:
-    """datasketch's affine32 permutation parameters ``a, b``, each as a (num_perm, 1) column."""
-    from datasketch import MinHash
-
-    a, b = MinHash(num_perm=num_perm, seed=seed).permutations
-    return (
-        np.ascontiguousarray(a, dtype=np.uint32)[:, None],
-        np.ascontiguousarray(b, dtype=np.uint32)[:, None],
-    )
+    """datasketch's affine32 permutations ``h -> a·h + b mod 2^32`` (``a`` odd), made the
+    way ``MinHash(num_perm, seed)`` makes them, each as a (num_perm, 1) column. Built here
+    so that workers need not import datasketch (and scipy with it); a test checks that
+    the signatures equal datasketch's."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a[:, None], b[:, None]
 
 
 def shingle_hashes(text: str, shingle_size: int = 5) -> NDArray[np.uint32]:
@@ -132,7 +133,10 @@ def minhash_signature(
     """
     a, b = _permutations(num_perm, seed)
     sig = np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
-    hv = _fmix32(np.unique(shingle_hashes(text, shingle_size)))
+    hv = np.sort(shingle_hashes(text, shingle_size))
+    if len(hv) > 1:  # repeated shingles change nothing; drop them (cheaper than np.unique)
+        hv = hv[np.concatenate(([True], hv[1:] != hv[:-1]))]
+    hv = _fmix32(hv)
     buf = np.empty((num_perm, min(len(hv), _BLOCK)), dtype=np.uint32)
     for start in range(0, len(hv), _BLOCK):
         chunk = hv[start : start + _BLOCK]
@@ -150,12 +154,14 @@ class NearDedup:
     collides with its own in at least one LSH band; datasketch picks the bands and rows
     for ``threshold`` (at 0.85 and 128 permutations: 8 bands of 16 rows, so a pair at
     Jaccard 0.95 is caught 99 % of the time, at 0.85 about half, at 0.7 3 %).
-    Only records that are not duplicates are indexed.
+    Only records that are not duplicates are indexed; the index holds about 3 KB per
+    record at 128 permutations (datasketch keeps each band's bytes and a set per bucket).
     """
 
     def __init__(self, threshold: float = 0.85, num_perm: int = 128, seed: int = 1) -> None:
-        from datasketch import MinHashLSH
+        from datasketch import LeanMinHash, MinHashLSH
 
+        self._sketch = LeanMinHash
         self.threshold = threshold
         self.num_perm = num_perm
         self.seed = seed
@@ -164,9 +170,7 @@ class NearDedup:
     def duplicate_of(self, key: str, signature: NDArray[np.uint32]) -> str | None:
         """The key of an earlier record that ``signature`` nearly duplicates, or None (and
         then ``key`` is indexed)."""
-        from datasketch import LeanMinHash
-
-        sketch = LeanMinHash(seed=self.seed, hashvalues=signature, scheme="affine32")
+        sketch = self._sketch(seed=self.seed, hashvalues=signature, scheme="affine32")
         found = self._lsh.query(sketch)
         if found:
             return str(min(found))  # deterministic, though any of them would do

@@ -2,32 +2,37 @@
 
 Kinds and their placeholders: ``email`` → ``<EMAIL>``, ``phone`` → ``<PHONE>``, ``ip`` →
 ``<IP>``, ``card`` → ``<CARD>``, ``secret`` → ``<SECRET>``. :func:`find_pii` answers where,
-:func:`redact` replaces, :class:`RedactPII` is the data-preparation step; the monitor's
-request logs and feedback curation reuse the first two.
+:func:`redact` replaces, :class:`RedactPII` is the data-preparation step; request logs and
+feedback curation reuse the first two.
 
 Two properties matter and are tested: planted values of every kind never survive, and
 ordinary prose and source code (versions like 3.11.7, dates, years, hex colours, slices
-like ``a[1::2]``, ``127.0.0.1``) come out unchanged. So candidates are found by regexes
-and then validated: IPs with :mod:`ipaddress`, cards with the Luhn check, phone numbers
-by their digit count, tokens by their documented prefixes.
+like ``a[1::2]``, ``127.0.0.1``) come out unchanged. So candidates found by regexes are
+validated: IPs with :mod:`ipaddress`, cards with the Luhn check, phone numbers by their
+digit count, tokens by their documented prefixes.
 
-What is deliberately kept: loopback, unspecified, broadcast and netmask IPv4 addresses,
-IPv6 loopback/unspecified and slice-like forms made of at most two decimal groups
-(``1::2``); phone numbers written without separators or ``+``; ``key=value`` secrets
-whose unquoted value has no digit (``token=next_token``) or is shorter than 8 characters.
-Email local parts are taken from the characters ``A-Z a-z 0-9 . ! # $ % & * + ? ^ _ ~ -``;
-an RFC 5322 address that also uses ``' = / ` { | }`` keeps the part before the last of
-those (``o'<EMAIL>``), so a quote or ``=`` just before an address in code survives.
+Deliberately kept: IPv4 loopback, 0.0.0.0/8, netmasks and broadcast, and dotted quads
+that read as section or version numbers (first part below 10 and every part below 100:
+8.2.4.44, 2.7.2.2); IPv6 loopback/unspecified and slice-like forms of at most two decimal
+groups (``1::2``); phone numbers without separators unless written ``+`` and 10–15
+digits; ``name=value`` secrets whose unquoted value has no digit (``token=next_token``)
+or that are shorter than 8 characters. Email local parts are taken from
+``A-Z a-z 0-9 . ! # $ % & * + ? ^ _ ~ -``: an RFC 5322 address that also uses
+``' = / ` { | }`` keeps what precedes the last of those (``o'<EMAIL>``), which is what
+lets ``x='ann@example.com'`` keep its quote.
 
-Speed: each kind costs one scan, skipped when a cheap substring test says the text cannot
-contain it ('@' for emails, ':' for IPv6 …).
+Speed: Python's regex engine skips ahead quickly only to a *literal* first character; a
+pattern that starts with a class (``[0-9]``) or a lookbehind tests every position, ~10×
+slower. So each pattern here starts with a literal where it can ('@', '+', '(', ':',
+'A', 'g', …), the checks for "not inside a longer word" come after the first character,
+and the patterns that must start with a digit share one scan.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 from genloop.data.records import Dropped, Record
@@ -37,21 +42,23 @@ KINDS: tuple[PIIKind, ...] = ("email", "phone", "ip", "card", "secret")
 PLACEHOLDERS: dict[str, str] = {k: f"<{k.upper()}>" for k in KINDS}
 
 Span = tuple[int, int]
+Finding = tuple[int, int, str]  # start, end, kind
 
 # ---------------------------------------------------------------------------- emails
 
 _LOCAL_CHARS = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.!#$%&*+?^_~-"
 )
-# After the '@': labels, then a TLD that starts with a letter (``com``, ``xn--p1ai``).
+_RFC_LOCAL_CHARS = _LOCAL_CHARS | frozenset("'=/`{|}")
+# After the '@': labels, then a TLD of letters or punycode (``com``, ``xn--p1ai``), which
+# keeps locale names like ``sd_IN@devanagari.UTF-8`` out.
 _DOMAIN_RE = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
-    r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])(?![A-Za-z0-9-])"
+    r"(?:[A-Za-z]{2,63}|[Xx][Nn]--[A-Za-z0-9-]{1,59})(?![A-Za-z0-9-])"
 )
 
 
-def _emails(text: str) -> Iterable[Span]:
-    # Anchored on each '@' (rare) instead of a regex that would start at every letter.
+def _emails(text: str) -> Iterator[Finding]:
     at = text.find("@")
     while at != -1:
         domain = _DOMAIN_RE.match(text, at + 1)
@@ -59,94 +66,92 @@ def _emails(text: str) -> Iterable[Span]:
             start = at
             while start > 0 and text[start - 1] in _LOCAL_CHARS:
                 start -= 1
+            if start == at:  # a local part made only of the rarer characters: take those
+                while start > 0 and text[start - 1] in _RFC_LOCAL_CHARS:
+                    start -= 1
+                if text[start:at].strip("`") == "" and text[domain.end() : domain.end() + 1] == "`":
+                    start = at  # ``@dataclasses.dataclass``: a decorator in code markup
             if start < at:
-                yield start, domain.end()
+                yield start, domain.end(), "email"
         at = text.find("@", at + 1)
 
 
-# ---------------------------------------------------------------------- phone numbers
+# -------------------------------------------------- numbers: IPv4, cards, phone numbers
 
-# One regex per shape, each starting with a literal or a digit class: the regex engine
-# then skips ahead to candidate characters (a leading lookbehind would disable that, so the
-# "not inside a longer token" checks come after the first character).
+# Everything that starts with a digit, in one scan: IPv4 (validated by ipaddress), card
+# numbers of 13–19 digits starting 2–6 with single spaces or dashes (validated by Luhn),
+# and 555-123-4567 / 555.123.4567 (one separator throughout, so 3.11.7 is no phone).
+_DIGITS_RE = re.compile(
+    r"[0-9](?:"
+    r"(?<![\w.][0-9])(?P<ipv4>\d{0,2}(?:\.\d{1,3}){3})(?!\w|\.\d)"
+    r"|(?<=[2-6])(?<![\w.,+-][2-6])(?P<card>\d{3}(?:[ -]?\d){9,15})(?!\d)"
+    r"|(?<![\w.+-][0-9])(?P<phone>\d\d(?P<sep>[-.])\d{3}(?P=sep)\d{4})(?![\w-]|\.\d)"
+    r")"
+)
 _PHONE_RES = (
     # +44 20 7946 0958, +1-555-123-4567, +1 (555) 123-4567, +15551234567
-    re.compile(r"\+(?<![\w+]\+)\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){1,5}(?![\w(])"),
+    re.compile(r"\+(?<![\w+]\+)\d{1,3}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){1,5}(?![\w(])"),
     # (555) 123-4567, (555)123-4567
-    re.compile(r"\((?<![\w(]\()\d{3}\)[ .-]?\d{3}[ .-]\d{4}(?![\w-]|\.\d)"),
-    # 555-123-4567, 555.123.4567 (one separator throughout, so 3.11.7-like strings fail)
-    re.compile(r"[0-9](?<![\w.+-][0-9])\d{2}(?P<sep>[-.])\d{3}(?P=sep)\d{4}(?![\w-]|\.\d)"),
+    re.compile(r"\((?<!\w\()\d{3}\)[ .-]?\d{3}[ .-]\d{4}(?![\w-]|\.\d)"),
 )
 
 
-def _phones(text: str) -> Iterable[Span]:
-    for pattern in _PHONE_RES:
-        for m in pattern.finditer(text):
-            digits = sum(c.isdigit() for c in m.group())
-            if 10 <= digits <= 15 or (m.group()[0] == "+" and 8 <= digits <= 15):
-                yield m.span()
+def _numbers(text: str, kinds: Sequence[str]) -> Iterator[Finding]:
+    for m in _DIGITS_RE.finditer(text):
+        start = m.start()
+        if m.group("ipv4") is not None:
+            if "ip" in kinds and _is_public_ipv4(m.group()):
+                yield start, m.end(), "ip"
+        elif m.group("card") is not None:
+            if "card" in kinds and (end := _card_end(m.group())):
+                yield start, start + end, "card"
+        elif "phone" in kinds:
+            yield start, m.end(), "phone"
+    if "phone" in kinds:
+        for pattern in _PHONE_RES:
+            for m in pattern.finditer(text):
+                if _is_phone(m.group()):
+                    yield m.start(), m.end(), "phone"
 
 
-# ------------------------------------------------------------------------------- IPs
-
-_IPV4_RE = re.compile(r"[0-9](?<![\w.][0-9])\d{0,2}(?:\.\d{1,3}){3}(?!\w|\.\d)")
-# IPv6 is found from its colons (rare in pairs) and widened to the hex digits before them.
-_IPV6_RE = re.compile(r":[0-9A-Fa-f]{0,4}:[0-9A-Fa-f:.]*(?:%[0-9A-Za-z_.-]+)?")
-_HEX = frozenset("0123456789abcdefABCDEF")
-_DECIMAL_GROUP_RE = re.compile(r"[0-9]{1,4}")
+_SIGNED_NUMBER_RE = re.compile(r"\+\d+(?P<decimals>\.\d+)?")
 
 
-def _is_public_ipv4(address: ipaddress.IPv4Address) -> bool:
-    if address.is_loopback or address.is_unspecified:
-        return False
-    bits = int(address)
-    inverted = bits ^ 0xFFFFFFFF
-    return bits == 0 or (inverted & (inverted + 1)) != 0  # netmasks: 1…10…0 are kept
+def _is_phone(candidate: str) -> bool:
+    digits = sum(c.isdigit() for c in candidate)
+    compact = _SIGNED_NUMBER_RE.fullmatch(candidate)
+    if compact:  # +15551234567 is a phone number, +35236450.6 a signed decimal
+        return compact.group("decimals") is None and 10 <= digits <= 15
+    return (8 if candidate[0] == "+" else 10) <= digits <= 15
 
 
-def _ips(text: str) -> Iterable[Span]:
-    if "." in text:
-        for m in _IPV4_RE.finditer(text):
-            try:
-                address = ipaddress.IPv4Address(m.group())
-            except ValueError:
-                continue
-            if _is_public_ipv4(address):
-                yield m.span()
-    if "::" in text or (":" in text and _IPV6_RE.search(text)):
-        pos = 0
-        while m := _IPV6_RE.search(text, pos):
-            start, end = m.span()
-            pos = end
-            while start > m.start() - 4 and start > 0 and text[start - 1] in _HEX:
-                start -= 1
-            if start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_:.%"):
-                continue
-            if end < len(text) and (text[end].isalnum() or text[end] in "_:"):
-                continue
-            candidate = text[start:end]
-            while candidate.endswith("."):  # a full stop after the address
-                candidate = candidate[:-1]
-                end -= 1
-            if _is_public_ipv6(candidate):
-                yield start, end
-
-
-def _is_public_ipv6(candidate: str) -> bool:
+def _is_public_ipv4(candidate: str) -> bool:
     try:
-        address = ipaddress.IPv6Address(candidate)
+        address = ipaddress.IPv4Address(candidate)
     except ValueError:
         return False
-    if address.is_loopback or address.is_unspecified:
+    bits = int(address)
+    if address.is_loopback or bits >> 24 == 0:  # 127/8, and 0/8 ("this network")
         return False
-    groups = [g for g in candidate.split("%")[0].split(":") if g]
-    # 1::2, ::3: a slice far more often than an address
-    return len(groups) > 2 or not all(_DECIMAL_GROUP_RE.fullmatch(g) for g in groups)
+    parts = [int(p) for p in candidate.split(".")]
+    if parts[0] < 10 and max(parts) < 100:
+        return False  # 8.2.4.44, 2.7.2.2: a section or version number far more often
+    inverted = bits ^ 0xFFFFFFFF
+    return (inverted & (inverted + 1)) != 0  # netmasks (1…10…0) and broadcast are kept
 
 
-# ------------------------------------------------------------------------------ cards
-
-_CARD_RE = re.compile(r"[2-6](?<![\w.,+-][2-6])\d{3}(?:[ -]?\d){9,15}(?!\d)")
+def _card_end(candidate: str) -> int:
+    """Length of the longest prefix of ``candidate`` that ends at a group boundary and is a
+    Luhn-valid 13–19 digit number (so a card followed by a year is still found); else 0."""
+    for end in range(len(candidate), 0, -1):
+        if end < len(candidate) and candidate[end] not in " -":
+            continue
+        digits = candidate[:end].replace(" ", "").replace("-", "")
+        if len(digits) < 13:
+            return 0
+        if len(digits) <= 19 and _luhn(digits):
+            return end
+    return 0
 
 
 def _luhn(digits: str) -> bool:
@@ -159,55 +164,94 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _cards(text: str) -> Iterable[Span]:
-    for m in _CARD_RE.finditer(text):
-        candidate = m.group()
-        # The longest prefix that ends at a group boundary and passes Luhn: a card followed
-        # by another number ("4111 1111 1111 1111 2024") is still found.
-        for end in range(len(candidate), 0, -1):
-            if end < len(candidate) and candidate[end] not in " -":
-                continue
-            digits = candidate[:end].replace(" ", "").replace("-", "")
-            if len(digits) < 13:
-                break
-            if len(digits) <= 19 and _luhn(digits):
-                yield m.start(), m.start() + end
-                break
+# ------------------------------------------------------------------------------ IPv6
+
+# Found from its colons (two within five characters, rare in prose and code), then widened
+# to the hex digits before them.
+_IPV6_RE = re.compile(r":[0-9A-Fa-f]{0,4}:[0-9A-Fa-f:.]*(?:%[0-9A-Za-z_.-]+)?")
+_HEX = frozenset("0123456789abcdefABCDEF")
+_DECIMAL_GROUP_RE = re.compile(r"[0-9]{1,4}")
+
+
+def _ipv6(text: str) -> Iterator[Finding]:
+    pos = 0
+    while m := _IPV6_RE.search(text, pos):
+        start, end = m.span()
+        pos = end
+        while start > m.start() - 4 and start > 0 and text[start - 1] in _HEX:
+            start -= 1
+        if start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_:.%"):
+            continue
+        if end < len(text) and (text[end].isalnum() or text[end] in "_:"):
+            continue
+        while text[end - 1] == ".":  # a full stop after the address
+            end -= 1
+        if _is_public_ipv6(text[start:end]):
+            yield start, end, "ip"
+
+
+def _is_public_ipv6(candidate: str) -> bool:
+    try:
+        address = ipaddress.IPv6Address(candidate)
+    except ValueError:
+        return False
+    if address.is_loopback or address.is_unspecified:
+        return False
+    groups = [g for g in candidate.split("%")[0].split(":") if g]
+    # 1::2, ::3 are slices far more often than addresses
+    return len(groups) > 2 or not all(_DECIMAL_GROUP_RE.fullmatch(g) for g in groups)
 
 
 # ---------------------------------------------------------------------------- secrets
 
-# Tokens recognizable by their documented prefixes. All but JWTs (found apart, from their
-# "eyJ") are runs of at least 15 characters from [A-Za-z0-9_-], so the text is scanned
-# for such runs first (few in prose and code) and each run is matched at its start.
-_RUN_RE = re.compile(r"[\w-](?<![\w-][\w-])[\w-]{14,}", re.ASCII)
-_TOKEN_RE = re.compile(
-    r"A(?:KIA|SIA|BIA|CCA|IDA|ROA|GPA|NPA|NVA|PKA)[0-9A-Z]{16}(?![0-9A-Za-z])"  # AWS key ids
-    r"|AIza[0-9A-Za-z_-]{35}"  # Google API keys
-    r"|gh[pousr]_[A-Za-z0-9]{30,}"  # GitHub tokens
-    r"|github_pat_[A-Za-z0-9_]{22,}"
-    r"|glpat-[A-Za-z0-9_-]{20,}"  # GitLab
-    r"|gl_(?=[A-Za-z0-9_-]*[0-9-])[A-Za-z0-9_-]{20,}"  # genloop API keys
-    r"|xox[abposre]-[A-Za-z0-9-]{10,}"  # Slack
-    r"|[spr]k_(?:live|test)_[A-Za-z0-9]{10,}"  # Stripe
-    r"|sk-(?=[A-Za-z0-9_-]*[0-9])[A-Za-z0-9_-]{20,}"  # OpenAI-style (sk-…, sk-proj-…)
-    r"|hf_[A-Za-z0-9]{30,}"  # Hugging Face
+# Tokens recognizable by their documented prefixes: one pattern per first literal. The
+# number is how many characters of the token precede the match (the 's' of "sk_live_").
+_TOKEN_RES = (
+    (
+        re.compile(
+            r"A(?:KIA|SIA|BIA|CCA|IDA|ROA|GPA|NPA|NVA|PKA)[0-9A-Z]{16}(?![0-9A-Za-z])"  # AWS
+            r"|AIza[0-9A-Za-z_-]{35}"  # Google API keys
+        ),
+        0,
+    ),
+    (
+        re.compile(
+            r"g(?:h[pousr]_[A-Za-z0-9]{30,}"  # GitHub tokens
+            r"|ithub_pat_[A-Za-z0-9_]{22,}"
+            r"|lpat-[A-Za-z0-9_-]{20,}"  # GitLab
+            r"|l_(?=[A-Za-z0-9_-]*[0-9-])[A-Za-z0-9_-]{20,})"  # genloop API keys
+        ),
+        0,
+    ),
+    (re.compile(r"xox[abposre]-[A-Za-z0-9-]{10,}"), 0),  # Slack
+    (re.compile(r"hf_[A-Za-z0-9]{30,}"), 0),  # Hugging Face
+    (re.compile(r"eyJ[\w-]{5,}\.eyJ[\w-]{5,}\.[\w-]*", re.ASCII), 0),  # JWTs
+    (
+        re.compile(
+            r"k(?<=[spr]k)_(?:live|test)_[A-Za-z0-9]{10,}"  # Stripe
+            r"|k(?<=sk)-(?=[A-Za-z0-9_-]*[0-9])[A-Za-z0-9_-]{20,}"  # OpenAI-style sk-…
+        ),
+        1,
+    ),
+    (
+        re.compile(
+            r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?"
+            r"(?:-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)",
+            re.DOTALL,
+        ),
+        0,
+    ),
 )
-_JWT_RE = re.compile(r"eyJ(?<![\w-]eyJ)[\w-]{5,}\.eyJ[\w-]{5,}\.[\w-]*", re.ASCII)
-# The credentials of an HTTP Authorization header.
-_AUTH_RE = re.compile(
-    r"(?:[Bb]earer|BEARER|[Bb]asic|BASIC)[ \t]+"
-    r"(?P<value>(?=[A-Za-z0-9._~+/=-]*[0-9])[A-Za-z0-9._~+/=-]{16,})"
-)
-_PEM_RE = re.compile(
-    r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?"
-    r"(?:-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)",
-    re.DOTALL,
-)
+_WORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+# Searched in the lowercased text (the engine cannot skip ahead for a case-insensitive
+# pattern), then the value is read from the original at the same offsets.
+_AUTH_RE = re.compile(r"b(?:earer|asic)[ \t]+")  # HTTP Authorization credentials
+_AUTH_VALUE_RE = re.compile(r"(?=[A-Za-z0-9._~+/=-]*[0-9])[A-Za-z0-9._~+/=-]{16,}")
 
 # password=…, "api_key": "…", SECRET_KEY: … — the value is redacted, the name is kept.
-# Found from the occurrences of a few words in the lowercased text: a name is an
-# identifier that ends with one of the names below, alone or after "_", "-" or ".".
+# A name is an identifier that ends with one of these, alone or after "_", "-" or ".";
+# it is found from the occurrences of a few words in the lowercased text.
 _SECRET_HINTS = ("pass", "pwd", "secret", "token", "key", "credential")
 _NAME_TAIL_RE = re.compile(r"[a-z0-9_.-]*(?=[\"']?[ \t]*[:=])")
 _SECRET_NAME_RE = re.compile(
@@ -215,78 +259,88 @@ _SECRET_NAME_RE = re.compile(
     r"(?:api|access|secret|private)[_-]?key|apikey)"
 )
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
+# A quoted value holds no spaces, and no <>[]{}| so that special tokens and templates
+# (bos_token = "<|begin_of_text|>", token = "{token}") stay.
 _SECRET_VALUE_RE = re.compile(
     r"[\"']?[ \t]*[:=][ \t]*"
-    r"(?:[bBrRuU]?(?P<q>[\"'])(?P<quoted>[^\"'\s]{8,})(?P=q)"
+    r"(?:[bBrRuU]?(?P<q>[\"'])(?P<quoted>[^\"'\s<>\[\]{}|]{8,})(?P=q)"
     r"|(?P<bare>(?=[\w+/=~!@#$%^&*-]*\d)[\w+/=~!@#$%^&*-]{8,}))"
 )
+# scheme://user:password@host — the password.
+_URL_PASSWORD_RE = re.compile(r"://[^\s/:@]+:(?P<value>[^\s/@]+)@")
 
 
-def _secrets(text: str) -> Iterable[Span]:
-    if "-----BEGIN" in text:
-        for m in _PEM_RE.finditer(text):
-            yield m.span()
-    for m in _RUN_RE.finditer(text):
-        token = _TOKEN_RE.match(text, m.start(), m.end())
-        if token:
-            yield token.span()
-    if "eyJ" in text:
-        for m in _JWT_RE.finditer(text):
-            yield m.span()
-    for m in _AUTH_RE.finditer(text):
-        yield m.span("value")
-    yield from _assignments(text)
-
-
-def _assignments(text: str) -> Iterable[Span]:
+def _secrets(text: str) -> Iterator[Finding]:
+    for pattern, back in _TOKEN_RES:
+        for m in pattern.finditer(text):
+            start = m.start() - back
+            if start and text[start - 1] in _WORD_CHARS:
+                continue  # inside a longer word
+            yield start, m.end(), "secret"
     lowered = text.lower()
     if len(lowered) != len(text):  # a few characters lowercase to two; keep offsets exact
         lowered = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+    for m in _URL_PASSWORD_RE.finditer(text):
+        yield m.start("value"), m.end("value"), "secret"
+    for m in _AUTH_RE.finditer(lowered):
+        value = _AUTH_VALUE_RE.match(text, m.end())
+        if value:
+            yield value.start(), value.end(), "secret"
     for hint in _SECRET_HINTS:
         i = lowered.find(hint)
         while i != -1:
             tail = _NAME_TAIL_RE.match(lowered, i + len(hint))
+            start = i
             i = lowered.find(hint, i + 1)
             if not tail:
-                continue  # not followed by ":" or "="
-            start, end = i, tail.end()
-            start = tail.start() - len(hint)
+                continue  # not followed by ':' or '='
             while start > 0 and lowered[start - 1] in _NAME_CHARS:
                 start -= 1
-            if _SECRET_NAME_RE.fullmatch(lowered, start, end):
-                value = _SECRET_VALUE_RE.match(text, end)
+            if _SECRET_NAME_RE.fullmatch(lowered, start, tail.end()):
+                value = _SECRET_VALUE_RE.match(text, tail.end())
                 if value:
-                    yield value.span("quoted") if value.group("quoted") else value.span("bare")
+                    group = "quoted" if value.group("quoted") else "bare"
+                    yield value.start(group), value.end(group), "secret"
 
 
 # ------------------------------------------------------------------------------ API
 
-_FINDERS = {"email": _emails, "phone": _phones, "ip": _ips, "card": _cards, "secret": _secrets}
+
+_PRIORITY = {"secret": 0, "card": 1, "email": 2, "ip": 3, "phone": 4}
 
 
-def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
-    kinds = tuple(kinds)
-    unknown = [k for k in kinds if k not in _FINDERS]
+def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    unknown = [k for k in kinds if k not in PLACEHOLDERS]
     if unknown:
         raise ValueError(f"unknown PII kind(s) {unknown}; valid kinds: {', '.join(KINDS)}")
-    return kinds
+    return tuple(kinds)
 
 
 def find_pii(text: str, kinds: Sequence[str] = KINDS) -> list[tuple[str, Span]]:
     """Where ``text`` holds PII: ``[(kind, (start, end)), …]`` in text order, no overlaps.
 
-    Where two findings overlap, the one that starts first (then the longer) wins.
+    Findings that overlap are merged into one span (so no part of either survives), with
+    the kind of the one that starts first (at the same start: secret, card, email, ip,
+    phone).
     """
-    found: list[tuple[int, int, str]] = []
-    for kind in _check_kinds(kinds):
-        found.extend((start, end, kind) for start, end in _FINDERS[kind](text))
-    found.sort(key=lambda f: (f[0], -f[1]))
+    kinds = _check_kinds(kinds)
+    found: list[Finding] = []
+    if "email" in kinds and "@" in text:
+        found += _emails(text)
+    if "ip" in kinds or "card" in kinds or "phone" in kinds:
+        found += _numbers(text, kinds)
+    if "ip" in kinds and ":" in text:
+        found += _ipv6(text)
+    if "secret" in kinds:
+        found += _secrets(text)
+    found.sort(key=lambda f: (f[0], _PRIORITY[f[2]], -f[1]))
     out: list[tuple[str, Span]] = []
-    last_end = -1
     for start, end, kind in found:
-        if start >= last_end:
+        if out and start < out[-1][1][1]:
+            first_kind, (first_start, first_end) = out[-1]
+            out[-1] = (first_kind, (first_start, max(first_end, end)))
+        else:
             out.append((kind, (start, end)))
-            last_end = end
     return out
 
 

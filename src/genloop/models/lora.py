@@ -3,7 +3,7 @@
 LoRA (Hu et al., 2021) freezes the base weight W and learns ΔW = (α/r)·B·A with
 A (r × d_in), B (d_out × r), B starting at zero so the adapted model starts equal to the
 base. QLoRA (Dettmers et al., 2023) keeps the frozen base in 4-bit NF4: load it with
-``load_pretrained(..., quantize_4bit=True)`` (CUDA and bitsandbytes only), then apply LoRA.
+``load_pretrained(..., load_in_4bit=True)`` (CUDA and bitsandbytes only), then apply LoRA.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def apply_lora(
     model: nn.Module,
     *,
     r: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.0,
+    alpha: float = 16.0,
+    dropout: float = 0.05,
     target_modules: Sequence[str] | None = None,
 ) -> Any:
     """Wrap ``model`` with LoRA adapters on ``target_modules``; every base weight is frozen.
@@ -46,8 +46,8 @@ def apply_lora(
         raise GenloopError("this model already has LoRA adapters")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise GenloopError(f"LoRA rank r must be a positive integer (got {r!r})")
-    if not isinstance(alpha, int) or isinstance(alpha, bool) or alpha < 1:
-        raise GenloopError(f"LoRA alpha must be a positive integer (got {alpha!r})")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
+        raise GenloopError(f"LoRA alpha must be a positive number (got {alpha!r})")
     if not 0.0 <= dropout < 1.0:
         raise GenloopError(f"LoRA dropout must be in [0, 1) (got {dropout!r})")
     config = getattr(model, "config", None)
@@ -64,7 +64,7 @@ def apply_lora(
     )
     lora_config = LoraConfig(
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft says int; scale = alpha / r
         lora_dropout=dropout,
         target_modules=targets,
         task_type=task,

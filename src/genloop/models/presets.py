@@ -145,7 +145,7 @@ def causal_lm_spec(
     """The spec of ``preset`` with ``overrides`` (genloop names, see ``OVERRIDES``) applied.
 
     ``intermediate_size`` follows ``n_embd`` and ``n_kv_head`` follows ``n_head`` unless
-    they are given themselves.
+    they are given themselves. An override of None counts as not given.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
@@ -155,7 +155,8 @@ def causal_lm_spec(
             raise ConfigError(
                 f"unknown causal_lm setting {key!r} (valid: preset, vocab_size, {', '.join(valid)})"
             )
-    values: dict[str, Any] = {**PRESETS[preset], **overrides}
+    given = {k: v for k, v in overrides.items() if v is not None}  # None: not given
+    values: dict[str, Any] = {**PRESETS[preset], **given}
     _check_int("vocab_size", vocab_size)
     for key in ("n_layer", "n_embd", "n_head", "context_length"):
         _check_int(key, values[key])
@@ -195,8 +196,8 @@ def causal_lm_spec(
 def spec_from_config(config: Mapping[str, Any]) -> CausalLMSpec:
     """A spec from a plain config dict: ``preset`` (default tiny), ``vocab_size``, overrides."""
     values = dict(config)
-    preset = values.pop("preset", "tiny")
-    vocab_size = values.pop("vocab_size", DEFAULT_VOCAB_SIZE)
+    preset = values.pop("preset", None) or "tiny"
+    vocab_size = values.pop("vocab_size", None) or DEFAULT_VOCAB_SIZE
     return causal_lm_spec(preset, vocab_size=vocab_size, **values)
 
 

@@ -97,12 +97,12 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     trust_pickle: bool = False,
-    quantize_4bit: bool = False,
+    load_in_4bit: bool = False,
 ) -> PreTrainedModel:
     """Load the model in a local checkpoint directory, in eval mode, for inference or tuning.
 
     ``family`` (when given) must match the checkpoint; ``dtype`` None keeps the stored one;
-    ``quantize_4bit`` loads the base in NF4 for QLoRA (needs CUDA and bitsandbytes).
+    ``load_in_4bit`` loads the base in NF4 for QLoRA (needs CUDA and bitsandbytes).
     """
     import transformers
 
@@ -120,7 +120,7 @@ def load_pretrained(
         "local_files_only": True,
         "trust_remote_code": False,
     }
-    if quantize_4bit:
+    if load_in_4bit:
         from genloop.models.lora import qlora_quantization_config
 
         kwargs["quantization_config"] = qlora_quantization_config()
@@ -141,7 +141,7 @@ def load_pretrained(
         loaded = model_cls.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
     else:
         loaded = model_cls.from_pretrained(info.path, use_safetensors=True, **kwargs)
-    if not quantize_4bit:  # 4-bit weights were placed by device_map
+    if not load_in_4bit:  # 4-bit weights were placed by device_map
         loaded.to(device)
     model: PreTrainedModel = loaded.eval()
     return model

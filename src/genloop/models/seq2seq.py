@@ -124,7 +124,7 @@ def seq2seq_spec(
     """The spec of ``preset`` with ``overrides`` (see ``OVERRIDES``) applied.
 
     ``n_decoder_layer`` follows ``n_layer`` and ``intermediate_size`` follows ``n_embd``
-    unless they are given themselves.
+    unless they are given themselves. An override of None counts as not given.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown seq2seq preset {preset!r} (presets: {', '.join(PRESETS)})")
@@ -134,7 +134,8 @@ def seq2seq_spec(
                 f"unknown seq2seq setting {key!r} "
                 f"(valid: preset, vocab_size, {', '.join(OVERRIDES)})"
             )
-    values: dict[str, Any] = {**PRESETS[preset], **overrides}
+    given = {k: v for k, v in overrides.items() if v is not None}  # None: not given
+    values: dict[str, Any] = {**PRESETS[preset], **given}
     values.setdefault("n_decoder_layer", values["n_layer"])
     values.setdefault("intermediate_size", mlp_size(values["n_embd"]))
     for key in ("n_layer", "n_decoder_layer", "n_embd", "n_head", "intermediate_size"):
@@ -163,8 +164,8 @@ def seq2seq_spec(
 def spec_from_config(config: Mapping[str, Any]) -> Seq2SeqSpec:
     """A spec from a plain config dict: ``preset`` (default tiny), ``vocab_size``, overrides."""
     values = dict(config)
-    preset = values.pop("preset", "tiny")
-    vocab_size = values.pop("vocab_size", DEFAULT_VOCAB_SIZE)
+    preset = values.pop("preset", None) or "tiny"
+    vocab_size = values.pop("vocab_size", None) or DEFAULT_VOCAB_SIZE
     return seq2seq_spec(preset, vocab_size=vocab_size, **values)
 
 
