@@ -371,13 +371,6 @@ class DataConfig(BaseModel):
 # ---------------------------------------------------------------------------------------
 
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
-# One turn per message: the role's special token, a newline, the content, end of text.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|endoftext|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
 
 class TokenizerConfig(BaseModel):
@@ -397,8 +390,10 @@ class TokenizerConfig(BaseModel):
         default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS),
         description="Special tokens added to the vocabulary; the first ends a document.",
     )
-    chat_template: str = Field(
-        DEFAULT_CHAT_TEMPLATE, description="Jinja chat template (Hugging Face convention)."
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template (Hugging Face convention); by default genloop's "
+        "template, which marks assistant turns for SFT loss masking.",
     )
     seq_len: int = Field(256, ge=8, description="Tokens per packed training sequence.")
 

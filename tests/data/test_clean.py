@@ -163,6 +163,12 @@ def test_quality_drops(text: str | None, expected: str) -> None:
     assert isinstance(result, Dropped) and result.detail and not result.quarantine
 
 
+def test_quality_without_upper_limit() -> None:
+    text = "\n".join(f"line {i}: value {i * i}" for i in range(100_000))  # ~2.3 MB
+    assert reason(QualityFilter()(rec(text))) == "too_long"
+    assert reason(QualityFilter(max_chars=None)(rec(text))) is None
+
+
 def test_quality_passes_images() -> None:
     image = Record(id="i", source="images", data=b"\x89PNG")
     assert QualityFilter()(image) is image

@@ -14,6 +14,7 @@ from PIL import Image
 from genloop.data.images import (
     DecodeImage,
     augment,
+    class_names,
     load_image_dataset,
     normalize,
     to_uint8,
@@ -166,3 +167,8 @@ def test_augment_is_deterministic_and_changes_images() -> None:
     assert torch.equal(augment(images, g, flip=False, crop_pad=0, jitter=0), images)
     with pytest.raises(ValueError):
         augment(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), g)
+
+
+def test_integer_labels_are_their_own_class_ids() -> None:
+    assert class_names([2, 0, None]) == ["0", "1", "2"]
+    assert class_names(["b", "a", "b"]) == ["a", "b"]

@@ -61,6 +61,7 @@ PLANTED: dict[str, list[str]] = {
         "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY",
         "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
         "gl_6f1c0b2e9d8a4c7fb3e5a1d2c4b6e8f0",
+        "gl_kTqWzPbYxRmNcLvHsJdGfAeUoIyEwQtZ",
         "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567",
         "glpat-xY9aB3cD5eF7gH1iJ2kL",
     ],
@@ -261,6 +262,7 @@ def f(values: list[int], key: str = "id") -> dict[int, int]:
     evens, odds, rev = values[::2], values[1::2], values[::-1]
     table = {1: 2, 3: 4}
     when = "12:30:45"
+    glsl = "gl_FragColor = vec4(gl_MaxCombinedTextureImageUnits);"
     return {v: v ** 2 for v in values if v % 3 == 0} | table
 """
 

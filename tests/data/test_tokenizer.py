@@ -196,3 +196,10 @@ def test_custom_tokens_and_template(tmp_path: Path) -> None:
     assert config["eos_token"] == config["pad_token"] == "</s>"
     assert config["chat_template"] == "{{ 1 }}"
     assert encode_documents(out, ["a"])[0][-1] == load_tokenizer(out).token_to_id("</s>")
+
+
+def test_arrays_are_writable_and_empty_input_gives_nothing(tok_dir: Path) -> None:
+    (ids,) = encode_documents(tok_dir, ["abc"])
+    ids[0] = 0  # callers may reuse the buffers
+    assert encode_documents(tok_dir, []) == []
+    assert list(tokenize_parallel(tok_dir, iter([]), workers=1)) == []

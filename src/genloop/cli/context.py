@@ -42,8 +42,8 @@ def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) ->
     from rich.table import Table
 
     table = Table(title=title, show_lines=False, header_style="bold")
-    for col in columns:
-        table.add_column(col)
+    for i, col in enumerate(columns):
+        table.add_column(col, no_wrap=i == 0)  # the first column names the row: never cut
     for row in rows:
         table.add_row(*("" if v is None else escape(str(v)) for v in row))  # values, not markup
     console.print(table)

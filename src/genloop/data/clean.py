@@ -157,7 +157,8 @@ class QualityFilter:
     """Drop records that are empty, too short, too long, repetitive or mostly symbols.
 
     Reasons: ``empty`` (no text, or only whitespace), ``too_short`` / ``too_long``
-    (characters, outside ``[min_chars, max_chars]``), ``repetitive``, ``symbols``.
+    (characters, outside ``[min_chars, max_chars]``; ``max_chars=None``: no upper limit),
+    ``repetitive``, ``symbols``.
 
     Repetition follows Gopher (Rae et al. 2021, "duplicate line character fraction"): the
     fraction of the characters in lines that repeat a line seen earlier in the document.
@@ -179,11 +180,11 @@ class QualityFilter:
     def __init__(
         self,
         min_chars: int = 20,
-        max_chars: int = 1_000_000,
+        max_chars: int | None = 1_000_000,
         max_repetition_ratio: float = 0.3,
         max_symbol_ratio: float = 0.3,
     ) -> None:
-        if min_chars < 0 or max_chars < min_chars:
+        if min_chars < 0 or (max_chars is not None and max_chars < min_chars):
             raise ValueError(f"need 0 <= min_chars <= max_chars, got {min_chars}, {max_chars}")
         self.min_chars = min_chars
         self.max_chars = max_chars
@@ -199,7 +200,7 @@ class QualityFilter:
             return Dropped("empty", "only whitespace" if n else "empty text")
         if n < self.min_chars:
             return Dropped("too_short", f"{n} characters < {self.min_chars}")
-        if n > self.max_chars:
+        if self.max_chars is not None and n > self.max_chars:
             return Dropped("too_long", f"{n} characters > {self.max_chars}")
         # Only characters outside ASCII can add to the cheap ASCII count, so the (slower)
         # regex runs only when they are numerous enough to matter.

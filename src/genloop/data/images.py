@@ -124,8 +124,10 @@ def _convert(image: PILImage, mode: str) -> PILImage:
 # ---------------------------------------------------------------------- dataset files
 
 
-def _class_names(labels: Sequence[int | str | None]) -> list[str]:
-    """Integer labels are their own class ids (0..max); strings are sorted."""
+def class_names(labels: Iterable[int | str | None]) -> list[str]:
+    """The class list for these labels: integer labels are their own class ids (0..max),
+    string labels are sorted. Compute it over all splits and pass it to
+    :func:`write_image_dataset` for each, so a class missing from one split shifts nothing."""
     present = [x for x in labels if x is not None]
     if present and all(isinstance(x, int) and not isinstance(x, bool) for x in present):
         ints = [int(x) for x in present]
@@ -172,7 +174,7 @@ def write_image_dataset(
         arrays.append(a)
         labels.append(rec.label)
 
-    names = list(classes) if classes is not None else _class_names(labels)
+    names = list(classes) if classes is not None else class_names(labels)
     ids = {name: i for i, name in enumerate(names)}
     label_ids = []
     for rec_label in labels:

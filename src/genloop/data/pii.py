@@ -219,7 +219,8 @@ _TOKEN_RES = (
             r"g(?:h[pousr]_[A-Za-z0-9]{30,}"  # GitHub tokens
             r"|ithub_pat_[A-Za-z0-9_]{22,}"
             r"|lpat-[A-Za-z0-9_-]{20,}"  # GitLab
-            r"|l_(?=[A-Za-z0-9_-]*[0-9-])[A-Za-z0-9_-]{20,})"  # genloop API keys
+            # genloop API keys: 32+ characters, or 20+ with a digit or '-' (not GLSL's gl_*)
+            r"|l_(?:[A-Za-z0-9_-]{32,}|(?=[A-Za-z0-9_-]*[0-9-])[A-Za-z0-9_-]{20,}))"
         ),
         0,
     ),

@@ -244,7 +244,7 @@ def prepare_dataset(
     digest = input_hash(cfg, tokenizer if cfg.kind != "images" else None, sources)
     existing = find_by_hash(ws, cfg.name, digest)
     if existing is not None:
-        log.info("dataset %s is unchanged: reusing version %s", cfg.name, existing.version)
+        log.debug("dataset %s is unchanged: reusing version %s", cfg.name, existing.version)
         return existing, False
 
     with ws.store.scratch() as work:
@@ -348,11 +348,11 @@ def _clean_and_split(
                 if (
                     near is not None
                     and o.signature is not None
-                    and near.is_duplicate(rec.id, o.signature)
+                    and near.is_duplicate(f"{rec.source}:{rec.id}", o.signature)
                 ):
                     dedup_counts["near_duplicate"] += 1
                     continue
-                split = assign_split(rec.id, cfg.split.val, cfg.split.test, cfg.split.seed)
+                split = assign_split(f"{rec.source}:{rec.id}", cfg.split.val, cfg.split.test, cfg.split.seed)
                 s = splits.setdefault(split, {"documents": 0, "bytes": 0})
                 s["documents"] += 1
                 if cfg.kind == "images":
@@ -382,10 +382,12 @@ def _clean_and_split(
             f.close()
         quarantine.close()
     if cfg.kind == "images":
-        from genloop.data.images import write_image_dataset
+        from genloop.data.images import class_names, write_image_dataset
 
-        for split, recs in image_out.items():
-            write_image_dataset(recs, work / "images" / split)
+        # one class list over every split, so a class missing from one shifts no ids
+        classes = class_names(r.label for recs in image_out.values() for r in recs)
+        for split_name, recs in image_out.items():
+            write_image_dataset(recs, work / "images" / split_name, classes=classes)
     with (work / "samples.jsonl").open("w", encoding="utf-8") as f:
         for sample in samples:
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")

@@ -1,0 +1,195 @@
+"""Atomic, verifiable training checkpoints that resume exactly.
+
+A checkpoint is an artifact ``runs/<run_id>/ckpt-<step>`` (built in a temporary directory,
+fsynced, renamed into place, manifest last — see ``ArtifactStore.writer``):
+
+- ``model.safetensors``: the unwrapped model's state dict (adapters included);
+- ``optimizer.safetensors`` + the non-tensor part of the optimizer state in ``state.json``;
+- ``rng.safetensors``: torch's CPU (and CUDA) generator states;
+- ``state.json``: step, data position, best validation loss, python and numpy RNG states,
+  the run's counters. Nothing is pickled.
+
+Loading verifies the manifest; a truncated or tampered checkpoint is refused with a clear
+error, and :func:`load_latest` falls back to the newest one that verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from genloop.errors import GenloopError, IntegrityError
+from genloop.workspace.store import ArtifactStore
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Checkpoint:
+    key: str
+    path: Path
+    step: int
+    state: dict[str, Any]
+
+
+def checkpoint_key(run_id: str, step: int) -> str:
+    return f"runs/{run_id}/ckpt-{step:08d}"
+
+
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        idx, _, k = name.partition(".")
+        state.setdefault(int(idx), {})[k] = t
+    for idx, extra in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(extra)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every random generator the loop touches: torch (CPU, CUDA), python, numpy."""
+    import torch
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)  # legacy=True always gives the MT19937 tuple
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(
+    store: ArtifactStore,
+    run_id: str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+) -> str:
+    """Write checkpoint ``step`` atomically; returns its artifact key."""
+    from safetensors.torch import save_file
+
+    key = checkpoint_key(run_id, step)
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = rng_state()
+    model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with store.writer(key, overwrite=True) as d:
+        save_file(_dedupe_shared(model_sd), str(d / "model.safetensors"))
+        save_file(opt_tensors, str(d / "optimizer.safetensors"))
+        save_file(rng_tensors, str(d / "rng.safetensors"))
+        full = {"step": step, "optimizer": opt_meta, "rng": rng_meta, **state}
+        (d / "state.json").write_text(json.dumps(full))
+    return key
+
+
+def _dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): clone the repeats."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def list_checkpoints(store: ArtifactStore, run_id: str) -> list[tuple[int, str]]:
+    """(step, key) of the run's published checkpoints, newest first."""
+    out = []
+    for key in store.keys(f"runs/{run_id}"):
+        name = key.rsplit("/", 1)[-1]
+        if name.startswith("ckpt-") and name[5:].isdigit():
+            out.append((int(name[5:]), key))
+    return sorted(out, reverse=True)
+
+
+def load_checkpoint(store: ArtifactStore, key: str) -> Checkpoint:
+    """Verify and read a checkpoint's state (weights are applied by :func:`restore`)."""
+    path = store.open_verified(key)
+    state = json.loads((path / "state.json").read_text())
+    return Checkpoint(key=key, path=path, step=int(state["step"]), state=state)
+
+
+def load_latest(store: ArtifactStore, run_id: str) -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    for step, key in list_checkpoints(store, run_id):
+        try:
+            return load_checkpoint(store, key)
+        except (IntegrityError, json.JSONDecodeError, KeyError) as exc:
+            log.warning("checkpoint at step %d is unusable (%s); trying the previous one",
+                        step, exc)
+    return None
+
+
+def restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load weights, optimizer and RNG states from a verified checkpoint, in place."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt.path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if k not in _tied_keys(model)]:
+        raise GenloopError(
+            f"checkpoint {ckpt.key} does not fit this model "
+            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}); "
+            "was the model config changed since the run started?"
+        )
+    optimizer.load_state_dict(
+        _unflatten_optimizer(load_file(str(ckpt.path / "optimizer.safetensors")),
+                             ckpt.state["optimizer"])
+    )
+    set_rng_state(load_file(str(ckpt.path / "rng.safetensors")), ckpt.state["rng"])
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    return set(keys) if not isinstance(keys, dict) else set(keys)
+
+
+def prune_checkpoints(store: ArtifactStore, run_id: str, keep_last: int, keep: set[int]) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and the steps in ``keep`` (best)."""
+    for i, (step, key) in enumerate(list_checkpoints(store, run_id)):
+        if i >= keep_last and step not in keep:
+            store.delete(key)
