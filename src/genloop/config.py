@@ -143,7 +143,11 @@ class FilesSource(BaseModel):
     model_config = _STRICT
 
     type: Literal["files"] = Field(description="Source kind.")
-    paths: list[str] = Field(min_length=1, description="Files or glob patterns (** allowed).")
+    paths: list[str] = Field(
+        min_length=1,
+        description="Files, folders or glob patterns (** allowed); relative ones are taken from "
+        "the config file's folder.",
+    )
     field: str | None = Field(
         None, description="For .json/.jsonl: the field holding the text (default: 'text')."
     )
@@ -161,7 +165,10 @@ class CodeSource(BaseModel):
     model_config = _STRICT
 
     type: Literal["code"] = Field(description="Source kind.")
-    path: Path = Field(description="Root directory to walk.")
+    path: Path = Field(
+        description="Root directory to walk; a relative path is taken from the config file's "
+        "folder."
+    )
     extensions: list[str] | None = Field(
         None, description="Only files with these extensions, e.g. ['.py']. Unset: all known."
     )
@@ -215,7 +222,10 @@ class HfDiskSource(BaseModel):
     model_config = _STRICT
 
     type: Literal["hf_disk"] = Field(description="Source kind.")
-    path: Path = Field(description="Directory written by Dataset.save_to_disk.")
+    path: Path = Field(
+        description="Directory written by Dataset.save_to_disk; a relative path is taken from "
+        "the config file's folder."
+    )
     split: str | None = Field(
         None, description="Split to read from a DatasetDict. Unset: 'train', or the only one."
     )
@@ -228,7 +238,10 @@ class ImagesSource(BaseModel):
     model_config = _STRICT
 
     type: Literal["images"] = Field(description="Source kind.")
-    path: Path = Field(description="Root folder (class sub-folders optional).")
+    path: Path = Field(
+        description="Root folder (class sub-folders optional); a relative path is taken from "
+        "the config file's folder."
+    )
     extensions: list[str] = Field(
         default_factory=lambda: [".png", ".jpg", ".jpeg"], description="Image file extensions."
     )
@@ -382,7 +395,9 @@ class TokenizerConfig(BaseModel):
         "bpe", description="bpe: train one on the dataset; pretrained: load from 'path'."
     )
     path: Path | None = Field(
-        None, description="Tokenizer directory (Hugging Face layout) when kind is pretrained."
+        None,
+        description="Tokenizer directory (Hugging Face layout) when kind is pretrained; a "
+        "relative path is taken from the config file's folder.",
     )
     vocab_size: int = Field(8192, ge=300, le=1_000_000, description="Vocabulary size for bpe.")
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a bpe merge.")

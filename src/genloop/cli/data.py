@@ -9,20 +9,24 @@ import typer
 
 from genloop.cli.context import console, open_workspace, print_json, print_table
 
-app = typer.Typer(help="Collect and prepare data into versioned, training-ready datasets.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Collect and prepare data into versioned, training-ready datasets.", no_args_is_help=True
+)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 @app.command()
 def prepare(
-    config: Annotated[Path, typer.Argument(help="YAML file with a `data:` section "
-                                                "(and optionally `tokenizer:`).")],
-    workers: Annotated[int | None, typer.Option("--workers", "-j", min=1,
-                                                help="Worker processes [default: CPUs].")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: a.b=value "
-                                                   "(repeatable).")] = None,
+    config: Annotated[
+        Path, typer.Argument(help="YAML file with a `data:` section (and optionally `tokenizer:`).")
+    ],
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-j", min=1, help="Worker processes [default: CPUs].")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: a.b=value (repeatable).")
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Clean, deduplicate, redact, split, tokenize and pack; register a dataset version.
@@ -38,11 +42,19 @@ def prepare(
     cfg = load_config(config, set_ or [])
     if cfg.data is None:
         raise ConfigError(f"{config} has no 'data:' section; nothing to prepare")
-    with open_workspace() as ws, Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-        TextColumn("{task.completed:,} items"), TimeElapsedColumn(),
-        console=console, transient=True, disable=json,
-    ) as bar:
+    with (
+        open_workspace() as ws,
+        Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,} items"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=json or not console.is_terminal,
+        ) as bar,
+    ):
         tasks: dict[str, int] = {}
 
         def progress(stage: str, n: int) -> None:
@@ -51,8 +63,10 @@ def prepare(
                 tasks[stage] = bar.add_task(label.get(stage, stage), total=None)
             bar.advance(tasks[stage], n)  # type: ignore[arg-type]
 
-        info, created = prepare_dataset(ws, cfg.data, cfg.tokenizer, workers=workers,
-                                        progress=progress)
+        # relative source paths are read from the config file's folder
+        info, created = prepare_dataset(
+            ws, cfg.data, cfg.tokenizer, root=config.parent, workers=workers, progress=progress
+        )
     if json:
         print_json(info.to_dict() | {"created": created})
         return
@@ -60,13 +74,16 @@ def prepare(
     s = info.stats
     console.print(
         f"{verb} dataset {info.ref}: {s.get('documents', 0):,} documents, "
-        f"{s.get('bytes', 0):,} bytes" + (f", {s['tokens']:,} tokens" if "tokens" in s else "")
+        f"{s.get('bytes', 0):,} bytes"
+        + (f", {s['tokens']:,} tokens" if "tokens" in s else "")
         + (f" in {s['seconds']:.1f}s" if created and "seconds" in s else ""),
         highlight=False,
     )
     if created and s.get("drops"):
-        console.print("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(s["drops"].items())),
-                      highlight=False)
+        console.print(
+            "dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(s["drops"].items())),
+            highlight=False,
+        )
 
 
 @app.command("list")
@@ -85,12 +102,21 @@ def list_(
     if not infos:
         console.print("no datasets yet")
         return
-    rows = [[i.ref, i.kind, i.status, f"{i.stats.get('documents', 0):,}",
-             f"{i.stats.get('tokens', 0):,}" if "tokens" in i.stats else "",
-             f"{i.stats.get('bytes', 0):,}", i.created_at.strftime("%Y-%m-%d %H:%M")]
-            for i in infos]
-    print_table(None, ["dataset", "kind", "status", "documents", "tokens", "bytes",
-                       "created (UTC)"], rows)
+    rows = [
+        [
+            i.ref,
+            i.kind,
+            i.status,
+            f"{i.stats.get('documents', 0):,}",
+            f"{i.stats.get('tokens', 0):,}" if "tokens" in i.stats else "",
+            f"{i.stats.get('bytes', 0):,}",
+            i.created_at.strftime("%Y-%m-%d %H:%M"),
+        ]
+        for i in infos
+    ]
+    print_table(
+        None, ["dataset", "kind", "status", "documents", "tokens", "bytes", "created (UTC)"], rows
+    )
 
 
 @app.command()
@@ -117,17 +143,31 @@ def show(
         return
     s = info.stats
     console.print(f"[bold]{info.ref}[/] ({info.kind}, {info.status}) at {path}", highlight=False)
-    rows = [[split, f"{v.get('documents', 0):,}", f"{v.get('bytes', 0):,}",
-             f"{v['tokens']:,}" if "tokens" in v else ""]
-            for split, v in sorted(s.get("splits", {}).items())]
+    rows = [
+        [
+            split,
+            f"{v.get('documents', 0):,}",
+            f"{v.get('bytes', 0):,}",
+            f"{v['tokens']:,}" if "tokens" in v else "",
+        ]
+        for split, v in sorted(s.get("splits", {}).items())
+    ]
     print_table("splits", ["split", "documents", "bytes", "tokens"], rows)
-    steps = [[st["name"], f"{st['seen']:,}", f"{st['kept']:,}", f"{st['changed']:,}",
-              ", ".join(f"{k} {v}" for k, v in sorted(st["dropped"].items()))]
-             for st in s.get("steps", [])]
+    steps = [
+        [
+            st["name"],
+            f"{st['seen']:,}",
+            f"{st['kept']:,}",
+            f"{st['changed']:,}",
+            ", ".join(f"{k} {v}" for k, v in sorted(st["dropped"].items())),
+        ]
+        for st in s.get("steps", [])
+    ]
     print_table("preprocessing", ["step", "seen", "kept", "changed", "dropped"], steps)
     if s.get("drops"):
-        console.print("all drops: " + ", ".join(f"{k} {v}" for k, v in sorted(s["drops"].items())),
-                      highlight=False)
+        console.print(
+            "all drops: " + ", ".join(f"{k} {v}" for k, v in sorted(s["drops"].items())),
+            highlight=False,
+        )
     for src in info.lineage.get("sources", []):
-        console.print("source: " + ", ".join(f"{k}={v}" for k, v in src.items()),
-                      highlight=False)
+        console.print("source: " + ", ".join(f"{k}={v}" for k, v in src.items()), highlight=False)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from genloop.data.records import Dropped, Quarantined, Record
+from genloop.errors import GenloopError
 from genloop.workspace.datasets import (
     DatasetVersionInfo,
     find_by_hash,
@@ -216,13 +217,24 @@ def ordered_map(
 # ------------------------------------------------------------------------- the main flow
 
 
-def input_hash(cfg: DataConfig, tok: TokenizerConfig | None, sources: list[Source]) -> str:
+def input_hash(
+    cfg: DataConfig,
+    tok: TokenizerConfig | None,
+    sources: list[Source],
+    tokenizer_dir: Path | None = None,
+) -> str:
+    """sha256 of the config (less ``workers``, which changes no output), the sources'
+    contents and, for a pretrained tokenizer, its files."""
+    from genloop.data.sources import local
+
     h = hashlib.sha256()
     h.update(f"genloop-data-v{FORMAT_VERSION}\n".encode())
     h.update(json.dumps(cfg.model_dump(mode="json", exclude={"workers"}), sort_keys=True).encode())
     h.update(json.dumps(tok.model_dump(mode="json") if tok else None, sort_keys=True).encode())
     for src in sources:
         h.update(src.fingerprint().encode())
+    if tokenizer_dir is not None:
+        h.update(local.fingerprint({"kind": "tokenizer"}, local.walk(tokenizer_dir)).encode())
     return h.hexdigest()
 
 
@@ -231,17 +243,29 @@ def prepare_dataset(
     cfg: DataConfig,
     tokenizer: TokenizerConfig | None = None,
     *,
+    root: Path | None = None,
     workers: int | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[DatasetVersionInfo, bool]:
-    """Build (or find) the dataset version for ``cfg``; returns it and whether it was new."""
+    """Build (or find) the dataset version for ``cfg``; returns it and whether it was new.
+
+    Relative paths in the sources and a pretrained tokenizer's ``path`` are taken from
+    ``root`` (the config file's folder, for a config read from a file), else the working
+    folder.
+    """
     from genloop.data.sources import build_source
 
     started = time.perf_counter()
     workers = workers or cfg.workers or os.cpu_count() or 1
-    sources = [build_source(spec.model_dump()) for spec in cfg.sources]
+    sources = [build_source(spec.model_dump(), root=root) for spec in cfg.sources]
+    if cfg.kind == "images":
+        tokenizer = None
+    pretrained = None
+    if tokenizer is not None and tokenizer.kind == "pretrained":
+        assert tokenizer.path is not None
+        pretrained = _pretrained_dir(tokenizer.path, root)
     # 1. same inputs + same config → the same version, nothing redone
-    digest = input_hash(cfg, tokenizer if cfg.kind != "images" else None, sources)
+    digest = input_hash(cfg, tokenizer, sources, pretrained)
     existing = find_by_hash(ws, cfg.name, digest)
     if existing is not None:
         log.debug("dataset %s is unchanged: reusing version %s", cfg.name, existing.version)
@@ -249,8 +273,8 @@ def prepare_dataset(
 
     with ws.store.scratch() as work:
         stats = _clean_and_split(cfg, sources, work, workers, progress)
-        if cfg.kind != "images" and tokenizer is not None:
-            stats["tokenizer"] = _tokenize(tokenizer, work, workers, progress, stats)
+        if tokenizer is not None:
+            stats["tokenizer"] = _tokenize(tokenizer, pretrained, work, workers, progress, stats)
         stats["seconds"] = round(time.perf_counter() - started, 3)
         lineage = {"sources": [s.describe() for s in sources]}
         config = {
@@ -352,7 +376,9 @@ def _clean_and_split(
                 ):
                     dedup_counts["near_duplicate"] += 1
                     continue
-                split = assign_split(f"{rec.source}:{rec.id}", cfg.split.val, cfg.split.test, cfg.split.seed)
+                split = assign_split(
+                    f"{rec.source}:{rec.id}", cfg.split.val, cfg.split.test, cfg.split.seed
+                )
                 s = splits.setdefault(split, {"documents": 0, "bytes": 0})
                 s["documents"] += 1
                 if cfg.kind == "images":
@@ -444,8 +470,20 @@ def _iter_texts(path: Path) -> Iterator[str]:
             yield json.loads(line)["text"]
 
 
+def _pretrained_dir(path: Path, root: Path | None) -> Path:
+    from genloop.data.sources.local import resolve_user_path
+    from genloop.data.tokenizer import tokenizer_file
+
+    directory = resolve_user_path(path, root, "tokenizer: path")
+    if not directory.is_dir():
+        raise GenloopError(f"tokenizer: path {str(path)!r} is not a directory")
+    tokenizer_file(directory)  # NotFoundError when it has no tokenizer.json
+    return directory
+
+
 def _tokenize(
     tok: TokenizerConfig,
+    pretrained: Path | None,
     work: Path,
     workers: int,
     progress: ProgressFn | None,
@@ -455,9 +493,8 @@ def _tokenize(
     from genloop.data.tokenizer import load_tokenizer, tokenize_parallel, train_bpe
 
     tok_dir = work / "tokenizer"
-    if tok.kind == "pretrained":
-        assert tok.path is not None
-        shutil.copytree(Path(tok.path), tok_dir)
+    if pretrained is not None:
+        shutil.copytree(pretrained, tok_dir)
     else:
         train_bpe(
             _iter_texts(work / "docs" / "train.jsonl"),

@@ -183,6 +183,9 @@ def save_hf_dir(
     except TypeError as exc:
         raise GenloopError(f"extra metadata must be JSON-serializable: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # genloop shows its own progress; no tqdm in our output
     model.save_pretrained(out, max_shard_size="5GB")  # safetensors only in transformers ≥ 5
     for source in tokenizer_files:
         shutil.copyfile(source, out / source.name)

@@ -159,8 +159,9 @@ def load_latest(store: ArtifactStore, run_id: str) -> Checkpoint | None:
         try:
             return load_checkpoint(store, key)
         except (IntegrityError, json.JSONDecodeError, KeyError) as exc:
-            log.warning("checkpoint at step %d is unusable (%s); trying the previous one",
-                        step, exc)
+            log.warning(
+                "checkpoint at step %d is unusable (%s); trying the previous one", step, exc
+            )
     return None
 
 
@@ -177,15 +178,16 @@ def restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer
             "was the model config changed since the run started?"
         )
     optimizer.load_state_dict(
-        _unflatten_optimizer(load_file(str(ckpt.path / "optimizer.safetensors")),
-                             ckpt.state["optimizer"])
+        _unflatten_optimizer(
+            load_file(str(ckpt.path / "optimizer.safetensors")), ckpt.state["optimizer"]
+        )
     )
     set_rng_state(load_file(str(ckpt.path / "rng.safetensors")), ckpt.state["rng"])
 
 
 def _tied_keys(model: nn.Module) -> set[str]:
     keys = getattr(model, "_tied_weights_keys", None) or {}
-    return set(keys) if not isinstance(keys, dict) else set(keys)
+    return set(keys)  # a list, or a dict keyed by the tied parameter names
 
 
 def prune_checkpoints(store: ArtifactStore, run_id: str, keep_last: int, keep: set[int]) -> None:

@@ -9,7 +9,12 @@ Schedule = Literal["cosine", "linear", "constant"]
 
 
 def lr_at(
-    step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int,
+    step: int,
+    *,
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    max_steps: int,
     schedule: Schedule = "cosine",
 ) -> float:
     """The learning rate for optimizer step ``step`` (0-based)."""

@@ -1,0 +1,533 @@
+"""Data preparation speed: genloop's data path next to a plain single-process baseline.
+
+Three stages, each run by genloop and by a straightforward baseline written with the same
+libraries, side by side in this one run, on the built-in ``python-stdlib`` corpus (loaded
+into memory first, so file reading is excluded from both sides):
+
+- clean + exact dedup: genloop's real per-record steps for a code dataset
+  (``prepare.build_steps``: Normalize + QualityFilter, PII and near dedup off, no parse
+  check) run by ``prepare.process_chunk`` in N worker processes via ``prepare.ordered_map``,
+  with ``ExactDedup`` in the main process, against ``unicodedata.normalize`` + ``re.sub``
+  whitespace cleanup + the same filters written plainly + ``hashlib.sha256`` into a set,
+  in one process. Reported per core (MB/s / N).
+- near dedup: genloop's ``minhash_signature`` (through ``process_chunk``, N workers) +
+  ``NearDedup``, against datasketch's ``MinHash(num_perm=128).update`` of every word
+  5-gram + ``MinHashLSH`` query/insert, in one process. Reported as total MB/s.
+- tokenization: genloop's ``tokenize_parallel`` (N workers) against
+  ``tokenizers.Tokenizer.encode_batch`` in batches of 256 in one process with one thread,
+  with the same tokenizer (a byte-level BPE trained once at the start with ``train_bpe``,
+  not timed). Reported per core.
+
+Each figure is the best of a few runs (the genloop and baseline runs alternate), because
+the machine may be shared. The outputs are checked against each other (documents kept,
+near duplicates found, token ids), and the run ends with one flat JSON line of figures.
+
+    python benchmarks/bench_data.py [--quick] [--workers N] [--repeat R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import string
+import sys
+import tempfile
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+# The baseline tokenizes in one thread (per core); genloop's workers set the same.
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["RAYON_NUM_THREADS"] = "1"
+
+T = TypeVar("T")
+
+TARGET_MB_S_PER_CORE = 20
+QUICK_MB = 3.0  # --quick: the first ~3 MB of the corpus
+CHUNK_RECORDS = 64  # as prepare.CHUNK_RECORDS
+TOKENIZE_BATCH = 256
+
+
+# ------------------------------------------------------------------------------ corpus
+
+
+@dataclass
+class Corpus:
+    ids: list[str]
+    texts: list[str]
+    source: str
+    meta: list[dict[str, Any]]
+    nbytes: int = 0
+
+    @property
+    def mb(self) -> float:
+        return self.nbytes / 1e6
+
+
+def load_corpus(limit_mb: float | None) -> Corpus:
+    from genloop.data.records import Record
+    from genloop.data.sources import build_source
+
+    src = build_source({"type": "builtin", "name": "python-stdlib"})
+    corpus = Corpus([], [], src.kind, [])
+    for item in src.records():
+        if not isinstance(item, Record) or item.text is None:
+            continue
+        corpus.ids.append(item.id)
+        corpus.texts.append(item.text)
+        corpus.meta.append(item.meta)
+        corpus.nbytes += len(item.text.encode("utf-8", "surrogatepass"))
+        if limit_mb is not None and corpus.nbytes >= limit_mb * 1e6:
+            break
+    return corpus
+
+
+def fresh_records(corpus: Corpus) -> list[Any]:
+    """New Record objects (steps change record.text in place), made outside the timers."""
+    from genloop.data.records import Record
+
+    return [
+        Record(i, corpus.source, text=t, meta=dict(m))
+        for i, t, m in zip(corpus.ids, corpus.texts, corpus.meta, strict=True)
+    ]
+
+
+def chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# ------------------------------------------------------------------------ measuring
+
+
+@dataclass
+class Timing:
+    best_s: float = float("inf")
+    runs_s: list[float] = field(default_factory=list)
+    result: Any = None
+
+
+def alternate(
+    repeat: int,
+    setups: dict[str, Callable[[], Any]],
+    runs: dict[str, Callable[[Any], Any]],
+) -> dict[str, Timing]:
+    """Run each side ``repeat`` times, alternating; keep the best time and the last result.
+    ``setups[name]()`` makes the input of one run, outside the timer."""
+    timings = {name: Timing() for name in runs}
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            arg = setups[name]()
+            t0 = time.perf_counter()
+            result = fn(arg)
+            seconds = time.perf_counter() - t0
+            t = timings[name]
+            t.runs_s.append(seconds)
+            t.best_s = min(t.best_s, seconds)
+            t.result = result
+    return timings
+
+
+def startup_seconds(repeat: int, fn: Callable[[], Any]) -> float:
+    """Best time of ``fn``, a run on one tiny input per worker: what starting the worker
+    processes costs (forkserver fork, imports, initializer) before any real work."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def excluding(mb: float, seconds: float, startup: float, cores: int) -> float:
+    """MB/s per core once the workers are up (approximate: start-up partly overlaps work)."""
+    return mb / max(seconds - startup, 1e-9) / cores
+
+
+# --------------------------------------------------------------- clean + exact dedup
+
+
+def data_config(workers: int) -> Any:
+    from genloop.config import DataConfig
+
+    return DataConfig.model_validate(
+        {
+            "name": "bench",
+            "kind": "code",
+            "sources": [{"type": "builtin", "name": "python-stdlib"}],
+            "pii": {"enabled": False},
+            "dedup": {"exact": True, "near": False},
+            "code": {"require_parse": False},
+            "workers": workers,
+        }
+    )
+
+
+def genloop_results(records: list[Any], steps: Any, workers: int) -> Iterator[Any]:
+    """What prepare._clean_and_split iterates over: process_chunk per chunk, in order."""
+    from genloop.data import prepare
+
+    parts = chunks(records, CHUNK_RECORDS)
+    if workers <= 1:
+        return (prepare.process_chunk(c, steps) for c in parts)
+    return prepare.ordered_map(
+        prepare.process_chunk, parts, workers, prepare._init_worker, (steps,)
+    )
+
+
+def pool_startup(source: str, steps: Any, workers: int) -> None:
+    """``ordered_map`` over one tiny record per worker (only start-up costs anything)."""
+    from genloop.data import prepare
+    from genloop.data.records import Record
+
+    if workers <= 1:
+        return
+    parts = [[Record(f"tiny-{i}", source, text=f"x = {i}  # start-up")] for i in range(workers)]
+    for _ in prepare.ordered_map(
+        prepare.process_chunk, parts, workers, prepare._init_worker, (steps,)
+    ):
+        pass
+
+
+def genloop_clean_dedup(records: list[Any], steps: Any, workers: int) -> dict[str, Any]:
+    from genloop.data.dedup import ExactDedup
+
+    exact = ExactDedup()
+    kept: list[str] = []
+    drops: Counter[str] = Counter()
+    for outcomes, _counts in genloop_results(records, steps, workers):
+        for o in outcomes:
+            if o.dropped is not None:
+                drops[o.dropped.reason] += 1
+                continue
+            if o.exact_key is not None and exact.seen_before(o.exact_key):
+                drops["duplicate"] += 1
+                continue
+            kept.append(o.record.id)
+    return {"kept": kept, "drops": drops}
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_TRAILING_WS_RE = re.compile(r"[ \t]+$", re.MULTILINE)
+_BLANK_RUN_RE = re.compile(r"\n{4,}")
+# Printable ASCII is ordinary in code and prose, except '#' (as genloop's filter counts).
+_ORDINARY_ASCII = frozenset(string.printable) - {"#"}
+
+
+def baseline_clean(text: str) -> str:
+    text = unicodedata.normalize("NFC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL_RE.sub("", text)
+    text = _TRAILING_WS_RE.sub("", text)  # trailing spaces, line by line
+    text = _BLANK_RUN_RE.sub("\n\n\n", text)
+    return text.lstrip("\n").rstrip()
+
+
+def baseline_drop_reason(text: str, c: Any) -> str | None:
+    """The quality filter written plainly; ``c`` is the CleanConfig."""
+    n = len(text)
+    if n == 0 or text.isspace():
+        return "empty"
+    if n < c.min_chars:
+        return "too_short"
+    if c.max_chars is not None and n > c.max_chars:
+        return "too_long"
+    symbols = 0
+    for ch in text:
+        if ch in _ORDINARY_ASCII or ch.isalnum() or ch.isspace():
+            continue
+        if not ch.isascii() and unicodedata.category(ch)[0] in "MP" and ch != "…":
+            continue
+        symbols += 1
+    if symbols / n > c.max_symbol_ratio:
+        return "symbols"
+    lines = text.split("\n")
+    seen: set[str] = set()
+    repeated = total = 0
+    for line in lines:
+        total += len(line)
+        if line in seen:
+            repeated += len(line)
+        else:
+            seen.add(line)
+    ratio = repeated / total if total else 0.0
+    seen.discard("")
+    if len(seen) <= 3:  # few distinct lines: the most frequent word bigram decides
+        words = text.split()
+        if len(words) >= 50:
+            (a, b), k = Counter(itertools.pairwise(words)).most_common(1)[0]
+            if k >= 2:
+                ratio = max(ratio, k * (len(a) + len(b)) / sum(map(len, words)))
+    if ratio > c.max_repetition_ratio:
+        return "repetitive"
+    return None
+
+
+def baseline_clean_dedup(corpus: Corpus, c: Any) -> dict[str, Any]:
+    import hashlib
+
+    seen: set[bytes] = set()
+    kept: list[str] = []
+    drops: Counter[str] = Counter()
+    for doc_id, raw in zip(corpus.ids, corpus.texts, strict=True):
+        text = baseline_clean(raw)
+        reason = baseline_drop_reason(text, c)
+        if reason is not None:
+            drops[reason] += 1
+            continue
+        key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        if key in seen:
+            drops["duplicate"] += 1
+            continue
+        seen.add(key)
+        kept.append(doc_id)
+    return {"kept": kept, "drops": drops}
+
+
+# --------------------------------------------------------------------- near dedup
+
+
+def genloop_near_dup(records: list[Any], steps: Any, workers: int, threshold: float) -> list[str]:
+    from genloop.data.dedup import NearDedup
+
+    near = NearDedup(threshold=threshold, num_perm=steps.num_perm)
+    dups: list[str] = []
+    for outcomes, _counts in genloop_results(records, steps, workers):
+        for o in outcomes:
+            rec = o.record
+            if near.is_duplicate(f"{rec.source}:{rec.id}", o.signature):
+                dups.append(rec.id)
+    return dups
+
+
+def baseline_near_dup(corpus: Corpus, num_perm: int, k: int, threshold: float) -> list[str]:
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    dups: list[str] = []
+    for doc_id, text in zip(corpus.ids, corpus.texts, strict=True):
+        m = MinHash(num_perm=num_perm)
+        words = text.lower().split()
+        for i in range(max(1, len(words) - k + 1)):
+            m.update(" ".join(words[i : i + k]).encode("utf-8", "surrogatepass"))
+        if lsh.query(m):
+            dups.append(doc_id)
+        else:
+            lsh.insert(doc_id, m)
+    return dups
+
+
+# -------------------------------------------------------------------- tokenization
+
+
+def genloop_tokenize(tok_dir: Path, texts: list[str], workers: int) -> list[Any]:
+    from genloop.data.tokenizer import tokenize_parallel
+
+    return list(tokenize_parallel(tok_dir, texts, workers=workers, batch_size=TOKENIZE_BATCH))
+
+
+def baseline_tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for batch in chunks(texts, TOKENIZE_BATCH):
+        out.extend(e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+    return out
+
+
+def same_ids(genloop_ids: list[Any], baseline_ids: list[list[int]], eos: int) -> int:
+    """Documents whose ids differ (genloop appends the end-of-document id)."""
+    if len(genloop_ids) != len(baseline_ids):
+        return max(len(genloop_ids), len(baseline_ids))
+    bad = 0
+    for g, b in zip(genloop_ids, baseline_ids, strict=True):
+        if len(g) != len(b) + 1 or int(g[-1]) != eos or g[:-1].tolist() != b:
+            bad += 1
+    return bad
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="~3 MB subset, under a minute")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeat", type=int, default=None, help="runs per figure (best kept)")
+    parser.add_argument("--vocab", type=int, default=None, help="tokenizer vocabulary size")
+    args = parser.parse_args(argv)
+    workers = max(1, args.workers)
+    repeat = args.repeat or (2 if args.quick else 3)
+    vocab = args.vocab or (4096 if args.quick else 8192)
+
+    from tokenizers import Tokenizer
+
+    from genloop.data.prepare import Steps, build_steps
+    from genloop.data.tokenizer import eos_token_id, tokenize_parallel, train_bpe
+
+    started = time.perf_counter()
+    corpus = load_corpus(QUICK_MB if args.quick else None)
+    n_docs = len(corpus.texts)
+    print(
+        f"corpus: python-stdlib{' (quick subset)' if args.quick else ''}, {n_docs} documents, "
+        f"{corpus.mb:.2f} MB in memory; genloop workers: {workers}; "
+        f"figures are the best of {repeat} runs (genloop and baseline alternate)",
+        flush=True,
+    )
+    cfg = data_config(workers)
+    checks: dict[str, bool] = {}
+
+    # clean + exact dedup -------------------------------------------------------------
+    steps = build_steps(cfg)
+    names = [type(s).__name__ for s in steps.steps]
+    assert names == ["Normalize", "QualityFilter"] and steps.exact and not steps.near, names
+    t = alternate(
+        repeat,
+        {"genloop": lambda: fresh_records(corpus), "baseline": lambda: corpus},
+        {
+            "genloop": lambda recs: genloop_clean_dedup(recs, steps, workers),
+            "baseline": lambda c: baseline_clean_dedup(c, cfg.clean),
+        },
+    )
+    g, b = t["genloop"].result, t["baseline"].result
+    clean_g = corpus.mb / t["genloop"].best_s / workers
+    clean_startup = startup_seconds(repeat, lambda: pool_startup(corpus.source, steps, workers))
+    clean_g_up = excluding(corpus.mb, t["genloop"].best_s, clean_startup, workers)
+    clean_b = corpus.mb / t["baseline"].best_s
+    differ = len(set(g["kept"]).symmetric_difference(b["kept"]))
+    tolerance = max(2, n_docs // 200)
+    checks["clean_dedup"] = abs(len(g["kept"]) - len(b["kept"])) <= tolerance
+    print(
+        f"check clean+dedup: kept genloop {len(g['kept'])} / baseline {len(b['kept'])} of "
+        f"{n_docs} (tolerance {tolerance}; {differ} ids kept by one side only); drops "
+        f"genloop {dict(g['drops'])}, baseline {dict(b['drops'])} -> "
+        f"{'OK' if checks['clean_dedup'] else 'MISMATCH'}",
+        flush=True,
+    )
+
+    # near dedup ------------------------------------------------------------------------
+    d = cfg.dedup
+    near_steps = Steps(
+        [], exact=False, near=True, num_perm=d.num_perm, shingle_size=d.shingle_size, binary=False
+    )
+    t = alternate(
+        repeat,
+        {"genloop": lambda: fresh_records(corpus), "baseline": lambda: corpus},
+        {
+            "genloop": lambda recs: genloop_near_dup(recs, near_steps, workers, d.threshold),
+            "baseline": lambda c: baseline_near_dup(c, d.num_perm, d.shingle_size, d.threshold),
+        },
+    )
+    g_dups, b_dups = t["genloop"].result, t["baseline"].result
+    near_g = corpus.mb / t["genloop"].best_s
+    near_g_up = excluding(corpus.mb, t["genloop"].best_s, clean_startup, 1)
+    near_b = corpus.mb / t["baseline"].best_s
+    both = len(set(g_dups) & set(b_dups))
+    near_tol = max(3, len(b_dups) // 10)  # different hash functions: estimates differ
+    checks["near_dup"] = abs(len(g_dups) - len(b_dups)) <= near_tol
+    print(
+        f"check near dedup (threshold {d.threshold}, {d.num_perm} permutations, "
+        f"{d.shingle_size}-word shingles): near duplicates genloop {len(g_dups)} / baseline "
+        f"{len(b_dups)} ({both} found by both; tolerance {near_tol}) -> "
+        f"{'OK' if checks['near_dup'] else 'MISMATCH'}",
+        flush=True,
+    )
+
+    # tokenization ------------------------------------------------------------------------
+    with tempfile.TemporaryDirectory(prefix="genloop-bench-tok-") as tmp:
+        tok_dir = Path(tmp)
+        t0 = time.perf_counter()
+        train_bpe(corpus.texts, tok_dir, vocab_size=vocab)
+        train_s = time.perf_counter() - t0
+        tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        # genloop encodes special-token strings inside documents as text; so does this
+        tokenizer.encode_special_tokens = True
+        eos = eos_token_id(tok_dir, tokenizer)
+        t = alternate(
+            repeat,
+            {"genloop": lambda: corpus.texts, "baseline": lambda: corpus.texts},
+            {
+                "genloop": lambda texts: genloop_tokenize(tok_dir, texts, workers),
+                "baseline": lambda texts: baseline_tokenize(tokenizer, texts),
+            },
+        )
+        tiny = [f"x = {i}" for i in range(workers)]
+        tok_startup = startup_seconds(
+            repeat, lambda: list(tokenize_parallel(tok_dir, tiny, workers=workers, batch_size=1))
+        )
+    tok_g = corpus.mb / t["genloop"].best_s / workers
+    tok_g_up = excluding(corpus.mb, t["genloop"].best_s, tok_startup, workers)
+    tok_b = corpus.mb / t["baseline"].best_s
+    bad = same_ids(t["genloop"].result, t["baseline"].result, eos)
+    n_tokens = sum(map(len, t["baseline"].result))
+    checks["tokenize"] = bad == 0
+    print(
+        f"check tokenization (vocab {vocab}, trained in {train_s:.1f} s, not timed): "
+        f"{n_tokens} tokens, {n_docs - bad}/{n_docs} documents with identical ids -> "
+        f"{'OK' if checks['tokenize'] else 'MISMATCH'}",
+        flush=True,
+    )
+
+    # report ------------------------------------------------------------------------------
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 2) if b else 0.0
+
+    rows = [
+        ("clean + exact dedup, MB/s per core", clean_g, clean_b),
+        ("near dedup, MB/s (total)", near_g, near_b),
+        ("tokenize, MB/s per core", tok_g, tok_b),
+    ]
+    print()
+    print(f"{'figure':<36} {'genloop':>9} {'baseline':>9} {'ratio':>7}")
+    for label, gv, bv in rows:
+        print(f"{label:<36} {gv:>9.2f} {bv:>9.2f} {ratio(gv, bv):>6.2f}x")
+    print(
+        f"(genloop: {workers} worker process(es), per core = MB/s / {workers}; baseline: one "
+        f"process, one thread; target {TARGET_MB_S_PER_CORE} MB/s per core; best of {repeat})"
+    )
+    if workers > 1:
+        print(
+            f"worker start-up (forkserver fork, imports, initializer; timed on one tiny input "
+            f"per worker): {clean_startup:.2f} s for the clean and near-dedup pools, "
+            f"{tok_startup:.2f} s for the tokenizer pool. Without it (approximate): clean + "
+            f"exact dedup {clean_g_up:.2f} MB/s per core, near dedup {near_g_up:.2f} MB/s, "
+            f"tokenize {tok_g_up:.2f} MB/s per core"
+        )
+    print(f"checks: {'all OK' if all(checks.values()) else checks}")
+    figures = {
+        "clean_dedup_mb_s_per_core": round(clean_g, 2),
+        "baseline_clean_dedup_mb_s_per_core": round(clean_b, 2),
+        "clean_dedup_ratio": ratio(clean_g, clean_b),
+        "near_dup_mb_s": round(near_g, 2),
+        "baseline_near_dup_mb_s": round(near_b, 2),
+        "near_dup_ratio": ratio(near_g, near_b),
+        "tokenize_mb_s_per_core": round(tok_g, 2),
+        "baseline_tokenize_mb_s_per_core": round(tok_b, 2),
+        "tokenize_ratio": ratio(tok_g, tok_b),
+        "target_mb_s_per_core": TARGET_MB_S_PER_CORE,
+        "worker_startup_s": round(clean_startup, 2),
+        "tokenize_worker_startup_s": round(tok_startup, 2),
+        "clean_dedup_mb_s_per_core_excl_startup": round(clean_g_up, 2),
+        "near_dup_mb_s_excl_startup": round(near_g_up, 2),
+        "tokenize_mb_s_per_core_excl_startup": round(tok_g_up, 2),
+        "workers": workers,
+        "cpu_count": os.cpu_count(),
+        "corpus_mb": round(corpus.mb, 2),
+        "documents": n_docs,
+        "tokenizer_vocab": vocab,
+        "repeat": repeat,
+        "quick": args.quick,
+        "checks_ok": all(checks.values()),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(figures))
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

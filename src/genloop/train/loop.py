@@ -1,0 +1,560 @@
+"""``genloop train``: the training loop, readable top to bottom.
+
+    setup  → the run, the data, the model, the optimizer, a checkpoint to resume from
+    fit    → for each step: accumulate micro-batches, clip, step, schedule; validate every
+             N steps; checkpoint every M steps; stop on NaN, on early stopping or at the end
+    finish → register the model version with its lineage and metrics
+
+The same function runs alone or under torchrun (DDP / FSDP2, see ``distributed.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from genloop.errors import GenloopError
+from genloop.train import checkpoint as ckpt
+from genloop.train import distributed
+from genloop.train.schedule import lr_at
+from genloop.train.tracking import RunTracker
+from genloop.workspace.workspace import Workspace
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from genloop.config import GenloopConfig
+    from genloop.train.objectives import Objective
+    from genloop.workspace.registry import ModelVersionInfo
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]  # (step, max_steps, last metrics)
+
+
+class TrainingDiverged(GenloopError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    steps: int
+    metrics: dict[str, float]
+    model: ModelVersionInfo | None = None
+    stopped_early: bool = False
+    history: list[float] = field(default_factory=list)  # training loss per step
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built by :func:`setup` from the config."""
+
+    model: nn.Module  # possibly wrapped (DDP / compile)
+    raw_model: nn.Module
+    family: str
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    tokenizer_dir: Path | None
+    dataset_version_id: int | None
+    parent: str | None  # model ref fine-tuned from
+    model_config: dict[str, Any]
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(
+    ws: Workspace,
+    cfg: GenloopConfig,
+    *,
+    resume: str | bool = False,
+    model_name: str | None = None,
+    progress: ProgressFn | None = None,
+    register: bool = True,
+) -> TrainResult:
+    """Train (or fine-tune) the model ``cfg`` describes; returns the run and model version.
+
+    ``resume=True`` continues the newest unfinished run of this model name, ``resume=RUN_ID``
+    that run; either continues exactly where its last good checkpoint left off.
+    """
+    t = cfg.train
+    name = model_name or cfg.name or (cfg.data.name if cfg.data else None) or "model"
+    dist = distributed.setup(t.device)
+    seed_everything(t.seed)
+    run_id = _find_resumable(ws, name, resume) if resume else None
+    s = setup(ws, cfg, dist)
+    tracker: RunTracker | None = None
+    start_step, best_val, best_step, history = 0, math.inf, -1, []
+    if dist.is_main:
+        if run_id is None:
+            tracker = RunTracker.start(
+                ws,
+                name=name,
+                kind="train",
+                config=cfg.model_dump(mode="json"),
+                dataset_version_id=s.dataset_version_id,
+                sinks=list(t.log_to),
+            )
+        else:
+            tracker = RunTracker(ws, run_id, list(t.log_to))
+            tracker.set_status("running")
+        run_id = tracker.run_id
+    run_id = _broadcast_run_id(run_id, dist)
+    if resume:
+        found = ckpt.load_latest(ws.store, run_id)
+        if found is not None:
+            ckpt.restore(found, s.raw_model, s.optimizer)
+            start_step = found.step
+            best_val = found.state.get("best_val", math.inf)
+            best_step = found.state.get("best_step", -1)
+            history = list(found.state.get("history", []))
+            log.info("resuming run %s from step %d", run_id, start_step)
+    try:
+        result = fit(
+            ws, cfg, s, dist, tracker, run_id, start_step, best_val, best_step, history, progress
+        )
+        if dist.is_main and register:
+            result.model = finish(ws, cfg, s, name, run_id, result)
+        if tracker is not None:
+            tracker.set_status("completed", summary=result.metrics)
+        return result
+    except KeyboardInterrupt:
+        if tracker is not None:
+            tracker.set_status("interrupted", error="interrupted by the user")
+        raise
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        distributed.teardown(dist)
+
+
+def setup(ws: Workspace, cfg: GenloopConfig, dist: distributed.Dist) -> Setup:
+    """The data, the model and the optimizer for this config."""
+    from genloop.train.objectives import LanguageModeling
+    from genloop.workspace.datasets import resolve_dataset
+
+    t, m = cfg.train, cfg.model
+    # 1. the dataset version: named, or the one the data section describes (prepared on
+    #    demand; unchanged inputs make this a lookup)
+    if t.dataset is not None:
+        dataset = resolve_dataset(ws, t.dataset)
+    elif cfg.data is not None:
+        from genloop.data.prepare import prepare_dataset
+
+        dataset, _ = prepare_dataset(ws, cfg.data, cfg.tokenizer)
+    else:
+        raise GenloopError("nothing to train on: set train.dataset or add a data section")
+    data_dir = ws.store.open_verified(dataset.artifact)
+    tokenizer_dir = data_dir / "tokenizer" if (data_dir / "tokenizer").is_dir() else None
+
+    # 2. the model: from a preset, or a pretrained checkpoint (optionally with LoRA)
+    raw_model, model_config, parent = build_model(ws, cfg, tokenizer_dir, dist.device)
+
+    # 3. the objective
+    if t.objective == "lm":
+        if not (data_dir / "tokens").is_dir():
+            raise GenloopError(
+                f"dataset {dataset.ref} has no token shards; give it a "
+                "tokenizer section and prepare it again"
+            )
+        seq_len = cfg.tokenizer.seq_len
+        objective: Objective = LanguageModeling(
+            data_dir / "tokens",
+            seq_len,
+            t.batch_size,
+            t.seed,
+            dist.device,
+            label_smoothing=t.label_smoothing,
+            z_loss=t.z_loss,
+        )
+    else:
+        from genloop.train.objectives import make_objective
+
+        objective = make_objective(
+            t.objective, cfg, data_dir, tokenizer_dir, raw_model, dist.device
+        )
+
+    # 4. the optimizer: AdamW, no weight decay on norms and biases (1-D parameters)
+    optimizer = make_optimizer(
+        raw_model, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, device=dist.device
+    )
+    model = distributed.wrap(raw_model, dist, t.strategy)
+    if t.compile:
+        import torch
+
+        model = torch.compile(model)  # type: ignore[assignment]
+    return Setup(
+        model=model,
+        raw_model=raw_model,
+        family=m.family,
+        objective=objective,
+        optimizer=optimizer,
+        tokenizer_dir=tokenizer_dir,
+        dataset_version_id=dataset.id,
+        parent=parent,
+        model_config=model_config,
+    )
+
+
+def build_model(
+    ws: Workspace,
+    cfg: GenloopConfig,
+    tokenizer_dir: Path | None,
+    device: torch.device,
+) -> tuple[nn.Module, dict[str, Any], str | None]:
+    """The model to train, its config dict and the ref it was fine-tuned from (if any)."""
+    from genloop.models.family import get_family
+
+    m = cfg.model
+    family = get_family(m.family)
+    if m.base_model is not None:
+        from genloop.models.pretrained import load_pretrained
+
+        base_dir, parent = _base_model_dir(ws, m.base_model)
+        model = load_pretrained(base_dir, device=device)
+        if m.lora is not None:
+            from genloop.models.lora import apply_lora
+
+            model = apply_lora(
+                model,
+                r=m.lora.r,
+                alpha=m.lora.alpha,
+                dropout=m.lora.dropout,
+                target_modules=m.lora.target_modules,
+            )
+        return model, model.config.to_dict(), parent
+    vocab = _vocab_size(tokenizer_dir)
+    overrides = {
+        k: getattr(m, k)
+        for k in (
+            "n_layer",
+            "n_embd",
+            "n_head",
+            "n_kv_head",
+            "intermediate_size",
+            "activation",
+            "context_length",
+            "dropout",
+            "tie_embeddings",
+        )
+        if getattr(m, k) is not None
+    }
+    if "context_length" not in overrides:
+        overrides["context_length"] = max(cfg.tokenizer.seq_len, 64)
+    model_config = {
+        "preset": m.preset or "tiny",
+        "vocab_size": vocab,
+        **overrides,
+        **_special_ids(tokenizer_dir),
+    }
+    built: nn.Module = family.build(model_config).to(device)
+    return built, model_config, None
+
+
+def _base_model_dir(ws: Workspace, base: str) -> tuple[Path, str | None]:
+    """A local checkpoint directory, or a model ref resolved in the registry."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return path, None
+    from genloop.workspace import registry
+
+    info = registry.resolve(ws, base)
+    return ws.store.open_verified(info.artifact), info.ref
+
+
+def _vocab_size(tokenizer_dir: Path | None) -> int:
+    if tokenizer_dir is None:
+        raise GenloopError("the dataset has no tokenizer; text models need one")
+    from genloop.data.tokenizer import load_tokenizer
+
+    return int(load_tokenizer(tokenizer_dir).get_vocab_size())
+
+
+def _special_ids(tokenizer_dir: Path | None) -> dict[str, int]:
+    if tokenizer_dir is None:
+        return {}
+    from genloop.data.tokenizer import eos_token_id, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    eos = eos_token_id(tokenizer_dir, tok)
+    pad = tok.token_to_id("<|pad|>")
+    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos if pad is None else pad}
+
+
+def make_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    device: torch.device,
+) -> torch.optim.Optimizer:
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"  # the fused kernel is a GPU feature
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def fit(
+    ws: Workspace,
+    cfg: GenloopConfig,
+    s: Setup,
+    dist: distributed.Dist,
+    tracker: RunTracker | None,
+    run_id: str,
+    start_step: int,
+    best_val: float,
+    best_step: int,
+    history: list[float],
+    progress: ProgressFn | None,
+) -> TrainResult:
+    import torch
+
+    t = cfg.train
+    autocast = _autocast(t.precision, dist.device)
+    batches = s.objective.train_batches(
+        start_step * t.grad_accum, rank=dist.rank, world_size=dist.world_size
+    )
+    val_batches = s.objective.val_batches(t.eval_batches)
+    evals_without_improvement = 0
+    metrics: dict[str, float] = {}
+    stopped_early = False
+    s.model.train()
+    tokens_window, time_window = 0, 0.0
+    step = start_step
+    while step < t.max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(
+            step,
+            lr=t.lr,
+            min_lr=t.min_lr,
+            warmup_steps=t.warmup_steps,
+            max_steps=t.max_steps,
+            schedule=t.schedule,
+        )
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
+        # one optimizer step = grad_accum micro-batches; each loss is scaled so the
+        # accumulated gradient is the mean over them
+        step_loss, step_tokens = 0.0, 0
+        for micro in range(t.grad_accum):
+            batch = next(batches)
+            sync = micro == t.grad_accum - 1 or not dist.enabled
+            no_sync = getattr(s.model, "no_sync", None)
+            with nullcontext() if sync or no_sync is None else no_sync(), autocast:
+                loss, n_tokens = s.objective.loss(s.model, batch)
+            (loss / t.grad_accum).backward()  # type: ignore[no-untyped-call]
+            step_loss += float(loss.detach()) / t.grad_accum
+            step_tokens += n_tokens
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(
+                f"the loss became {step_loss} at step {step + 1}; stopped. The last good "
+                f"checkpoint is kept: lower train.lr or enable train.grad_clip, then resume"
+            )
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), t.grad_clip)
+            if t.grad_clip is not None
+            else _grad_norm(s.model)
+        )
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        history.append(step_loss)
+
+        elapsed = time.perf_counter() - t0
+        tokens_window += step_tokens * dist.world_size
+        time_window += elapsed
+        metrics = {
+            "loss": step_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens_window / max(time_window, 1e-9),
+            "memory_mb": _memory_mb(dist.device),
+        }
+        if step % t.eval_every == 0 or step == t.max_steps:
+            if val_batches:
+                val = distributed.mean_across(evaluate_loss(s, val_batches, autocast), dist)
+                metrics["val_loss"] = val
+                if val < best_val:
+                    best_val, best_step = val, step
+                    evals_without_improvement = 0
+                else:
+                    evals_without_improvement += 1
+            tokens_window, time_window = 0, 0.0
+        if tracker is not None:
+            tracker.log(step, **metrics)
+        if progress is not None and dist.is_main:
+            progress(step, t.max_steps, metrics)
+        stop = (
+            t.early_stopping_patience is not None
+            and evals_without_improvement >= t.early_stopping_patience
+        )
+        if step % t.checkpoint_every == 0 or step == t.max_steps or stop or (best_step == step):
+            if dist.is_main:
+                ckpt.save_checkpoint(
+                    ws.store,
+                    run_id,
+                    step,
+                    s.raw_model,
+                    s.optimizer,
+                    {
+                        "best_val": best_val,
+                        "best_step": best_step,
+                        "history": history,
+                    },
+                )
+                ckpt.prune_checkpoints(ws.store, run_id, t.keep_last, {best_step})
+            distributed.barrier(dist)
+        if stop:
+            stopped_early = True
+            log.info(
+                "early stopping at step %d: no improvement in %d evaluations",
+                step,
+                evals_without_improvement,
+            )
+            break
+
+    if stopped_early and best_step > 0 and best_step != step:
+        # restore the best weights: they are what early stopping is for
+        best = ckpt.load_checkpoint(ws.store, ckpt.checkpoint_key(run_id, best_step))
+        ckpt.restore(best, s.raw_model, s.optimizer)
+    final = {k: v for k, v in metrics.items() if k in ("loss", "val_loss", "tokens_per_s")}
+    if math.isfinite(best_val):
+        final["best_val_loss"] = best_val
+        final["val_ppl"] = math.exp(min(best_val, 50.0))
+    return TrainResult(
+        run_id=run_id, steps=step, metrics=final, stopped_early=stopped_early, history=history
+    )
+
+
+def evaluate_loss(s: Setup, batches: list[Any], autocast: Any) -> float:
+    """Mean validation loss over fixed batches, in eval mode, without gradients."""
+    import torch
+
+    s.model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast:
+        for batch in batches:
+            loss, n = s.objective.loss(s.model, batch)
+            total += float(loss) * n
+            count += n
+    s.model.train()
+    return total / max(count, 1)
+
+
+def finish(
+    ws: Workspace, cfg: GenloopConfig, s: Setup, name: str, run_id: str, result: TrainResult
+) -> ModelVersionInfo:
+    """Save the trained model in Hugging Face layout and register it as a version."""
+    from genloop.models.family import get_family
+    from genloop.workspace import registry
+
+    model = s.raw_model
+    if cfg.model.lora is not None:
+        from genloop.models.lora import merge_lora
+
+        model = merge_lora(model)  # the exported model is a plain checkpoint
+    with ws.store.scratch() as tmp:
+        out = tmp / "model"
+        get_family(s.family).save(model, out, tokenizer_dir=s.tokenizer_dir)
+        return registry.register_model(
+            ws,
+            name,
+            s.family,
+            out,
+            run_id=run_id,
+            dataset_version_id=s.dataset_version_id,
+            parent=s.parent,
+            config={"model": s.model_config, "train": cfg.train.model_dump(mode="json")},
+            metrics=result.metrics,
+        )
+
+
+def _find_resumable(ws: Workspace, name: str, resume: str | bool) -> str:
+    from sqlalchemy import select
+
+    from genloop.workspace.tables import Run
+
+    with ws.catalog.session() as s:
+        if isinstance(resume, str):
+            run = s.get(Run, resume)
+            if run is None:
+                raise GenloopError(f"no run {resume!r} to resume")
+            return run.id
+        run = s.scalars(
+            select(Run)
+            .where(
+                Run.name == name,
+                Run.kind == "train",
+                Run.status.in_(("running", "failed", "interrupted")),
+            )
+            .order_by(Run.started_at.desc())
+            .limit(1)
+        ).first()
+        if run is None:
+            raise GenloopError(f"no unfinished training run of {name!r} to resume")
+        return run.id
+
+
+def _broadcast_run_id(run_id: str | None, dist: distributed.Dist) -> str:
+    if not dist.enabled:
+        assert run_id is not None
+        return run_id
+    import torch.distributed as td
+
+    box = [run_id]
+    td.broadcast_object_list(box, src=0)  # a 32-char hex string from our own rank 0
+    assert box[0] is not None
+    return box[0]
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    import torch
+
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not use_bf16:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _grad_norm(model: nn.Module) -> float:
+    import torch
+
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _memory_mb(device: torch.device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -1,0 +1,166 @@
+"""Runs and their metric series in the catalog (and TensorBoard or MLflow when asked).
+
+Points are buffered and written in one transaction every few seconds, so logging costs
+nothing measurable per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from genloop.workspace.tables import Run, RunMetric, utcnow
+from genloop.workspace.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The current commit of the working directory's git repository, if any."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class RunTracker:
+    def __init__(
+        self, ws: Workspace, run_id: str, sinks: list[str] | None = None, flush_every_s: float = 5.0
+    ) -> None:
+        self.ws = ws
+        self.run_id = run_id
+        self._buffer: list[RunMetric] = []
+        self._last_flush = time.monotonic()
+        self._flush_every_s = flush_every_s
+        self._sinks = [_open_sink(s, ws, run_id) for s in sinks or []]
+
+    @classmethod
+    def start(
+        cls,
+        ws: Workspace,
+        *,
+        name: str,
+        kind: str,
+        config: dict[str, Any],
+        dataset_version_id: int | None = None,
+        parent_model_version_id: int | None = None,
+        sinks: list[str] | None = None,
+        parent_run_id: str | None = None,
+    ) -> RunTracker:
+        run_id = uuid.uuid4().hex
+        with ws.catalog.session() as s:
+            s.add(
+                Run(
+                    id=run_id,
+                    name=name,
+                    kind=kind,
+                    status="running",
+                    config=config,
+                    dataset_version_id=dataset_version_id,
+                    parent_model_version_id=parent_model_version_id,
+                    parent_run_id=parent_run_id,
+                    git_commit=git_commit(),
+                    heartbeat_at=utcnow(),
+                )
+            )
+        return cls(ws, run_id, sinks)
+
+    def log(self, step: int, **values: float) -> None:
+        for key, value in values.items():
+            self._buffer.append(
+                RunMetric(run_id=self.run_id, key=key, step=step, value=float(value))
+            )
+        for sink in self._sinks:
+            sink.log(step, values)
+        if time.monotonic() - self._last_flush >= self._flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.ws.catalog.session() as s:
+            s.add_all(self._buffer)
+            run = s.get(Run, self.run_id)
+            if run is not None:
+                run.heartbeat_at = utcnow()
+        self._buffer = []
+        self._last_flush = time.monotonic()
+
+    def set_status(
+        self, status: str, *, summary: dict[str, Any] | None = None, error: str | None = None
+    ) -> None:
+        self.flush()
+        with self.ws.catalog.session() as s:
+            run = s.get(Run, self.run_id)
+            assert run is not None
+            run.status = status
+            if summary is not None:
+                run.summary = {**(run.summary or {}), **summary}
+            if error is not None:
+                run.error = error
+            if status != "running":
+                run.ended_at = utcnow()
+        for sink in self._sinks:
+            sink.close()
+
+
+class _Sink:
+    def log(self, step: int, values: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
+def _open_sink(kind: str, ws: Workspace, run_id: str) -> Any:
+    from genloop.errors import GenloopError
+
+    if kind == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise GenloopError(
+                "train.log_to has tensorboard, but the tensorboard package is not "
+                "installed (pip install tensorboard)"
+            ) from None
+
+        class TB(_Sink):
+            def __init__(self) -> None:
+                self.w = SummaryWriter(str(ws.root / "tensorboard" / run_id))
+
+            def log(self, step: int, values: dict[str, float]) -> None:
+                for k, v in values.items():
+                    self.w.add_scalar(k, v, step)
+
+            def close(self) -> None:
+                self.w.close()
+
+        return TB()
+    if kind == "mlflow":
+        try:
+            import mlflow
+        except ImportError:
+            raise GenloopError(
+                "train.log_to has mlflow, but the mlflow package is not "
+                "installed (pip install mlflow)"
+            ) from None
+
+        class MLflow(_Sink):
+            def __init__(self) -> None:
+                self.run = mlflow.start_run(run_name=run_id)
+
+            def log(self, step: int, values: dict[str, float]) -> None:
+                mlflow.log_metrics(values, step=step)
+
+            def close(self) -> None:
+                mlflow.end_run()
+
+        return MLflow()
+    raise GenloopError(f"unknown metric sink {kind!r} (known: tensorboard, mlflow)")
