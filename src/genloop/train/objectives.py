@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
+    from torch import Tensor, nn
 
     from genloop.config import GenloopConfig
-    from torch import Tensor, nn
 
 Batch = dict[str, "Tensor"]
 
