@@ -5,8 +5,8 @@ libraries, side by side in this one run, on the built-in ``python-stdlib`` corpu
 into memory first, so file reading is excluded from both sides):
 
 - clean + exact dedup: genloop's real per-record steps for a code dataset
-  (``prepare.build_steps``: Normalize + QualityFilter, PII and near dedup off, no parse
-  check) run by ``prepare.process_chunk`` in N worker processes via ``prepare.ordered_map``,
+  (``steps.build_steps``: Normalize + QualityFilter, PII and near dedup off, no parse
+  check) run by ``steps.process_chunk`` in N worker processes via ``steps.ordered_map``,
   with ``ExactDedup`` in the main process, against ``unicodedata.normalize`` + ``re.sub``
   whitespace cleanup + the same filters written plainly + ``hashlib.sha256`` into a set,
   in one process. Reported per core (MB/s / N).
@@ -17,6 +17,10 @@ into memory first, so file reading is excluded from both sides):
   ``tokenizers.Tokenizer.encode_batch`` in batches of 256 in one process with one thread,
   with the same tokenizer (a byte-level BPE trained once at the start with ``train_bpe``,
   not timed). Reported per core.
+
+Extra figures: genloop in one process (``*_1proc``, prepare's own ``workers=1`` path: no
+worker start-up, no pickling between processes) and the time to start the worker pool
+(``worker_startup_s``), which weighs heavily on a corpus this small.
 
 Each figure is the best of a few runs (the genloop and baseline runs alternate), because
 the machine may be shared. The outputs are checked against each other (documents kept,
@@ -146,11 +150,6 @@ def startup_seconds(repeat: int, fn: Callable[[], Any]) -> float:
     return best
 
 
-def excluding(mb: float, seconds: float, startup: float, cores: int) -> float:
-    """MB/s per core once the workers are up (approximate: start-up partly overlaps work)."""
-    return mb / max(seconds - startup, 1e-9) / cores
-
-
 # --------------------------------------------------------------- clean + exact dedup
 
 
@@ -172,26 +171,26 @@ def data_config(workers: int) -> Any:
 
 def genloop_results(records: list[Any], steps: Any, workers: int) -> Iterator[Any]:
     """What prepare._clean_and_split iterates over: process_chunk per chunk, in order."""
-    from genloop.data import prepare
+    from genloop.data import steps as steps_mod
 
     parts = chunks(records, CHUNK_RECORDS)
     if workers <= 1:
-        return (prepare.process_chunk(c, steps) for c in parts)
-    return prepare.ordered_map(
-        prepare.process_chunk, parts, workers, prepare._init_worker, (steps,)
+        return (steps_mod.process_chunk(c, steps) for c in parts)
+    return steps_mod.ordered_map(
+        steps_mod.process_chunk, parts, workers, steps_mod.init_worker, (steps,)
     )
 
 
 def pool_startup(source: str, steps: Any, workers: int) -> None:
     """``ordered_map`` over one tiny record per worker (only start-up costs anything)."""
-    from genloop.data import prepare
+    from genloop.data import steps as steps_mod
     from genloop.data.records import Record
 
     if workers <= 1:
         return
     parts = [[Record(f"tiny-{i}", source, text=f"x = {i}  # start-up")] for i in range(workers)]
-    for _ in prepare.ordered_map(
-        prepare.process_chunk, parts, workers, prepare._init_worker, (steps,)
+    for _ in steps_mod.ordered_map(
+        steps_mod.process_chunk, parts, workers, steps_mod.init_worker, (steps,)
     ):
         pass
 
@@ -367,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tokenizers import Tokenizer
 
-    from genloop.data.prepare import Steps, build_steps
-    from genloop.data.tokenizer import eos_token_id, tokenize_parallel, train_bpe
+    from genloop.data.steps import Steps, build_steps
+    from genloop.data.tokenizer import eos_token_id, train_bpe
 
     started = time.perf_counter()
     corpus = load_corpus(QUICK_MB if args.quick else None)
@@ -388,25 +387,32 @@ def main(argv: list[str] | None = None) -> int:
     assert names == ["Normalize", "QualityFilter"] and steps.exact and not steps.near, names
     t = alternate(
         repeat,
-        {"genloop": lambda: fresh_records(corpus), "baseline": lambda: corpus},
+        {
+            "genloop": lambda: fresh_records(corpus),
+            "genloop_1proc": lambda: fresh_records(corpus),
+            "baseline": lambda: corpus,
+        },
         {
             "genloop": lambda recs: genloop_clean_dedup(recs, steps, workers),
+            "genloop_1proc": lambda recs: genloop_clean_dedup(recs, steps, 1),
             "baseline": lambda c: baseline_clean_dedup(c, cfg.clean),
         },
     )
     g, b = t["genloop"].result, t["baseline"].result
     clean_g = corpus.mb / t["genloop"].best_s / workers
     clean_startup = startup_seconds(repeat, lambda: pool_startup(corpus.source, steps, workers))
-    clean_g_up = excluding(corpus.mb, t["genloop"].best_s, clean_startup, workers)
+    clean_g1 = corpus.mb / t["genloop_1proc"].best_s
     clean_b = corpus.mb / t["baseline"].best_s
     differ = len(set(g["kept"]).symmetric_difference(b["kept"]))
     tolerance = max(2, n_docs // 200)
     checks["clean_dedup"] = abs(len(g["kept"]) - len(b["kept"])) <= tolerance
+    checks["clean_dedup_1proc"] = t["genloop_1proc"].result["kept"] == g["kept"]
     print(
         f"check clean+dedup: kept genloop {len(g['kept'])} / baseline {len(b['kept'])} of "
         f"{n_docs} (tolerance {tolerance}; {differ} ids kept by one side only); drops "
         f"genloop {dict(g['drops'])}, baseline {dict(b['drops'])} -> "
-        f"{'OK' if checks['clean_dedup'] else 'MISMATCH'}",
+        f"{'OK' if checks['clean_dedup'] else 'MISMATCH'}; genloop in one process keeps the "
+        f"same: {'OK' if checks['clean_dedup_1proc'] else 'MISMATCH'}",
         flush=True,
     )
 
@@ -417,24 +423,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     t = alternate(
         repeat,
-        {"genloop": lambda: fresh_records(corpus), "baseline": lambda: corpus},
+        {
+            "genloop": lambda: fresh_records(corpus),
+            "genloop_1proc": lambda: fresh_records(corpus),
+            "baseline": lambda: corpus,
+        },
         {
             "genloop": lambda recs: genloop_near_dup(recs, near_steps, workers, d.threshold),
+            "genloop_1proc": lambda recs: genloop_near_dup(recs, near_steps, 1, d.threshold),
             "baseline": lambda c: baseline_near_dup(c, d.num_perm, d.shingle_size, d.threshold),
         },
     )
     g_dups, b_dups = t["genloop"].result, t["baseline"].result
     near_g = corpus.mb / t["genloop"].best_s
-    near_g_up = excluding(corpus.mb, t["genloop"].best_s, clean_startup, 1)
+    near_g1 = corpus.mb / t["genloop_1proc"].best_s
     near_b = corpus.mb / t["baseline"].best_s
     both = len(set(g_dups) & set(b_dups))
     near_tol = max(3, len(b_dups) // 10)  # different hash functions: estimates differ
     checks["near_dup"] = abs(len(g_dups) - len(b_dups)) <= near_tol
+    checks["near_dup_1proc"] = t["genloop_1proc"].result == g_dups
     print(
         f"check near dedup (threshold {d.threshold}, {d.num_perm} permutations, "
         f"{d.shingle_size}-word shingles): near duplicates genloop {len(g_dups)} / baseline "
         f"{len(b_dups)} ({both} found by both; tolerance {near_tol}) -> "
-        f"{'OK' if checks['near_dup'] else 'MISMATCH'}",
+        f"{'OK' if checks['near_dup'] else 'MISMATCH'}; genloop in one process finds the "
+        f"same: {'OK' if checks['near_dup_1proc'] else 'MISMATCH'}",
         flush=True,
     )
 
@@ -450,26 +463,25 @@ def main(argv: list[str] | None = None) -> int:
         eos = eos_token_id(tok_dir, tokenizer)
         t = alternate(
             repeat,
-            {"genloop": lambda: corpus.texts, "baseline": lambda: corpus.texts},
+            {name: lambda: corpus.texts for name in ("genloop", "genloop_1proc", "baseline")},
             {
                 "genloop": lambda texts: genloop_tokenize(tok_dir, texts, workers),
+                "genloop_1proc": lambda texts: genloop_tokenize(tok_dir, texts, 1),
                 "baseline": lambda texts: baseline_tokenize(tokenizer, texts),
             },
         )
-        tiny = [f"x = {i}" for i in range(workers)]
-        tok_startup = startup_seconds(
-            repeat, lambda: list(tokenize_parallel(tok_dir, tiny, workers=workers, batch_size=1))
-        )
     tok_g = corpus.mb / t["genloop"].best_s / workers
-    tok_g_up = excluding(corpus.mb, t["genloop"].best_s, tok_startup, workers)
+    tok_g1 = corpus.mb / t["genloop_1proc"].best_s
     tok_b = corpus.mb / t["baseline"].best_s
     bad = same_ids(t["genloop"].result, t["baseline"].result, eos)
     n_tokens = sum(map(len, t["baseline"].result))
     checks["tokenize"] = bad == 0
+    checks["tokenize_1proc"] = same_ids(t["genloop_1proc"].result, t["baseline"].result, eos) == 0
     print(
         f"check tokenization (vocab {vocab}, trained in {train_s:.1f} s, not timed): "
         f"{n_tokens} tokens, {n_docs - bad}/{n_docs} documents with identical ids -> "
-        f"{'OK' if checks['tokenize'] else 'MISMATCH'}",
+        f"{'OK' if checks['tokenize'] else 'MISMATCH'}; genloop in one process: "
+        f"{'OK' if checks['tokenize_1proc'] else 'MISMATCH'}",
         flush=True,
     )
 
@@ -490,14 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(genloop: {workers} worker process(es), per core = MB/s / {workers}; baseline: one "
         f"process, one thread; target {TARGET_MB_S_PER_CORE} MB/s per core; best of {repeat})"
     )
-    if workers > 1:
-        print(
-            f"worker start-up (forkserver fork, imports, initializer; timed on one tiny input "
-            f"per worker): {clean_startup:.2f} s for the clean and near-dedup pools, "
-            f"{tok_startup:.2f} s for the tokenizer pool. Without it (approximate): clean + "
-            f"exact dedup {clean_g_up:.2f} MB/s per core, near dedup {near_g_up:.2f} MB/s, "
-            f"tokenize {tok_g_up:.2f} MB/s per core"
-        )
+    print(
+        f"genloop in one process (prepare's workers=1 path: no worker start-up, no pickling): "
+        f"clean + exact dedup {clean_g1:.2f} MB/s, near dedup {near_g1:.2f} MB/s, "
+        f"tokenize {tok_g1:.2f} MB/s. Starting {workers} workers (forkserver fork, imports, "
+        f"initializer) takes {clean_startup:.2f} s, paid once per run."
+    )
     print(f"checks: {'all OK' if all(checks.values()) else checks}")
     figures = {
         "clean_dedup_mb_s_per_core": round(clean_g, 2),
@@ -511,10 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         "tokenize_ratio": ratio(tok_g, tok_b),
         "target_mb_s_per_core": TARGET_MB_S_PER_CORE,
         "worker_startup_s": round(clean_startup, 2),
-        "tokenize_worker_startup_s": round(tok_startup, 2),
-        "clean_dedup_mb_s_per_core_excl_startup": round(clean_g_up, 2),
-        "near_dup_mb_s_excl_startup": round(near_g_up, 2),
-        "tokenize_mb_s_per_core_excl_startup": round(tok_g_up, 2),
+        "clean_dedup_mb_s_1proc": round(clean_g1, 2),
+        "near_dup_mb_s_1proc": round(near_g1, 2),
+        "tokenize_mb_s_1proc": round(tok_g1, 2),
         "workers": workers,
         "cpu_count": os.cpu_count(),
         "corpus_mb": round(corpus.mb, 2),

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 import genloop
-from genloop.cli import config_cmd, data, models, train
+from genloop.cli import config_cmd, data, models, plan, train
 from genloop.cli.context import console, err_console, state
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app.add_typer(models.app, name="models")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(data.app, name="data")
 app.command("train")(train.train)
+app.command("plan")(plan.plan)
 
 
 def _version(value: bool) -> None:

@@ -21,7 +21,15 @@ def train(
             help="Continue the newest unfinished run of this model exactly where it stopped.",
         ),
     ] = False,
-    run: Annotated[str | None, typer.Option("--run", help="With --resume: this run id.")] = None,
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            "--run-id",
+            help="With --resume: this run id (under torchrun spell it --run-id: torchrun "
+            "takes --run for its own --run-path).",
+        ),
+    ] = None,
     name: Annotated[
         str | None,
         typer.Option(
@@ -41,9 +49,11 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from genloop.config import load_config
+    from genloop.train.distributed import is_main_process
     from genloop.train.loop import train as run_training
 
     cfg = load_config(config, set_ or [])
+    main = is_main_process()  # under torchrun only rank 0 shows progress and prints
     with (
         open_workspace() as ws,
         Progress(
@@ -53,7 +63,7 @@ def train(
             TimeRemainingColumn(),
             console=console,
             transient=True,
-            disable=json,
+            disable=json or not main,
         ) as bar,
     ):
         task = bar.add_task("train", total=cfg.train.max_steps, info="")
@@ -65,6 +75,8 @@ def train(
             bar.update(task, completed=step, info=info)
 
         result = run_training(ws, cfg, resume=run or resume, model_name=name, progress=progress)
+    if not main:
+        return
     out = {
         "run_id": result.run_id,
         "steps": result.steps,

@@ -21,19 +21,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from genloop.data.records import Dropped, Quarantined, Record
+from genloop.data.records import Quarantined, Record
+from genloop.data.steps import (
+    CHUNK_RECORDS,
+    StepCounts,
+    build_steps,
+    chunks,
+    init_worker,
+    ordered_map,
+    process_chunk,
+)
 from genloop.errors import GenloopError
 from genloop.workspace.datasets import (
     DatasetVersionInfo,
@@ -49,169 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the artifact layout or the steps' behaviour changes
-CHUNK_RECORDS = 64
 ProgressFn = Callable[[str, int], None]  # (stage, items just done)
-
-
-# ---------------------------------------------------------------------------- the steps
-
-
-@dataclass
-class Steps:
-    """What every worker runs on each record; plain data so it pickles to the workers."""
-
-    steps: list[Any]
-    exact: bool
-    near: bool
-    num_perm: int
-    shingle_size: int
-    binary: bool  # dedup on record.data (images) instead of record.text
-
-
-@dataclass
-class Outcome:
-    record: Record | None
-    dropped: Dropped | None = None
-    step: str = ""
-    exact_key: bytes | None = None
-    signature: Any = None
-
-
-@dataclass
-class StepCounts:
-    seen: int = 0
-    changed: int = 0
-    dropped: Counter[str] = field(default_factory=Counter)
-
-    def merge(self, other: StepCounts) -> None:
-        self.seen += other.seen
-        self.changed += other.changed
-        self.dropped.update(other.dropped)
-
-
-def build_steps(cfg: DataConfig) -> Steps:
-    from genloop.data import clean, code, pii
-
-    steps: list[Any] = []
-    if cfg.kind == "images":
-        from genloop.data.images import DecodeImage
-
-        steps.append(DecodeImage(size=cfg.images.size, channels=cfg.images.channels))
-        return Steps(
-            steps, exact=cfg.dedup.exact, near=False, num_perm=0, shingle_size=0, binary=True
-        )
-    c = cfg.clean
-    steps.append(
-        clean.Normalize(
-            form=c.normalize, strip_whitespace=c.strip_whitespace, lowercase=c.lowercase
-        )
-    )
-    if c.remove_stopwords:
-        steps.append(clean.RemoveStopwords())
-    if cfg.kind == "code":
-        if cfg.code.require_parse:
-            steps.append(code.RequireParse())
-        if cfg.code.strip_license_header:
-            steps.append(code.StripLicenseHeader())
-        if cfg.code.format:
-            steps.append(code.FormatCode())
-    steps.append(
-        clean.QualityFilter(
-            min_chars=c.min_chars,
-            max_chars=c.max_chars,
-            max_repetition_ratio=c.max_repetition_ratio,
-            max_symbol_ratio=c.max_symbol_ratio,
-        )
-    )
-    if cfg.pii.enabled:
-        steps.append(pii.RedactPII(kinds=tuple(cfg.pii.kinds)))
-    return Steps(
-        steps,
-        exact=cfg.dedup.exact,
-        near=cfg.dedup.near,
-        num_perm=cfg.dedup.num_perm,
-        shingle_size=cfg.dedup.shingle_size,
-        binary=False,
-    )
-
-
-_WORKER_STEPS: Steps | None = None
-
-
-def _init_worker(steps: Steps) -> None:
-    global _WORKER_STEPS
-    _WORKER_STEPS = steps
-
-
-def process_chunk(
-    records: list[Record], steps: Steps | None = None
-) -> tuple[list[Outcome], dict[str, StepCounts]]:
-    """Run the per-record steps and compute dedup keys for one chunk (in a worker)."""
-    from genloop.data.dedup import exact_key, minhash_signature
-
-    pipeline = steps or _WORKER_STEPS
-    assert pipeline is not None
-    counts = {s.name: StepCounts() for s in pipeline.steps}
-    out: list[Outcome] = []
-    for record in records:
-        outcome = Outcome(record)
-        for step in pipeline.steps:
-            before = record.data if pipeline.binary else record.text
-            result = step(record)
-            c = counts[step.name]
-            c.seen += 1
-            if isinstance(result, Dropped):
-                c.dropped[result.reason] += 1
-                outcome = Outcome(None, dropped=result, step=step.name)
-                outcome.record = record if result.quarantine else None
-                break
-            record = result
-            after = record.data if pipeline.binary else record.text
-            if after is not before and after != before:
-                c.changed += 1
-        else:
-            outcome.record = record
-            if pipeline.binary:
-                if pipeline.exact and record.data is not None:
-                    outcome.exact_key = hashlib.blake2b(record.data, digest_size=16).digest()
-            else:
-                text = record.text or ""
-                if pipeline.exact:
-                    outcome.exact_key = exact_key(text)
-                if pipeline.near:
-                    outcome.signature = minhash_signature(
-                        text, num_perm=pipeline.num_perm, shingle_size=pipeline.shingle_size
-                    )
-        out.append(outcome)
-    return out, counts
-
-
-def _chunks(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
-    it = iter(items)
-    while chunk := list(islice(it, size)):
-        yield chunk
-
-
-def ordered_map(
-    fn: Callable[[list[Record]], Any],
-    chunks: Iterable[list[Record]],
-    workers: int,
-    initializer: Callable[..., None],
-    initargs: tuple[Any, ...],
-) -> Iterator[Any]:
-    """``map`` over worker processes, in order, with a bounded number of chunks in flight
-    (``Executor.map`` would read the whole input first and break flat memory)."""
-    ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=initializer, initargs=initargs
-    ) as pool:
-        window: list[Future[Any]] = []
-        for chunk in chunks:
-            window.append(pool.submit(fn, chunk))
-            if len(window) >= 4 * workers:
-                yield window.pop(0).result()
-        for fut in window:
-            yield fut.result()
 
 
 # ------------------------------------------------------------------------- the main flow
@@ -285,9 +129,10 @@ def prepare_dataset(
         (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
         def publish(staging: Path) -> None:
+            # Hard links, not moves: if another writer takes this version number first,
+            # publish runs again and needs every file still in place.
             (work / "card.md").write_text(_card(cfg.name, digest, config, stats, lineage, work))
-            for entry in work.iterdir():
-                os.replace(entry, staging / entry.name)
+            shutil.copytree(work, staging, copy_function=_link_or_copy, dirs_exist_ok=True)
 
         info = register_dataset_version(
             ws,
@@ -300,6 +145,13 @@ def prepare_dataset(
             lineage=lineage,
         )
     return info, True
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # the scratch folder is on the store's filesystem: no copy
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _clean_and_split(
@@ -343,11 +195,11 @@ def _clean_and_split(
                 read += 1
                 yield item
 
-    chunks = _chunks(records(), CHUNK_RECORDS)
+    chunked = chunks(records(), CHUNK_RECORDS)
     if workers <= 1:
-        results: Iterator[Any] = (process_chunk(c, steps) for c in chunks)
+        results: Iterator[Any] = (process_chunk(c, steps) for c in chunked)
     else:
-        results = ordered_map(process_chunk, chunks, workers, _init_worker, (steps,))
+        results = ordered_map(process_chunk, chunked, workers, init_worker, (steps,))
     try:
         for outcomes, chunk_counts in results:
             for name, c in chunk_counts.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,21 +109,41 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
+    *,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> str:
-    """Write checkpoint ``step`` atomically; returns its artifact key."""
+    """Write checkpoint ``step`` atomically; returns its artifact key.
+
+    ``model_state``/``optimizer_state``: full state dicts gathered beforehand (under FSDP2,
+    see ``distributed.full_state_dict``); by default the model's and optimizer's own.
+    """
     from safetensors.torch import save_file
 
     key = checkpoint_key(run_id, step)
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _flatten_optimizer(
+        optimizer.state_dict() if optimizer_state is None else optimizer_state
+    )
     rng_tensors, rng_meta = rng_state()
-    model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if model_state is None else model_state
+    model_sd = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     with store.writer(key, overwrite=True) as d:
         save_file(_dedupe_shared(model_sd), str(d / "model.safetensors"))
         save_file(opt_tensors, str(d / "optimizer.safetensors"))
         save_file(rng_tensors, str(d / "rng.safetensors"))
-        full = {"step": step, "optimizer": opt_meta, "rng": rng_meta, **state}
+        full = {**state, "step": step, "optimizer": opt_meta, "rng": rng_meta}
         (d / "state.json").write_text(json.dumps(full))
+        for path in d.iterdir():  # on disk before the manifest and the rename publish them
+            _fsync(path)
     return key
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,7 +179,7 @@ def load_latest(store: ArtifactStore, run_id: str) -> Checkpoint | None:
     for step, key in list_checkpoints(store, run_id):
         try:
             return load_checkpoint(store, key)
-        except (IntegrityError, json.JSONDecodeError, KeyError) as exc:
+        except (IntegrityError, ValueError, KeyError) as exc:  # ValueError: bad JSON
             log.warning(
                 "checkpoint at step %d is unusable (%s); trying the previous one", step, exc
             )
@@ -166,21 +187,26 @@ def load_latest(store: ArtifactStore, run_id: str) -> Checkpoint | None:
 
 
 def restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load weights, optimizer and RNG states from a verified checkpoint, in place."""
+    """Load weights, optimizer and RNG states from a verified checkpoint, in place (on
+    every rank under torchrun; an FSDP2-sharded model keeps its shard)."""
     from safetensors.torch import load_file
 
+    from genloop.train import distributed
+
     weights = load_file(str(ckpt.path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = distributed.load_full_state_dict(model, weights)
     if unexpected or [k for k in missing if k not in _tied_keys(model)]:
         raise GenloopError(
             f"checkpoint {ckpt.key} does not fit this model "
             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}); "
             "was the model config changed since the run started?"
         )
-    optimizer.load_state_dict(
+    distributed.load_full_optimizer_state_dict(
+        model,
+        optimizer,
         _unflatten_optimizer(
             load_file(str(ckpt.path / "optimizer.safetensors")), ckpt.state["optimizer"]
-        )
+        ),
     )
     set_rng_state(load_file(str(ckpt.path / "rng.safetensors")), ckpt.state["rng"])
 

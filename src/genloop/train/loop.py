@@ -17,7 +17,7 @@ import resource
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,34 @@ class TrainResult:
     model: ModelVersionInfo | None = None
     stopped_early: bool = False
     history: list[float] = field(default_factory=list)  # training loss per step
+
+
+@dataclass
+class TrainState:
+    """Where the loop is. Every checkpoint holds it (with the weights, the optimizer and the
+    RNG states), so a resumed run goes on exactly as the uninterrupted one would have."""
+
+    step: int = 0  # optimizer steps done; the data stream resumes at step · grad_accum
+    best_val: float = math.inf
+    best_step: int = -1
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    history: list[float] = field(default_factory=list)  # training loss per step
+    metrics: dict[str, float] = field(default_factory=dict)  # the last step's
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> TrainState:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in names})
+
+    def record_eval(self, val: float, patience: int | None) -> None:
+        """Track the best validation loss; stop after ``patience`` evaluations without one."""
+        if val < self.best_val:
+            self.best_val, self.best_step = val, self.step
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        self.stopped_early = patience is not None and self.evals_without_improvement >= patience
 
 
 @dataclass
@@ -97,52 +125,46 @@ def train(
     t = cfg.train
     name = model_name or cfg.name or (cfg.data.name if cfg.data else None) or "model"
     dist = distributed.setup(t.device)
-    seed_everything(t.seed)
-    run_id = _find_resumable(ws, name, resume) if resume else None
-    s = setup(ws, cfg, dist)
-    tracker: RunTracker | None = None
-    start_step, best_val, best_step, history = 0, math.inf, -1, []
-    if dist.is_main:
-        if run_id is None:
-            tracker = RunTracker.start(
-                ws,
-                name=name,
-                kind="train",
-                config=cfg.model_dump(mode="json"),
-                dataset_version_id=s.dataset_version_id,
-                sinks=list(t.log_to),
-            )
-        else:
-            tracker = RunTracker(ws, run_id, list(t.log_to))
-            tracker.set_status("running")
-        run_id = tracker.run_id
-    run_id = _broadcast_run_id(run_id, dist)
-    if resume:
-        found = ckpt.load_latest(ws.store, run_id)
-        if found is not None:
-            ckpt.restore(found, s.raw_model, s.optimizer)
-            start_step = found.step
-            best_val = found.state.get("best_val", math.inf)
-            best_step = found.state.get("best_step", -1)
-            history = list(found.state.get("history", []))
-            log.info("resuming run %s from step %d", run_id, start_step)
     try:
-        result = fit(
-            ws, cfg, s, dist, tracker, run_id, start_step, best_val, best_step, history, progress
-        )
-        if dist.is_main and register:
-            result.model = finish(ws, cfg, s, name, run_id, result)
-        if tracker is not None:
-            tracker.set_status("completed", summary=result.metrics)
-        return result
-    except KeyboardInterrupt:
-        if tracker is not None:
-            tracker.set_status("interrupted", error="interrupted by the user")
-        raise
-    except BaseException as exc:
-        if tracker is not None:
-            tracker.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+        seed_everything(t.seed)
+        # --resume insists on a run to continue; train.resume in the config takes one if any
+        run_id = _find_resumable(ws, name, resume or t.resume, required=bool(resume))
+        resuming = run_id is not None
+        s = setup(ws, cfg, dist)
+        tracker: RunTracker | None = None
+        if dist.is_main:
+            tracker = (
+                RunTracker(ws, run_id, list(t.log_to))
+                if run_id is not None
+                else RunTracker.start(
+                    ws,
+                    name=name,
+                    kind="train",
+                    config=cfg.model_dump(mode="json"),
+                    dataset_version_id=s.dataset_version_id,
+                    sinks=list(t.log_to),
+                )
+            )
+            run_id = tracker.run_id
+        run_id = _broadcast_run_id(run_id, dist)
+        try:
+            state = resume_state(ws, run_id, s, tracker) if resuming else TrainState()
+            result = fit(ws, cfg, s, dist, tracker, run_id, state, progress)
+            # the weights to export (collective: FSDP2 gathers a plain copy on rank 0)
+            export = distributed.gathered_model(s.raw_model) if register else None
+            if dist.is_main and register:
+                result.model = finish(ws, cfg, s, name, run_id, result, export)
+            if tracker is not None:
+                tracker.set_status("completed", summary=result.metrics)
+            return result
+        except KeyboardInterrupt:
+            if tracker is not None:  # no checkpoint here: resume takes the last one
+                tracker.set_status("interrupted", error="interrupted by the user")
+            raise
+        except BaseException as exc:
+            if tracker is not None:
+                tracker.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
     finally:
         distributed.teardown(dist)
 
@@ -160,7 +182,11 @@ def setup(ws: Workspace, cfg: GenloopConfig, dist: distributed.Dist) -> Setup:
     elif cfg.data is not None:
         from genloop.data.prepare import prepare_dataset
 
-        dataset, _ = prepare_dataset(ws, cfg.data, cfg.tokenizer)
+        if dist.is_main:
+            dataset, _ = prepare_dataset(ws, cfg.data, cfg.tokenizer)
+            distributed.broadcast(dataset.ref, dist)
+        else:  # under torchrun rank 0 prepares (or finds) the version; the others look it up
+            dataset = resolve_dataset(ws, distributed.broadcast("", dist))
     else:
         raise GenloopError("nothing to train on: set train.dataset or add a data section")
     data_dir = ws.store.open_verified(dataset.artifact)
@@ -193,11 +219,12 @@ def setup(ws: Workspace, cfg: GenloopConfig, dist: distributed.Dist) -> Setup:
             t.objective, cfg, data_dir, tokenizer_dir, raw_model, dist.device
         )
 
-    # 4. the optimizer: AdamW, no weight decay on norms and biases (1-D parameters)
+    # 4. the optimizer: AdamW, no weight decay on norms and biases (1-D parameters); made
+    #    after wrapping, as FSDP2 replaces the parameters with sharded ones in place
+    model = distributed.wrap(raw_model, dist, t.strategy)
     optimizer = make_optimizer(
         raw_model, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, device=dist.device
     )
-    model = distributed.wrap(raw_model, dist, t.strategy)
     if t.compile:
         import torch
 
@@ -321,6 +348,28 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
+def resume_state(ws: Workspace, run_id: str, s: Setup, tracker: RunTracker | None) -> TrainState:
+    """Restore the run's newest checkpoint that verifies into ``s``; its loop state.
+
+    A run killed before its first checkpoint starts over. The points the run logged after
+    the checkpoint are dropped: they are trained (and logged) again.
+    """
+    found = ckpt.load_latest(ws.store, run_id)
+    if found is None and ckpt.list_checkpoints(ws.store, run_id):
+        raise GenloopError(
+            f"run {run_id} has checkpoints but none of them verifies, so it cannot be "
+            "resumed; start a new run"
+        )
+    state = TrainState()
+    if found is not None:
+        ckpt.restore(found, s.raw_model, s.optimizer)
+        state = TrainState.from_checkpoint(found.state)
+        log.info("resuming run %s from step %d", run_id, state.step)
+    if tracker is not None:
+        tracker.reopen(after_step=state.step)
+    return state
+
+
 def fit(
     ws: Workspace,
     cfg: GenloopConfig,
@@ -328,30 +377,24 @@ def fit(
     dist: distributed.Dist,
     tracker: RunTracker | None,
     run_id: str,
-    start_step: int,
-    best_val: float,
-    best_step: int,
-    history: list[float],
+    state: TrainState,
     progress: ProgressFn | None,
 ) -> TrainResult:
+    """Train from ``state.step`` to ``train.max_steps`` or an early stop (``state`` in place)."""
     import torch
 
     t = cfg.train
     autocast = _autocast(t.precision, dist.device)
     batches = s.objective.train_batches(
-        start_step * t.grad_accum, rank=dist.rank, world_size=dist.world_size
+        state.step * t.grad_accum, rank=dist.rank, world_size=dist.world_size
     )
     val_batches = s.objective.val_batches(t.eval_batches)
-    evals_without_improvement = 0
-    metrics: dict[str, float] = {}
-    stopped_early = False
     s.model.train()
-    tokens_window, time_window = 0, 0.0
-    step = start_step
-    while step < t.max_steps:
+    tokens_window, time_window = 0, 0.0  # training throughput since the last evaluation
+    while state.step < t.max_steps and not state.stopped_early:
         t0 = time.perf_counter()
         lr = lr_at(
-            step,
+            state.step,
             lr=t.lr,
             min_lr=t.min_lr,
             warmup_steps=t.warmup_steps,
@@ -372,85 +415,108 @@ def fit(
             (loss / t.grad_accum).backward()  # type: ignore[no-untyped-call]
             step_loss += float(loss.detach()) / t.grad_accum
             step_tokens += n_tokens
-        if not math.isfinite(step_loss):
-            raise TrainingDiverged(
-                f"the loss became {step_loss} at step {step + 1}; stopped. The last good "
-                f"checkpoint is kept: lower train.lr or enable train.grad_clip, then resume"
-            )
-        grad_norm = (
+        # the whole (global) batch's loss, the same on every rank, so all of them stop on NaN
+        step_loss = distributed.mean_across(step_loss, dist)
+        grad_norm = float(
             torch.nn.utils.clip_grad_norm_(s.model.parameters(), t.grad_clip)
             if t.grad_clip is not None
             else _grad_norm(s.model)
         )
+        # checked before the update, so the weights (and every checkpoint) stay finite
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(_diverged("loss", step_loss, state.step + 1))
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(_diverged("gradient norm", grad_norm, state.step + 1))
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
-        step += 1
-        history.append(step_loss)
+        state.step += 1
+        state.history.append(step_loss)
 
-        elapsed = time.perf_counter() - t0
         tokens_window += step_tokens * dist.world_size
-        time_window += elapsed
+        time_window += time.perf_counter() - t0  # training only: no eval, no checkpoints
         metrics = {
             "loss": step_loss,
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "tokens_per_s": tokens_window / max(time_window, 1e-9),
             "memory_mb": _memory_mb(dist.device),
         }
-        if step % t.eval_every == 0 or step == t.max_steps:
+        if state.step % t.eval_every == 0 or state.step == t.max_steps:
             if val_batches:
                 val = distributed.mean_across(evaluate_loss(s, val_batches, autocast), dist)
+                if not math.isfinite(val):
+                    raise TrainingDiverged(_diverged("validation loss", val, state.step))
                 metrics["val_loss"] = val
-                if val < best_val:
-                    best_val, best_step = val, step
-                    evals_without_improvement = 0
-                else:
-                    evals_without_improvement += 1
+                state.record_eval(val, t.early_stopping_patience)
             tokens_window, time_window = 0, 0.0
+        state.metrics = metrics
         if tracker is not None:
-            tracker.log(step, **metrics)
+            tracker.log(state.step, **metrics)
         if progress is not None and dist.is_main:
-            progress(step, t.max_steps, metrics)
-        stop = (
-            t.early_stopping_patience is not None
-            and evals_without_improvement >= t.early_stopping_patience
-        )
-        if step % t.checkpoint_every == 0 or step == t.max_steps or stop or (best_step == step):
+            progress(state.step, t.max_steps, metrics)
+        if (
+            state.step % t.checkpoint_every == 0
+            or state.step == t.max_steps
+            or state.stopped_early
+            or state.best_step == state.step
+        ):
+            if tracker is not None:
+                tracker.flush()  # the series up to this step is in the catalog before it
+            # full state dicts on rank 0 (collective: FSDP2 gathers the shards)
+            model_state = distributed.full_state_dict(s.raw_model)
+            optimizer_state = distributed.full_optimizer_state_dict(s.raw_model, s.optimizer)
             if dist.is_main:
                 ckpt.save_checkpoint(
                     ws.store,
                     run_id,
-                    step,
+                    state.step,
                     s.raw_model,
                     s.optimizer,
-                    {
-                        "best_val": best_val,
-                        "best_step": best_step,
-                        "history": history,
-                    },
+                    asdict(state),
+                    model_state=model_state,
+                    optimizer_state=optimizer_state,
                 )
-                ckpt.prune_checkpoints(ws.store, run_id, t.keep_last, {best_step})
+                ckpt.prune_checkpoints(ws.store, run_id, t.keep_last, {state.best_step})
             distributed.barrier(dist)
-        if stop:
-            stopped_early = True
+        if state.stopped_early:
             log.info(
                 "early stopping at step %d: no improvement in %d evaluations",
-                step,
-                evals_without_improvement,
+                state.step,
+                state.evals_without_improvement,
             )
-            break
 
-    if stopped_early and best_step > 0 and best_step != step:
+    best_restored = state.stopped_early and state.best_step not in (-1, state.step)
+    if best_restored:
         # restore the best weights: they are what early stopping is for
-        best = ckpt.load_checkpoint(ws.store, ckpt.checkpoint_key(run_id, best_step))
+        best = ckpt.load_checkpoint(ws.store, ckpt.checkpoint_key(run_id, state.best_step))
         ckpt.restore(best, s.raw_model, s.optimizer)
-    final = {k: v for k, v in metrics.items() if k in ("loss", "val_loss", "tokens_per_s")}
-    if math.isfinite(best_val):
-        final["best_val_loss"] = best_val
-        final["val_ppl"] = math.exp(min(best_val, 50.0))
     return TrainResult(
-        run_id=run_id, steps=step, metrics=final, stopped_early=stopped_early, history=history
+        run_id=run_id,
+        steps=state.step,
+        metrics=_summary(state, best_restored),
+        stopped_early=state.stopped_early,
+        history=state.history,
     )
+
+
+def _diverged(what: str, value: float, step: int) -> str:
+    return (
+        f"the {what} became {value} at step {step}; stopped. The last good checkpoint is "
+        "kept: lower train.lr or enable train.grad_clip, then resume"
+    )
+
+
+def _summary(state: TrainState, best_restored: bool) -> dict[str, float]:
+    """The run's figures: the last step's loss and throughput, and the validation loss of
+    the weights it ends with (the best ones when early stopping restored them)."""
+    out = {k: v for k, v in state.metrics.items() if k in ("loss", "val_loss", "tokens_per_s")}
+    if best_restored:
+        out["val_loss"] = state.best_val
+    if math.isfinite(state.best_val):
+        out["best_val_loss"] = state.best_val
+    if "val_loss" in out:
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+    return out
 
 
 def evaluate_loss(s: Setup, batches: list[Any], autocast: Any) -> float:
@@ -469,13 +535,20 @@ def evaluate_loss(s: Setup, batches: list[Any], autocast: Any) -> float:
 
 
 def finish(
-    ws: Workspace, cfg: GenloopConfig, s: Setup, name: str, run_id: str, result: TrainResult
+    ws: Workspace,
+    cfg: GenloopConfig,
+    s: Setup,
+    name: str,
+    run_id: str,
+    result: TrainResult,
+    model: nn.Module | None = None,
 ) -> ModelVersionInfo:
-    """Save the trained model in Hugging Face layout and register it as a version."""
+    """Save the trained model (``model``, else ``s.raw_model``) in Hugging Face layout and
+    register it as a version."""
     from genloop.models.family import get_family
     from genloop.workspace import registry
 
-    model = s.raw_model
+    model = s.raw_model if model is None else model
     if cfg.model.lora is not None:
         from genloop.models.lora import merge_lora
 
@@ -491,21 +564,33 @@ def finish(
             run_id=run_id,
             dataset_version_id=s.dataset_version_id,
             parent=s.parent,
-            config={"model": s.model_config, "train": cfg.train.model_dump(mode="json")},
+            config={
+                "model": s.model_config,
+                "base_model": cfg.model.base_model,  # as given: a model ref or a local dir
+                "lora": cfg.model.lora.model_dump(mode="json") if cfg.model.lora else None,
+                "train": cfg.train.model_dump(mode="json"),
+            },
             metrics=result.metrics,
         )
 
 
-def _find_resumable(ws: Workspace, name: str, resume: str | bool) -> str:
+def _find_resumable(ws: Workspace, name: str, resume: str | bool, *, required: bool) -> str | None:
+    """The run to continue: ``resume`` is a run id, or True for the newest unfinished run
+    of ``name`` (None when there is none and one is not ``required``); False: None."""
     from sqlalchemy import select
 
+    from genloop.errors import NotFoundError
     from genloop.workspace.tables import Run
 
+    if resume is False:
+        return None
     with ws.catalog.session() as s:
         if isinstance(resume, str):
             run = s.get(Run, resume)
             if run is None:
-                raise GenloopError(f"no run {resume!r} to resume")
+                raise NotFoundError(f"no run {resume!r} to resume")
+            if run.status == "completed":
+                raise GenloopError(f"run {resume} already completed; there is nothing to resume")
             return run.id
         run = s.scalars(
             select(Run)
@@ -517,9 +602,9 @@ def _find_resumable(ws: Workspace, name: str, resume: str | bool) -> str:
             .order_by(Run.started_at.desc())
             .limit(1)
         ).first()
-        if run is None:
+        if run is None and required:
             raise GenloopError(f"no unfinished training run of {name!r} to resume")
-        return run.id
+        return None if run is None else run.id
 
 
 def _broadcast_run_id(run_id: str | None, dist: distributed.Dist) -> str:

@@ -7,6 +7,7 @@ nothing measurable per step.
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import time
 import uuid
@@ -78,6 +79,12 @@ class RunTracker:
         return cls(ws, run_id, sinks)
 
     def log(self, step: int, **values: float) -> None:
+        for key, value in list(values.items()):
+            if not math.isfinite(value):  # SQLite stores NaN as NULL, which the column refuses
+                log.warning(
+                    "run %s: %s is %s at step %d; not recorded", self.run_id, key, value, step
+                )
+                del values[key]
         for key, value in values.items():
             self._buffer.append(
                 RunMetric(run_id=self.run_id, key=key, step=step, value=float(value))
@@ -95,6 +102,23 @@ class RunTracker:
                 run.heartbeat_at = utcnow()
         self._buffer = []
         self._last_flush = time.monotonic()
+
+    def reopen(self, *, after_step: int) -> None:
+        """Mark a resumed run running again and drop the points it logged after
+        ``after_step``, its checkpoint: those steps are trained and logged again."""
+        from sqlalchemy import delete
+
+        self._buffer = [p for p in self._buffer if p.step <= after_step]
+        self.flush()
+        with self.ws.catalog.session() as s:
+            s.execute(
+                delete(RunMetric).where(
+                    RunMetric.run_id == self.run_id, RunMetric.step > after_step
+                )
+            )
+            run = s.get(Run, self.run_id)
+            assert run is not None
+            run.status, run.error, run.ended_at = "running", None, None
 
     def set_status(
         self, status: str, *, summary: dict[str, Any] | None = None, error: str | None = None

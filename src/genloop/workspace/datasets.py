@@ -139,9 +139,11 @@ def register_dataset_version(
     """Publish the next version of ``name``: ``write(dir)`` fills its artifact directory.
 
     If a version with the same ``content_hash`` appears meanwhile (a concurrent run of the
-    same config), that version is returned and this one is discarded.
+    same config), that version is returned and this one is discarded. ``write`` may be
+    called more than once (a version number taken meanwhile is skipped).
     """
     check_name(name)
+    version = 0
     for _attempt in range(20):
         existing = find_by_hash(ws, name, content_hash)
         if existing is not None:
@@ -150,7 +152,9 @@ def register_dataset_version(
             newest = s.scalar(
                 select(func.max(DatasetVersion.version)).join(Dataset).where(Dataset.name == name)
             )
-        version = (newest or 0) + 1
+        # Past the number tried last: its directory may be taken with no catalog row yet
+        # (another writer between its two steps, or one that crashed there).
+        version = max(newest or 0, version) + 1
         key = f"datasets/{name}/{version}"
         try:
             with ws.store.writer(key) as staging:

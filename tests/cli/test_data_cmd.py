@@ -1,0 +1,154 @@
+"""``genloop data prepare | list | show`` as a user runs them: the real command in a
+subprocess, a workspace in ``GENLOOP_HOME``, a config file next to its corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genloop.workspace import init_workspace
+
+_SCRIPT = Path(sys.executable).with_name("genloop")
+GENLOOP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "genloop"]
+
+CONFIG = """\
+data:
+  name: notes
+  sources:
+    - type: files
+      paths: [corpus]          # relative: taken from this file's folder
+  split: {val: 0.2, test: 0.2}
+tokenizer:
+  vocab_size: 300
+"""
+
+
+def genloop(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENLOOP_")}
+    env |= {"GENLOOP_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run(
+        [*GENLOOP, *args], env=env, cwd=home.parent, capture_output=True, text=True, timeout=120
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    """A user error: exit ``code``, one line on stderr, no traceback."""
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """An initialized workspace; commands run from tmp_path, not from the project folder."""
+    home = tmp_path / "ws"
+    init_workspace(home).close()  # `genloop init` itself is tested in test_cli.py
+    return home
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """``project/cfg.yaml`` and the corpus it names: 12 documents and 2 malformed lines."""
+    project = tmp_path / "project"
+    corpus = project / "corpus"
+    corpus.mkdir(parents=True)
+    for i in range(8):
+        text = f"Note {i}: the river carries quiet stones under bridge number {i * 7} today."
+        (corpus / f"{i}.txt").write_text(text, encoding="utf-8")
+    lines = [
+        json.dumps({"text": f"Row {i}: markets trade bread and maps, item {i * 13}."})
+        for i in range(4)
+    ]
+    lines[1:1] = ["{broken", "[1, 2"]
+    (corpus / "rows.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (project / "cfg.yaml").write_text(CONFIG, encoding="utf-8")
+    return project
+
+
+def test_prepare_list_show(home: Path, project: Path) -> None:
+    cfg = str(project / "cfg.yaml")
+    out = ok(genloop("data", "prepare", cfg, "--workers", "1", home=home))
+    lines = out.splitlines()
+    assert lines[0].startswith("created dataset notes@1: 12 documents, ")
+    assert "tokens in " in lines[0]
+    assert lines[1] == "dropped: bad_json 2"
+
+    again = ok(genloop("data", "prepare", cfg, home=home))
+    assert again.startswith("unchanged, reusing dataset notes@1: 12 documents")
+
+    changed = genloop(
+        "data", "prepare", cfg, "-j", "1", "--set", "data.clean.min_chars=60", "--json", home=home
+    )
+    info = json.loads(ok(changed))
+    assert (info["ref"], info["created"]) == ("notes@2", True)
+    assert info["stats"]["drops"]["too_short"] > 0
+
+    listed = json.loads(ok(genloop("data", "list", "--json", home=home)))
+    assert [(d["name"], d["version"]) for d in listed] == [("notes", 1), ("notes", 2)]
+    assert listed[0]["stats"]["documents"] == 12
+
+    shown = json.loads(ok(genloop("data", "show", "notes", "--json", home=home)))
+    assert shown["version"] == 2 and Path(shown["path"]).is_dir()
+    assert (Path(shown["path"]) / "card.md").is_file()
+
+    first = ok(genloop("data", "show", "notes@1", home=home))
+    assert first.startswith("notes@1 (text, ready) at ")
+    for word in ("splits", "train", "normalize", "quality", "pii", "all drops: bad_json 2"):
+        assert word in first
+    card = ok(genloop("data", "show", "notes@1", "--card", home=home))
+    assert "Dataset card: notes" in card and "bad_json" in card
+
+    table = ok(genloop("data", "list", home=home))
+    assert "notes@1" in table and "notes@2" in table
+
+    assert "no version 9" in one_line_error(genloop("data", "show", "notes@9", home=home), 1)
+    assert "no dataset named 'nope'" in one_line_error(
+        genloop("data", "show", "nope", home=home), 1
+    )
+    assert "invalid dataset ref" in one_line_error(genloop("data", "show", "notes@x", home=home), 2)
+
+
+def test_config_mistakes_are_one_line(home: Path, project: Path) -> None:
+    unknown = project / "unknown.yaml"
+    unknown.write_text(CONFIG.replace("  split:", "  dedupe: {exact: true}\n  split:"))
+    line = one_line_error(genloop("data", "prepare", str(unknown), home=home), 2)
+    assert "'data.dedupe'" in line and "did you mean 'data.dedup'" in line
+
+    missing = project / "missing.yaml"
+    missing.write_text(CONFIG.replace("[corpus]", "[no-such-folder/*.txt]"))
+    line = one_line_error(genloop("data", "prepare", str(missing), home=home), 1)
+    assert "'no-such-folder'" in line
+
+    nosection = project / "nodata.yaml"
+    nosection.write_text("tokenizer: {vocab_size: 300}\n")
+    assert "no 'data:' section" in one_line_error(
+        genloop("data", "prepare", str(nosection), home=home), 2
+    )
+    pretrained = project / "pretrained.yaml"
+    pretrained.write_text(CONFIG.replace("  vocab_size: 300", "  kind: pretrained\n  path: tok"))
+    assert "'tok' does not exist" in one_line_error(
+        genloop("data", "prepare", str(pretrained), home=home), 1
+    )
+    bad_set = genloop(
+        "data",
+        "prepare",
+        str(project / "cfg.yaml"),
+        "--set",
+        "data.clean.min_chars=many",
+        home=home,
+    )
+    assert "data.clean.min_chars" in one_line_error(bad_set, 2)
