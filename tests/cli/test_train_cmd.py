@@ -1,13 +1,17 @@
-"""``genloop train`` as a user runs it: in a subprocess, killed with SIGKILL, resumed.
+"""``genloop train`` as a user runs it: output, exit codes, and SIGKILL then ``--resume``.
 
-The fixture dataset is prepared once for the module (in process); every run trains a
-2-layer, 32-wide model with attention dropout on it, on one thread so that separate
-processes compute bit for bit the same.
+The fixture dataset is prepared once for the module; every run trains a 2-layer, 32-wide
+model with attention dropout on it, on one thread, so that separate processes compute bit
+for bit the same. The killed run and its resumption are real subprocesses; the other
+commands run ``genloop``'s entry point in this process (argv, exit code, stdout and
+stderr as a user sees them), which spares importing torch and transformers each time.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import random
 import signal
@@ -15,10 +19,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 from sqlalchemy import select
@@ -98,8 +105,43 @@ def genloop_env(ws: Workspace) -> dict[str, str]:
     return env | {"GENLOOP_HOME": str(ws.root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def genloop(ws: Workspace, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for the subprocesses
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def genloop(ws: Workspace, *args: str | Path) -> Ran:
+    """``genloop ARGS...`` through its console entry point, in this process."""
+    from genloop.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    logger = logging.getLogger("genloop")  # the CLI sets it up; put it back afterwards
+    with pytest.MonkeyPatch.context() as m, redirect_stdout(out), redirect_stderr(err):
+        m.setenv("GENLOOP_HOME", str(ws.root))
+        m.setattr(sys, "argv", ["genloop", *map(str, args)])
+        m.setattr(logger, "handlers", list(logger.handlers))
+        m.setattr(logger, "propagate", logger.propagate)
+        m.setattr(logger, "level", logger.level)
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def subprocess_genloop(ws: Workspace, *args: str | Path) -> Ran:
+    proc = subprocess.run(
         [sys.executable, "-m", "genloop", *map(str, args)],
         env=genloop_env(ws),
         capture_output=True,
@@ -107,18 +149,21 @@ def genloop(ws: Workspace, *args: str | Path) -> subprocess.CompletedProcess[str
         timeout=300,
         check=False,
     )
+    return Ran(proc.returncode, proc.stdout, proc.stderr)
 
 
-def succeeded(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    assert proc.returncode == 0, proc.stderr
-    out: dict[str, Any] = json.loads(proc.stdout)  # --json: nothing but the JSON
+def succeeded(ran: Ran) -> dict[str, Any]:
+    assert ran.returncode == 0, ran.stderr
+    out: dict[str, Any] = json.loads(ran.stdout)  # --json: nothing but the JSON
     return out
 
 
-def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
+def one_error_line(ran: Ran, *, alone: bool = True) -> str:
+    """A user error: one line (``alone``: and nothing else, no warning) on stderr."""
+    assert "Traceback" not in ran.stderr, ran.stderr
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, ran.stderr
+    assert not alone or ran.stderr.strip() == errors[0], ran.stderr
     return errors[0]
 
 
@@ -198,7 +243,7 @@ def test_sigkill_then_resume_gives_the_same_weights_and_losses(
     done = [step for step, _ in ckpt.list_checkpoints(ws.store, killed.id)]
     assert done == [KILL_AT], "the kill came too late to test anything"
 
-    resumed = succeeded(genloop(ws, "train", config, "--resume", "--json"))
+    resumed = succeeded(subprocess_genloop(ws, "train", config, "--resume", "--json"))
     assert resumed["run_id"] == killed.id and resumed["steps"] == STEPS
     assert resumed["model"] == "killed@1"
 
@@ -215,15 +260,13 @@ def test_sigkill_then_resume_gives_the_same_weights_and_losses(
     assert run is not None and run.status == "completed" and run.error is None
 
 
-def test_divergence_exits_1_with_one_line_and_keeps_the_last_good_checkpoint(
-    ws: Workspace,
-) -> None:
+def test_divergence_exits_1_with_one_line_and_keeps_the_last_good_checkpoint(ws: Workspace) -> None:
     config = write_config(
         ws, "absurd", lr=1e6, min_lr=0, grad_clip=None, warmup_steps=0, checkpoint_every=1
     )
-    proc = genloop(ws, "train", config)
-    assert proc.returncode == 1
-    line = one_error_line(proc)
+    ran = genloop(ws, "train", config)
+    assert ran.returncode == 1
+    line = one_error_line(ran)
     assert " at step " in line and "train.lr" in line
     run = run_row(ws, name="absurd")
     assert run is not None and run.status == "failed"
@@ -236,21 +279,24 @@ def test_divergence_exits_1_with_one_line_and_keeps_the_last_good_checkpoint(
     for _, key in ckpt.list_checkpoints(ws.store, run.id):
         weights_file = ws.store.path(key) / "model.safetensors"
         weights_file.write_bytes(weights_file.read_bytes()[:-8])
-    proc = genloop(ws, "train", config, "--resume")
-    assert proc.returncode == 1
-    assert "none of them verifies" in one_error_line(proc)
+    ran = genloop(ws, "train", config, "--resume")
+    assert ran.returncode == 1
+    assert "none of them verifies" in one_error_line(ran, alone=False)  # + one warning each
 
 
 def test_a_bad_config_exits_2(ws: Workspace) -> None:
     config = ws.root / "bad.yaml"
     config.write_text("train:\n  lr: -1\n", encoding="utf-8")
-    proc = genloop(ws, "train", config)
-    assert proc.returncode == 2
-    assert "train.lr" in one_error_line(proc)
+    ran = genloop(ws, "train", config)
+    assert ran.returncode == 2
+    assert "train.lr" in one_error_line(ran)
 
 
 def test_resume_with_nothing_to_resume_exits_1(ws: Workspace) -> None:
-    proc = genloop(ws, "train", write_config(ws, "nothing"), "--resume")
-    assert proc.returncode == 1
-    assert "no unfinished training run of 'nothing'" in one_error_line(proc)
+    ran = genloop(ws, "train", write_config(ws, "nothing"), "--resume")
+    assert ran.returncode == 1
+    assert "no unfinished training run of 'nothing'" in one_error_line(ran)
     assert run_row(ws, name="nothing") is None
+    ran = genloop(ws, "train", write_config(ws, "nothing"), "--resume", "--run", "f" * 32)
+    assert ran.returncode == 1
+    assert "no run 'ffffffffffffffffffffffffffffffff' to resume" in one_error_line(ran)

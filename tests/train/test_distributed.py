@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -123,16 +124,29 @@ def torchrun(home: Path, *args: str, timeout: float = 300) -> subprocess.Complet
     env |= {"GENLOOP_HOME": str(home), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     env["GENLOOP_DIST_TIMEOUT_S"] = "120"  # a hang fails the test, not the session
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *args]
-    return subprocess.run(
-        cmd, env=env, cwd=home.parent, capture_output=True, text=True, timeout=timeout
-    )
+    with subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=home.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a hung job is killed whole: torchrun and its workers
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"torchrun hung for {timeout} s\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def prepare_tiny(home: Path) -> None:
     from genloop.data.prepare import prepare_dataset
     from genloop.workspace import init_workspace
 
-    words = "the a model learns patterns from data every day and night across towns".split()
+    words = ["the", "a", "model", "learns", "patterns", "from", "data", "every", "day", "night"]
     corpus = home.parent / "corpus"
     corpus.mkdir()
     for i in range(40):
@@ -164,7 +178,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     with Workspace.open(home) as ws:
         ref = train(ws, ref_cfg, model_name="ref")
 
-    cfg_a = write_config(root / "a.yaml", max_steps=STEPS)
+    cfg_a = write_config(root / "a.yaml")
     guard = root / "rank1_guard.py"
     guard.write_text(RANK1_GUARD)
     phase_a = torchrun(home, str(guard), "train", str(cfg_a), "--name", "dist")
@@ -354,3 +368,33 @@ def test_rank_comes_from_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     assert distributed.is_main_process()
     monkeypatch.setenv("RANK", "3")
     assert distributed.env_rank() == 3 and not distributed.is_main_process()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_only_rank_zero_prints_the_result(
+    rank: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from genloop.cli.main import app
+    from genloop.train import loop
+    from genloop.workspace import init_workspace
+
+    init_workspace(tmp_path / "ws").close()
+    seen: list[int] = []
+
+    def fake_train(ws: Any, cfg: Any, **kwargs: Any) -> loop.TrainResult:
+        kwargs["progress"](1, 1, {"loss": 1.0, "tokens_per_s": 10.0})
+        seen.append(1)
+        return loop.TrainResult(run_id="r" * 32, steps=1, metrics={"loss": 1.0})
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setenv("RANK", rank)
+    cfg = write_config(tmp_path / "cfg.yaml")
+    for extra in ([], ["--json"]):
+        result = CliRunner().invoke(
+            app, ["--workspace", str(tmp_path / "ws"), "train", str(cfg), *extra]
+        )
+        assert result.exit_code == 0, result.output
+        assert ("r" * 32 in result.output) == (rank == "0"), result.output
+    assert seen == [1, 1]

