@@ -147,14 +147,12 @@ def make_config(args: argparse.Namespace, corpus: Path, precision: str) -> Any:
 
 
 def run_genloop(ws: Any, cfg: Any, warmup: int) -> Side:
-    import torch
 
     from genloop.train.distributed import pick_device
-    from genloop.train.loop import _autocast
+    from genloop.train.loop import compute_dtype
     from genloop.train.loop import train as genloop_train
 
-    device = pick_device(cfg.train.device)
-    dtype = "bf16" if isinstance(_autocast(cfg.train.precision, device), torch.autocast) else "fp32"
+    dtype = compute_dtype(cfg.train.precision, pick_device(cfg.train.device))
     side = Side("genloop", dtype, tokens_per_step=cfg.train.batch_size * cfg.tokenizer.seq_len)
     stamps: dict[int, float] = {}
 

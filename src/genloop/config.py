@@ -630,7 +630,9 @@ class TrainConfig(BaseModel):
     z_loss: float = Field(0.0, ge=0, description="Weight of the z-loss (log² of the softmax sum).")
     dpo_beta: float = Field(0.1, gt=0, description="DPO β (strength of the KL anchor).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32."
+        "auto",
+        description="auto: bf16 autocast on a GPU that supports it or a CPU with "
+        "AVX512-BF16/AMX, else fp32.",
     )
     compile: bool = Field(False, description="torch.compile the model.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")

@@ -259,7 +259,8 @@ def build_model(
         from genloop.models.pretrained import load_pretrained
 
         base_dir, parent = _base_model_dir(ws, m.base_model)
-        model = load_pretrained(base_dir, device=device)
+        load_in_4bit = m.lora is not None and m.lora.load_in_4bit
+        model = load_pretrained(base_dir, device=device, load_in_4bit=load_in_4bit)
         if m.lora is not None:
             from genloop.models.lora import apply_lora
 
@@ -287,14 +288,19 @@ def build_model(
         )
         if getattr(m, k) is not None
     }
-    if "context_length" not in overrides:
-        overrides["context_length"] = max(cfg.tokenizer.seq_len, 64)
-    model_config = {
-        "preset": m.preset or "tiny",
-        "vocab_size": vocab,
-        **overrides,
-        **_special_ids(tokenizer_dir),
-    }
+    if m.family == "seq2seq":
+        # T5 has relative positions (no context length) and no bos token
+        unsupported = sorted(
+            set(overrides)
+            - {"n_layer", "n_embd", "n_head", "intermediate_size", "activation", "dropout"}
+        )
+        if unsupported:
+            raise GenloopError(f"model.{unsupported[0]} does not apply to the seq2seq family")
+        special = {k: v for k, v in _special_ids(tokenizer_dir).items() if k != "bos_token_id"}
+    else:
+        overrides.setdefault("context_length", max(cfg.tokenizer.seq_len, 64))
+        special = _special_ids(tokenizer_dir)
+    model_config = {"preset": m.preset or "tiny", "vocab_size": vocab, **overrides, **special}
     built: nn.Module = family.build(model_config).to(device)
     return built, model_config, None
 

@@ -127,10 +127,9 @@ def plan(
     of measuring have passed, but at least one). ``root`` resolves the data section's
     relative paths, as for ``genloop data prepare``.
     """
-    import torch
 
     from genloop.train import distributed
-    from genloop.train.loop import _autocast, seed_everything
+    from genloop.train.loop import compute_dtype, seed_everything
 
     if budget_hours <= 0:
         raise ConfigError(f"the budget must be a positive number of hours (got {budget_hours})")
@@ -151,7 +150,7 @@ def plan(
     chosen = _candidates(cfg, candidates, presets, vocab, tokens, tokens_per_param)
 
     device = distributed.pick_device(t.device)
-    precision = "bf16" if isinstance(_autocast(t.precision, device), torch.autocast) else "fp32"
+    precision = compute_dtype(t.precision, device)
     for c in chosen:  # smallest first: memory freed by one is reused by the next
         seed_everything(t.seed)
         tps, step_s, mem = measure(
