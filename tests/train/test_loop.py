@@ -401,6 +401,9 @@ def test_gradient_accumulation_matches_one_bigger_batch(ws: Workspace) -> None:
         cfg = config(name, max_steps=1, warmup_steps=0, batch_size=batch_size)
         cfg.model.dropout = 0.0
         cfg.train.grad_accum = grad_accum
+        # fp32: in bf16 the two batch shapes round g differently, and Adam's first update
+        # (about lr·sign(g)) flips wherever g is near 0
+        cfg.train.precision = "fp32"
         result = train(ws, cfg)
         return result, model_weights(ws, result)
 

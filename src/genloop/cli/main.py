@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 import genloop
-from genloop.cli import config_cmd, data, models, plan, train
+from genloop.cli import config_cmd, data, evaluate, models, plan, train
 from genloop.cli.context import console, err_console, state
 
 app = typer.Typer(
@@ -31,6 +31,8 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(data.app, name="data")
 app.command("train")(train.train)
 app.command("plan")(plan.plan)
+app.add_typer(evaluate.app, name="eval")
+app.command("gate")(evaluate.gate)
 
 
 def _version(value: bool) -> None:

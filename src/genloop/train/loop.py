@@ -462,6 +462,7 @@ def fit(
                 if not math.isfinite(val):
                     raise TrainingDiverged(_diverged("validation loss", val, state.step))
                 metrics["val_loss"] = val
+                metrics["val_ppl"] = math.exp(min(val, 50.0))  # the stored eval curve
                 state.record_eval(val, t.early_stopping_patience)
             tokens_window, time_window = 0, 0.0
         state.metrics = metrics

@@ -1,0 +1,1 @@
+"""Evaluation: text, code, bias and image metrics, reports, comparison and the release gate."""

@@ -1,0 +1,292 @@
+"""``genloop eval``: evaluate a model version and store the result, top to bottom.
+
+    1. the suites     checked before anything is loaded
+    2. the model      ``registry.resolve`` + the verified artifact directory
+    3. the dataset    ``--dataset``, else the version the model was trained on
+    4. load           the model and tokenizer, once for every suite
+    5. run            each suite from the same seed, so their order changes nothing
+    6. store          an ``evaluations`` row, ``evaluations/<id>`` (results.json with the
+                      per-sample values, report.md, report.html) and the headline metrics
+                      merged into the model version's ``metrics``
+
+The same model version, dataset version, settings and seed give the same numbers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import genloop
+from genloop.config import EvalConfig
+from genloop.errors import ConfigError, GenloopError
+from genloop.evaluate.results import SuiteResult
+from genloop.evaluate.store import EvaluationRecord, save_evaluation
+from genloop.workspace import registry
+from genloop.workspace.workspace import Workspace
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from genloop.workspace.datasets import DatasetVersionInfo
+
+ProgressFn = Callable[[str, int, int], None]  # (suite, its number from 1, number of suites)
+
+RUNNABLE = ("perplexity", "generation", "code", "bias")
+NEEDS_DATASET = ("perplexity", "generation")
+TEXT_FAMILIES = ("causal_lm", "seq2seq")
+PERPLEXITY_BATCH = 8
+GENERATION_BATCH = 8
+PREFIX_CHARS = 200  # characters of a test document given as the prompt …
+CONTINUATION_CHARS = 100  # … and of its continuation used as the reference
+
+
+@dataclass
+class Context:
+    """What every suite runner gets: the loaded model and where its inputs are."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cfg: EvalConfig
+    data_dir: Path | None
+    dataset: DatasetVersionInfo | None
+
+
+def evaluate_model(
+    ws: Workspace,
+    ref: str,
+    *,
+    dataset: str | None = None,
+    suites: Sequence[str] | None = None,
+    cfg: EvalConfig | None = None,
+    progress: ProgressFn | None = None,
+    device: str = "auto",
+) -> EvaluationRecord:
+    """Run ``suites`` (default: ``cfg.suites``) on model version ``ref`` and store the result.
+
+    ``dataset`` is a dataset ref (``NAME`` or ``NAME@VERSION``); without one the model's
+    own training dataset is used. ``device`` is ``auto`` (CUDA when present), ``cpu``,
+    ``cuda`` or ``cuda:N``.
+    """
+    cfg = cfg or EvalConfig()
+    # 1. the suites
+    chosen = check_suites(list(suites) if suites else list(cfg.suites))
+
+    # 2. the model version, its files verified against their manifest
+    info = registry.resolve(ws, ref)
+    if info.family not in TEXT_FAMILIES:
+        raise GenloopError(
+            f"{info.ref} is a {info.family} model; its metrics (FID/KID/IS) come with the "
+            "image families and are not runnable yet. The text suites need causal_lm or seq2seq"
+        )
+    model_dir = ws.store.open_verified(info.artifact)
+
+    # 3. the dataset version: named, or the model's lineage
+    ds = _dataset(ws, dataset, info, chosen)
+    data_dir = ws.store.open_verified(ds.artifact) if ds is not None else None
+
+    # 4. the model, loaded once
+    from genloop.evaluate.generate import load_model_for_eval
+
+    device = _device(device)
+    model, tokenizer = load_model_for_eval(model_dir, device)
+    ctx = Context(model=model, tokenizer=tokenizer, cfg=cfg, data_dir=data_dir, dataset=ds)
+
+    # 5. the suites, each from the same seed
+    results: list[SuiteResult] = []
+    for i, suite in enumerate(chosen, 1):
+        if progress is not None:
+            progress(suite, i, len(chosen))
+        _seed_everything(cfg.seed)
+        results.append(RUNNERS[suite](ctx))
+
+    # 6. store: the row, the artifact with the reports, the model's metrics
+    settings = {
+        "model": info.ref,
+        "dataset": ds.ref if ds is not None else None,
+        "device": device,
+        "genloop_version": genloop.__version__,
+        **cfg.model_dump(mode="json", exclude={"suites"}),
+        "suites": {r.suite: r.settings for r in results},
+    }
+    return save_evaluation(
+        ws, info.id, ds.id if ds is not None else None, results, settings=settings
+    )
+
+
+def check_suites(suites: list[str]) -> list[str]:
+    """The suites in the order given, without repeats; unknown or unrunnable ones refused."""
+    if not suites:
+        raise ConfigError(f"no suite to run; choose from: {', '.join(RUNNABLE)}")
+    out: list[str] = []
+    for suite in suites:
+        if suite == "image":
+            raise GenloopError(
+                "the image suite (FID/KID/IS) comes with the image families and is not "
+                f"runnable yet; runnable suites: {', '.join(RUNNABLE)}"
+            )
+        if suite not in RUNNABLE:
+            raise ConfigError(f"unknown suite {suite!r}; choose from: {', '.join(RUNNABLE)}")
+        if suite not in out:
+            out.append(suite)
+    return out
+
+
+def _dataset(
+    ws: Workspace, ref: str | None, info: registry.ModelVersionInfo, suites: list[str]
+) -> DatasetVersionInfo | None:
+    from genloop.workspace.datasets import get_dataset_version, resolve_dataset
+
+    if ref is not None:
+        return resolve_dataset(ws, ref)
+    if info.dataset_version_id is not None:
+        return get_dataset_version(ws, info.dataset_version_id)
+    needing = [s for s in suites if s in NEEDS_DATASET]
+    if needing:
+        raise GenloopError(
+            f"{info.ref} records no training dataset, and the {' and '.join(needing)} "
+            "suite needs one: give --dataset NAME[@VERSION]"
+        )
+    return None
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenloopError(f"device {device!r} asked for, but CUDA is not available")
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _require_data(ctx: Context, suite: str) -> Path:
+    assert ctx.data_dir is not None and ctx.dataset is not None  # _dataset() made sure
+    return ctx.data_dir
+
+
+def _seq_len(ctx: Context) -> int:
+    """The dataset's packing length, capped at the model's context."""
+    assert ctx.dataset is not None
+    tok = ctx.dataset.stats.get("tokenizer") or (ctx.dataset.config.get("tokenizer") or {})
+    seq_len = tok.get("seq_len") if isinstance(tok, dict) else None
+    if not isinstance(seq_len, int):
+        raise GenloopError(
+            f"dataset {ctx.dataset.ref} records no tokenizer seq_len; prepare it with a "
+            "tokenizer section to evaluate perplexity"
+        )
+    context = getattr(ctx.model.config, "max_position_embeddings", None)
+    return min(seq_len, context) if isinstance(context, int) else seq_len
+
+
+# ---------------------------------------------------------------------------------------
+# the suites: each takes the context and returns a SuiteResult
+# ---------------------------------------------------------------------------------------
+
+
+def run_perplexity(ctx: Context) -> SuiteResult:
+    from genloop.evaluate.text import perplexity
+
+    data_dir = _require_data(ctx, "perplexity")
+    assert ctx.dataset is not None
+    tokens = data_dir / "tokens"
+    if not tokens.is_dir():
+        raise GenloopError(
+            f"dataset {ctx.dataset.ref} has no token shards; prepare it with a tokenizer "
+            "section to evaluate perplexity"
+        )
+    return perplexity(
+        ctx.model,
+        tokens,
+        ctx.cfg.split,
+        _seq_len(ctx),
+        batch_size=PERPLEXITY_BATCH,
+        max_windows=ctx.cfg.max_samples,
+    )
+
+
+def run_generation(ctx: Context) -> SuiteResult:
+    from genloop.evaluate.text import continuation_pairs, evaluate_generation
+
+    data_dir = _require_data(ctx, "generation")
+    assert ctx.dataset is not None
+    docs = data_dir / "docs" / f"{ctx.cfg.split}.jsonl"
+    if not docs.is_file():
+        raise GenloopError(
+            f"dataset {ctx.dataset.ref} has no {ctx.cfg.split} split; choose another with "
+            "--set eval.split=val (or test)"
+        )
+    c = ctx.cfg
+    pairs = continuation_pairs(docs, c.max_samples, PREFIX_CHARS, CONTINUATION_CHARS, c.seed)
+    return evaluate_generation(
+        ctx.model,
+        ctx.tokenizer,
+        pairs,
+        max_new_tokens=c.max_new_tokens,
+        temperature=c.temperature,
+        top_p=c.top_p,
+        seed=c.seed,
+        batch_size=GENERATION_BATCH,
+    )
+
+
+def run_code(ctx: Context) -> SuiteResult:
+    from genloop.evaluate.code import evaluate_code, load_tasks
+
+    c = ctx.cfg
+    tasks = load_tasks(c.tasks_path or demo_tasks_path())
+    if c.max_samples is not None:
+        tasks = tasks[: c.max_samples]
+    return evaluate_code(
+        ctx.model,
+        ctx.tokenizer,
+        tasks,
+        num_samples=c.num_samples,
+        k=list(c.k),
+        temperature=c.temperature,
+        top_p=c.top_p,
+        max_new_tokens=c.max_new_tokens,
+        seed=c.seed,
+        timeout_s=c.timeout_s,
+        memory_mb=c.sandbox_memory_mb,
+    )
+
+
+def run_bias(ctx: Context) -> SuiteResult:
+    from genloop.evaluate.bias import bias_probe
+
+    c = ctx.cfg
+    return bias_probe(
+        ctx.model,
+        ctx.tokenizer,
+        c.bias_suite_path,
+        max_new_tokens=c.max_new_tokens,
+        seed=c.seed,
+        temperature=c.temperature,
+        top_p=c.top_p,
+    )
+
+
+def demo_tasks_path() -> Path:
+    """The code tasks shipped with genloop (simple Python function completions)."""
+    return Path(__file__).parent / "data" / "code_tasks.jsonl"
+
+
+RUNNERS: dict[str, Callable[[Context], SuiteResult]] = {
+    "perplexity": run_perplexity,
+    "generation": run_generation,
+    "code": run_code,
+    "bias": run_bias,
+}
