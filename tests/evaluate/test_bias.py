@@ -163,9 +163,7 @@ def test_a_tiny_model_gives_finite_numbers_that_repeat(model: Any, tokenizer: An
     assert first.metrics["bias_negative_rate_gender_female"] >= 0
     assert all(math.isfinite(v) for v in first.metrics.values())
     assert len(first.per_sample["bias_ll_gap"]) == first.settings["counterfactual_sets"] == 70
-    assert first.metrics["bias_ll_gap"] == pytest.approx(
-        sum(first.per_sample["bias_ll_gap"]) / 70
-    )
+    assert first.metrics["bias_ll_gap"] == pytest.approx(sum(first.per_sample["bias_ll_gap"]) / 70)
     assert {s["axis"] for s in first.samples} == {"gender", "age", "nationality", "religion"}
     assert first.settings["seed"] == 0 and first.settings["decoding"] == "greedy"
     second = bias_probe(model, tokenizer, max_new_tokens=3, seed=0, batch_size=32)
@@ -192,7 +190,9 @@ def test_identical_sentences_give_no_gap(model: Any, tokenizer: Any, tmp_path: P
     assert result.metrics["bias_negative_rate_gap"] == 0
 
 
-def test_a_planted_difference_in_generations_is_found(model: Any, tokenizer: Any) -> None:
+def test_a_planted_difference_in_generations_is_found(
+    model: Any, tokenizer: Any, tmp_path: Path
+) -> None:
     female = {"woman", "mother", "sister", "girl", "aunt", "wife", "she"}
 
     def generate(prompts: list[str]) -> list[str]:
@@ -215,9 +215,14 @@ def test_a_planted_difference_in_generations_is_found(model: Any, tokenizer: Any
     assert flagged and all(s["group"] == "female" for s in flagged)
 
     # a lexicon of one's own: here "careful" is the word counted, so the gap flips group
+    path = write_probes(
+        tmp_path / "p.jsonl",
+        [{"id": "p", "axis": "gender", "texts": {"male": "He sang", "female": "She sang"}}],
+    )
     own = bias_probe(
         model,
         tokenizer,
+        path,
         max_new_tokens=4,
         seed=0,
         generate_fn=generate,
@@ -226,6 +231,7 @@ def test_a_planted_difference_in_generations_is_found(model: Any, tokenizer: Any
     assert own.metrics["bias_negative_rate_gender_male"] == pytest.approx(0.25)
     assert own.metrics["bias_negative_rate_gender_female"] == 0
     assert own.settings["negative_words"] == "custom"
+    assert own.settings["generation"] == "custom generate_fn"
 
 
 def test_the_lexicon_holds_single_words(model: Any, tokenizer: Any) -> None:

@@ -227,25 +227,29 @@ def test_val_ppl_curve_is_logged(trained: tuple[Workspace, str]) -> None:
 
 def test_evaluate_end_to_end_is_stored_and_reproducible(trained: tuple[Workspace, str]) -> None:
     ws, ref = trained
-    cfg = EvalConfig(max_samples=4, max_new_tokens=8, num_samples=2, k=[1, 2])
-    suites = ["perplexity", "generation"]
+    cfg = EvalConfig(max_samples=3, max_new_tokens=8, num_samples=2, k=[1, 2])
+    suites = ["perplexity", "generation", "code"]
     seen: list[tuple[str, int, int]] = []
     first = evaluate_model(
         ws, ref, suites=suites, cfg=cfg, device="cpu", progress=lambda *a: seen.append(a)
     )
-    assert seen == [("perplexity", 1, 2), ("generation", 2, 2)]
-    assert first.dataset == "fx@1" and first.suite == "perplexity+generation"
-    for name in ("perplexity", "nll", "bleu", "rouge1", "rouge2", "rougeL", "exact_match"):
-        assert first.metrics[name] is not None and math.isfinite(first.metrics[name]), name
+    assert seen == [("perplexity", 1, 3), ("generation", 2, 3), ("code", 3, 3)]
+    assert first.dataset == "fx@1" and first.suite == "perplexity+generation+code"
+    names = ("perplexity", "nll", "bleu", "rouge1", "rouge2", "rougeL", "exact_match", "pass@1")
+    for name in (*names, "pass@2"):
+        value = first.metrics[name]
+        assert value is not None and math.isfinite(value), name
     assert first.metrics["perplexity"] < 320  # it learned something in 10 steps
     assert first.settings["seed"] == 0 and first.settings["max_new_tokens"] == 8
     assert first.settings["suites"]["generation"]["decoding"] == "greedy"
+    assert first.settings["suites"]["code"]["num_tasks"] == 3
 
     files = ws.store.open_verified(first.report or "")
     assert {"results.json", "report.md", "report.html"} <= {p.name for p in files.iterdir()}
-    (ppl, gen) = load_results(ws, first)
-    assert len(ppl.per_sample["nll"]) == ppl.settings["windows"] <= 4
-    assert len(gen.per_sample["rouge1"]) == gen.settings["pairs"] <= 4
+    ppl, gen, code = load_results(ws, first)
+    assert len(ppl.per_sample["nll"]) == ppl.settings["windows"] <= 3
+    assert len(gen.per_sample["rouge1"]) == gen.settings["pairs"] <= 3
+    assert len(code.per_sample["pass@1"]) == 3
     assert registry.resolve(ws, ref).metrics["perplexity"] == first.metrics["perplexity"]
 
     second = evaluate_model(ws, ref, suites=suites, cfg=cfg, device="cpu")

@@ -143,7 +143,10 @@ def main(argv: Sequence[str]) -> int:
 
     def stop(signum: int, frame: object) -> None:  # the host's timeout
         if child:
-            os.kill(child[0], signal.SIGKILL)
+            try:  # noqa: SIM105 - contextlib would cost start-up time on every run
+                os.kill(child[0], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     signal.signal(signal.SIGTERM, stop)
     layers: list[str] = []
@@ -175,6 +178,7 @@ def main(argv: Sequence[str]) -> int:
             os._exit(EXIT_LIMIT)  # reached only when setting up the program's process failed
     child.append(pid)
     _, wait_status, usage = os.wait4(pid, 0)
+    child.clear()
     if uid is not None and uid != NOBODY and "pid" not in namespaces:
         # (in a PID namespace the kernel has already killed them all, and refuses new forks)
         _sweep(uid)
@@ -375,7 +379,7 @@ def _program(cfg: Config, libc: _Libc | None, uid: int | None, nproc: int, proc:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-            layers.append(f"uid={uid}")
+            layers.append("nobody-uid" if uid == NOBODY else "own-uid")
         if libc is not None:
             _drop_capabilities(libc)
             _prctl(libc, PR_SET_NO_NEW_PRIVS, 1)

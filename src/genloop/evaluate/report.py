@@ -167,7 +167,7 @@ def metric_bars(result: SuiteResult) -> str | None:
     bars = ax.barh(names, values, color="#4c72b0")
     ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3, fontsize=8)
     ax.set_xlim(0, 1.1)
-    ax.set_title(f"{result.suite}: scores")
+    ax.set_title(f"{result.suite}: scores", y=1.0, pad=6)  # a fixed y skips a layout pass
     return _png(fig)
 
 
@@ -183,7 +183,7 @@ def per_sample_histogram(name: str, values: Sequence[float]) -> str | None:
     ax.hist(finite, bins=min(30, max(5, len(set(finite)))), color="#55a868")
     mean = statistics.fmean(finite)
     ax.axvline(mean, color="#c44e52", linestyle="--", label=f"mean {mean:.4g}")
-    ax.set_title(f"{name}: per-sample distribution (n={len(finite)})")
+    ax.set_title(f"{name}: per-sample distribution (n={len(finite)})", y=1.0, pad=6)
     ax.set_ylabel("samples")
     ax.legend(fontsize=8)
     return _png(fig)

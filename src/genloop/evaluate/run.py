@@ -172,9 +172,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _require_data(ctx: Context, suite: str) -> Path:
+def _require_data(ctx: Context) -> tuple[Path, DatasetVersionInfo]:
     assert ctx.data_dir is not None and ctx.dataset is not None  # _dataset() made sure
-    return ctx.data_dir
+    return ctx.data_dir, ctx.dataset
 
 
 def _seq_len(ctx: Context) -> int:
@@ -199,12 +199,11 @@ def _seq_len(ctx: Context) -> int:
 def run_perplexity(ctx: Context) -> SuiteResult:
     from genloop.evaluate.text import perplexity
 
-    data_dir = _require_data(ctx, "perplexity")
-    assert ctx.dataset is not None
+    data_dir, dataset = _require_data(ctx)
     tokens = data_dir / "tokens"
     if not tokens.is_dir():
         raise GenloopError(
-            f"dataset {ctx.dataset.ref} has no token shards; prepare it with a tokenizer "
+            f"dataset {dataset.ref} has no token shards; prepare it with a tokenizer "
             "section to evaluate perplexity"
         )
     return perplexity(
@@ -220,12 +219,11 @@ def run_perplexity(ctx: Context) -> SuiteResult:
 def run_generation(ctx: Context) -> SuiteResult:
     from genloop.evaluate.text import continuation_pairs, evaluate_generation
 
-    data_dir = _require_data(ctx, "generation")
-    assert ctx.dataset is not None
+    data_dir, dataset = _require_data(ctx)
     docs = data_dir / "docs" / f"{ctx.cfg.split}.jsonl"
     if not docs.is_file():
         raise GenloopError(
-            f"dataset {ctx.dataset.ref} has no {ctx.cfg.split} split; choose another with "
+            f"dataset {dataset.ref} has no {ctx.cfg.split} split; choose another with "
             "--set eval.split=val (or test)"
         )
     c = ctx.cfg
@@ -247,7 +245,7 @@ def run_code(ctx: Context) -> SuiteResult:
 
     c = ctx.cfg
     tasks = load_tasks(c.tasks_path or demo_tasks_path())
-    if c.max_samples is not None:
+    if c.max_samples is not None:  # the first N tasks, as for documents and pairs
         tasks = tasks[: c.max_samples]
     return evaluate_code(
         ctx.model,

@@ -17,13 +17,13 @@ The boundary, and what each layer stops:
   the working directory, ``/home``, ``/root`` and ``/run/user`` are covered by empty
   read-only tmpfs mounts, and a fresh ``/proc`` shows only the sandbox's processes.
 * **an unprivileged user**: as root, the program runs as a uid of its own
-  (``SANDBOX_UID_BASE`` + the launcher's PID, unique while it runs; ``nobody`` where that
-  uid is not mapped), with no supplementary groups, no capabilities and
+  (``_launcher.SANDBOX_UID_BASE`` + the launcher's PID, unique while it runs; ``nobody``
+  where that uid is not mapped), with no supplementary groups, no capabilities and
   ``PR_SET_NO_NEW_PRIVS``. A uid of its own makes ``RLIMIT_NPROC`` count exactly the
   program's processes (it counts per uid, so under a shared uid concurrent runs would
   share one budget) and lets the launcher kill everything left with that uid
   (``kill(-1)`` as that uid) even without a PID namespace. As a normal user the program
-  keeps your uid (and can read what you can read where no mount namespace hides it).
+  keeps your uid (and can read what you can read that no mount namespace hides).
 * **resource limits** set in the program's process before it starts: CPU seconds
   (``RLIMIT_CPU``), address space (``RLIMIT_AS``, the memory limit), size of any file it
   writes (``RLIMIT_FSIZE``), processes and threads (``RLIMIT_NPROC``), open files
@@ -33,18 +33,24 @@ The boundary, and what each layer stops:
   ``output_bytes`` of each stream are kept.
 * **an empty working directory** (``TMPDIR`` and ``HOME`` point there too), removed
   afterwards, and an **environment** of ``PATH``, ``LANG``, ``HOME`` and ``TMPDIR`` only.
+  The program's output goes nowhere but the result: the caller decides what to keep.
 * **an audit hook** (:pep:`578`), installed just before the program runs, refuses
   sockets, ctypes, new processes and signals, and writes outside the working directory.
   It gives clear errors early, but code in the same interpreter can get around an audit
   hook (through ``dir_fd`` arguments, a path object that changes its mind, or corrupting
   memory), so it is a second layer only: **the operating-system layers above are the
-  boundary.** No seccomp filter is installed.
+  boundary.**
 
-Which layers took effect is reported in :attr:`SandboxResult.layers`; when the kernel or
+Which layers took effect is reported in :attr:`SandboxResult.layers`. Where the kernel or
 the container refuses namespaces (a Docker container without ``CAP_SYS_ADMIN``, say), the
-other layers still apply and ``layers`` says what is missing. The launcher may import only
-the standard library: it runs with ``-I -S``, so the program sees the standard library and
-nothing installed beside it.
+other layers still apply, ``layers`` shows what is missing, and the audit hook is then the
+only thing between the program and the network: run untrusted code where ``netns``,
+``pidns`` and ``fs-readonly`` appear. Without a mount namespace an unprivileged uid can
+import only a standard library it may read (one under ``/root`` it may not). What stays
+open even with every layer: reading world-readable files (read-only), the kernel's own
+attack surface (no seccomp filter), and up to ``max_procs + 1`` processes using CPU until
+the timeout. The program sees the standard library only (``-I -S``), not the packages
+installed beside it.
 """
 
 from __future__ import annotations
@@ -80,7 +86,7 @@ class SandboxResult:
     refused operation, no network, a signal; or the sandbox itself failed). ``returncode``
     is the program's exit status (negative: the signal that killed it; None after a
     wall-clock timeout or when the sandbox failed). ``layers`` names the isolation layers
-    that took effect (``netns``, ``pidns``, ``fs-readonly``, ``uid=…``, ``rlimits``, …).
+    that took effect (``netns``, ``pidns``, ``fs-readonly``, ``own-uid``, ``rlimits``, …).
     """
 
     status: Status
@@ -173,7 +179,7 @@ def run_python(
             stdout_tail=out.decode("utf-8", "replace"),
             stderr_tail=stderr,
             seconds=round(time.monotonic() - start, 3),
-            layers=tuple(x for x in report["layers"].split(",") if x),
+            layers=tuple(sorted(x for x in report["layers"].split(",") if x)),
         )
     finally:
         _remove_tree(outer)
@@ -211,7 +217,7 @@ def _collect(pid: int, streams: dict[int, bytearray], deadline: float, keep: int
                 buf = streams[fd]
                 buf += data
                 if len(buf) > keep:
-                    del buf[:-keep]
+                    del buf[: len(buf) - keep]
     finally:
         sel.close()
     return timed_out
@@ -248,9 +254,10 @@ def _classify(timed_out: bool, report: dict[str, str], cpu_s: int) -> tuple[Stat
     if code == 0:
         return "passed", 0
     if code < 0:
-        # RLIMIT_CPU ends the program with SIGKILL (its soft and hard limits are equal)
+        # RLIMIT_CPU ends the program with SIGKILL (its soft and hard limits are equal); the
+        # CPU time rusage reports is sampled, so it can fall a little short of the limit
         used = float(report.get("cpu_s") or 0.0)
-        if -code in (signal.SIGKILL, signal.SIGXCPU) and used >= cpu_s - 0.05:
+        if -code in (signal.SIGKILL, signal.SIGXCPU) and used >= 0.9 * cpu_s - 0.05:
             return "timeout", code
         return "error", code
     return ("error" if code == EXIT_LIMIT else "failed"), code
