@@ -40,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,14 +146,14 @@ def make_config(args: argparse.Namespace, corpus: Path, precision: str) -> Any:
 # ------------------------------------------------------------------------------ genloop
 
 
-def run_genloop(ws: Any, cfg: Any, warmup: int) -> Side:
+def run_genloop(ws: Any, cfg: Any, warmup: int, name: str = "genloop") -> Side:
 
     from genloop.train.distributed import pick_device
     from genloop.train.loop import compute_dtype
     from genloop.train.loop import train as genloop_train
 
     dtype = compute_dtype(cfg.train.precision, pick_device(cfg.train.device))
-    side = Side("genloop", dtype, tokens_per_step=cfg.train.batch_size * cfg.tokenizer.seq_len)
+    side = Side(name, dtype, tokens_per_step=cfg.train.batch_size * cfg.tokenizer.seq_len)
     stamps: dict[int, float] = {}
 
     def progress(step: int, total: int, metrics: dict[str, float]) -> None:
@@ -195,7 +195,7 @@ def run_trainer(ws: Any, cfg: Any, warmup: int, *, bf16: bool, out_dir: Path) ->
 
     stamps: dict[int, float] = {}
 
-    class Stamps(TrainerCallback):  # type: ignore[misc]
+    class Stamps(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             stamps[state.global_step] = time.perf_counter()
 
@@ -270,7 +270,7 @@ def model_flops_per_token(cfg: Any, vocab: int) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run (under a minute, 2 cores)")
     p.add_argument("--preset", default=None, help="tiny, small or base [tiny; base on a GPU]")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
@@ -280,8 +280,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--corpus-mb", type=float, default=None, help="MB of python-stdlib to use")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
     p.add_argument("--compile", action="store_true", help="train.compile for genloop")
+    p.add_argument("--repeat", type=int, default=None, help="runs of each side; the best counts")
     p.add_argument("--no-bf16-trainer", action="store_true", help="skip the Trainer bf16 run")
+    p.add_argument(
+        "--fp32-check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run genloop in fp32 to check bf16's loss curve [on, off with --quick]",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU")
     args = p.parse_args(argv)
 
@@ -291,15 +299,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick, big = args.quick, gpu and not args.quick
     defaults = {
         "preset": "base" if big else "tiny",
-        "steps": 8 if quick else (30 if gpu else 40),
+        "steps": 6 if quick else 30,
         "warmup": 2 if quick else 5,
         "batch_size": 8 if quick else 16,
-        "seq_len": 256 if not big else 1024,
-        "corpus_mb": 1.0 if quick else 4.0,
+        "seq_len": 1024 if big else 256,
+        "corpus_mb": 0.5 if quick else 4.0,
+        "repeat": 1 if quick else 2,
+        "fp32_check": not quick,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     return args
 
 
@@ -315,11 +327,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     device = pick_device(args.device)
     print(
-        f"bench_train: preset {args.preset}, {args.steps} steps (first {args.warmup} and the "
-        f"last untimed), batch {args.batch_size} × seq_len {args.seq_len}, {device}, "
-        f"{torch.get_num_threads()} threads, compile {args.compile}",
+        f"bench_train: preset {args.preset}, {args.steps} steps (the first {args.warmup} and "
+        f"the last untimed), batch {args.batch_size} × seq_len {args.seq_len}, {device}, "
+        f"{torch.get_num_threads()} threads, compile {args.compile}, best of {args.repeat}",
         flush=True,
     )
+    best: dict[str, Side] = {}
     with tempfile.TemporaryDirectory(prefix="genloop-bench-train-") as tmp_name:
         tmp = Path(tmp_name)
         mb = write_corpus(tmp / "corpus", args.corpus_mb)
@@ -335,36 +348,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"(vocab {vocab:,}) in {time.perf_counter() - t0:.1f} s",
                 flush=True,
             )
-            sides = [run_genloop(ws, cfg, args.warmup)]
-            report(sides[-1])
-            sides.append(run_trainer(ws, cfg, args.warmup, bf16=False, out_dir=tmp / "hf"))
-            report(sides[-1])
-            if sides[0].dtype == "bf16" and not args.no_bf16_trainer:
-                sides.append(run_trainer(ws, cfg, args.warmup, bf16=True, out_dir=tmp / "hf16"))
-                report(sides[-1])
+            runs = plan_runs(args, ws, cfg, tmp)
+            for r in range(args.repeat):
+                # alternate the order, so neither side always runs first on a shared machine
+                for name, run in runs if r % 2 == 0 else runs[::-1]:
+                    side = run()
+                    report(side)
+                    if name not in best or side.tokens_per_s > best[name].tokens_per_s:
+                        best[name] = side
         finally:
             ws.close()
 
-    genloop, hf = sides[0], sides[1]
-    hf16 = sides[2] if len(sides) > 2 else None
+    genloop, hf = best["genloop"], best["hf_trainer"]
+    hf16, fp32 = best.get("hf_trainer_bf16"), best.get("genloop_fp32")
     peak = peak_bf16_flops(device, args.peak_tflops)
     mfu = None
     if peak is not None:
         mfu = model_flops_per_token(cfg, vocab) * genloop.tokens_per_s / peak
     ratio = genloop.tokens_per_s / hf.tokens_per_s
-    compare_losses(sides)
+    compare_losses(list(best.values()))
     figures: dict[str, Any] = {
         "tokens_per_s": round(genloop.tokens_per_s, 1),
         "hf_trainer_tokens_per_s": round(hf.tokens_per_s, 1),
         "ratio_vs_hf_trainer": round(ratio, 3),
         "mfu": None if mfu is None else round(mfu, 4),
-        "hf_trainer_bf16_tokens_per_s": round(hf16.tokens_per_s, 1) if hf16 else None,
-        "ratio_vs_hf_trainer_bf16": round(genloop.tokens_per_s / hf16.tokens_per_s, 3)
-        if hf16
-        else None,
+        "hf_trainer_bf16_tokens_per_s": _tps(hf16),
+        "ratio_vs_hf_trainer_bf16": _ratio(genloop, hf16),
+        "genloop_fp32_tokens_per_s": _tps(fp32),
         "final_loss": round(genloop.losses[-1], 4),
+        "genloop_fp32_final_loss": round(fp32.losses[-1], 4) if fp32 else None,
         "hf_trainer_final_loss": round(hf.losses[-1], 4),
-        "hf_trainer_bf16_final_loss": round(hf16.losses[-1], 4) if hf16 else None,
         "preset": args.preset,
         "steps": args.steps,
         "timed_steps": len(genloop.step_seconds),
@@ -375,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "hf_trainer_dtype": hf.dtype,
         "compile": args.compile,
         "threads": torch.get_num_threads(),
+        "repeat": args.repeat,
         "seconds": round(time.perf_counter() - started, 1),
     }
     if device.type == "cpu" and args.preset == "tiny":
@@ -382,6 +396,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"target ≥ {TARGET_RATIO_CPU}× Trainer on CPU for tiny: {verdict} ({ratio:.2f}×)")
     print(json.dumps(figures))
     return figures
+
+
+def plan_runs(
+    args: argparse.Namespace, ws: Any, cfg: Any, tmp: Path
+) -> list[tuple[str, Callable[[], Side]]]:
+    """The runs of one repeat: genloop and the Trainer, plus the bf16 and fp32 extras."""
+    from genloop.train.distributed import pick_device
+    from genloop.train.loop import compute_dtype
+
+    bf16 = compute_dtype(cfg.train.precision, pick_device(cfg.train.device)) == "bf16"
+    runs: list[tuple[str, Callable[[], Side]]] = [
+        ("genloop", lambda: run_genloop(ws, cfg, args.warmup)),
+        ("hf_trainer", lambda: run_trainer(ws, cfg, args.warmup, bf16=False, out_dir=tmp / "hf")),
+    ]
+    if bf16 and not args.no_bf16_trainer:
+        runs.append(
+            (
+                "hf_trainer_bf16",
+                lambda: run_trainer(ws, cfg, args.warmup, bf16=True, out_dir=tmp / "hf16"),
+            )
+        )
+    if bf16 and args.fp32_check:
+        fp32_cfg = make_config(args, Path(cfg.data.sources[0].path), "fp32")
+        runs.append(
+            ("genloop_fp32", lambda: run_genloop(ws, fp32_cfg, args.warmup, "genloop_fp32"))
+        )
+    return runs
+
+
+def _tps(side: Side | None) -> float | None:
+    return None if side is None else round(side.tokens_per_s, 1)
+
+
+def _ratio(side: Side, other: Side | None) -> float | None:
+    return None if other is None else round(side.tokens_per_s / other.tokens_per_s, 3)
 
 
 def report(side: Side) -> None:
@@ -394,18 +443,20 @@ def report(side: Side) -> None:
 
 
 def compare_losses(sides: list[Side]) -> None:
-    """How far each run's loss curve is from the fp32 Trainer's, step by step."""
-    reference = next(s for s in sides if s.name == "hf_trainer")
-    for s in sides:
-        if s is reference:
+    """bf16 against fp32, step by step: genloop's two runs, and the Trainer's two."""
+    by_name = {s.name: s for s in sides}
+    for low, high in (("genloop", "genloop_fp32"), ("hf_trainer_bf16", "hf_trainer")):
+        a, b = by_name.get(low), by_name.get(high)
+        if a is None or b is None or a.dtype == b.dtype:
             continue
-        n = min(len(s.losses), len(reference.losses))
-        gaps = [abs(a - b) for a, b in zip(s.losses[:n], reference.losses[:n], strict=True)]
-        rel = max(g / max(abs(b), 1e-9) for g, b in zip(gaps, reference.losses, strict=False))
+        gaps = [abs(x - y) for x, y in zip(a.losses, b.losses, strict=True)]
+        worst = max(range(len(gaps)), key=gaps.__getitem__)
         print(
-            f"loss curve {s.name} ({s.dtype}) vs hf_trainer (fp32): max |Δ| {max(gaps):.4f} "
-            f"({rel:.2%}), final {s.losses[n - 1]:.4f} vs {reference.losses[n - 1]:.4f}"
+            f"loss curve {a.name} ({a.dtype}) vs {b.name} ({b.dtype}) over {len(gaps)} steps: "
+            f"max |Δ| {gaps[worst]:.4f} ({gaps[worst] / abs(b.losses[worst]):.2%}) at step "
+            f"{worst + 1}; final {a.losses[-1]:.4f} vs {b.losses[-1]:.4f}"
         )
+    for s in sides:
         if not all(math.isfinite(x) for x in s.losses):
             print(f"warning: {s.name} has a non-finite loss", file=sys.stderr)
 

@@ -29,7 +29,7 @@ def reference(
 def test_matches_pytorch_cross_entropy_and_its_gradient(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, eps: float, c: float, reduction: str
 ) -> None:
-    monkeypatch.setattr(token_loss_module, "CHUNK_ELEMENTS", 3 * 37)  # 3 rows per chunk
+    monkeypatch.setattr(token_loss_module, "CHUNK_ELEMENTS", {"cpu": 3 * 37})  # 3 rows a chunk
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(2, 5, 37, generator=gen) * 3  # (B, T, V)
     targets = torch.randint(0, 37, (2, 5), generator=gen)
@@ -69,3 +69,11 @@ def test_logits_are_not_changed_and_an_all_masked_batch_is_zero() -> None:
     assert empty.item() == 0.0
     assert torch.equal(logits.detach(), before)
     assert logits.grad is not None and torch.all(logits.grad == 0)
+
+
+def test_a_second_backward_through_the_same_graph_is_refused() -> None:
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    loss = token_loss(logits, torch.randint(0, 7, (2, 3)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -332,7 +332,10 @@ def test_a_bad_config_fails_every_rank(tmp_path: Path) -> None:
     cfg.write_text(json.dumps({"train": {"max_steps": 0}}))
     proc = torchrun(tmp_path / "ws", "-m", "genloop", "train", str(cfg), timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.count("max_steps") >= 2, output(proc)  # one line from each rank
+    # every rank fails on its own; torchrun may stop the slower rank before it prints
+    assert proc.stderr.count("invalid value for 'train.max_steps'") >= 1, output(proc)
+    # torchrun prints its own traceback when a rank fails; genloop's ranks print none
+    assert "genloop/" not in proc.stderr.split("torch/distributed/run.py")[0], output(proc)
 
 
 # in-process checks of the helpers a single process uses (no process group)

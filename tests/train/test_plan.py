@@ -18,10 +18,8 @@ from genloop.errors import ConfigError, GenloopError
 from genloop.train.plan import Candidate, default_candidates, plan, recommend
 from genloop.workspace import Workspace, init_workspace
 
-WORDS = (
-    "the a model learns patterns from data every day and night across small towns while "
-    "rivers carry quiet stones under bright green bridges near old markets"
-).split()
+WORDS = ["the", "a", "model", "learns", "patterns", "from", "data", "every", "day"]
+WORDS += ["rivers", "carry", "quiet", "stones", "under", "bright", "green"]
 # Two tiny architectures (model-section keys), so measuring both takes a second or two.
 TINY_CANDIDATES: dict[str, dict[str, Any]] = {
     "micro": {"preset": "tiny", "n_layer": 1, "n_embd": 32, "n_head": 2},
@@ -162,9 +160,9 @@ def test_cli_prints_a_json_plan(tmp_path: Path) -> None:
             }
         )
     )
+    args = ["plan", str(config), "--presets", "config", "--steps", "1", "--budget-hours", "2"]
     out = subprocess.run(
-        [sys.executable, "-m", "genloop", "-w", str(tmp_path / "ws"), "plan", str(config)]
-        + ["--presets", "config", "--steps", "1", "--budget-hours", "2", "--json"],
+        [sys.executable, "-m", "genloop", "-w", str(tmp_path / "ws"), *args, "--json"],
         capture_output=True,
         text=True,
         timeout=120,

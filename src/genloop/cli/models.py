@@ -47,8 +47,12 @@ def list_(
 
 
 def _headline(metrics: dict[str, object], limit: int = 3) -> str:
+    """The few metrics worth a glance, quality first."""
+    preferred = ("perplexity", "pass@1", "val_loss", "bleu", "loss")
+    keys = [k for k in preferred if k in metrics] or list(metrics)
     parts = []
-    for k, v in list(metrics.items())[:limit]:
+    for k in keys[:limit]:
+        v = metrics[k]
         parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
     return " ".join(parts)
 

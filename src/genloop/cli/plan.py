@@ -88,7 +88,7 @@ def plan(
                 c.name + (" (configured)" if c.configured else ""),
                 f"{c.params / 1e6:.1f}M",
                 f"{c.rule_tokens / 1e6:,.1f}M",
-                f"{c.epochs:.3g}",
+                f"{c.epochs:,.2f}" if c.epochs < 10 else f"{c.epochs:,.0f}",
                 f"{c.tokens_per_s:,.0f}" if c.tokens_per_s else "",
                 format_hours(c.hours),
                 f"{c.peak_memory_mb:,.0f}" if c.peak_memory_mb is not None else "",
@@ -98,13 +98,13 @@ def plan(
     print_table(
         f"candidates (budget {format_hours(result.budget_hours)}, "
         f"{result.tokens_per_param:g} tokens/parameter, ≤ {result.max_epochs:g} epochs)",
-        ["candidate", "params", "tokens", "epochs", "tokens/s", "time", "peak MiB", "fits"],
+        ["candidate", "params", "tokens", "epochs", "tok/s", "time", "MiB", "fits"],
         rows,
     )
     if result.recommended is not None:
         console.print(
-            f"recommended: {result.family} {result.recommended} "
-            f"(train.max_steps ≈ {result.suggested_max_steps:,})",
+            f"recommended: {result.family} {result.recommended}, train.max_steps ≈ "
+            f"{result.suggested_max_steps:,} ({result.tokens_per_step:,} tokens a step)",
             highlight=False,
             markup=False,
         )

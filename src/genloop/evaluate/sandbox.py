@@ -123,7 +123,7 @@ def run_python(
     if not sys.executable:
         raise RuntimeError("no Python executable to start the sandbox with (sys.executable)")
     cpu = cpu_s if cpu_s is not None else max(1, math.ceil(timeout_s))
-    outer = tempfile.mkdtemp(prefix="genloop-sandbox-")
+    outer = tempfile.mkdtemp(prefix="genloop-sandbox-", dir=_parent_dir(tempfile.gettempdir()))
     start = time.monotonic()
     try:
         # the unprivileged program must pass through to its directory; it cannot list or write
@@ -261,6 +261,22 @@ def _classify(timed_out: bool, report: dict[str, str], cpu_s: int) -> tuple[Stat
             return "timeout", code
         return "error", code
     return ("error" if code == EXIT_LIMIT else "failed"), code
+
+
+def _parent_dir(tmp: str) -> str:
+    """Where the sandbox's directory goes: ``tmp``, unless the program's unprivileged uid
+    could not pass through it to its own directory (``TMPDIR=/root/tmp``, say)."""
+    import stat
+
+    if os.geteuid() != 0:
+        return tmp  # the program keeps our uid
+    path = os.path.realpath(tmp)
+    while True:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return "/tmp"  # noqa: S108 - mkdtemp makes a fresh, private directory in it
+        if path == "/":
+            return tmp
+        path = os.path.dirname(path)
 
 
 def _hidden_dirs() -> list[str]:

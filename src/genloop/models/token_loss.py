@@ -20,7 +20,10 @@ from torch import Tensor
 from genloop.errors import GenloopError
 
 IGNORE_INDEX = -100  # the label of a position that takes no part in the loss (HF convention)
-CHUNK_ELEMENTS = 2**23  # float32 logits per chunk (32 MiB): rows = CHUNK_ELEMENTS // V
+# float32 logits per chunk (rows = CHUNK_ELEMENTS // V): on a CPU, 4 MiB, which stays in
+# cache and in malloc's free lists (a fresh 32 MiB buffer per chunk costs more in page
+# faults than the arithmetic); on a GPU, 128 MiB, so kernel launches don't add up
+CHUNK_ELEMENTS = {"cpu": 2**20, "cuda": 2**25}
 
 
 def token_loss(
@@ -76,43 +79,47 @@ def _cross_entropy_sum(
     *,
     with_grad: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Σ over counted positions of (1-ε)·(lse - z_t) + ε·(lse - mean z) + c·lse², where z
-    are a position's logits and lse = log Σ exp z, and (``with_grad``) its gradient with
-    respect to z: softmax(z)·(1 + 2c·lse) - (1-ε)·one_hot(t) - ε/V, zero where ignored,
-    in the logits' dtype (the dtype autograd hands back to the layer that made them)."""
+    """Σ over counted positions of -(1-ε)·log p_t - ε·mean(log p) + c·lse², where
+    p = softmax(z) of a position's logits z and lse = log Σ exp z, and (``with_grad``) its
+    gradient with respect to z: p·(1 + 2c·lse) - (1-ε)·one_hot(t) - ε/V, zero where
+    ignored, in the logits' dtype (the dtype autograd hands back to the layer that made
+    them)."""
     n, v = logits.shape
     grad = torch.empty_like(logits) if with_grad else None
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     eps, c = label_smoothing, z_loss_coef
-    rows = max(1, CHUNK_ELEMENTS // max(v, 1))
+    rows = max(1, CHUNK_ELEMENTS.get(logits.device.type, 2**23) // max(v, 1))
     for start in range(0, n, rows):
-        z = logits[start : start + rows].to(torch.float32, copy=True)  # (n_c, V)
+        z = logits[start : start + rows].float()  # (n_c, V)
         t = targets[start : start + rows]
         keep = t != ignore_index  # (n_c,)
         safe = torch.where(keep, t, 0).unsqueeze(1)  # (n_c, 1)
-        lse = torch.logsumexp(z, dim=-1)  # (n_c,)
-        per = lse - z.gather(1, safe).squeeze(1)  # -log p_t
+        log_p = torch.log_softmax(z, dim=-1)  # (n_c, V), a new tensor
+        log_p_t = log_p.gather(1, safe).squeeze(1)
+        per = -log_p_t
         if eps > 0.0:
-            per = (1.0 - eps) * per + eps * (lse - z.mean(dim=-1))
+            per = (1.0 - eps) * per - eps * log_p.mean(dim=-1)
         if c > 0.0:
+            lse = z.gather(1, safe).squeeze(1) - log_p_t  # log p_t = z_t - lse
             per = per + c * lse.square()
         total += torch.where(keep, per, 0.0).sum()
         if grad is None:
             continue
-        p = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of z
+        p = log_p.exp_()  # softmax, in place of log_p
         if c > 0.0:
             p.mul_((1.0 + 2.0 * c * lse).unsqueeze(1))
         if eps > 0.0:
             p.sub_(eps / v)
         p.scatter_add_(1, safe, torch.full(safe.shape, eps - 1.0, device=p.device))
         p.mul_(keep.unsqueeze(1))
-        grad[start : start + rows] = p
+        grad[start : start + rows].copy_(p)  # cast to the logits' dtype
     return total, grad
 
 
 class _CrossEntropy(torch.autograd.Function):
     """``_cross_entropy_sum`` with the gradient formed in the forward pass; backward only
-    scales it by the loss's incoming gradient."""
+    scales it by the loss's incoming gradient, in place (a second backward through the
+    same graph, ``retain_graph=True``, is refused by autograd's version check)."""
 
     @staticmethod
     def forward(
@@ -132,4 +139,4 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None
+        return grad.mul_(grad_total.to(grad.dtype)), None, None, None, None

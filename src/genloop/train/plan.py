@@ -22,10 +22,8 @@ import contextlib
 import gc
 import math
 import os
-import resource
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,7 +90,7 @@ class PlanResult:
     precision: str  # what the loop's autocast runs in on this device: bf16 or fp32
     candidates: list[Candidate]
     recommended: str | None
-    suggested_max_steps: int | None  # train.max_steps for the recommended size's tokens
+    suggested_max_steps: int | None  # for its rule tokens, or what the budget allows if less
     reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,7 +182,7 @@ def plan(
         precision=precision,
         candidates=chosen,
         recommended=pick.name if pick else None,
-        suggested_max_steps=math.ceil(pick.rule_tokens / tokens_per_step) if pick else None,
+        suggested_max_steps=_suggested_steps(pick, budget_hours, tokens_per_step),
         reasons=reasons,
     )
 
@@ -265,7 +263,8 @@ def measure(
         Path(), seq_len, t.batch_size, t.seed, device, t.label_smoothing, t.z_loss
     )
     autocast = _autocast(t.precision, device)
-    with _peak_memory(device) as peak:
+    peak = PeakMemory(device)
+    with peak:
         model, model_config, _ = build_model(ws, variant, tokenizer_dir, device)
         vocab = int(model_config["vocab_size"])
         optimizer = make_optimizer(
@@ -283,10 +282,13 @@ def measure(
             for _ in range(t.grad_accum):
                 with autocast:
                     loss, _ = objective.loss(model, batch)
+                peak.sample()  # the activations are all held here
                 (loss / t.grad_accum).backward()  # type: ignore[no-untyped-call]
+                peak.sample()
             if t.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
+            peak.sample()
             optimizer.zero_grad(set_to_none=True)
             if i >= warmup_steps:
                 timed += 1
@@ -300,7 +302,7 @@ def measure(
             raise GenloopError(f"the loss of {dict(architecture)} is not finite on random tokens")
         del model, optimizer, batch, loss
     step_s = seconds / timed
-    return t.batch_size * t.grad_accum * seq_len / step_s, step_s, peak[0]
+    return t.batch_size * t.grad_accum * seq_len / step_s, step_s, peak.mb
 
 
 def default_candidates(cfg: GenloopConfig) -> dict[str, dict[str, Any]]:
@@ -434,6 +436,16 @@ def _shortfall(c: Candidate, budget_hours: float, max_epochs: float) -> str:
     return " and ".join(problems) or "fits"
 
 
+def _suggested_steps(pick: Candidate | None, budget_hours: float, per_step: int) -> int | None:
+    """Optimizer steps for the rule's tokens, or for what the budget allows if that is less."""
+    if pick is None:
+        return None
+    tokens = float(pick.rule_tokens)
+    if pick.tokens_per_s:
+        tokens = min(tokens, pick.tokens_per_s * budget_hours * 3600)
+    return max(1, math.ceil(tokens / per_step))
+
+
 def format_hours(h: float | None) -> str:
     """Hours as seconds, minutes, hours or days, whichever reads best."""
     if h is None:
@@ -454,55 +466,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def _peak_memory(device: torch.device) -> Iterator[list[float]]:
-    """Yields a one-item list that holds, on exit, the peak memory (MiB) used inside.
+class PeakMemory:
+    """Peak memory (MiB) used inside ``with``, above what was in use when it began.
 
-    CUDA: ``max_memory_allocated`` above what was allocated before. CPU: the resident set
-    size, sampled every few milliseconds, above what it was before (after a collection,
-    so memory the previous candidate freed is not counted against this one).
+    CUDA: ``max_memory_allocated``. CPU: the resident set size, read at each ``sample()``
+    (the caller samples where usage peaks: after a forward pass, a backward pass and an
+    optimizer step; a sampling thread would take CPU time from the training threads),
+    after a collection and a heap trim at the start, so memory the previous candidate freed
+    is not counted against this one.
     """
-    import torch
 
-    out = [0.0]
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        allocated = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        yield out
-        out[0] = (torch.cuda.max_memory_allocated(device) - allocated) / 2**20
-        return
-    _trim_heap()
-    before = _rss_bytes()
-    if before is None:  # no /proc: the high-water mark only grows, so this is a lower bound
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        yield out
-        out[0] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
-        return
-    peak: list[int] = [before]
-    stop = threading.Event()
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mb = 0.0
+        self._before = 0
+        self._peak = 0
 
-    def sample() -> None:
-        while not stop.wait(0.002):
-            now = _rss_bytes()
-            if now is not None and now > peak[0]:
-                peak[0] = now
+    def __enter__(self) -> PeakMemory:
+        import torch
 
-    sampler = threading.Thread(target=sample, name="genloop-plan-rss", daemon=True)
-    sampler.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        sampler.join()
-        out[0] = max(peak[0] - before, 0) / 2**20
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            self._before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _trim_heap()
+            self._before = self._peak = _rss_bytes() or 0
+        return self
+
+    def sample(self) -> None:
+        if self.device.type != "cuda":
+            self._peak = max(self._peak, _rss_bytes() or 0)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            self._peak = torch.cuda.max_memory_allocated(self.device)
+        self.mb = max(self._peak - self._before, 0) / 2**20
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _rss_bytes() -> int | None:
+    """The resident set size now (Linux); None where /proc is missing."""
     try:
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * _PAGE
