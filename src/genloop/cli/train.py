@@ -74,7 +74,14 @@ def train(
                 info += f"  val {m['val_loss']:.4f}"
             bar.update(task, completed=step, info=info)
 
-        result = run_training(ws, cfg, resume=run or resume, model_name=name, progress=progress)
+        result = run_training(
+            ws,
+            cfg,
+            resume=run or resume,
+            model_name=name,
+            progress=progress,
+            root=config.parent,
+        )
     if not main:
         return
     out = {

@@ -116,9 +116,11 @@ def train(
     model_name: str | None = None,
     progress: ProgressFn | None = None,
     register: bool = True,
+    root: Path | None = None,
 ) -> TrainResult:
     """Train (or fine-tune) the model ``cfg`` describes; returns the run and model version.
 
+    ``root`` is where relative paths in the data section start (the config file's folder).
     ``resume=True`` continues the newest unfinished run of this model name, ``resume=RUN_ID``
     that run; either continues exactly where its last good checkpoint left off.
     ``train.resume`` in the config does the same when there is such a run, and starts a new
@@ -132,7 +134,7 @@ def train(
         # --resume insists on a run to continue; train.resume in the config takes one if any
         run_id = _find_resumable(ws, name, resume or t.resume, required=bool(resume))
         resuming = run_id is not None
-        s = setup(ws, cfg, dist)
+        s = setup(ws, cfg, dist, root=root)
         tracker: RunTracker | None = None
         if dist.is_main:
             tracker = (
@@ -171,7 +173,9 @@ def train(
         distributed.teardown(dist)
 
 
-def setup(ws: Workspace, cfg: GenloopConfig, dist: distributed.Dist) -> Setup:
+def setup(
+    ws: Workspace, cfg: GenloopConfig, dist: distributed.Dist, root: Path | None = None
+) -> Setup:
     """The data, the model and the optimizer for this config."""
     from genloop.train.objectives import LanguageModeling
     from genloop.workspace.datasets import resolve_dataset
@@ -185,7 +189,7 @@ def setup(ws: Workspace, cfg: GenloopConfig, dist: distributed.Dist) -> Setup:
         from genloop.data.prepare import prepare_dataset
 
         if dist.is_main:
-            dataset, _ = prepare_dataset(ws, cfg.data, cfg.tokenizer)
+            dataset, _ = prepare_dataset(ws, cfg.data, cfg.tokenizer, root=root)
             distributed.broadcast(dataset.ref, dist)
         else:  # under torchrun rank 0 prepares (or finds) the version; the others look it up
             dataset = resolve_dataset(ws, distributed.broadcast("", dist))

@@ -125,7 +125,6 @@ def plan(
     of measuring have passed, but at least one). ``root`` resolves the data section's
     relative paths, as for ``genloop data prepare``.
     """
-
     from genloop.train import distributed
     from genloop.train.loop import compute_dtype, seed_everything
 
