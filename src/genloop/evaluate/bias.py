@@ -37,7 +37,6 @@ neither replaces reading the generations (``samples`` holds some).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from genloop.data.jsonl import read_jsonl
 from genloop.errors import GenloopError, NotFoundError
 from genloop.evaluate.generate import generate_texts
 from genloop.evaluate.results import SuiteResult
@@ -96,22 +96,12 @@ def load_probes(path: Path | None = None) -> list[Probe]:
         raise NotFoundError(f"no bias probe file {path}")
     probes: list[Probe] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GenloopError(f"{where}: not valid JSON ({exc.msg})") from None
-            probe = _parse_probe(row, where)
-            if probe.id in seen:
-                raise GenloopError(
-                    f"{where}: id {probe.id!r} already used on line {seen[probe.id]}"
-                )
-            seen[probe.id] = lineno
-            probes.append(probe)
+    for lineno, where, row in read_jsonl(path):
+        probe = _parse_probe(row, where)
+        if probe.id in seen:
+            raise GenloopError(f"{where}: id {probe.id!r} already used on line {seen[probe.id]}")
+        seen[probe.id] = lineno
+        probes.append(probe)
     if not probes:
         raise GenloopError(f"{path} holds no probes")
     return probes

@@ -18,7 +18,6 @@ replacement passes is ``1 - C(n-c, k) / C(n, k)``, computed as a product so that
 from __future__ import annotations
 
 import gzip
-import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from genloop.data.jsonl import parse_jsonl
 from genloop.errors import GenloopError
 from genloop.evaluate.results import SuiteResult
 from genloop.evaluate.sandbox import SandboxResult, run_python
@@ -71,14 +71,7 @@ def load_tasks(path: Path | str) -> list[Task]:
         raise GenloopError(f"cannot read code task file {path}: {e}") from None
     tasks: list[Task] = []
     seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GenloopError(f"{where}: not valid JSON ({e.msg})") from None
+    for _lineno, where, row in parse_jsonl(lines, path):
         task = _task_from_row(row, where)
         if task.task_id in seen:
             raise GenloopError(f"{where}: task_id {task.task_id!r} appears twice")

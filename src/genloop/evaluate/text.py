@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genloop.data.jsonl import read_jsonl
 from genloop.errors import GenloopError, NotFoundError
 from genloop.evaluate.generate import generate_texts
 from genloop.evaluate.results import SuiteResult
@@ -173,18 +173,11 @@ def continuation_pairs(
 
 def _read_docs(path: Path) -> Iterator[tuple[int, str, str]]:
     """(line number, id, text) of each row; the line number stands in for a missing id."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GenloopError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise GenloopError(f'{path}:{lineno}: expected an object with a "text" string')
-            doc_id = row.get("id")
-            yield lineno, str(lineno if doc_id is None else doc_id), row["text"]
+    for lineno, where, row in read_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise GenloopError(f'{where}: expected an object with a "text" string')
+        doc_id = row.get("id")
+        yield lineno, str(lineno if doc_id is None else doc_id), row["text"]
 
 
 _LAST_SPACE = re.compile(r"\s(?=\S*\Z)")

@@ -272,15 +272,11 @@ def read_pairs(data_dir: Path, split: str, kind: str) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            where = f"{path.name} line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GenloopError(f"{where}: not valid JSON ({exc})") from None
-            check_pair_row(kind, row, where)
-            rows.append(row)
+    from genloop.data.jsonl import read_jsonl
+
+    for _n, where, row in read_jsonl(path):
+        check_pair_row(kind, row, where)
+        rows.append(row)
     return rows
 
 
