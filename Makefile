@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned: the CPU build, never a multi-GB CUDA download
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# the web UI tests drive Debian's chromium (apt-get; no browser download)
+	bash scripts/install-browser.sh
 	touch $(STAMP)
 
 install: $(STAMP)

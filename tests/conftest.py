@@ -99,3 +99,44 @@ def catalog_workspace(tmp_path: Path, catalog_url: str) -> Iterator[Workspace]:
     ws = init_workspace(tmp_path / "ws", database_url=catalog_url)
     yield ws
     ws.close()
+
+
+class CliResult:
+    """What a user sees from one ``genloop`` command: exit code, stdout and stderr."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@pytest.fixture
+def genloop_cli() -> object:
+    """``genloop_cli(ws_root, *args)`` runs ``genloop ARGS`` through its console entry point
+    in this process (argv, exit code, stdout and stderr as a user sees them)."""
+    import io
+    import logging
+    import sys
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from genloop.cli.main import main
+
+    def run(ws_root: Path, *args: object) -> CliResult:
+        out, err = io.StringIO(), io.StringIO()
+        logger = logging.getLogger("genloop")  # the CLI sets it up; put it back afterwards
+        with pytest.MonkeyPatch.context() as m, redirect_stdout(out), redirect_stderr(err):
+            m.setenv("GENLOOP_HOME", str(ws_root))
+            m.setattr(sys, "argv", ["genloop", *map(str, args)])
+            m.setattr(logger, "handlers", list(logger.handlers))
+            m.setattr(logger, "propagate", logger.propagate)
+            m.setattr(logger, "level", logger.level)
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        return CliResult(code, out.getvalue(), err.getvalue())
+
+    return run

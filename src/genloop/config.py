@@ -192,6 +192,12 @@ class BuiltinSource(BaseModel):
         description="python-stdlib: this interpreter's standard library sources; python-docs: "
         "its docstrings and pydoc topics; digits: scikit-learn's 8×8 digits with labels."
     )
+    max_files: int | None = Field(
+        None,
+        ge=1,
+        description="python-stdlib/python-docs: keep only the first N files (in path order), "
+        "for quick runs; unset: all.",
+    )
 
 
 class UrlSource(BaseModel):

@@ -14,7 +14,25 @@ from typing import Annotated
 import typer
 
 import genloop
-from genloop.cli import config_cmd, data, evaluate, models, plan, train
+from genloop.cli import (
+    config_cmd,
+    data,
+    evaluate,
+    feedback,
+    generate,
+    images,
+    keys,
+    models,
+    monitor,
+    optimize,
+    pipeline,
+    plan,
+    privacy,
+    retrain,
+    serve,
+    train,
+    tune,
+)
 from genloop.cli.context import console, err_console, state
 
 app = typer.Typer(
@@ -31,8 +49,20 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(data.app, name="data")
 app.command("train")(train.train)
 app.command("plan")(plan.plan)
+app.command("run")(pipeline.run)
 app.add_typer(evaluate.app, name="eval")
 app.command("gate")(evaluate.gate)
+app.command("tune")(tune.tune)
+app.command("optimize")(optimize.optimize)
+app.command("generate")(generate.generate)
+app.command("augment")(images.augment)
+app.command("serve")(serve.serve)
+app.add_typer(keys.app, name="keys")
+app.add_typer(privacy.app, name="privacy")
+app.add_typer(monitor.app, name="monitor")
+app.add_typer(feedback.app, name="feedback")
+app.command("retrain")(retrain.retrain)
+app.command("loop")(retrain.loop)
 
 
 def _version(value: bool) -> None:

@@ -82,6 +82,22 @@ def input_hash(
     return h.hexdigest()
 
 
+def dataset_digest(
+    cfg: DataConfig, tokenizer: TokenizerConfig | None = None, *, root: Path | None = None
+) -> str:
+    """The input hash :func:`prepare_dataset` would give ``cfg`` (the version's identity)."""
+    from genloop.data.sources import build_source
+
+    sources = [build_source(spec.model_dump(), root=root) for spec in cfg.sources]
+    if cfg.kind == "images":
+        tokenizer = None
+    pretrained = None
+    if tokenizer is not None and tokenizer.kind == "pretrained":
+        assert tokenizer.path is not None
+        pretrained = _pretrained_dir(tokenizer.path, root)
+    return input_hash(cfg, tokenizer, sources, pretrained)
+
+
 def prepare_dataset(
     ws: Workspace,
     cfg: DataConfig,

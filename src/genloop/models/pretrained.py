@@ -286,21 +286,11 @@ def _read_pickle_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
     if len(chosen) > 1 and not hf_names:
         names = ", ".join(p.name for p in chosen)
         raise GenloopError(f"several pickle files ({names}); cannot tell which holds the weights")
+    from genloop.security.safe_load import load_state_dict
+
     state: dict[str, torch.Tensor] = {}
-    for file in chosen:
-        try:
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # weights_only refuses anything but tensors and plain data
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GenloopError(
-                f"{file}: refused by torch.load(weights_only=True) ({first}); it holds more than "
-                "plain tensors"
-            ) from None
-        if not isinstance(loaded, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
-        ):
-            raise GenloopError(f"{file} does not hold a flat mapping of names to tensors")
-        state.update(loaded)
+    for file in chosen:  # torch.load(weights_only=True), in the one place that loads weights
+        state.update(load_state_dict(file, trust_pickle=True))
     return state
 
 

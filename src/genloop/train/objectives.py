@@ -20,6 +20,11 @@ Rows (other keys, such as ``id`` or ``meta``, are kept and ignored)::
     sft: {"prompt": str, "response": str}  or  {"messages": [{"role", "content"}, ...]}
     dpo: {"prompt": str, "chosen": str, "rejected": str}
 
+A prompt/response row goes through the chat template, unless it says
+``"format": "completion"``: then it is plain text, the response's tokens right after the
+prompt's and an end of text (how ``/v1/completions`` prompts a model; feedback on
+completions is exported so, and an empty prompt makes the row plain language modeling).
+
 :func:`write_pairs_dataset` makes one (the feedback export calls it).
 """
 
@@ -55,6 +60,7 @@ PAIRS_FORMAT = "genloop-pairs"
 PAIRS_FORMAT_VERSION = 1
 IGNORE_INDEX = -100  # genloop.models.token_loss.IGNORE_INDEX, without importing torch here
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+ROW_FORMATS = ("chat", "completion")
 T = TypeVar("T")
 
 
@@ -139,7 +145,11 @@ def check_pair_row(kind: str, row: object, where: str = "row") -> None:
     """Raise a GenloopError saying what is wrong with ``row`` for a ``kind`` dataset."""
     if not isinstance(row, Mapping):
         raise GenloopError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if row.get("format", "chat") not in ROW_FORMATS:
+        raise GenloopError(f"{where}: format must be 'chat' or 'completion', not {row['format']!r}")
     if kind == "sft" and "messages" in row:
+        if row.get("format") == "completion":
+            raise GenloopError(f"{where}: a completion row has prompt and response, not messages")
         _check_messages(row["messages"], where)
         return
     required = ("prompt", "chosen", "rejected") if kind == "dpo" else ("prompt", "response")
@@ -358,6 +368,19 @@ def chat_tokens(
     return ids, [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
 
 
+def completion_tokens(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str
+) -> tuple[list[int], list[int]]:
+    """The ids of ``prompt`` + ``response`` + end of text as plain text (no template), and
+    a 0/1 mask of the response's tokens and the end of text."""
+    eos = tokenizer.eos_token_id
+    if not isinstance(eos, int):
+        raise GenloopError("the tokenizer has no eos token to end a completion")
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+    response_ids = [*tokenizer(response, add_special_tokens=False)["input_ids"], eos]
+    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+
+
 def _masked(ids: list[int], mask: list[int], max_len: int) -> Example | None:
     """The example truncated to ``max_len`` tokens; None when no response token is left to
     predict (position 0 predicts nothing)."""
@@ -381,6 +404,8 @@ def sft_example(
     for the encoder, the response + eos as labels.
     """
     if not encoder_decoder:
+        if row.get("format") == "completion":
+            return _masked(*completion_tokens(tokenizer, row["prompt"], row["response"]), max_len)
         return _masked(*chat_tokens(tokenizer, row_messages(row)), max_len)
     eos = tokenizer.eos_token_id
     if not isinstance(eos, int):
@@ -405,8 +430,12 @@ def dpo_example(
 ) -> tuple[Example, Example] | None:
     """(chosen, rejected) examples of a DPO row; None if either loses its response to
     truncation."""
-    chosen = _masked(*chat_tokens(tokenizer, row_messages(row, "chosen")), max_len)
-    rejected = _masked(*chat_tokens(tokenizer, row_messages(row, "rejected")), max_len)
+    if row.get("format") == "completion":
+        chosen = _masked(*completion_tokens(tokenizer, row["prompt"], row["chosen"]), max_len)
+        rejected = _masked(*completion_tokens(tokenizer, row["prompt"], row["rejected"]), max_len)
+    else:
+        chosen = _masked(*chat_tokens(tokenizer, row_messages(row, "chosen")), max_len)
+        rejected = _masked(*chat_tokens(tokenizer, row_messages(row, "rejected")), max_len)
     return None if chosen is None or rejected is None else (chosen, rejected)
 
 

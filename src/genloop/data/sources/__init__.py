@@ -77,7 +77,7 @@ SPEC_KEYS: dict[str, dict[str, tuple[str, bool]]] = {
         "exclude": ("list", False),
         "max_bytes": ("int", False),
     },
-    "builtin": {"name": ("str", True)},
+    "builtin": {"name": ("str", True), "max_files": ("int", False)},
     "url": {
         "urls": ("strs", True),
         "allow_private": ("bool", False),

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import hashlib
 import io
 import json
@@ -35,11 +36,14 @@ Item = Record | Quarantined
 
 
 class BuiltinSource:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, max_files: int | None = None) -> None:
         if name not in NAMES:
             raise GenloopError(f"builtin source: unknown name {name!r}; choose from {NAMES}")
+        if max_files is not None and max_files < 1:
+            raise GenloopError(f"builtin source: max_files must be at least 1, not {max_files}")
         self.name = name
         self.kind = f"builtin:{name}"
+        self.max_files = max_files
 
     def records(self) -> Iterator[Item]:
         if self.name == "python-stdlib":
@@ -51,7 +55,10 @@ class BuiltinSource:
     def fingerprint(self) -> str:
         if self.name == "digits":
             return _digits_fingerprint()
-        return local.fingerprint({"kind": self.kind, "python": _python()}, _stdlib_files())
+        return local.fingerprint(
+            {"kind": self.kind, "python": _python(), "max_files": self.max_files},
+            self._files(),
+        )
 
     def describe(self) -> dict[str, Any]:
         if self.name == "digits":
@@ -63,8 +70,12 @@ class BuiltinSource:
             "name": self.name,
             "python": _python(),
             "path": str(_stdlib_root()),
-            "files": sum(1 for _ in _stdlib_files()),
+            "files": sum(1 for _ in self._files()),
         }
+
+    def _files(self) -> Iterator[LocalFile]:
+        files = _stdlib_files()
+        return files if self.max_files is None else itertools.islice(files, self.max_files)
 
     # -- python-stdlib ---------------------------------------------------------------
 
@@ -77,7 +88,7 @@ class BuiltinSource:
                 yield Record(f.rel, self.kind, text=source, meta=meta)
 
     def _sources(self) -> Iterator[tuple[LocalFile, str | Quarantined]]:
-        for f in _stdlib_files():
+        for f in self._files():
             if f.path is None:
                 yield f, Quarantined(f.rel, self.kind, "outside_base", "a link that leads out")
                 continue

@@ -1,0 +1,39 @@
+# genloop server image. CPU by default; CUDA with --build-arg VARIANT=cuda.
+#
+#   docker build -t genloop .                          # CPU (torch 2.13.0 CPU build)
+#   docker build -t genloop:cuda --build-arg VARIANT=cuda .
+#   docker run -p 8000:8000 -v genloop-data:/data genloop
+#
+# The container runs `genloop serve` on 0.0.0.0:8000 (inside the container; publish the
+# port deliberately), as an unprivileged user, with the workspace on the /data volume.
+# Keys are created with `docker run --rm -v genloop-data:/data genloop keys create ...`.
+ARG VARIANT=cpu
+
+FROM python:3.11-slim AS base-cpu
+ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-cuda
+RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+    && rm -rf /var/lib/apt/lists/* && ln -sf /usr/bin/python3.11 /usr/local/bin/python
+ENV TORCH_INDEX=https://download.pytorch.org/whl/cu128
+
+FROM base-${VARIANT} AS runtime
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 VIRTUAL_ENV=/opt/genloop \
+    PATH=/opt/genloop/bin:$PATH GENLOOP_HOME=/data
+RUN python -m venv /opt/genloop
+WORKDIR /src
+COPY constraints.txt pyproject.toml README.md ./
+COPY src ./src
+RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" torch==2.13.0 \
+    && pip install --no-cache-dir -c constraints.txt . \
+    && rm -rf /src
+RUN useradd --system --uid 10001 --home-dir /data genloop && mkdir -p /data \
+    && chown genloop /data
+USER genloop
+WORKDIR /data
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
+ENTRYPOINT ["genloop"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,10 @@
+"""(being built)."""
+
+from __future__ import annotations
+
+
+def generate() -> None:
+    """(being built)."""
+    from genloop.errors import GenloopError
+
+    raise GenloopError("not built yet")

@@ -1,0 +1,7 @@
+"""`genloop keys ...` (being built)."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="(being built)", no_args_is_help=True)

@@ -1,0 +1,220 @@
+"""Alerts: a log line, a catalog row (the UI lists them) and an optional webhook POST.
+
+Every detector (drift, latency and error-rate anomalies, NaN and loss spikes in training)
+ends in :func:`raise_alert`. The same alert does not fire again while an unresolved one
+with the same ``dedup_key`` (default: kind + source) is younger than ``cooldown_s``: a
+check that runs every minute against a drifted model writes one alert, not sixty an hour.
+
+The webhook gets the alert as JSON (``{"id", "kind", "severity", "source", "message",
+"details", "created_at"}``), posted from a background thread with a short timeout and no
+redirects; a failure is logged, never raised, so an unreachable receiver cannot stall a
+check or a training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import select
+
+from genloop.errors import GenloopError, NotFoundError
+from genloop.workspace.tables import Alert, utcnow
+from genloop.workspace.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+Severity = Literal["info", "warning", "critical"]
+SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
+DEFAULT_COOLDOWN_S = 900.0
+WEBHOOK_TIMEOUT_S = 5.0
+MAX_MESSAGE = 2000
+
+
+@dataclass
+class AlertInfo:
+    """One alert as the CLI (``--json``), the admin API and the UI see it."""
+
+    id: int
+    kind: str
+    severity: str
+    source: str
+    message: str
+    created_at: datetime
+    details: dict[str, Any] = field(default_factory=dict)
+    resolved_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "severity": self.severity,
+            "source": self.source,
+            "message": self.message,
+            "details": self.details,
+            "created_at": self.created_at.isoformat(),
+            "resolved_at": self.resolved_at.isoformat() if self.resolved_at else None,
+        }
+
+
+def _info(row: Alert) -> AlertInfo:
+    return AlertInfo(
+        id=row.id,
+        kind=row.kind,
+        severity=row.severity,
+        source=row.source,
+        message=row.message,
+        created_at=row.created_at,
+        details=dict(row.details or {}),
+        resolved_at=row.resolved_at,
+    )
+
+
+def raise_alert(
+    ws: Workspace,
+    kind: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    severity: Severity = "warning",
+    source: str = "",
+    webhook_url: str | None = None,
+    *,
+    dedup_key: str | None = None,
+    cooldown_s: float = DEFAULT_COOLDOWN_S,
+) -> int | None:
+    """Record an alert; returns its id, or None when an equal one is still cooling down.
+
+    ``details`` must be JSON-serializable and hold no personal data (scores, thresholds,
+    counts). ``webhook_url``: POST the alert there as well (in a background thread).
+    """
+    if severity not in SEVERITIES:
+        raise GenloopError(f"unknown alert severity {severity!r} (one of {', '.join(SEVERITIES)})")
+    key = dedup_key or f"{kind}:{source}"
+    details = {**(details or {}), "dedup_key": key}
+    message = message[:MAX_MESSAGE]
+    now = utcnow()
+    with ws.catalog.session(write_lock=True) as s:
+        if cooldown_s > 0:
+            recent = s.scalars(
+                select(Alert).where(
+                    Alert.kind == kind,
+                    Alert.source == source,
+                    Alert.resolved_at.is_(None),
+                    Alert.created_at >= now - timedelta(seconds=cooldown_s),
+                )
+            ).all()
+            if any((r.details or {}).get("dedup_key") == key for r in recent):
+                log.debug("alert %s from %s suppressed (cooling down)", kind, source)
+                return None
+        row = Alert(
+            kind=kind,
+            severity=severity,
+            source=source,
+            message=message,
+            details=details,
+            created_at=now,
+        )
+        s.add(row)
+        s.flush()
+        info = _info(row)
+    level = logging.ERROR if severity == "critical" else logging.WARNING
+    log.log(
+        level,
+        "alert %d [%s] %s: %s",
+        info.id,
+        kind,
+        source or "-",
+        message,
+        extra={"alert_id": info.id, "alert_kind": kind, "alert_source": source},
+    )
+    if webhook_url:
+        send_webhook(webhook_url, info.to_dict())
+    return info.id
+
+
+def send_webhook(url: str, payload: dict[str, Any], *, block: bool = False) -> threading.Thread:
+    """POST ``payload`` as JSON to ``url`` in a daemon thread (returned; ``block`` joins it)."""
+    thread = threading.Thread(
+        target=_post, args=(url, payload), name="genloop-alert-webhook", daemon=True
+    )
+    thread.start()
+    if block:
+        thread.join(WEBHOOK_TIMEOUT_S + 1)
+    return thread
+
+
+def _post(url: str, payload: dict[str, Any]) -> None:
+    import httpx
+
+    import genloop
+
+    try:
+        response = httpx.post(
+            url,
+            json=payload,
+            timeout=WEBHOOK_TIMEOUT_S,
+            follow_redirects=False,
+            headers={"User-Agent": f"genloop/{genloop.__version__}"},
+        )
+        if response.status_code >= 300:
+            log.warning(
+                "alert webhook %s answered %d for alert %s",
+                _host(url),
+                response.status_code,
+                payload.get("id"),
+            )
+    except httpx.HTTPError as exc:
+        log.warning(
+            "alert webhook %s failed for alert %s: %s",
+            _host(url),
+            payload.get("id"),
+            type(exc).__name__,
+        )
+
+
+def _host(url: str) -> str:
+    """The URL without its path and query (which may hold a token)."""
+    import httpx
+
+    try:
+        u = httpx.URL(url)
+    except httpx.InvalidURL:
+        return "<invalid url>"
+    return f"{u.scheme}://{u.host}" + (f":{u.port}" if u.port else "")
+
+
+def list_alerts(
+    ws: Workspace,
+    *,
+    since: timedelta | None = None,
+    kind: str | None = None,
+    source: str | None = None,
+    unresolved: bool = False,
+    limit: int = 200,
+) -> list[AlertInfo]:
+    """Alerts, newest first."""
+    query = select(Alert).order_by(Alert.created_at.desc(), Alert.id.desc()).limit(limit)
+    if since is not None:
+        query = query.where(Alert.created_at >= datetime.now(UTC) - since)
+    if kind is not None:
+        query = query.where(Alert.kind == kind)
+    if source is not None:
+        query = query.where(Alert.source == source)
+    if unresolved:
+        query = query.where(Alert.resolved_at.is_(None))
+    with ws.catalog.session() as s:
+        return [_info(row) for row in s.scalars(query)]
+
+
+def resolve_alert(ws: Workspace, alert_id: int) -> AlertInfo:
+    """Mark an alert resolved (an equal alert may fire again at once)."""
+    with ws.catalog.session() as s:
+        row = s.get(Alert, alert_id)
+        if row is None:
+            raise NotFoundError(f"no alert with id {alert_id}")
+        if row.resolved_at is None:
+            row.resolved_at = utcnow()
+        return _info(row)

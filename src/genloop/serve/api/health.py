@@ -1,0 +1,58 @@
+"""``GET /health`` (liveness, no key), ``GET /ready`` (models loaded), ``GET /metrics``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from genloop.serve.auth import require_scope
+from genloop.serve.errors import error_response
+from genloop.serve.state import get_state
+
+
+def build_router(*, metrics_public: bool) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/health", summary="Liveness: the process answers (no key needed)")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get(
+        "/ready",
+        summary="Readiness: every served model is loaded and the server is not draining",
+        dependencies=[Depends(require_scope(None))],
+        responses={503: {"description": "Not ready (loading, or draining)"}},
+    )
+    async def ready(request: Request) -> Response:
+        state = get_state(request)
+        models = state.models.listing()
+        body: dict[str, Any] = {
+            "status": "ready",
+            "models": [m["id"] for m in models],
+            "upstreams": state.upstreams.status(),
+        }
+        if state.draining or state.models.draining:
+            return error_response(503, "server is draining", retry_after_s=5)
+        if not state.models.ready:
+            missing = [s.spec for s in state.models.served if s.current is None]
+            return error_response(
+                503, f"models not loaded yet: {', '.join(missing)}", retry_after_s=2
+            )
+        return JSONResponse(body)
+
+    metrics_deps = [] if metrics_public else [Depends(require_scope("admin"))]
+
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        dependencies=metrics_deps,
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def metrics(request: Request) -> Response:
+        body, content_type = get_state(request).metrics.render()
+        return Response(body, media_type=content_type)
+
+    return router

@@ -1,0 +1,131 @@
+"""The plain data that crosses the engine's boundary.
+
+Handlers (``serve/api``) and the batch runner talk to an engine through one small
+interface: ``engine.submit(request)`` returns an async iterator of :data:`Event` values
+(zero or more :class:`TokenDelta`, then exactly one :class:`Finished`). Closing the
+iterator (``aclose()``, or the consuming task being cancelled, as when a client
+disconnects) cancels the request; the engine frees its slot within one decode step.
+
+Nothing here imports torch, so the scheduler and the API can be tested without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from genloop.errors import GenloopError
+
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings (validated by the API before they get here)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None  # same seed + same prompt + same params = same output
+    stop: tuple[str, ...] = ()  # stop strings; the matched one is not part of the output
+    stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS, which always stops
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: plus the top k
+    num_beams: int = 1  # > 1: beam search (not streamed)
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    deadline: float | None = None  # time.monotonic() after which it finishes as "timeout"
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One generated token of one request."""
+
+    token_id: int
+    text: str  # text added since the previous delta ("" while a character is incomplete)
+    logprob: float | None = None
+    top_logprobs: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of every request."""
+
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    text: str  # the whole completion, stop string removed
+    error: str | None = None  # set when reason == "error"
+
+
+Event = TokenDelta | Finished
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    max_batch_size: int
+    max_queue: int
+
+
+class EngineBusy(GenloopError):
+    """The waiting queue is full: try again later (429 with Retry-After)."""
+
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineStopped(GenloopError):
+    """The engine is draining or stopped and admits nothing new (503)."""
+
+    http_status = 503
+
+
+class EngineObserver(Protocol):
+    """Timing hooks the engine calls (``monitor.metrics.ServingMetrics`` implements them).
+
+    Called from the engine's thread; implementations must be cheap and thread-safe.
+    """
+
+    def on_queued(self, model: str, version: int | None) -> None: ...
+
+    def on_scheduled(self, model: str, version: int | None, queue_s: float) -> None: ...
+
+    def on_first_token(self, model: str, version: int | None, ttft_s: float) -> None: ...
+
+    def on_token(self, model: str, version: int | None, gap_s: float) -> None: ...
+
+    def on_finished(
+        self, model: str, version: int | None, finished: Finished, e2e_s: float
+    ) -> None: ...
+
+
+@runtime_checkable
+class TextEngine(Protocol):
+    """One loaded text model version, decoding many requests together."""
+
+    model_name: str
+    model_version: int | None
+
+    async def start(self) -> None: ...
+
+    def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Queue ``request``; raises :class:`EngineBusy` or :class:`EngineStopped`."""
+        ...
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting; let running requests finish, abort what is left at the deadline."""
+        ...
+
+    def stats(self) -> EngineStats: ...
