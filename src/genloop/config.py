@@ -672,7 +672,7 @@ class TrainConfig(BaseModel):
 # ---------------------------------------------------------------------------------------
 
 
-EvalSuite = Literal["perplexity", "generation", "code", "bias", "image"]
+EvalSuite = Literal["perplexity", "generation", "code", "bias", "image", "augment"]
 _DEFAULT_SUITES: tuple[EvalSuite, ...] = ("perplexity", "generation")
 
 
@@ -918,6 +918,9 @@ class ServeConfig(BaseModel):
     max_stop: int = Field(4, ge=0, le=64, description="Most stop sequences per request.")
     max_body_bytes: int = Field(MiB, ge=1024, description="Largest request body.")
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="Largest request header block.")
+    max_concurrent_requests: int = Field(
+        256, ge=1, description="HTTP requests in progress at once before 503 (/health exempt)."
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty: CORS off."
     )

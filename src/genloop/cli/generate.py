@@ -1,10 +1,296 @@
-"""(being built)."""
+"""``genloop generate``: text from a prompt or a JSONL batch, images from a prompt.
+
+Text models run on the serving engine (``genloop.serve.engine``), the same continuous
+batching the server uses; image models (vae, gan, diffusion) on their family's sampler.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
-def generate() -> None:
-    """(being built)."""
-    from genloop.errors import GenloopError
+import typer
 
-    raise GenloopError("not built yet")
+from genloop.cli.context import console, err_console, open_workspace, print_json
+
+if TYPE_CHECKING:
+    from genloop.serve.engine.engine import Engine
+    from genloop.serve.engine.types import SamplingParams
+
+IMAGE_FAMILIES = ("vae", "gan", "diffusion")
+
+
+def generate(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="NAME, NAME@VERSION or NAME@ALIAS, or a model directory's path (with a '/').",
+            show_default=False,
+        ),
+    ],
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", "-p", help="Text to continue (image models: what to draw)."),
+    ] = None,
+    n: Annotated[
+        int, typer.Option("-n", min=1, help="Completions (or images) for the prompt.")
+    ] = 1,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help="Same seed, prompt and settings: same output."),
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, help="Most tokens to generate per completion.")
+    ] = 64,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="0 decodes greedily.")
+    ] = 1.0,
+    top_p: Annotated[
+        float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling cut.")
+    ] = 1.0,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", min=1, help="Sample among the k best tokens only.")
+    ] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option("--stop", help="Stop before this string (repeatable)."),
+    ] = None,
+    chat: Annotated[
+        bool,
+        typer.Option("--chat", help="Send the prompt as a user message (the chat template)."),
+    ] = False,
+    input_: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help='JSONL of prompts: {"id", "prompt" or "messages", optional settings}.',
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="JSONL written with --input, one line per finished item; run the same "
+            "command again to resume (ids already there are skipped).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Image models: folder for the PNGs \\[default: ./images]."),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Sequences decoded together.")
+    ] = 16,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Generate text (streamed) or images from a model, or run a JSONL batch through it.
+
+    genloop generate tiny-lm@production -p "Once upon a time" --max-tokens 40
+    genloop generate tiny-lm --input prompts.jsonl --output out.jsonl
+    genloop generate digits-gan -p "7" -n 16 --out sevens/
+    """
+    from genloop.errors import ConfigError
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if (input_ is None) != (output is None):
+        raise ConfigError("--input and --output go together")
+    if input_ is None and prompt is None:
+        raise ConfigError("give --prompt TEXT, or --input FILE.jsonl --output FILE.jsonl")
+    if input_ is not None and prompt is not None:
+        raise ConfigError("give either --prompt or --input, not both")
+    path, name, version, family = _resolve(model)
+    if family in IMAGE_FAMILIES:
+        if input_ is not None:
+            raise ConfigError(f"{name} is an image model ({family}); --input is for text models")
+        _images(path, prompt, n, seed, out or Path("images"), json)
+        return
+    if out is not None:
+        raise ConfigError("--out is for image models; text goes to stdout or --output")
+    from genloop.serve.engine.types import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=tuple(stop or ()),
+    )
+    engine = _load(path, name, version, batch_size, device)
+    if input_ is not None:
+        assert output is not None
+        _batch(engine, input_, output, params, n, json)
+    else:
+        assert prompt is not None
+        _prompt(engine, prompt, params, n, chat, json)
+
+
+def _resolve(ref: str) -> tuple[Path, str, int | None, str]:
+    """(artifact directory, model name, version, family) of a ref or a model directory."""
+    from genloop.serve.engine.loader import model_family
+
+    local = Path(ref)
+    if ("/" in ref or ref.startswith(".")) and local.is_dir():
+        return local, local.resolve().name, None, model_family(local)
+    from genloop.workspace import registry
+
+    with open_workspace() as ws:
+        info = registry.resolve(ws, ref)
+        path = ws.store.open_verified(info.artifact)  # the manifest is checked
+    return path, info.name, info.version, info.family
+
+
+def _load(path: Path, name: str, version: int | None, batch_size: int, device: str) -> Engine:
+    from genloop.config import ServeConfig
+    from genloop.serve.engine import load_engine
+
+    cfg = ServeConfig(
+        device=device,  # checked above
+        max_batch_size=batch_size,
+        max_queue=batch_size,
+        request_timeout_s=24 * 3600.0,  # a batch job has no client waiting on it
+    )
+    with err_console.status(f"loading {name}", spinner="dots"):
+        return load_engine(path, model_name=name, model_version=version, cfg=cfg)
+
+
+def _prompt(
+    engine: Engine, prompt: str, params: SamplingParams, n: int, chat: bool, json: bool
+) -> None:
+    import asyncio
+    import sys
+    from dataclasses import replace
+
+    from genloop.serve.engine.engine import collect
+    from genloop.serve.engine.types import Finished, GenerationRequest
+
+    if chat:
+        ids = engine.chat_prompt_ids([{"role": "user", "content": prompt}])
+    else:
+        ids = engine.encode(prompt)
+
+    async def main() -> list[Finished]:
+        await engine.start()
+        try:
+            streams = [
+                engine.submit(
+                    GenerationRequest(
+                        f"cli-{i}",
+                        ids,
+                        params if params.seed is None else replace(params, seed=params.seed + i),
+                    )
+                )
+                for i in range(n)
+            ]
+            if n == 1 and not json:  # stream the one completion as it is generated
+                finished = None
+                async for event in streams[0]:
+                    if isinstance(event, Finished):
+                        finished = event
+                    elif event.text:
+                        sys.stdout.write(event.text)
+                        sys.stdout.flush()
+                sys.stdout.write("\n")
+                assert finished is not None
+                return [finished]
+            return [(await collect(s))[1] for s in streams]
+        finally:
+            await engine.close()
+
+    results = asyncio.run(main())
+    if json:
+        print_json(
+            {
+                "model": engine.model_name,
+                "version": engine.model_version,
+                "prompt_tokens": len(ids),
+                "choices": [
+                    {
+                        "text": f.text,
+                        "finish_reason": f.reason,
+                        "completion_tokens": f.completion_tokens,
+                    }
+                    for f in results
+                ],
+            }
+        )
+        return
+    if n > 1:
+        for i, f in enumerate(results):
+            console.rule(f"completion {i + 1} ({f.reason})", style="dim")
+            console.out(f.text, highlight=False)
+    failed = [f for f in results if f.reason not in ("stop", "length")]
+    if failed:
+        from genloop.errors import GenloopError
+
+        raise GenloopError(f"generation ended early: {failed[0].reason} {failed[0].error or ''}")
+
+
+def _batch(
+    engine: Engine, input_: Path, output: Path, params: SamplingParams, n: int, json: bool
+) -> None:
+    import asyncio
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from genloop.serve.batch import read_items, run_batch
+
+    items = read_items(input_)
+    with Progress(
+        TextColumn("generate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=json,
+    ) as bar:
+        task = bar.add_task("generate", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        async def main() -> Any:
+            await engine.start()
+            try:
+                return await run_batch(engine, items, output, params=params, n=n, progress=progress)
+            finally:
+                await engine.close()
+
+        result = asyncio.run(main())
+    if json:
+        print_json(result.to_dict())
+        return
+    skipped = f", {result.skipped} already done" if result.skipped else ""
+    failed = f", {result.failed} failed (see their error)" if result.failed else ""
+    console.print(
+        f"{result.generated} of {result.total} items written to {output}{skipped}{failed}; "
+        f"{result.completion_tokens:,} tokens in {result.seconds:.1f} s "
+        f"({result.tokens_per_s:,.0f} tokens/s)",
+        highlight=False,
+        markup=False,
+    )
+
+
+def _images(
+    path: Path, prompt: str | None, n: int, seed: int | None, out: Path, json: bool
+) -> None:
+    from genloop.models.image_generation import load_image_generator, save_images
+
+    with err_console.status("generating", spinner="dots"):
+        images = load_image_generator(path).generate(prompt, n, seed)
+        paths = save_images(images, out)
+    if json:
+        print_json({"images": [str(p) for p in paths]})
+        return
+    console.print(f"{len(images)} images written to {out}", highlight=False, markup=False)

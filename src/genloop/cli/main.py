@@ -28,6 +28,7 @@ from genloop.cli import (
     pipeline,
     plan,
     privacy,
+    quickstart,
     retrain,
     serve,
     train,
@@ -50,6 +51,7 @@ app.add_typer(data.app, name="data")
 app.command("train")(train.train)
 app.command("plan")(plan.plan)
 app.command("run")(pipeline.run)
+app.command("quickstart")(quickstart.quickstart)
 app.add_typer(evaluate.app, name="eval")
 app.command("gate")(evaluate.gate)
 app.command("tune")(tune.tune)

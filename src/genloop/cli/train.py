@@ -39,6 +39,14 @@ def train(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a key: a.b=value (repeatable).")
     ] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Allow a base model whose weights are pickle-based (.bin/.pt): pickles can "
+            "run code, so only for sources you trust; read with torch.load(weights_only=True).",
+        ),
+    ] = False,
     json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train (or fine-tune) a model; checkpoints are atomic and --resume continues exactly.
@@ -81,6 +89,7 @@ def train(
             model_name=name,
             progress=progress,
             root=config.parent,
+            trust_pickle=trust_pickle,
         )
     if not main:
         return

@@ -9,6 +9,9 @@
                       per-sample values, report.md, report.html) and the headline metrics
                       merged into the model version's ``metrics``
 
+Image models (vae, gan, diffusion) run the ``image`` (FID/KID/IS, conditional accuracy)
+and ``augment`` suites of ``evaluate/image.py`` in place of steps 4-5.
+
 The same model version, dataset version, settings and seed give the same numbers.
 """
 
@@ -36,8 +39,10 @@ if TYPE_CHECKING:
 ProgressFn = Callable[[str, int, int], None]  # (suite, its number from 1, number of suites)
 
 RUNNABLE = ("perplexity", "generation", "code", "bias")
-NEEDS_DATASET = ("perplexity", "generation")
+IMAGE_SUITES = ("image", "augment")  # see evaluate/image.py
+NEEDS_DATASET = ("perplexity", "generation", *IMAGE_SUITES)
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
+IMAGE_FAMILIES = ("vae", "gan", "diffusion")
 PERPLEXITY_BATCH = 8
 GENERATION_BATCH = 8
 PREFIX_CHARS = 200  # characters of a test document given as the prompt …
@@ -72,36 +77,42 @@ def evaluate_model(
     ``cuda`` or ``cuda:N``.
     """
     cfg = cfg or EvalConfig()
-    # 1. the suites
+    # 1. the suites (image models default to the image suite)
+    info = registry.resolve(ws, ref)
+    image_model = info.family in IMAGE_FAMILIES
+    if not suites and image_model and list(cfg.suites) == list(EvalConfig().suites):
+        suites = ["image"]
     chosen = check_suites(list(suites) if suites else list(cfg.suites))
+    _check_family(info, chosen)
 
     # 2. the model version, its files verified against their manifest
-    info = registry.resolve(ws, ref)
-    if info.family not in TEXT_FAMILIES:
-        raise GenloopError(
-            f"{info.ref} is a {info.family} model; its metrics (FID/KID/IS) come with the "
-            "image families and are not runnable yet. The text suites need causal_lm or seq2seq"
-        )
     model_dir = ws.store.open_verified(info.artifact)
 
     # 3. the dataset version: named, or the model's lineage
     ds = _dataset(ws, dataset, info, chosen)
     data_dir = ws.store.open_verified(ds.artifact) if ds is not None else None
-
-    # 4. the model, loaded once
-    from genloop.evaluate.generate import load_model_for_eval
-
     device = _device(device)
-    model, tokenizer = load_model_for_eval(model_dir, device)
-    ctx = Context(model=model, tokenizer=tokenizer, cfg=cfg, data_dir=data_dir, dataset=ds)
 
-    # 5. the suites, each from the same seed
     results: list[SuiteResult] = []
-    for i, suite in enumerate(chosen, 1):
-        if progress is not None:
-            progress(suite, i, len(chosen))
+    if image_model:  # 4-5. FID/KID/IS, augmentation (evaluate/image.py)
+        from genloop.evaluate.image import run_image_suites
+
+        assert ds is not None and data_dir is not None  # _dataset() made sure
         _seed_everything(cfg.seed)
-        results.append(RUNNERS[suite](ctx))
+        results = run_image_suites(ws, info, model_dir, ds, data_dir, chosen, cfg, device, progress)
+    else:
+        # 4. the model, loaded once
+        from genloop.evaluate.generate import load_model_for_eval
+
+        model, tokenizer = load_model_for_eval(model_dir, device)
+        ctx = Context(model=model, tokenizer=tokenizer, cfg=cfg, data_dir=data_dir, dataset=ds)
+
+        # 5. the suites, each from the same seed
+        for i, suite in enumerate(chosen, 1):
+            if progress is not None:
+                progress(suite, i, len(chosen))
+            _seed_everything(cfg.seed)
+            results.append(RUNNERS[suite](ctx))
 
     # 6. store: the row, the artifact with the reports, the model's metrics
     settings = {
@@ -119,20 +130,36 @@ def evaluate_model(
 
 def check_suites(suites: list[str]) -> list[str]:
     """The suites in the order given, without repeats; unknown or unrunnable ones refused."""
+    known = (*RUNNABLE, *IMAGE_SUITES)
     if not suites:
-        raise ConfigError(f"no suite to run; choose from: {', '.join(RUNNABLE)}")
+        raise ConfigError(f"no suite to run; choose from: {', '.join(known)}")
     out: list[str] = []
     for suite in suites:
-        if suite == "image":
-            raise GenloopError(
-                "the image suite (FID/KID/IS) comes with the image families and is not "
-                f"runnable yet; runnable suites: {', '.join(RUNNABLE)}"
-            )
-        if suite not in RUNNABLE:
-            raise ConfigError(f"unknown suite {suite!r}; choose from: {', '.join(RUNNABLE)}")
+        if suite not in known:
+            raise ConfigError(f"unknown suite {suite!r}; choose from: {', '.join(known)}")
         if suite not in out:
             out.append(suite)
     return out
+
+
+def _check_family(info: registry.ModelVersionInfo, suites: list[str]) -> None:
+    """Text suites need a text model, image suites an image model."""
+    if info.family in IMAGE_FAMILIES:
+        text = [s for s in suites if s not in IMAGE_SUITES]
+        if text:
+            raise GenloopError(
+                f"{info.ref} is a {info.family} model; the {text[0]} suite needs a text model "
+                f"(image models run: {', '.join(IMAGE_SUITES)})"
+            )
+    elif info.family in TEXT_FAMILIES:
+        images = [s for s in suites if s in IMAGE_SUITES]
+        if images:
+            raise GenloopError(
+                f"the {images[0]} suite is for the image families (vae, gan, diffusion); "
+                f"{info.ref} is a {info.family} model"
+            )
+    else:
+        raise GenloopError(f"{info.ref} is a {info.family} model, which genloop cannot evaluate")
 
 
 def _dataset(

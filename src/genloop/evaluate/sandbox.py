@@ -14,8 +14,9 @@ The boundary, and what each layer stops:
   program its PID 1, so when it ends (or is killed) the kernel kills every process it
   started, and it cannot see or signal the host's processes; new *IPC* and *UTS*
   namespaces; a new *mount* namespace in which every mount is remounted read-only except
-  the working directory, ``/home``, ``/root`` and ``/run/user`` are covered by empty
-  read-only tmpfs mounts, and a fresh ``/proc`` shows only the sandbox's processes.
+  the working directory; ``/home``, ``/root``, ``/run/user``, the host's working
+  directory and ``$GENLOOP_HOME`` (the workspace) are covered by empty read-only tmpfs
+  mounts, and a fresh ``/proc`` shows only the sandbox's processes.
 * **an unprivileged user**: as root, the program runs as a uid of its own
   (``_launcher.SANDBOX_UID_BASE`` + the launcher's PID, unique while it runs; ``nobody``
   where that uid is not mapped), with no supplementary groups, no capabilities and
@@ -280,8 +281,14 @@ def _parent_dir(tmp: str) -> str:
 
 
 def _hidden_dirs() -> list[str]:
+    """Home directories, and the host's working directory and ``$GENLOOP_HOME``: the
+    workspace (catalog, datasets, logs) and the project usually live there, and files
+    created with the default umask are world-readable, so the sandbox's uid could read
+    them."""
     home = os.path.expanduser("~")
-    return list(dict.fromkeys([*HIDDEN, *([home] if home not in ("/", "~") else [])]))
+    workspace = os.environ.get("GENLOOP_HOME") or ""
+    extra = [home, os.getcwd(), os.path.realpath(workspace) if workspace else ""]
+    return list(dict.fromkeys([*HIDDEN, *(p for p in extra if p and p not in ("/", "~"))]))
 
 
 def _is_within(path: str, root: str) -> bool:

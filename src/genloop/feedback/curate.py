@@ -131,7 +131,7 @@ def load_items(
         query = query.limit(limit)
     items = []
     with ws.catalog.session() as s:
-        for fb, req in s.execute(query).tuples():
+        for fb, req in s.execute(query):
             prompt = cipher.decrypt(req.prompt_enc) if req.prompt_enc is not None else ""
             items.append(
                 Item(
@@ -194,6 +194,9 @@ def _texts(item: Item) -> list[str]:
 
 
 def _text_filter(item: Item, report: CurationReport) -> Item | None:
+    if not item.prompt or not item.response:  # the server stored no text for the request
+        report.drop("no_logged_text")
+        return None
     if any(len(t) > MAX_CHARS for t in _texts(item)):
         report.drop("too_long")
         return None

@@ -250,7 +250,13 @@ def _write_jsonl(
         (d / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
     return register_dataset_version(
-        ws, name, digest.hexdigest(), write, kind="feedback", config=config, stats=stats,
+        ws,
+        name,
+        digest.hexdigest(),
+        write,
+        kind="feedback",
+        config=config,
+        stats=stats,
         lineage=lineage,
     )
 

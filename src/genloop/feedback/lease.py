@@ -102,9 +102,7 @@ class Lease:
 
 
 @contextmanager
-def hold(
-    ws: Workspace, name: str, *, lease_s: float, owner: str | None = None
-) -> Iterator[Lease]:
+def hold(ws: Workspace, name: str, *, lease_s: float, owner: str | None = None) -> Iterator[Lease]:
     """Hold the lease ``name`` for the block, renewing it every ``lease_s / 3`` seconds."""
     if lease_s <= 0:
         raise GenloopError(f"the lease must last more than 0 seconds, not {lease_s}")

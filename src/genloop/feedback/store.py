@@ -199,14 +199,14 @@ def list_feedback(
             query = query.where(Feedback.user_id == user_id)
         if limit is not None:
             query = query.limit(limit)
-        return [_info(f, r) for f, r in s.execute(query).tuples()]
+        return [_info(f, r) for f, r in s.execute(query)]
 
 
 def count_feedback(ws: Workspace) -> dict[str, int]:
     """How many rows have each status."""
     with ws.catalog.session() as s:
-        rows = s.execute(select(Feedback.status, func.count()).group_by(Feedback.status)).tuples()
-        counts = dict.fromkeys(STATUSES, 0)
+        rows = s.execute(select(Feedback.status, func.count()).group_by(Feedback.status))
+        counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
         counts.update({status: n for status, n in rows})
         return counts
 
@@ -229,16 +229,15 @@ def parse_prompt(endpoint: str, text: str) -> str | list[dict[str, str]]:
         return text
     if isinstance(data, dict):
         data = data.get("messages")
-    if (
-        isinstance(data, list)
-        and data
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in data
-        )
-    ):
+    if isinstance(data, list) and data and all(_is_message(m) for m in data):
         return [{"role": m["role"], "content": m["content"]} for m in data]
     return text
+
+
+def _is_message(m: object) -> bool:
+    return (
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+    )
 
 
 def _decrypt(cipher: Cipher, blob: bytes | None) -> str | None:

@@ -2,8 +2,9 @@
 
 A family builds a network from a plain config dict, computes its default training loss on
 a batch, and saves and loads its artifact directory. Text families (``causal_lm``,
-``seq2seq``) use the Hugging Face layout; image families (VAE, GAN, diffusion) will follow
-the same protocol. Sampling is not a family's job (see ``serve/engine/sampling.py``), and
+``seq2seq``) use the Hugging Face layout; image families (``vae``, ``gan``, ``diffusion``)
+follow the same protocol (their sampling is in ``models/image_generation.py``). Text
+sampling is not a family's job (see ``serve/engine/sampling.py``), and
 other objectives (SFT, DPO, …) are plain functions in ``train/objectives.py`` that call
 a family's building blocks.
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 _FAMILIES = {
     "causal_lm": "genloop.models.causal_lm",
     "seq2seq": "genloop.models.seq2seq",
+    "vae": "genloop.models.vae",
+    "gan": "genloop.models.gan",
+    "diffusion": "genloop.models.diffusion",
 }
 
 

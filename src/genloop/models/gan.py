@@ -20,8 +20,8 @@ An exponential moving average of the generator's weights (``ema_decay``; Karras 
 Yazıcı 2019) is what samples are drawn from; its decay warms up as
 min(decay, (1 + n) / (10 + n)) after n updates so early weights fade quickly. In eval mode
 ``forward`` returns a sample-quality measure instead of an adversarial loss, which says
-nothing about progress: the kernel MMD² (pixel space, Gaussian kernels) between the EMA
-generator's samples and the real batch.
+nothing about progress: the unbiased kernel MMD² (pixel space, Gaussian kernels) between
+the EMA generator's samples and the real batch.
 
 Config dict keys: ``image_size``, ``channels``, ``latent_dim``, ``base_channels``,
 ``num_classes``, ``loss``, ``spectral_norm``, ``ema_decay`` (None: no EMA),
@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "class_names": [],
 }
 LOSSES = ("hinge", "non_saturating")
-MMD_SCALES = (0.05, 0.2, 0.8)  # kernel widths, in mean squared pixel difference ([-1, 1])
+MMD_SCALES = (0.1, 0.3, 1.0)  # kernel widths, in mean squared pixel difference ([-1, 1])
 
 
 class Generator(nn.Module):
@@ -147,21 +147,29 @@ def frozen(module: nn.Module) -> Iterator[None]:
 
 
 def mmd2(x: Tensor, y: Tensor) -> Tensor:
-    """Biased kernel MMD² between two image batches (sum of Gaussian kernels over
-    ``MMD_SCALES``, distance = mean squared pixel difference); 0 for equal sets."""
+    """Unbiased kernel MMD² between two image batches (Gretton et al., 2012): a sum of
+    Gaussian kernels over ``MMD_SCALES``, distance = mean squared pixel difference. About
+    0 (it can dip below) when both come from one distribution."""
     a, b = x.flatten(1).float(), y.flatten(1).float()
-    dim = a.shape[1]
+    n, m, dim = a.shape[0], b.shape[0], a.shape[1]
+    if n < 2 or m < 2:
+        raise GenloopError("MMD needs at least 2 images on each side")
 
     def k(u: Tensor, v: Tensor) -> Tensor:
         d = torch.cdist(u, v).pow(2) / dim
         return sum((torch.exp(-d / s) for s in MMD_SCALES), torch.zeros_like(d))
 
-    return k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean()
+    kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
+    within_a = (kaa.sum() - kaa.diagonal().sum()) / (n * (n - 1))
+    within_b = (kbb.sum() - kbb.diagonal().sum()) / (m * (m - 1))
+    return within_a + within_b - 2 * kab.mean()
 
 
 class DCGAN(nn.Module):
     """Generator, discriminator and the generator's EMA copy; ``forward`` returns the
     training loss (L_D + L_G) in train mode and MMD² of samples in eval mode."""
+
+    ema_updates: Tensor  # a buffer (with an EMA): updates so far, for the decay warmup
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__()
@@ -205,12 +213,14 @@ class DCGAN(nn.Module):
             labels = None
         if not self.training:  # sample quality, the number validation tracks
             with torch.no_grad():
-                return mmd2(self.sampler()(z, labels), images)
-        d, fake = self.discriminator, self.generator(z, labels)
-        real_score = d(images, labels)
-        fake_score = d(fake.detach(), labels)  # L_D: no gradient into G
+                samples: Tensor = self.sampler()(z, labels)
+                return mmd2(samples, images)
+        d = self.discriminator
+        fake: Tensor = self.generator(z, labels)
+        real_score: Tensor = d(images, labels)
+        fake_score: Tensor = d(fake.detach(), labels)  # L_D: no gradient into G
         with frozen(d):  # L_G: no gradient into D
-            gen_score = d(fake, labels)
+            gen_score: Tensor = d(fake, labels)
         if self.loss_kind == "hinge":
             loss_d = F.relu(1 - real_score).mean() + F.relu(1 + fake_score).mean()
             loss_g = -gen_score.mean()
@@ -228,8 +238,8 @@ class DCGAN(nn.Module):
         decay = min(self.ema_decay, (1 + n) / (10 + n))
         for e, p in zip(self.ema.parameters(), self.generator.parameters(), strict=True):
             e.lerp_(p.detach(), 1 - decay)
-        for e, b in zip(self.ema.buffers(), self.generator.buffers(), strict=True):
-            e.copy_(b)  # BatchNorm statistics
+        for eb, b in zip(self.ema.buffers(), self.generator.buffers(), strict=True):
+            eb.copy_(b)  # BatchNorm statistics
         self.ema_updates += 1
 
     @torch.no_grad()
@@ -244,7 +254,8 @@ class DCGAN(nn.Module):
             if self.conditional and labels is None:
                 raise GenloopError("this GAN is class-conditional: give labels to sample")
             ys = labels.to(device) if self.conditional and labels is not None else None
-            return net(z, ys).clamp(-1.0, 1.0)
+            images: Tensor = net(z, ys)
+            return images.clamp(-1.0, 1.0)
         finally:
             net.train(was_training)
 

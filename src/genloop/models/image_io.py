@@ -113,7 +113,11 @@ def load_state(module: nn.Module, path: Path) -> None:
         state = load_file(str(file))
     except (SafetensorError, OSError) as exc:
         raise IntegrityError(f"{file}: unreadable weights ({exc})") from None
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise IntegrityError(f"{file} does not fit its config.json ({first})") from None
     if missing or unexpected:
         detail = f"missing {sorted(missing)[:5]}" if missing else ""
         if unexpected:

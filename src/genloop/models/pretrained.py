@@ -106,6 +106,12 @@ def load_pretrained(
     """
     import transformers
 
+    from genloop.optimize.variant import load_optimized
+
+    # a quantized variant (genloop optimize) rebuilds its modules; an ONNX one is refused
+    optimized = load_optimized(Path(path), device=device, dtype=_dtype(dtype))
+    if optimized is not None:
+        return optimized
     info = inspect_checkpoint(path)
     if family is not None and info.family != family:
         raise GenloopError(
@@ -140,6 +146,9 @@ def load_pretrained(
         state_dict = _read_pickle_weights(info.weights)
         loaded = model_cls.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
     else:
+        from genloop.security.safe_load import check_safetensors
+
+        check_safetensors(p for p in info.weights if p.suffix == ".safetensors")
         loaded = model_cls.from_pretrained(info.path, use_safetensors=True, **kwargs)
     if not load_in_4bit:  # 4-bit weights were placed by device_map
         loaded.to(device)

@@ -123,10 +123,9 @@ def raise_alert(
     level = logging.ERROR if severity == "critical" else logging.WARNING
     log.log(
         level,
-        "alert %d [%s] %s: %s",
+        "alert %d [%s]: %s",
         info.id,
         kind,
-        source or "-",
         message,
         extra={"alert_id": info.id, "alert_kind": kind, "alert_source": source},
     )

@@ -1,8 +1,8 @@
 """Latency and error-rate anomalies by EWMA and z-score.
 
-An :class:`EwmaDetector` keeps an exponentially weighted mean and variance of a signal
-(``mean ← mean + α·(x − mean)``, ``var ← (1 − α)·(var + α·(x − mean)²)``) and scores each
-new value against the state *before* it: ``z = (x − mean) / std``. Once ``min_samples``
+An :class:`EwmaDetector` keeps an exponentially weighted mean of a signal
+(``mean ← mean + α·(x − mean)``) and a slower one of its squared deviations, and scores
+each new value against the state *before* it: ``z = (x − mean) / std``. Once ``min_samples``
 values were seen, ``z > z_threshold`` is an anomaly. An anomalous value enters the state
 clipped to ``mean + z_threshold·std``, so one spike does not inflate the baseline, while a
 lasting shift is learned within a few dozen values (and alerts until then, one per
@@ -50,7 +50,14 @@ class Anomaly:
 
 
 class EwmaDetector:
-    """A stateful z-score detector over an EWMA mean and variance (not thread-safe)."""
+    """A stateful z-score detector over an EWMA mean and variance (not thread-safe).
+
+    The mean follows the signal with ``alpha``; the variance (of the deviations from the
+    mean) with ``var_alpha`` (default ``alpha / 10``), slower, because a variance
+    estimated from a handful of values is often far too small and would make ordinary
+    noise look anomalous. The variance is bias-corrected as in Adam (divided by
+    ``1 − (1 − var_alpha)^k`` after ``k`` updates), so it is right from the start.
+    """
 
     def __init__(
         self,
@@ -59,26 +66,33 @@ class EwmaDetector:
         z_threshold: float,
         min_samples: int,
         std_floor: float = 0.0,
+        var_alpha: float | None = None,
     ) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], not {alpha}")
         self.alpha = alpha
+        self.var_alpha = var_alpha if var_alpha is not None else alpha / 10
         self.z_threshold = z_threshold
         self.min_samples = min_samples
         self.std_floor = std_floor
         self.mean = 0.0
-        self.var = 0.0
+        self._sq = 0.0  # EWMA of squared deviations, not yet bias-corrected
+        self._weight = 0.0  # 1 − (1 − var_alpha)^k
         self.n = 0
+
+    @property
+    def var(self) -> float:
+        return self._sq / self._weight if self._weight > 0 else 0.0
 
     @property
     def std(self) -> float:
         return max(math.sqrt(self.var), self.std_floor)
 
     def score(self, x: float) -> float:
-        """The z-score of ``x`` against the current state (0 before any value)."""
-        if self.n == 0:
+        """The z-score of ``x`` against the current state (0 before two values)."""
+        if self.n == 0 or self.std <= 0:
             return 0.0
-        return (x - self.mean) / max(self.std, _EPS)
+        return (x - self.mean) / self.std
 
     def update(self, x: float) -> float | None:
         """Add ``x``; returns its z-score when it is an anomaly, else None."""
@@ -90,9 +104,10 @@ class EwmaDetector:
             self.mean = x
         else:
             diff = x - self.mean
-            incr = self.alpha * diff
-            self.mean += incr
-            self.var = (1 - self.alpha) * (self.var + diff * incr)
+            a = self.var_alpha
+            self._sq = (1 - a) * self._sq + a * diff * diff
+            self._weight = (1 - a) * self._weight + a
+            self.mean += self.alpha * diff
         self.n += 1
         return z if anomalous else None
 

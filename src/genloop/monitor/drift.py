@@ -33,8 +33,13 @@ The reference profile has two parts, stored as JSON in the artifact store
   one);
 - KL divergence ``KL(recent ‖ reference)`` of the token distribution against
   ``monitor.kl_threshold``; against the training data too, but that one only alerts when
-  the first traffic window was itself close to the training data (prompts that never
-  looked like training documents are not "drift").
+  the first traffic window was itself close to the training data: prompts are shorter
+  than documents and phrased differently, so they rarely match training text closely, and
+  prompts that never did are not "drift".
+
+Until the traffic reference is taken (the first ``reference_window`` requests), the recent
+window is compared with the training data only, and only the unknown-token rate can alert
+(traffic in a script or vocabulary the model never saw).
 
 Scores go into a ``monitor`` run's metric series (``monitor:<model>``), so they can be
 plotted over time; crossing a threshold raises a ``drift`` alert.
@@ -127,11 +132,19 @@ def kl_divergence(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarr
 
 
 def quantile_edges(values: Sequence[float], bins: int) -> list[float]:
-    """Inner bin edges at the quantiles of ``values`` (ties merged: fewer bins then)."""
-    if len(values) == 0 or bins < 2:
+    """Bin edges for a reference sample: its minimum, the quantiles that cut it into
+    ``bins`` equal parts, and just above its maximum (ties merged: fewer bins then).
+
+    With :func:`histogram`, the outer bins hold values below everything and above
+    everything the reference had: they are empty for it, so a window that lands there
+    (a model that starts looping when it never did) scores high.
+    """
+    if len(values) == 0:
         return []
-    qs = np.quantile(np.asarray(values, dtype=np.float64), np.linspace(0, 1, bins + 1)[1:-1])
-    return [float(x) for x in np.unique(qs)]
+    arr = np.asarray(values, dtype=np.float64)
+    inner = np.quantile(arr, np.linspace(0, 1, max(bins, 1) + 1)[1:-1])
+    top = np.nextafter(arr.max(), np.inf)
+    return [float(x) for x in np.unique(np.concatenate([[arr.min()], inner, [top]]))]
 
 
 def histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
@@ -186,7 +199,9 @@ def unknown_mask(tokenizer_json: dict[str, Any], vocab: dict[str, int], size: in
     rare_bytes = set()
     if byte_level:
         to_char = _bytes_to_unicode()
-        rare_bytes = {to_char[b] for b in range(256) if b >= 0x80 or b < 0x20 and b not in (9, 10)}
+        rare_bytes = {
+            to_char[b] for b in range(256) if b >= 0x80 or (b < 0x20 and b not in (9, 10))
+        }
     for token, i in vocab.items():
         if i >= size or i in special:
             continue
@@ -423,9 +438,9 @@ def save_profile(ws: Workspace, model: str, profile: dict[str, Any]) -> None:
 
 
 def reset_profile(ws: Workspace, model: str) -> dict[str, Any]:
-    """Forget the traffic reference: the next ``reference_window`` requests become it."""
-    profile = load_profile(ws, model) or _new_profile(model)
-    profile["traffic"] = None
+    """Start the reference over: the next ``reference_window`` requests become its traffic
+    part, and the training part is taken again from the model's newest version."""
+    profile = _new_profile(model)
     profile["traffic_since"] = utcnow().isoformat()
     save_profile(ws, model, profile)
     return profile
@@ -491,18 +506,15 @@ class DriftReport:
 
 
 class DriftMonitor:
-    """Compares recent traffic with the reference profile; keeps profiles in memory."""
+    """Compares recent traffic with the reference profile of a model.
 
-    def __init__(self) -> None:
-        self._profiles: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
+    The profile is read from the artifact store at every check (a small JSON file), so a
+    ``genloop monitor profile --reset`` from another process takes effect at once.
+    """
 
     def profile(self, ws: Workspace, cfg: MonitorConfig, model: str) -> dict[str, Any]:
         """The reference profile, completed (and saved) with what is available now."""
-        with self._lock:
-            profile = self._profiles.get(model)
-        if profile is None:
-            profile = load_profile(ws, model) or _new_profile(model)
+        profile = load_profile(ws, model) or _new_profile(model)
         changed = False
         if profile.get("training") is None and not profile.get("training_unavailable"):
             training = _training_part(ws, model)
@@ -525,8 +537,6 @@ class DriftMonitor:
                 changed = True
         if changed:
             save_profile(ws, model, profile)
-        with self._lock:
-            self._profiles[model] = profile
         return profile
 
     def check(
@@ -625,8 +635,8 @@ def compare(
         )
         if traffic is not None:
             scores["kl_tokens_train_reference"] = ref_kl
-        if kl > cfg.kl_threshold and ref_kl <= cfg.kl_threshold:
-            drifted.append("kl_tokens_train")
+            if kl > cfg.kl_threshold and ref_kl <= cfg.kl_threshold:
+                drifted.append("kl_tokens_train")
         k, n = training["rates"]["unk_rate"]
         if n:
             scores["psi_unk_rate_train"] = bernoulli_psi((k, n), rates["unk_rate"])

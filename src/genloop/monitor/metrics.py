@@ -43,6 +43,7 @@ process_*                                      various    CPU seconds, resident 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -216,7 +217,9 @@ class ServingMetrics:
     def on_token(self, model: str, version: int | None, gap_s: float) -> None:
         self._for(model, version).itl.observe(gap_s)
 
-    def on_finished(self, model: str, version: int | None, finished: Finished, e2e_s: float) -> None:
+    def on_finished(
+        self, model: str, version: int | None, finished: Finished, e2e_s: float
+    ) -> None:
         children = self._for(model, version)
         children.prompt_len.observe(finished.prompt_tokens)
         children.generation_len.observe(finished.completion_tokens)
@@ -257,10 +260,8 @@ class ServingMetrics:
         with self._lock:
             self._watched.pop(old, None)
         for gauge in (self.running, self.waiting):  # the old version serves nothing now
-            try:
+            with contextlib.suppress(KeyError):
                 gauge.remove(*old)
-            except KeyError:
-                pass
 
     def set_engine_stats(self, model: str, version: int | None, running: int, waiting: int) -> None:
         v = _version(version)
@@ -316,7 +317,7 @@ class _GpuCollector(Collector):
             try:
                 util.add_metric([str(i)], float(torch.cuda.utilization(i)))
                 have_util = True
-            except Exception:  # no pynvml / NVML: memory only
+            except Exception:  # no pynvml / NVML: memory only  # noqa: S110
                 pass
         yield used
         yield reserved

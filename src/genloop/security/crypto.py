@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENV_SECRET_KEY = "GENLOOP_SECRET_KEY"
+ENV_SECRET_KEY = "GENLOOP_SECRET_KEY"  # noqa: S105 - the variable's name, not a secret
 KEY_FILE = "secret.key"
 MAGIC = b"GL1"
 KEY_BYTES = 32
@@ -176,7 +176,7 @@ def decode_key(text: str, source: str) -> bytes:
     if raw is None or len(raw) != KEY_BYTES:
         raise ConfigError(
             f"{source} holds a key that is not {KEY_BYTES} bytes in URL-safe base64 or hex; "
-            "make one with: python -c \"import base64,os; "
+            'make one with: python -c "import base64,os; '
             'print(base64.urlsafe_b64encode(os.urandom(32)).decode())"'
         )
     return raw

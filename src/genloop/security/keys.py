@@ -316,7 +316,7 @@ def list_keys(catalog: Catalog, *, user_id: str | None = None) -> list[KeyInfo]:
 
 
 def _find(catalog: Catalog, key_id_or_prefix: int | str) -> int:
-    ref = str(key_id_or_prefix).strip()
+    ref = str(key_id_or_prefix).strip().rstrip("…")  # lists show prefixes as gl_AbCdEfGh…
     with catalog.session() as s:
         if ref.isdigit():
             found = s.scalar(select(ApiKey.id).where(ApiKey.id == int(ref)))
@@ -328,10 +328,11 @@ def _find(catalog: Catalog, key_id_or_prefix: int | str) -> int:
                 "give the key's id or prefix (first 11 characters, as 'genloop keys list' "
                 "shows), not the whole key"
             )
-        ref = ref.rstrip("…")
         if len(ref) < 6:
             raise ConfigError(f"{ref!r} is too short to name a key: give its id or prefix")
-        ids = list(s.scalars(select(ApiKey.id).where(ApiKey.prefix.startswith(ref, autoescape=True))))
+        ids = list(
+            s.scalars(select(ApiKey.id).where(ApiKey.prefix.startswith(ref, autoescape=True)))
+        )
         if not ids:
             raise NotFoundError(f"no API key with prefix {ref!r}")
         if len(ids) > 1:

@@ -24,6 +24,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -91,8 +92,15 @@ def _bucket_take(
 class InProcessRateLimiter:
     """Token buckets in this process's memory (thread-safe)."""
 
-    def __init__(self, requests_per_min: int | None, tokens_per_min: int | None) -> None:
+    def __init__(
+        self,
+        requests_per_min: int | None,
+        tokens_per_min: int | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.limits = _Limits(requests_per_min, tokens_per_min)
+        self._clock = clock
         # key → [requests level, tokens level, last update (monotonic seconds)]
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()
         self._lock = threading.Lock()
@@ -121,7 +129,7 @@ class InProcessRateLimiter:
             return RateDecision(True)
         r_cap, t_cap = self.limits.requests_per_min, self.limits.tokens_per_min
         with self._lock:
-            state = self._refilled(key, time.monotonic())
+            state = self._refilled(key, self._clock())
             r_ok, r_wait = _bucket_take(state[0], r_cap, requests)
             t_ok, t_wait = _bucket_take(state[1], t_cap, tokens)
             allowed = r_ok and t_ok
@@ -141,7 +149,7 @@ class InProcessRateLimiter:
         if t_cap is None or tokens == 0:
             return
         with self._lock:
-            state = self._refilled(key, time.monotonic())
+            state = self._refilled(key, self._clock())
             state[1] = max(-float(t_cap), state[1] - tokens)
 
     async def check(self, key: str, *, requests: int = 1, tokens: int = 0) -> RateDecision:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -81,15 +82,44 @@ def load_safetensors(path: str | Path, *, device: str = "cpu") -> dict[str, torc
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"weight file {path} does not exist")
-    kind = sniff(path)
-    if kind == "pickle":
-        raise refuse_pickle(path)
-    if kind != "safetensors":
-        raise GenloopError(f"{path} is not a safetensors file (its header does not parse)")
+    check_safetensors([path])
     try:
         return load_file(path, device=device)
     except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as exc:
         raise GenloopError(f"{path} is not a valid safetensors file: {exc}") from None
+
+
+def check_safetensors(paths: Iterable[Path]) -> None:
+    """Refuse, by name, any of ``paths`` that is not really a safetensors file (a pickle
+    renamed ``model.safetensors``, a truncated download), before a library opens it."""
+    for path in paths:
+        kind = sniff(path)
+        if kind == "pickle":
+            raise refuse_pickle(path)
+        if kind != "safetensors":
+            raise GenloopError(f"{path} is not a safetensors file (its header does not parse)")
+        _check_extent(path)
+
+
+def _check_extent(path: Path) -> None:
+    """The header's tensors must end exactly where the file does (not truncated)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        try:
+            header = json.loads(f.read(n))
+            ends = [
+                int(v["data_offsets"][1])
+                for k, v in header.items()
+                if k != "__metadata__" and isinstance(v, dict)
+            ]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise GenloopError(f"{path} is not a valid safetensors file (bad header)") from None
+    if max(ends, default=0) != size - 8 - n:
+        raise GenloopError(
+            f"{path} is truncated or corrupt: its header describes {max(ends, default=0):,} "
+            f"bytes of tensors, the file holds {size - 8 - n:,}"
+        )
 
 
 def load_state_dict(

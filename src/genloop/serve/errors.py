@@ -81,7 +81,9 @@ def error_body(
     return {
         "error": {
             "message": message,
-            "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "type": ERROR_TYPES.get(
+                status, "server_error" if status >= 500 else "invalid_request_error"
+            ),
             "param": param,
             "code": code if code is not None else ERROR_CODES.get(status),
         }
@@ -155,7 +157,12 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     param = _loc_param(loc)
     msg = str(first.get("msg", "invalid value"))
     where = f"{loc[0]} " if loc and loc[0] in ("query", "path", "header") else ""
-    message = f"invalid {where}field {param!r}: {msg}" if param else f"invalid request: {msg}"
+    if param:
+        message = f"invalid {where}field {param!r}: {msg}"
+    elif loc[:1] == ("body",):
+        message = "the request body must be a JSON object (Content-Type: application/json)"
+    else:
+        message = f"invalid request: {msg}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return error_response(400, message, param=param, code="invalid_value")

@@ -24,7 +24,9 @@ from genloop.serve.errors import error_body, retry_after_header
 EXEMPT_FROM_CONCURRENCY = frozenset({"/health"})
 
 
-async def send_error(send: Send, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
+async def send_error(
+    send: Send, status: int, message: str, *, headers: dict[str, str] | None = None
+) -> None:
     """Answer with an OpenAI-shaped error from ASGI level (outside FastAPI)."""
     body = json.dumps(error_body(status, message)).encode()
     raw = [

@@ -38,7 +38,7 @@ from genloop.workspace.tables import Alias, ModelVersion
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from genloop.serve.engine.types import TextEngine
+    from genloop.serve.engine.types import EngineStats, Event, GenerationRequest
     from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -48,18 +48,49 @@ IMAGE_FAMILIES = ("vae", "gan", "diffusion")
 RETRY_FAILED_LOAD_S = 30.0  # a version that failed to load is not retried more often
 
 
+class ServedEngine(Protocol):
+    """What the HTTP layer needs of a text engine: the engine interface
+    (``genloop.serve.engine.types.TextEngine``) plus its tokenizer's services."""
+
+    model_name: str
+    model_version: int | None
+    tokenizer: Any  # a transformers tokenizer (len(), decode(), bos_token_id)
+    context_length: int
+    eos_token_id: int | None
+
+    async def start(self) -> None: ...
+
+    def submit(self, request: GenerationRequest) -> AsyncIterator[Event]: ...
+
+    async def drain(self, timeout_s: float) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+
 class ImageGenerator(Protocol):
     def generate(self, prompt: str, n: int, seed: int | None) -> list[Image]: ...
 
 
-TextLoader = Callable[[Path, ModelVersionInfo], "TextEngine"]
+TextLoader = Callable[[Path, ModelVersionInfo], "ServedEngine"]
 ImageLoader = Callable[[Path, ModelVersionInfo], ImageGenerator]
 
 
 class SwapObserver(Protocol):
+    """What the manager tells monitoring (``genloop.monitor.metrics.ServingMetrics``)."""
+
     def model_loaded(self, model: str, version: int | None) -> None: ...
 
-    def model_swapped(self, model: str, old: int | None, new: int | None) -> None: ...
+    def model_swapped(
+        self, model: str, old_version: int | None, new_version: int | None
+    ) -> None: ...
+
+    def watch_engine(self, model: str, version: int | None, stats: Callable[[], Any]) -> None: ...
+
+    def unwatch_engine(self, model: str, version: int | None) -> None: ...
 
 
 @dataclass(eq=False)
@@ -69,7 +100,7 @@ class LoadedModel:
     served: str  # the served ref as configured, e.g. "code-lm@production"
     info: ModelVersionInfo
     kind: Literal["text", "image"]
-    engine: TextEngine | None = None
+    engine: ServedEngine | None = None
     images: ImageGenerator | None = None
     leases: int = 0
     retired: bool = False
@@ -81,7 +112,7 @@ class LoadedModel:
         """The concrete version, ``name@version``: what responses report as ``model``."""
         return self.info.ref
 
-    def text_engine(self) -> TextEngine:
+    def text_engine(self) -> ServedEngine:
         if self.engine is None:
             raise ApiError(
                 f"model {self.served} is an image model; use /v1/images/generations",
@@ -93,8 +124,7 @@ class LoadedModel:
     def image_generator(self) -> ImageGenerator:
         if self.images is None:
             raise ApiError(
-                f"model {self.served} is a text model; use /v1/completions or "
-                "/v1/chat/completions",
+                f"model {self.served} is a text model; use /v1/completions or /v1/chat/completions",
                 param="model",
                 code="wrong_model_kind",
             )
@@ -346,6 +376,8 @@ class ModelManager:
             served.current = new
             served.error = None
             if self.observer is not None:
+                if new.engine is not None:
+                    self.observer.watch_engine(info.name, info.version, new.engine.stats)
                 if cur is None:
                     self.observer.model_loaded(info.name, info.version)
                 else:
@@ -385,10 +417,14 @@ class ModelManager:
         try:
             await asyncio.wait_for(old.idle.wait(), timeout=self.swap_timeout_s)
         except TimeoutError:
-            log.warning("%s: aborting %d requests still running after the swap", old.ref, old.leases)
+            log.warning(
+                "%s: aborting %d requests still running after the swap", old.ref, old.leases
+            )
         if old.engine is not None:
             await old.engine.drain(0.0)
         self._retired.discard(old)
+        if self.observer is not None and old.engine is not None:
+            self.observer.unwatch_engine(old.info.name, old.info.version)
         old.engine = None
         old.images = None
         gc.collect()

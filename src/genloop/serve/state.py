@@ -35,9 +35,13 @@ class UsageRecorder:
     :meth:`flush` first: the ``requests`` row it links to is then written.
     """
 
-    def __init__(self, ws: Workspace, cipher: Cipher) -> None:
+    def __init__(
+        self, ws: Workspace, cipher: Cipher, *, store_text: bool, guardrails: Guardrails
+    ) -> None:
         self.ws = ws
         self.cipher = cipher
+        self.store_text = store_text
+        self.guardrails = guardrails
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genloop-usage")
         self._pending: set[Future[None]] = set()
 
@@ -50,9 +54,15 @@ class UsageRecorder:
         from genloop.monitor.usage import record_request
 
         try:
-            record_request(self.ws, self.cipher, record)
+            record_request(
+                self.ws,
+                self.cipher,
+                record,
+                store_text=self.store_text,
+                guardrails=self.guardrails,
+            )
         except Exception:  # a lost usage row must not take the server down
-            log.exception("could not record request %s", record.id)
+            log.exception("could not record request %s", record.request_id)
 
     async def flush(self) -> None:
         pending = [asyncio.wrap_future(f) for f in list(self._pending)]

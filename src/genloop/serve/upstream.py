@@ -137,8 +137,7 @@ class UpstreamRouter:
     def status(self) -> dict[str, list[dict[str, Any]]]:
         return {
             name: [
-                {"url": u.base_url, "healthy": u.healthy, "last_error": u.last_error}
-                for u in group
+                {"url": u.base_url, "healthy": u.healthy, "last_error": u.last_error} for u in group
             ]
             for name, group in self.routes.items()
         }
@@ -231,7 +230,16 @@ async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
             yield chunk
     except httpx.HTTPError as exc:
         # The upstream broke mid-stream: end with an error event the client can see.
-        message = json.dumps({"error": {"message": f"upstream failed: {exc}", "type": "server_error", "param": None, "code": "upstream_error"}})
+        message = json.dumps(
+            {
+                "error": {
+                    "message": f"upstream failed: {exc}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "upstream_error",
+                }
+            }
+        )
         yield f"data: {message}\n\n".encode()
     finally:
         await response.aclose()

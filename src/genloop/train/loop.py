@@ -41,10 +41,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]  # (step, max_steps, last metrics)
+EvalFn = Callable[[int, dict[str, float]], None]  # (step, metrics incl. val_loss)
 
 
 class TrainingDiverged(GenloopError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class StopRun(Exception):
+    """Raised by an ``on_eval`` callback to end the run on purpose (a pruned tuning trial).
+
+    The run is marked ``status`` (not "failed") and the exception propagates to the caller.
+    """
+
+    def __init__(self, status: str = "stopped", reason: str = "") -> None:
+        super().__init__(reason or status)
+        self.status = status
 
 
 @dataclass
@@ -117,6 +129,8 @@ def train(
     progress: ProgressFn | None = None,
     register: bool = True,
     root: Path | None = None,
+    on_eval: EvalFn | None = None,
+    trust_pickle: bool = False,
 ) -> TrainResult:
     """Train (or fine-tune) the model ``cfg`` describes; returns the run and model version.
 
@@ -125,6 +139,8 @@ def train(
     that run; either continues exactly where its last good checkpoint left off.
     ``train.resume`` in the config does the same when there is such a run, and starts a new
     one when there is not.
+    ``on_eval(step, metrics)`` is called after each validation; raising :class:`StopRun`
+    from it ends the run with that status (how a tuning study prunes a trial).
     """
     t = cfg.train
     name = model_name or cfg.name or (cfg.data.name if cfg.data else None) or "model"
@@ -134,7 +150,7 @@ def train(
         # --resume insists on a run to continue; train.resume in the config takes one if any
         run_id = _find_resumable(ws, name, resume or t.resume, required=bool(resume))
         resuming = run_id is not None
-        s = setup(ws, cfg, dist, root=root)
+        s = setup(ws, cfg, dist, root=root, trust_pickle=trust_pickle)
         tracker: RunTracker | None = None
         if dist.is_main:
             tracker = (
@@ -153,7 +169,7 @@ def train(
         run_id = _broadcast_run_id(run_id, dist)
         try:
             state = resume_state(ws, run_id, s, tracker) if resuming else TrainState()
-            result = fit(ws, cfg, s, dist, tracker, run_id, state, progress)
+            result = fit(ws, cfg, s, dist, tracker, run_id, state, progress, on_eval)
             # the weights to export (collective: FSDP2 gathers a plain copy on rank 0)
             export = distributed.gathered_model(s.raw_model) if register else None
             if dist.is_main and register:
@@ -161,12 +177,18 @@ def train(
             if tracker is not None:
                 tracker.set_status("completed", summary=result.metrics)
             return result
+        except StopRun as stop:
+            if tracker is not None:
+                tracker.set_status(stop.status, summary=_summary(state, False), error=str(stop))
+            raise
         except KeyboardInterrupt:
             if tracker is not None:  # no checkpoint here: resume takes the last one
                 tracker.set_status("interrupted", error="interrupted by the user")
             raise
         except BaseException as exc:
             if tracker is not None:
+                if isinstance(exc, TrainingDiverged):
+                    tracker.diverged(str(exc))  # a "nan" alert (genloop.monitor.training)
                 tracker.set_status("failed", error=f"{type(exc).__name__}: {exc}")
             raise
     finally:
@@ -174,11 +196,16 @@ def train(
 
 
 def setup(
-    ws: Workspace, cfg: GenloopConfig, dist: distributed.Dist, root: Path | None = None
+    ws: Workspace,
+    cfg: GenloopConfig,
+    dist: distributed.Dist,
+    root: Path | None = None,
+    *,
+    trust_pickle: bool = False,
 ) -> Setup:
     """The data, the model and the optimizer for this config."""
     from genloop.train.objectives import LanguageModeling
-    from genloop.workspace.datasets import resolve_dataset
+    from genloop.workspace.datasets import check_trainable, resolve_dataset
 
     t, m = cfg.train, cfg.model
     # 1. the dataset version: named, or the one the data section describes (prepared on
@@ -195,11 +222,19 @@ def setup(
             dataset = resolve_dataset(ws, distributed.broadcast("", dist))
     else:
         raise GenloopError("nothing to train on: set train.dataset or add a data section")
+    check_trainable(dataset)  # never one excluded after a privacy erasure
     data_dir = ws.store.open_verified(dataset.artifact)
     tokenizer_dir = data_dir / "tokenizer" if (data_dir / "tokenizer").is_dir() else None
 
     # 2. the model: from a preset, or a pretrained checkpoint (optionally with LoRA)
-    raw_model, model_config, parent = build_model(ws, cfg, tokenizer_dir, dist.device)
+    if m.family in ("vae", "gan", "diffusion"):  # sized by the image dataset
+        from genloop.train.image_objectives import build_image_model
+
+        raw_model, model_config, parent = build_image_model(ws, cfg, data_dir, dist.device)
+    else:
+        raw_model, model_config, parent = build_model(
+            ws, cfg, tokenizer_dir, dist.device, trust_pickle=trust_pickle
+        )
 
     # 3. the objective
     if t.objective == "lm":
@@ -253,6 +288,8 @@ def build_model(
     cfg: GenloopConfig,
     tokenizer_dir: Path | None,
     device: torch.device,
+    *,
+    trust_pickle: bool = False,
 ) -> tuple[nn.Module, dict[str, Any], str | None]:
     """The model to train, its config dict and the ref it was fine-tuned from (if any)."""
     from genloop.models.family import get_family
@@ -264,7 +301,9 @@ def build_model(
 
         base_dir, parent = _base_model_dir(ws, m.base_model)
         load_in_4bit = m.lora is not None and m.lora.load_in_4bit
-        model = load_pretrained(base_dir, device=device, load_in_4bit=load_in_4bit)
+        model = load_pretrained(
+            base_dir, device=device, load_in_4bit=load_in_4bit, trust_pickle=trust_pickle
+        )
         if m.lora is not None:
             from genloop.models.lora import apply_lora
 
@@ -393,6 +432,7 @@ def fit(
     run_id: str,
     state: TrainState,
     progress: ProgressFn | None,
+    on_eval: EvalFn | None = None,
 ) -> TrainResult:
     """Train from ``state.step`` to ``train.max_steps`` or an early stop (``state`` in place)."""
     import torch
@@ -448,6 +488,9 @@ def fit(
             raise TrainingDiverged(_diverged("gradient norm", grad_norm, state.step + 1))
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
+        after_step = getattr(s.objective, "after_step", None)  # e.g. a GAN's EMA generator
+        if after_step is not None:
+            after_step(s.raw_model)
         state.step += 1
         state.history.append(step_loss)
 
@@ -474,6 +517,8 @@ def fit(
             tracker.log(state.step, **metrics)
         if progress is not None and dist.is_main:
             progress(state.step, t.max_steps, metrics)
+        if on_eval is not None and "val_loss" in metrics:
+            on_eval(state.step, metrics)  # may raise StopRun: no checkpoint for this step then
         if (
             state.step % t.checkpoint_every == 0
             or state.step == t.max_steps

@@ -22,7 +22,7 @@ Rows (other keys, such as ``id`` or ``meta``, are kept and ignored)::
 
 A prompt/response row goes through the chat template, unless it says
 ``"format": "completion"``: then it is plain text, the response's tokens right after the
-prompt's and an end of text (how ``/v1/completions`` prompts a model; feedback on
+prompt's, with no end of text (how ``/v1/completions`` continues a prompt; feedback on
 completions is exported so, and an empty prompt makes the row plain language modeling).
 
 :func:`write_pairs_dataset` makes one (the feedback export calls it).
@@ -371,13 +371,16 @@ def chat_tokens(
 def completion_tokens(
     tokenizer: PreTrainedTokenizerBase, prompt: str, response: str
 ) -> tuple[list[int], list[int]]:
-    """The ids of ``prompt`` + ``response`` + end of text as plain text (no template), and
-    a 0/1 mask of the response's tokens and the end of text."""
+    """The ids of ``prompt`` + ``response`` as plain text (no template), and a 0/1 mask of
+    the response's tokens. No end of text follows: a completion continues text, and where
+    it stops is the caller's (``max_tokens``, stop strings). An empty prompt is the end of
+    text (what a packed document follows in pretraining, and what generation starts from)."""
     eos = tokenizer.eos_token_id
     if not isinstance(eos, int):
-        raise GenloopError("the tokenizer has no eos token to end a completion")
+        raise GenloopError("the tokenizer has no eos token to start an empty prompt from")
     prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
-    response_ids = [*tokenizer(response, add_special_tokens=False)["input_ids"], eos]
+    prompt_ids = prompt_ids or [eos]
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
 
@@ -656,6 +659,10 @@ def make_objective(
     from genloop.data.tokenizer import load_hf_tokenizer
     from genloop.models.lora import is_lora
 
+    if name in ("vae", "gan", "diffusion"):
+        from genloop.train.image_objectives import make_image_objective
+
+        return make_image_objective(name, cfg, data_dir, model, device)
     if name not in PAIRS_KINDS:
         raise GenloopError(f"objective {name!r} is not available for this model family yet")
     kind = pairs_kind(data_dir)

@@ -46,6 +46,9 @@ class RunTracker:
         self._last_flush = time.monotonic()
         self._flush_every_s = flush_every_s
         self._sinks = [_open_sink(s, ws, run_id) for s in sinks or []]
+        from genloop.monitor.training import TrainingWatch
+
+        self.watch = TrainingWatch(ws, run_id)  # NaN and loss-spike alerts
 
     @classmethod
     def start(
@@ -84,12 +87,17 @@ class RunTracker:
             log.warning(
                 "run %s: %s is %s at step %d; not recorded", self.run_id, key, values[key], step
             )
+        self.watch.observe(step, values)
         for key, value in finite.items():
             self._buffer.append(RunMetric(run_id=self.run_id, key=key, step=step, value=value))
         for sink in self._sinks:
             sink.log(step, finite)
         if time.monotonic() - self._last_flush >= self._flush_every_s:
             self.flush()
+
+    def diverged(self, message: str) -> None:
+        """Training stopped on a NaN/infinite value: record the ``nan`` alert."""
+        self.watch.nan(message)
 
     def flush(self) -> None:
         with self.ws.catalog.session() as s:

@@ -22,6 +22,8 @@ from genloop.workspace.refs import RefError, check_name
 from genloop.workspace.tables import Dataset, DatasetVersion
 from genloop.workspace.workspace import Workspace
 
+EXCLUDED = "excluded"  # status of a version built from an erased user's data
+
 
 @dataclass
 class DatasetVersionInfo:
@@ -75,18 +77,35 @@ def parse_dataset_ref(text: str) -> tuple[str, int | None]:
 
 
 def resolve_dataset(ws: Workspace, ref: str) -> DatasetVersionInfo:
+    """``NAME@VERSION``, or ``NAME``: its newest version not excluded by a privacy erasure."""
     name, version = parse_dataset_ref(ref)
     with ws.catalog.session() as s:
         query = select(DatasetVersion).join(Dataset).where(Dataset.name == name)
         if version is not None:
             query = query.where(DatasetVersion.version == version)
+        else:
+            query = query.where(DatasetVersion.status != EXCLUDED)
         row = s.scalars(query.order_by(DatasetVersion.version.desc()).limit(1)).first()
         if row is None:
             if s.scalar(select(Dataset.id).where(Dataset.name == name)) is None:
                 known = ", ".join(s.scalars(select(Dataset.name).order_by(Dataset.name))) or "none"
                 raise NotFoundError(f"no dataset named {name!r} (datasets: {known})")
+            if version is None:
+                raise NotFoundError(
+                    f"every version of dataset {name} was excluded after a privacy erasure"
+                )
             raise NotFoundError(f"dataset {name} has no version {version}")
         return _info(row)
+
+
+def check_trainable(info: DatasetVersionInfo) -> DatasetVersionInfo:
+    """Refuse a version excluded by a privacy erasure (it holds an erased user's data)."""
+    if info.status == EXCLUDED:
+        raise ConflictError(
+            f"dataset {info.ref} was excluded after a privacy erasure and is never trained on "
+            "again; export or prepare a new version"
+        )
+    return info
 
 
 def get_dataset_version(ws: Workspace, version_id: int) -> DatasetVersionInfo:

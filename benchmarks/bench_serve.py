@@ -1,0 +1,668 @@
+"""Serving speed: genloop's engine next to two baselines, same model, same load, loopback.
+
+Three OpenAI-style ``/v1/completions`` servers, each a separate process on 127.0.0.1, serve
+the same checkpoint (the ``tiny`` preset, random weights from a fixed seed, a byte-level
+BPE trained on the built-in ``python-stdlib`` corpus), one after the other:
+
+- genloop: the continuous-batching engine (``genloop.serve.engine.load_engine``, batch 16)
+  behind a minimal FastAPI + uvicorn app that streams each token as a server-sent event
+  (``--subject app`` runs genloop's full server instead: auth, limits, metrics);
+- per-request baseline: FastAPI + uvicorn calling Hugging Face ``model.generate`` once per
+  request (sync endpoint, so concurrent requests run in uvicorn's thread pool);
+- ``transformers serve --continuous-batching`` on the checkpoint directory (offline), the
+  tool a user would otherwise pick; null with the reason when it cannot run here.
+
+The client (httpx, asyncio, this process) runs 1, 4 and 16 concurrent clients against
+each; every client sends the same prompts (about 32 tokens of Python source) asking for
+64 new tokens at temperature 1, one request after another, until the run has sent its
+request budget (bounded count) or its time budget is spent. genloop and the per-request
+baseline always generate all 64 tokens (``ignore_eos``, ``min_new_tokens``); transformers
+serve takes no such option, so its tokens are counted from each response's usage.
+
+Figures: tokens/s = completion tokens / wall time of the run; time to first token and
+inter-token latency (p50, p99) from the arrival times of streamed chunks (genloop and
+transformers serve stream; the per-request baseline cannot); ``per_token_latency_ratio_bs1``
+= genloop's median seconds per token / the baseline's, one client, non-streamed requests on
+both sides (end-to-end time / tokens).
+
+All servers run with the same torch thread count (``--threads``, default 1: on a shared
+2-core machine a second OpenMP thread that waits for a descheduled peer makes every side
+slower and noisier). Timings on a shared machine are noisy.
+
+    python benchmarks/bench_serve.py [--quick] [--threads N] [--max-tokens 64]
+                                     [--skip-transformers-serve] [--subject engine|app]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request  # module level: FastAPI resolves the endpoints' annotations here
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CONCURRENCY = (1, 4, 16)
+TARGET_RATIO_C16 = 5.0
+TARGET_RATIO_VS_TS = 1.2
+TARGET_LATENCY_RATIO = 0.7
+
+
+# ------------------------------------------------------------------------ the model
+
+
+def build_checkpoint(out: Path, preset: str, vocab_size: int, corpus_mb: float) -> Path:
+    """A random-weight ``preset`` checkpoint with a BPE tokenizer, HF layout, in ``out``."""
+    import torch
+
+    from genloop.data.records import Record
+    from genloop.data.sources import build_source
+    from genloop.data.tokenizer import train_bpe
+    from genloop.models.causal_lm import FAMILY
+    from genloop.models.pretrained import save_hf_dir
+
+    texts: list[str] = []
+    total = 0
+    for item in build_source({"type": "builtin", "name": "python-stdlib"}).records():
+        if isinstance(item, Record) and item.text:
+            texts.append(item.text)
+            total += len(item.text)
+            if total >= corpus_mb * 1e6:
+                break
+    tok_dir = train_bpe(texts, out / "tokenizer", vocab_size=vocab_size)
+    from genloop.data.tokenizer import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(tok_dir)
+    torch.manual_seed(0)
+    model = FAMILY.build(
+        {
+            "preset": preset,
+            "vocab_size": vocab_size,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+    )
+    params = sum(p.numel() for p in model.parameters())
+    path = save_hf_dir(model, out / "model", family="causal_lm", tokenizer_dir=tok_dir)
+    (path / "bench.json").write_text(json.dumps({"parameters": params, "texts": texts[:64]}))
+    return path
+
+
+def make_prompts(model_dir: Path, count: int, tokens: int) -> list[str]:
+    """``count`` prompts of about ``tokens`` tokens, cut from the corpus."""
+    from genloop.data.tokenizer import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(model_dir)
+    texts = json.loads((model_dir / "bench.json").read_text())["texts"]
+    prompts = []
+    for i in range(count):
+        ids = tok(texts[i % len(texts)])["input_ids"]
+        start = (i * 97) % max(1, len(ids) - tokens)
+        prompts.append(tok.decode(ids[start : start + tokens]))
+    return prompts
+
+
+# --------------------------------------------------------------------- the servers
+
+
+def serve_engine(model_dir: Path, port: int, batch: int) -> None:
+    """genloop's engine behind a minimal OpenAI-style completions endpoint (streams SSE)."""
+    import uuid
+
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from genloop.config import ServeConfig
+    from genloop.serve.engine import load_engine
+    from genloop.serve.engine.engine import collect
+    from genloop.serve.engine.types import Finished, GenerationRequest, SamplingParams
+
+    cfg = ServeConfig(device="cpu", max_batch_size=batch, max_queue=256)
+    engine = load_engine(model_dir, model_name="bench", model_version=1, cfg=cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        await engine.start()
+        yield
+        await engine.drain(5)
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await request.json()
+        params = SamplingParams(
+            max_tokens=int(body.get("max_tokens", 16)),
+            temperature=float(body.get("temperature", 1.0)),
+            top_p=float(body.get("top_p", 1.0)),
+            ignore_eos=bool(body.get("ignore_eos", False)),
+        )
+        ids = engine.encode(body["prompt"])
+        rid = uuid.uuid4().hex
+        stream = engine.submit(GenerationRequest(rid, ids, params))
+        if not body.get("stream"):
+            _, done = await collect(stream)
+            usage = {"prompt_tokens": len(ids), "completion_tokens": done.completion_tokens}
+            return JSONResponse({"choices": [{"text": done.text}], "usage": usage})
+
+        async def events() -> Any:
+            try:
+                async for event in stream:
+                    if isinstance(event, Finished):
+                        usage = {
+                            "prompt_tokens": len(ids),
+                            "completion_tokens": event.completion_tokens,
+                        }
+                        chunk = {
+                            "choices": [{"text": "", "finish_reason": event.reason}],
+                            "usage": usage,
+                        }
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    else:
+                        yield f"data: {json.dumps({'choices': [{'text': event.text}]})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                await stream.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def serve_hf(model_dir: Path, port: int) -> None:
+    """Hugging Face ``generate`` once per request (the naive server), non-streamed."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from genloop.data.tokenizer import load_hf_tokenizer
+    from genloop.models.pretrained import load_pretrained
+
+    model = load_pretrained(model_dir)
+    tok = load_hf_tokenizer(model_dir)
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await request.json()
+        return await asyncio.to_thread(generate, body)
+
+    def generate(body: dict[str, Any]) -> Any:
+        ids = torch.tensor([tok(body["prompt"])["input_ids"]])
+        new = int(body.get("max_tokens", 16))
+        temperature = float(body.get("temperature", 1.0))
+        sampling: dict[str, Any] = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new if body.get("ignore_eos") else 0,
+                pad_token_id=tok.pad_token_id,
+                **sampling,
+            )
+        completion = out[0, ids.shape[1] :]
+        usage = {"prompt_tokens": ids.shape[1], "completion_tokens": int(completion.numel())}
+        text = tok.decode(completion, skip_special_tokens=True)
+        return JSONResponse({"choices": [{"text": text}], "usage": usage})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def serve_app(model_dir: Path, port: int, batch: int, root: Path) -> None:
+    """genloop's own server (``genloop serve``): auth, limits, metrics, request records."""
+    import uvicorn
+
+    from genloop.config import parse_config
+    from genloop.security.keys import create_key
+    from genloop.serve.app import create_app
+    from genloop.workspace import init_workspace, registry
+
+    ws = init_workspace(root / "ws")
+    registry.register_model(ws, "bench", "causal_lm", model_dir)
+    key = create_key(ws.catalog, name="bench", scopes=["generate"]).plaintext
+    (root / "key").write_text(key)
+    cfg = parse_config(
+        {
+            "serve": {
+                "models": ["bench"],
+                "port": port,
+                "device": "cpu",
+                "max_batch_size": batch,
+                "max_queue": 256,
+                "store_requests": False,
+                "ui": False,
+            },
+            "security": {"guardrails": {"max_repetition": None}},
+        }
+    )
+    app = create_app(ws, cfg)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    model: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    headers: dict[str, str] = field(default_factory=dict)
+    ready_path: str = "/health"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("GENLOOP_DATABASE_URL", None)
+    return env
+
+
+@contextlib.contextmanager
+def running(kind: str, model_dir: Path, args: argparse.Namespace, tmp: Path) -> Iterator[Server]:
+    """Start one server process, wait until it answers, stop it afterwards."""
+    port = free_port()
+    log = tmp / f"{kind}.log"
+    model = "bench"
+    headers: dict[str, str] = {}
+    if kind == "transformers-serve":
+        exe = Path(sys.executable).with_name("transformers")
+        cmd = [str(exe), "serve", str(model_dir), "--continuous-batching"]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+        cmd += ["--dtype", "float32", "--log-level", "warning"]
+        model = str(model_dir)
+    else:
+        cmd = [sys.executable, __file__, "--serve", kind, "--model-dir", str(model_dir)]
+        cmd += ["--port", str(port), "--batch", str(args.batch), "--state-dir", str(tmp)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=thread_env(args.threads)
+        )
+    server = Server(kind, f"http://127.0.0.1:{port}", model, proc, log, headers)
+    try:
+        wait_ready(server, tmp, timeout=args.start_timeout)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_ready(server: Server, tmp: Path, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            tail = server.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{server.name} exited ({server.proc.returncode}): {tail}")
+        if server.name == "app" and (tmp / "key").is_file():
+            server.headers = {"Authorization": f"Bearer {(tmp / 'key').read_text().strip()}"}
+            server.ready_path = "/ready"
+        try:
+            r = httpx.get(server.url + server.ready_path, headers=server.headers, timeout=5)
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{server.name} did not become ready in {timeout:.0f} s")
+
+
+# ----------------------------------------------------------------------- the client
+
+
+@dataclass
+class Result:
+    tokens: int
+    e2e: float
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RunFigures:
+    concurrency: int
+    tokens_per_s: float
+    requests: int
+    tokens: int
+    seconds: float
+    ttft: list[float]
+    gaps: list[float]
+    per_token: list[float]
+
+
+async def one_request(
+    client: Any, server: Server, prompt: str, max_tokens: int, stream: bool
+) -> Result:
+    body: dict[str, Any] = {
+        "model": server.model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "stream": stream,
+    }
+    if server.name != "transformers-serve":
+        body["ignore_eos"] = True
+    if stream and server.name in ("transformers-serve", "app"):
+        body["stream_options"] = {"include_usage": True}
+    start = time.perf_counter()
+    if not stream:
+        r = await client.post(server.url + "/v1/completions", json=body, headers=server.headers)
+        r.raise_for_status()
+        tokens = int(r.json()["usage"]["completion_tokens"])
+        return Result(tokens, time.perf_counter() - start)
+    result = Result(0, 0.0)
+    last = None
+    counted = 0
+    async with client.stream(
+        "POST", server.url + "/v1/completions", json=body, headers=server.headers
+    ) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            now = time.perf_counter()
+            usage = chunk.get("usage")
+            if usage:
+                result.tokens = int(usage["completion_tokens"])
+            choices = chunk.get("choices") or []
+            if choices and choices[0].get("text"):
+                counted += 1
+                if last is None:
+                    result.ttft = now - start
+                else:
+                    result.gaps.append(now - last)
+                last = now
+    result.e2e = time.perf_counter() - start
+    result.tokens = result.tokens or counted
+    return result
+
+
+async def load_run(
+    server: Server,
+    prompts: list[str],
+    concurrency: int,
+    *,
+    requests: int,
+    time_budget: float,
+    max_tokens: int,
+    stream: bool,
+) -> RunFigures:
+    """``concurrency`` clients, each sending requests back to back, ``requests`` in all
+    (or fewer when ``time_budget`` runs out first)."""
+    import httpx
+
+    results: list[Result] = []
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def worker() -> None:
+            nonlocal sent
+            while sent < requests and time.perf_counter() - start < time_budget:
+                prompt = prompts[sent % len(prompts)]
+                sent += 1
+                results.append(await one_request(client, server, prompt, max_tokens, stream))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    tokens = sum(r.tokens for r in results)
+    return RunFigures(
+        concurrency=concurrency,
+        tokens_per_s=tokens / seconds,
+        requests=len(results),
+        tokens=tokens,
+        seconds=seconds,
+        ttft=[r.ttft for r in results if r.ttft is not None],
+        gaps=[g for r in results for g in r.gaps],
+        per_token=[r.e2e / r.tokens for r in results if r.tokens],
+    )
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(1000 * value, 2)
+
+
+def measure(
+    server: Server, prompts: list[str], args: argparse.Namespace, *, streaming: bool
+) -> dict[int, RunFigures]:
+    """The load runs at 1, 4 and 16 clients, after one warm-up request."""
+    asyncio.run(
+        load_run(server, prompts, 1, requests=1, time_budget=60, max_tokens=8, stream=False)
+    )
+    out = {}
+    for c in CONCURRENCY:
+        requests = max(args.requests_per_client * c, args.min_requests)
+        out[c] = asyncio.run(
+            load_run(
+                server,
+                prompts,
+                c,
+                requests=requests,
+                time_budget=args.time_budget,
+                max_tokens=args.max_tokens,
+                stream=streaming,
+            )
+        )
+        f = out[c]
+        ttft, itl = pct(f.ttft, 50), pct(f.gaps, 50)
+        lat = f"  ttft p50 {ms(ttft)} ms  itl p50 {ms(itl)} ms" if streaming else ""
+        print(
+            f"  {server.name:>19} c={c:<2} {f.tokens_per_s:8.1f} tok/s  "
+            f"({f.requests} requests, {f.tokens} tokens, {f.seconds:.1f} s){lat}",
+            file=sys.stderr,
+        )
+    return out
+
+
+def bs1_latency(server: Server, prompts: list[str], args: argparse.Namespace) -> float:
+    """Median seconds per token, one client, non-streamed (same measure on both sides)."""
+    f = asyncio.run(
+        load_run(
+            server,
+            prompts,
+            1,
+            requests=args.bs1_requests,
+            time_budget=args.time_budget,
+            max_tokens=args.max_tokens,
+            stream=False,
+        )
+    )
+    return statistics.median(f.per_token)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a smoke run (about a minute, 2 cores)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16, help="genloop's max_batch_size")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in every server")
+    p.add_argument("--requests-per-client", type=int, default=None)
+    p.add_argument("--min-requests", type=int, default=None)
+    p.add_argument("--time-budget", type=float, default=None, help="seconds per load run")
+    p.add_argument("--bs1-requests", type=int, default=None)
+    p.add_argument("--start-timeout", type=float, default=300.0)
+    p.add_argument("--subject", choices=("engine", "app"), default="engine")
+    p.add_argument("--skip-transformers-serve", action="store_true")
+    # internal: run one server in this process
+    p.add_argument("--serve", choices=("engine", "hf", "app"), help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.requests_per_client = args.requests_per_client or (1 if quick else 3)
+    args.min_requests = args.min_requests or (2 if quick else 8)
+    args.time_budget = args.time_budget or (8.0 if quick else 60.0)
+    args.bs1_requests = args.bs1_requests or (2 if quick else 5)
+    return args
+
+
+def serve_main(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.serve == "engine":
+        serve_engine(args.model_dir, args.port, args.batch)
+    elif args.serve == "hf":
+        serve_hf(args.model_dir, args.port)
+    else:
+        serve_app(args.model_dir, args.port, args.batch, args.state_dir)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.serve:
+        serve_main(args)
+        return {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = build_checkpoint(tmp, args.preset, args.vocab_size, 0.5 if args.quick else 1.0)
+        params = json.loads((model_dir / "bench.json").read_text())["parameters"]
+        prompts = make_prompts(model_dir, 32, args.prompt_tokens)
+        print(
+            f"{args.preset}: {params / 1e6:.2f}M parameters, {args.max_tokens} new tokens per "
+            f"request, {args.threads} torch thread(s) per server",
+            file=sys.stderr,
+        )
+        with running(args.subject, model_dir, args, tmp) as server:
+            ours = measure(server, prompts, args, streaming=True)
+            ours_bs1 = bs1_latency(server, prompts, args)
+        with running("hf", model_dir, args, tmp) as server:
+            base = measure(server, prompts, args, streaming=False)
+            base_bs1 = bs1_latency(server, prompts, args)
+        ts: dict[int, RunFigures] | None = None
+        ts_reason = None
+        if args.skip_transformers_serve:
+            ts_reason = "skipped (--skip-transformers-serve)"
+        else:
+            try:
+                with running("transformers-serve", model_dir, args, tmp) as server:
+                    ts = measure(server, prompts, args, streaming=True)
+            except Exception as exc:  # not installed, refuses offline, crashed: say why
+                ts_reason = f"{type(exc).__name__}: {str(exc)[-500:]}"
+                print(f"transformers serve: {ts_reason}", file=sys.stderr)
+
+    c16 = ours[16]
+    figures: dict[str, Any] = {
+        "tokens_per_s_c1": round(ours[1].tokens_per_s, 1),
+        "tokens_per_s_c4": round(ours[4].tokens_per_s, 1),
+        "tokens_per_s_c16": round(c16.tokens_per_s, 1),
+        "baseline_tokens_per_s_c1": round(base[1].tokens_per_s, 1),
+        "baseline_tokens_per_s_c4": round(base[4].tokens_per_s, 1),
+        "baseline_tokens_per_s_c16": round(base[16].tokens_per_s, 1),
+        "ratio_c16": round(c16.tokens_per_s / base[16].tokens_per_s, 2),
+        "transformers_serve_tokens_per_s_c1": round(ts[1].tokens_per_s, 1) if ts else None,
+        "transformers_serve_tokens_per_s_c4": round(ts[4].tokens_per_s, 1) if ts else None,
+        "transformers_serve_tokens_per_s_c16": round(ts[16].tokens_per_s, 1) if ts else None,
+        "ratio_vs_transformers_serve_c16": (
+            round(c16.tokens_per_s / ts[16].tokens_per_s, 2) if ts else None
+        ),
+        "transformers_serve_null_reason": ts_reason,
+        "ttft_p50_ms": ms(pct(c16.ttft, 50)),
+        "ttft_p99_ms": ms(pct(c16.ttft, 99)),
+        "itl_p50_ms": ms(pct(c16.gaps, 50)),
+        "itl_p99_ms": ms(pct(c16.gaps, 99)),
+        "ttft_p50_ms_c1": ms(pct(ours[1].ttft, 50)),
+        "itl_p50_ms_c1": ms(pct(ours[1].gaps, 50)),
+        "transformers_serve_ttft_p50_ms_c16": ms(pct(ts[16].ttft, 50)) if ts else None,
+        "transformers_serve_itl_p50_ms_c16": ms(pct(ts[16].gaps, 50)) if ts else None,
+        "per_token_latency_ms_bs1": ms(ours_bs1),
+        "baseline_per_token_latency_ms_bs1": ms(base_bs1),
+        "per_token_latency_ratio_bs1": round(ours_bs1 / base_bs1, 3),
+        "subject": args.subject,
+        "preset": args.preset,
+        "parameters": params,
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "quick": args.quick,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    targets = [
+        ("ratio_c16", figures["ratio_c16"], TARGET_RATIO_C16, ">="),
+        (
+            "ratio_vs_transformers_serve_c16",
+            figures["ratio_vs_transformers_serve_c16"],
+            TARGET_RATIO_VS_TS,
+            ">=",
+        ),
+        (
+            "per_token_latency_ratio_bs1",
+            figures["per_token_latency_ratio_bs1"],
+            TARGET_LATENCY_RATIO,
+            "<=",
+        ),
+    ]
+    for name, value, target, op in targets:
+        if value is None:
+            continue
+        met = value >= target if op == ">=" else value <= target
+        print(
+            f"{name} = {value} (target {op} {target}: {'met' if met else 'NOT met'})",
+            file=sys.stderr,
+        )
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

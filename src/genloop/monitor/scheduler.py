@@ -1,0 +1,207 @@
+"""The serving process's monitor: anomaly detection, periodic drift checks, bias probes.
+
+A :class:`MonitorWorker` is one background thread that the server starts with its app
+and stops at shutdown::
+
+    worker = MonitorWorker(ws, cfg.monitor, models=lambda: [("tiny", 3)])
+    worker.start()
+    ...                                   # per finished request, from any thread:
+    worker.observe("tiny", 3, latency_ms=41.0, failed=False)
+    ...
+    worker.stop()
+
+- :meth:`observe` only appends to a queue (cheap, thread-safe); the thread feeds the
+  queue to the latency and error-rate detectors (:mod:`genloop.monitor.anomaly`) about
+  once a second and raises their alerts.
+- every ``monitor.check_interval_s`` it runs :meth:`DriftMonitor.check
+  <genloop.monitor.drift.DriftMonitor.check>` for each served model.
+- every ``monitor.bias_interval_s`` (when set) it runs the bias probes
+  (:mod:`genloop.evaluate.bias`) on each served causal LM, in a second thread so drift and
+  anomaly checks go on meanwhile; each run is stored as an evaluation (suite ``bias``) and
+  its headline numbers are appended to the model's monitor series, so they can be plotted
+  over time (``genloop monitor report``).
+
+A failing check is logged and retried at the next interval; it never stops the thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from genloop.monitor.anomaly import AnomalyMonitor, alert_anomaly
+from genloop.monitor.drift import DriftMonitor, DriftReport, record_series
+from genloop.workspace.workspace import Workspace
+
+if TYPE_CHECKING:
+    from genloop.config import EvalConfig, MonitorConfig
+
+log = logging.getLogger(__name__)
+
+ServedModel = tuple[str, int | None]  # (name, version)
+ModelsFn = Callable[[], Sequence[ServedModel]]
+BiasFn = Callable[[Workspace, str], dict[str, float]]  # (ws, "name@version") → metrics
+TICK_S = 1.0
+MAX_PENDING = 100_000  # observations kept when the thread falls behind (oldest dropped)
+BIAS_SERIES = ("bias_ll_gap", "bias_negative_rate_gap")
+
+
+def run_bias_probes(
+    ws: Workspace, ref: str, cfg: EvalConfig | None = None, device: str = "auto"
+) -> dict[str, float]:
+    """The bias suite on model version ``ref`` (a causal LM; others: ``{}``), stored as an
+    evaluation; returns its metrics. ``cfg`` sets the probe file and generation settings."""
+    from genloop.config import EvalConfig
+    from genloop.evaluate.run import evaluate_model
+    from genloop.workspace import registry
+
+    info = registry.resolve(ws, ref)
+    if info.family != "causal_lm":
+        return {}
+    record = evaluate_model(ws, ref, suites=["bias"], cfg=cfg or EvalConfig(), device=device)
+    return {k: v for k, v in record.metrics.items() if v is not None}
+
+
+class MonitorWorker:
+    """Background monitoring for one serving process (see the module docstring)."""
+
+    def __init__(
+        self,
+        ws: Workspace,
+        cfg: MonitorConfig,
+        models: ModelsFn | Sequence[ServedModel],
+        *,
+        bias_fn: BiasFn | None = None,
+        bias_eval: EvalConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``models``: the served (name, version) pairs, or a function returning them (it is
+        called at each check, so swaps are followed). ``bias_eval``: the probe file and
+        generation settings of the scheduled bias runs; ``bias_fn`` replaces the run."""
+        self.ws = ws
+        self.cfg = cfg
+        self._models: ModelsFn = models if callable(models) else (lambda: list(models))
+        self._bias_fn: BiasFn = bias_fn or (lambda ws, ref: run_bias_probes(ws, ref, bias_eval))
+        self._clock = clock
+        self.anomalies = AnomalyMonitor(
+            ewma_alpha=cfg.ewma_alpha, z_threshold=cfg.z_threshold, min_samples=cfg.min_samples
+        )
+        self.drift = DriftMonitor()
+        self.last_reports: dict[str, DriftReport] = {}
+        self.last_bias: dict[str, dict[str, float]] = {}
+        self._pending: collections.deque[tuple[str, float | None, bool]] = collections.deque(
+            maxlen=MAX_PENDING
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bias_thread: threading.Thread | None = None
+        self._next_drift = 0.0
+        self._next_bias = 0.0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        now = self._clock()
+        self._next_drift = now + self.cfg.check_interval_s
+        if self.cfg.bias_interval_s is not None:
+            self._next_bias = now + self.cfg.bias_interval_s
+        self._thread = threading.Thread(target=self._run, name="genloop-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread (after feeding it what is queued); a running bias probe is
+        left to finish in the background (it is a daemon thread)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ feeding
+
+    def observe(
+        self, model: str, version: int | None, latency_ms: float | None, failed: bool
+    ) -> None:
+        """One finished request (any thread; O(1)). ``failed``: a 5xx, or the engine
+        finished it with ``error`` or ``timeout``; a client's mistake (4xx) is not."""
+        self._pending.append((model, latency_ms, failed))
+
+    # ------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.wait(TICK_S)
+            self._guard("anomaly detection", self.process_observations)
+            if stopping:
+                return
+            now = self._clock()
+            if now >= self._next_drift:
+                self._next_drift = now + self.cfg.check_interval_s
+                self._guard("drift check", self.check_drift)
+            if self.cfg.bias_interval_s is not None and now >= self._next_bias:
+                self._next_bias = now + self.cfg.bias_interval_s
+                self.start_bias_probes()
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("monitor: %s failed; retrying at the next interval", what)
+
+    def process_observations(self) -> list[int]:
+        """Feed the queued observations to the detectors; returns the alert ids raised."""
+        raised: list[int] = []
+        while self._pending:
+            model, latency_ms, failed = self._pending.popleft()
+            for anomaly in self.anomalies.observe(model, latency_ms, failed):
+                alert = alert_anomaly(self.ws, model, anomaly, webhook_url=self.cfg.webhook_url)
+                if alert is not None:
+                    raised.append(alert)
+        return raised
+
+    def check_drift(self) -> list[DriftReport]:
+        """One drift check of every served model, now."""
+        reports = []
+        for name in sorted({name for name, _ in self._models()}):
+            report = self.drift.check(self.ws, self.cfg, name)
+            self.last_reports[name] = report
+            reports.append(report)
+        return reports
+
+    def start_bias_probes(self) -> threading.Thread | None:
+        """Run the bias probes on every served model in a background thread (unless a
+        previous run is still going); returns the thread."""
+        if self._bias_thread is not None and self._bias_thread.is_alive():
+            log.info("monitor: the previous bias probe run is still going; skipped")
+            return None
+        self._bias_thread = threading.Thread(
+            target=self._guard,
+            args=("bias probes", self.run_bias_probes),
+            name="genloop-monitor-bias",
+            daemon=True,
+        )
+        self._bias_thread.start()
+        return self._bias_thread
+
+    def run_bias_probes(self) -> dict[str, dict[str, float]]:
+        """The bias probes on every served model, now (in this thread)."""
+        done: dict[str, dict[str, float]] = {}
+        for name, version in sorted(set(self._models()), key=lambda m: (m[0], m[1] or 0)):
+            ref = f"{name}@{version}" if version is not None else name
+            metrics = self._bias_fn(self.ws, ref)
+            if not metrics:
+                continue
+            record_series(self.ws, name, {k: metrics[k] for k in BIAS_SERIES if k in metrics})
+            self.last_bias[ref] = metrics
+            done[ref] = metrics
+        return done

@@ -1,0 +1,446 @@
+"""What each served request leaves behind: a catalog row, a usage count, a log line.
+
+:func:`record_request` is called by the server once per API request, after the response
+(off the event loop: it writes to the database and a file). It
+
+1. computes the request's drift features (``genloop.monitor.drift``): numbers only, so
+   monitoring never needs the text;
+2. writes the ``requests`` row: prompt and response encrypted with the workspace key when
+   text storage is on (``security.store_requests``), absent otherwise; the parameters with
+   strings redacted and secrets dropped;
+3. adds the request to its hourly ``usage`` bucket (per key, model and version), with an
+   update-then-insert that is safe with concurrent writers on SQLite and PostgreSQL;
+4. appends one JSON line to ``<workspace>/logs/requests-YYYY-MM-DD.jsonl`` and to the
+   ``genloop.requests`` logger: ids, model, counts, latency, status, guardrail flags.
+   Never the key (its id and public prefix only), never text, and the user id as a hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import queue
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
+
+from genloop.errors import GenloopError
+from genloop.workspace.tables import ApiKey, RequestLog, Usage, utcnow
+from genloop.workspace.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_STRING = 500
+MAX_PARAM_ITEMS = 64
+USAGE_GROUPS = ("key", "model", "version")
+MAX_SINCE_DAYS = 36500
+# Parameter names whose values are never stored, whatever they look like.
+_SECRET_NAME = re.compile(r"(?i)(api[_-]?key|authorization|password|passwd|secret|token$)")
+
+
+class Cipher(Protocol):
+    def encrypt(self, text: str) -> bytes: ...
+
+
+@dataclass
+class RequestRecord:
+    """One finished API request, as the server hands it to :func:`record_request`."""
+
+    request_id: str
+    endpoint: str  # "chat.completions", "completions", "images.generations" …
+    model_name: str
+    model_version: int | None = None
+    api_key_id: int | None = None
+    key_prefix: str | None = None  # the key's public prefix; never the key
+    user_id: str | None = None
+    prompt: str = ""
+    response: str = ""
+    params: dict[str, Any] = field(default_factory=dict)  # sampling settings
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float | None = None
+    status: int = 200
+    flags: list[str] = field(default_factory=list)  # guardrail flags
+    mean_logprob: float | None = None  # mean log-probability per generated token
+    finish_reason: str | None = None
+    prompt_ids: Sequence[int] | None = None  # when known, spares tokenizing the prompt again
+    output_ids: Sequence[int] | None = None
+    created_at: datetime | None = None  # default: now
+
+
+def _redactor(guardrails: Any) -> Callable[[str], str]:
+    from genloop.data.pii import redact
+
+    custom = getattr(guardrails, "redact", None)
+    if not callable(custom):
+        return redact
+
+    def both(text: str) -> str:
+        out = custom(text)
+        return redact(out if isinstance(out, str) else text)
+
+    return both
+
+
+def sanitize(value: Any, redact: Callable[[str], str], depth: int = 0) -> Any:
+    """``value`` made safe to store in the clear: strings redacted and cut, secrets
+    dropped by name, containers bounded, non-finite numbers as None."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return redact(value[: MAX_PARAM_STRING * 2])[:MAX_PARAM_STRING]
+    if depth >= 4:
+        return None
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in list(value.items())[:MAX_PARAM_ITEMS]:
+            name = redact(str(k))[:64]
+            out[name] = "<SECRET>" if _SECRET_NAME.search(name) else sanitize(v, redact, depth + 1)
+        return out
+    if isinstance(value, list | tuple):
+        return [sanitize(v, redact, depth + 1) for v in value[:MAX_PARAM_ITEMS]]
+    return redact(str(value))[:MAX_PARAM_STRING]
+
+
+def user_hash(user_id: str | None) -> str | None:
+    """A stable pseudonym for a user id in logs (the id itself may be an email)."""
+    if not user_id:
+        return None
+    return "u_" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
+
+
+def record_request(
+    ws: Workspace,
+    cipher: Cipher | None,
+    record: RequestRecord,
+    *,
+    store_text: bool,
+    guardrails: Any = None,
+) -> dict[str, Any]:
+    """Store ``record`` (row, usage bucket, log line); returns the log line's fields."""
+    return record_requests(ws, cipher, [record], store_text=store_text, guardrails=guardrails)[0]
+
+
+def record_requests(
+    ws: Workspace,
+    cipher: Cipher | None,
+    records: Sequence[RequestRecord],
+    *,
+    store_text: bool,
+    guardrails: Any = None,
+) -> list[dict[str, Any]]:
+    """Store several records in one transaction (one commit, one fsync, each usage bucket
+    bumped once); returns their log lines' fields. All or none are stored."""
+    from genloop.monitor.logs import write_request_line
+
+    if store_text and cipher is None:
+        raise GenloopError("storing request text needs the workspace encryption key")
+    if not records:
+        return []
+    redact = _redactor(guardrails)
+    rows: list[RequestLog] = []
+    entries: list[dict[str, Any]] = []
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for record in records:
+        row, entry = _prepare(ws, cipher if store_text else None, record, redact)
+        rows.append(row)
+        entries.append(entry)
+        hour = row.created_at.replace(minute=0, second=0, microsecond=0)
+        key = (record.api_key_id, record.model_name, record.model_version, hour)
+        counts = buckets.setdefault(key, [0, 0, 0])
+        counts[0] += 1
+        counts[1] += record.prompt_tokens
+        counts[2] += record.completion_tokens
+
+    with ws.catalog.session(write_lock=True) as s:
+        s.add_all(rows)
+        s.flush()
+        # a fixed order, so concurrent writers lock buckets in the same order (no deadlock)
+        for key in sorted(buckets, key=lambda k: (k[0] or 0, k[1], k[2] or 0, k[3])):
+            _add_usage(s, ws.catalog.backend, key, buckets[key])
+    for row, entry in zip(rows, entries, strict=True):
+        write_request_line(ws.root, entry, row.created_at)
+    return entries
+
+
+def _prepare(
+    ws: Workspace, cipher: Cipher | None, record: RequestRecord, redact: Callable[[str], str]
+) -> tuple[RequestLog, dict[str, Any]]:
+    """The ``requests`` row and the log line of one record."""
+    from genloop.monitor.drift import featurizer_for, request_features
+
+    at = record.created_at or utcnow()
+    ok = record.status < 400
+    features = request_features(
+        featurizer_for(ws, record.model_name, record.model_version) if ok else None,
+        prompt=record.prompt,
+        response=record.response,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        prompt_ids=record.prompt_ids,
+        output_ids=record.output_ids,
+        mean_logprob=record.mean_logprob,
+    )
+    params: dict[str, Any] = sanitize(dict(record.params), redact)
+    params["features"] = features
+    if record.finish_reason is not None:
+        params["finish_reason"] = record.finish_reason
+    flags = [redact(str(f))[:64] for f in record.flags]
+    row = RequestLog(
+        id=record.request_id,
+        api_key_id=record.api_key_id,
+        user_id=record.user_id,
+        endpoint=record.endpoint,
+        model_name=record.model_name,
+        model_version=record.model_version,
+        prompt_enc=cipher.encrypt(record.prompt) if cipher is not None else None,
+        response_enc=cipher.encrypt(record.response) if cipher is not None else None,
+        params=params,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        latency_ms=record.latency_ms,
+        status=record.status,
+        flags=flags,
+        created_at=at,
+    )
+    model = record.model_name + (f"@{record.model_version}" if record.model_version else "")
+    entry = {
+        "ts": at.isoformat(timespec="milliseconds"),
+        "request_id": redact(record.request_id)[:64],
+        "key_id": record.api_key_id,
+        "key_prefix": record.key_prefix,
+        "user": user_hash(record.user_id),
+        "endpoint": record.endpoint,
+        "model": model,
+        "status": record.status,
+        "finish_reason": record.finish_reason,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "latency_ms": None if record.latency_ms is None else round(record.latency_ms, 2),
+        "flags": flags,
+    }
+    return row, entry
+
+
+def _add_usage(s: Any, backend: str, key: tuple[Any, ...], counts: list[int]) -> None:
+    """Add ``counts`` (requests, prompt tokens, completion tokens) to an hourly bucket."""
+    api_key_id, model_name, model_version, hour = key
+    requests, prompt_tokens, completion_tokens = counts
+    where = [
+        Usage.model_name == model_name,
+        Usage.hour == hour,
+        Usage.api_key_id.is_(None) if api_key_id is None else Usage.api_key_id == api_key_id,
+        Usage.model_version.is_(None)
+        if model_version is None
+        else Usage.model_version == model_version,
+    ]
+    bump = (
+        update(Usage)
+        .where(*where)
+        .values(
+            requests=Usage.requests + requests,
+            prompt_tokens=Usage.prompt_tokens + prompt_tokens,
+            completion_tokens=Usage.completion_tokens + completion_tokens,
+        )
+    )
+    if s.execute(bump).rowcount:
+        return
+    row = Usage(
+        api_key_id=api_key_id,
+        model_name=model_name,
+        model_version=model_version,
+        hour=hour,
+        requests=requests,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
+    if backend == "sqlite":  # the transaction holds the write lock: no one can race us
+        s.add(row)
+        s.flush()
+        return
+    try:
+        with s.begin_nested():  # a savepoint: a lost race rolls back only the insert
+            s.add(row)
+    except DBIntegrityError:  # another replica created the bucket first
+        s.execute(bump)
+
+
+class RequestRecorder:
+    """Records requests from a background thread, in batches.
+
+    The server calls :meth:`submit` once per request (cheap, never touches the database
+    or the tokenizer); the thread writes what is queued every ``flush_s`` seconds (or at
+    ``max_batch`` records) with :func:`record_requests`: one transaction per batch instead
+    of one per request, which on SQLite (one fsync per commit) is the difference between
+    about 100 and several thousand requests a second. A batch that fails is retried one
+    record at a time, so one bad record (a duplicate id) loses only itself.
+    """
+
+    def __init__(
+        self,
+        ws: Workspace,
+        cipher: Cipher | None,
+        *,
+        store_text: bool,
+        guardrails: Any = None,
+        flush_s: float = 0.5,
+        max_batch: int = 500,
+        max_queue: int = 50_000,
+        on_recorded: Callable[[RequestRecord], None] | None = None,
+    ) -> None:
+        if store_text and cipher is None:
+            raise GenloopError("storing request text needs the workspace encryption key")
+        self.ws = ws
+        self.cipher = cipher
+        self.store_text = store_text
+        self.guardrails = guardrails
+        self.flush_s = flush_s
+        self.max_batch = max_batch
+        self.on_recorded = on_recorded
+        self._queue: queue.Queue[RequestRecord] = queue.Queue(max_queue)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+        self.failed = 0
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name="genloop-request-recorder", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.flush()
+
+    def submit(self, record: RequestRecord) -> None:
+        """Queue ``record`` (any thread). A full queue drops it with a logged error rather
+        than block a response."""
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+            log.error("request log queue full: request %s not recorded", record.request_id)
+
+    def flush(self) -> int:
+        """Write everything queued now (in the calling thread); returns how many."""
+        written = 0
+        while True:
+            batch: list[RequestRecord] = []
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if not batch:
+                return written
+            written += self._write(batch)
+
+    def _write(self, batch: list[RequestRecord]) -> int:
+        kw = {"store_text": self.store_text, "guardrails": self.guardrails}
+        try:
+            record_requests(self.ws, self.cipher, batch, **kw)
+            done = batch
+        except Exception:
+            done = []
+            for record in batch:  # find the bad one(s); keep the rest
+                try:
+                    record_requests(self.ws, self.cipher, [record], **kw)
+                    done.append(record)
+                except Exception as exc:
+                    self.failed += 1
+                    log.error("request %s not recorded: %s", record.request_id, type(exc).__name__)
+        if self.on_recorded is not None:
+            for record in done:
+                self.on_recorded(record)
+        return len(done)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            try:
+                self.flush()
+            except Exception:
+                log.exception("request recorder: flush failed; retrying")
+
+
+def usage_summary(
+    ws: Workspace, since: timedelta, by: Sequence[str] = ("key", "model")
+) -> list[dict[str, Any]]:
+    """Requests and tokens since ``now - since`` (whole hours), grouped ``by`` any of
+    ``key``, ``model``, ``version``; biggest first."""
+    unknown = [b for b in by if b not in USAGE_GROUPS]
+    if unknown or not by:
+        raise GenloopError(
+            f"usage can be grouped by {', '.join(USAGE_GROUPS)}; not {', '.join(unknown) or '—'}"
+        )
+    start = (utcnow() - since).replace(minute=0, second=0, microsecond=0)
+    cols: list[Any] = []
+    if "key" in by:
+        cols += [Usage.api_key_id, ApiKey.name, ApiKey.prefix]
+    if "model" in by:
+        cols.append(Usage.model_name)
+    if "version" in by:
+        cols.append(Usage.model_version)
+    requests = func.sum(Usage.requests)
+    query = (
+        select(
+            *cols,
+            requests,
+            func.sum(Usage.prompt_tokens),
+            func.sum(Usage.completion_tokens),
+        )
+        .where(Usage.hour >= start)
+        .group_by(*cols)
+        .order_by(requests.desc())
+    )
+    if "key" in by:
+        query = query.outerjoin(ApiKey, ApiKey.id == Usage.api_key_id)
+    out: list[dict[str, Any]] = []
+    with ws.catalog.session() as s:
+        for row in s.execute(query):
+            values = list(row)
+            item: dict[str, Any] = {}
+            if "key" in by:
+                item["key_id"], item["key_name"], item["key_prefix"] = values[:3]
+                values = values[3:]
+            if "model" in by:
+                item["model"] = values.pop(0)
+            if "version" in by:
+                item["version"] = values.pop(0)
+            req, prompt, completion = (int(v or 0) for v in values)
+            item |= {
+                "requests": req,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
+            out.append(item)
+    return out
+
+
+def parse_since(text: str) -> timedelta:
+    """``30m``, ``24h``, ``7d``, ``2w`` → a timedelta (a clear error otherwise)."""
+    m = re.fullmatch(r"\s*(\d{1,6})\s*([smhdw])\s*", text)
+    if not m or int(m.group(1)) == 0:
+        raise GenloopError(
+            f"invalid duration {text!r}: a positive number and a unit, e.g. 30m, 24h, 7d, 2w"
+        )
+    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    if seconds > MAX_SINCE_DAYS * 86400:
+        raise GenloopError(f"invalid duration {text!r}: at most {MAX_SINCE_DAYS} days")
+    return timedelta(seconds=seconds)

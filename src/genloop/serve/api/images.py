@@ -1,0 +1,188 @@
+"""``POST /v1/images/generations``: images from an image model (VAE, GAN, diffusion).
+
+The prompt is the model's condition (a class label for class-conditional models; ignored
+by unconditional ones). Images come back as base64 PNG (``response_format: b64_json``),
+resized to ``size`` when one is given. One generation runs at a time per model (they use
+every core already); the others wait in a short queue, and beyond it get 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse, Response
+
+from genloop.security.keys import Principal
+from genloop.serve.api.common import SEED_MAX, SEED_MIN, check_input, new_id
+from genloop.serve.auth import require_scope
+from genloop.serve.errors import ApiError, invalid
+from genloop.serve.generation import error_type, until_disconnected
+from genloop.serve.state import get_state
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from genloop.serve.models import LoadedModel
+    from genloop.serve.state import ServerState
+
+MAX_SIDE = 1024
+
+
+class ImageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, description="An image model from /v1/models.")
+    prompt: str = Field(
+        "", max_length=4000, description="The condition: a class label for conditional models."
+    )
+    n: int = Field(1, ge=1, le=128, description="Images to generate (at most serve.max_n).")
+    size: str | None = Field(
+        None, pattern=r"^[0-9]{1,4}x[0-9]{1,4}$", description="WIDTHxHEIGHT to resize to."
+    )
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json", description="Only b64_json is supported."
+    )
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Same seed, same images.")
+    user: str | None = Field(None, min_length=1, max_length=128)
+
+
+router = APIRouter(tags=["generation"])
+
+
+@router.post("/v1/images/generations", summary="Generate images (base64 PNG)")
+async def create_images(
+    body: ImageRequest,
+    request: Request,
+    principal: Principal = Depends(require_scope("generate")),  # noqa: B008
+) -> Response:
+    state = get_state(request)
+    cfg = state.cfg.serve
+    if body.response_format != "b64_json":
+        raise invalid("only response_format b64_json is supported", "response_format")
+    if body.n > cfg.max_n:
+        raise invalid(f"n is {body.n}; this server allows at most {cfg.max_n}", "n")
+    size = _size(body.size)
+    flags = check_input(state, body.prompt) if body.prompt else []
+    started = time.monotonic()
+    loaded = await state.models.acquire(body.model)
+    response_id = new_id("img")
+    status, images = 500, []
+    try:
+        generator = loaded.image_generator()
+        seed = None if body.seed is None else body.seed % 2**63
+        work = _generate(state, loaded, lambda: generator.generate(body.prompt, body.n, seed))
+        result = await until_disconnected(request, work)
+        if result is None:
+            status = 499
+            return Response(status_code=499)
+        images = result
+        data = [{"b64_json": _png(img, size)} for img in images]
+        status = 200
+        return JSONResponse(
+            {"created": int(time.time()), "data": data, "id": response_id, "model": loaded.ref},
+            headers={"X-Request-Id": response_id},
+        )
+    except Exception as exc:
+        status = int(getattr(exc, "http_status", 500))
+        state.metrics.error(loaded.info.name, error_type(exc), loaded.info.version)
+        raise
+    finally:
+        state.models.release(loaded)
+        _record(state, loaded, body, principal, response_id, status, len(images), flags, started)
+
+
+async def _generate(state: ServerState, loaded: LoadedModel, call: Any) -> list[Image]:
+    """Run one generation in a thread, one at a time per model, within the request timeout.
+
+    A generation that times out keeps the model's lock until its thread is done, so the
+    next one never runs beside it.
+    """
+    cfg = state.cfg.serve
+    lock = loaded.image_lock
+    waiting = len(getattr(lock, "_waiters", None) or ())
+    if lock.locked() and waiting >= cfg.max_queue:
+        raise ApiError(
+            f"model {loaded.ref} is busy ({waiting} requests waiting)",
+            status=429,
+            retry_after_s=5.0,
+        )
+
+    async def locked_run() -> list[Image]:
+        await lock.acquire()
+        task = asyncio.ensure_future(asyncio.to_thread(call))
+        task.add_done_callback(lambda _: lock.release())
+        result: list[Image] = await asyncio.shield(task)
+        return result
+
+    try:
+        return await asyncio.wait_for(locked_run(), timeout=cfg.request_timeout_s)
+    except TimeoutError:
+        raise ApiError(
+            f"image generation took longer than {cfg.request_timeout_s:g}s",
+            status=504,
+            code="timeout",
+        ) from None
+
+
+def _size(size: str | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    w, h = (int(x) for x in size.split("x"))
+    if not (1 <= w <= MAX_SIDE and 1 <= h <= MAX_SIDE):
+        raise invalid(f"size must be between 1x1 and {MAX_SIDE}x{MAX_SIDE}", "size")
+    return w, h
+
+
+def _png(image: Image, size: tuple[int, int] | None) -> str:
+    from PIL import Image as PILImage
+
+    if size is not None and image.size != size:
+        image = image.resize(size, PILImage.Resampling.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _record(
+    state: ServerState,
+    loaded: LoadedModel,
+    body: ImageRequest,
+    principal: Principal,
+    response_id: str,
+    status: int,
+    count: int,
+    flags: list[str],
+    started: float,
+) -> None:
+    from genloop.monitor.usage import RequestRecord
+
+    e2e = time.monotonic() - started
+    info = loaded.info
+    state.metrics.request_finished(info.name, info.version, status, "stop", 0, count, e2e)
+    if status == 429:
+        return
+    params: dict[str, Any] = body.model_dump(exclude={"prompt", "user"}, exclude_none=True)
+    state.recorder.submit(
+        RequestRecord(
+            request_id=response_id,
+            endpoint="images.generations",
+            model_name=info.name,
+            model_version=info.version,
+            api_key_id=principal.key_id,
+            key_prefix=principal.prefix,
+            user_id=body.user or principal.user_id,
+            prompt=body.prompt,
+            response=f"{count} images",
+            params=params,
+            completion_tokens=count,
+            latency_ms=e2e * 1000.0,
+            status=status,
+            flags=flags,
+        )
+    )

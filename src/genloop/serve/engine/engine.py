@@ -1,0 +1,692 @@
+"""The engine: one loaded text model decoding many requests together, behind asyncio.
+
+Threads. The model runs in one dedicated thread (``genloop-engine``) that loops over
+*schedule → run → update* steps (``scheduler.py``, ``runner.py``, ``sampling.py``). Callers
+live on asyncio event loops (uvicorn's, or ``asyncio.run`` in the CLI): ``submit`` puts the
+request in a locked inbox and wakes the thread; the thread hands each step's events back
+with one ``loop.call_soon_threadsafe`` per loop, which puts them on per-request
+``asyncio.Queue`` s. Torch releases the GIL inside its kernels, so the event loop keeps
+serving HTTP while a step runs.
+
+Each request's stream yields :class:`TokenDelta` s (one per generated token, the end-of-
+text token included, whose text is empty) and then one :class:`Finished`. Closing the
+stream (``aclose()``), or cancelling the task waiting on it, cancels the request: the thread
+drops it at the start of its next step, so its slot is free within one decode step.
+
+Limits. At most ``max_batch_size`` sequences decode together; up to ``max_queue`` more
+wait; beyond that ``submit`` raises :class:`EngineBusy` (HTTP 429 with a Retry-After
+estimated from recent request times). Every request has a deadline (its own, or now +
+``request_timeout_s``) and finishes as ``"timeout"`` when it passes, with the text so far.
+``drain`` stops admission (:class:`EngineStopped`, HTTP 503), lets in-flight work finish
+until its deadline, aborts the rest (reason ``"cancelled"``, ``error`` saying why) and stops
+the thread.
+
+Beam search (``num_beams > 1``) is not streamed: it runs Hugging Face ``generate`` in a
+second thread (so the decode loop keeps going), and its tokens arrive together at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from genloop.errors import ConflictError, GenloopError
+from genloop.serve.engine.runner import Runner
+from genloop.serve.engine.sampling import (
+    IncrementalDetokenizer,
+    Sampled,
+    StopStrings,
+    make_decode,
+    make_generator,
+    sample,
+)
+from genloop.serve.engine.scheduler import Plan, Scheduler, Seq
+from genloop.serve.engine.types import (
+    EngineBusy,
+    EngineObserver,
+    EngineStats,
+    EngineStopped,
+    Event,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenDelta,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+DRAIN_ABORTED = "aborted: the server is shutting down"
+
+
+# ------------------------------------------------------------------------ streams
+
+
+class RequestStream:
+    """The async iterator ``submit`` returns: token deltas, then one ``Finished``."""
+
+    def __init__(self, engine: Engine, request_id: str) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            event = await self._queue.get()
+        except BaseException:  # cancelled (client gone) or the loop is closing
+            self._close()
+            raise
+        if isinstance(event, Finished):
+            self._done = True
+        return event
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.cancel(self.request_id)
+
+    def __del__(self) -> None:  # dropped without being read to the end: free the slot
+        if not self._done:
+            with contextlib.suppress(Exception):
+                self._engine.cancel(self.request_id)
+
+
+@dataclass
+class _State:
+    """The engine's per-request state, carried on ``Seq.state``."""
+
+    loop: asyncio.AbstractEventLoop
+    stream: RequestStream
+    generator: torch.Generator
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    cancelled: bool = False  # beam search checks this between its steps
+
+
+# ------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """A continuous-batching engine for one text model version (``TextEngine``)."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        tokenizer: Any,
+        *,
+        model_name: str,
+        model_version: int | None = None,
+        model: PreTrainedModel | None = None,
+        eos_token_ids: Sequence[int] = (),
+        max_batch_size: int = 16,
+        max_queue: int = 64,
+        request_timeout_s: float = 60.0,
+        prefill_budget: int = 512,
+        observer: EngineObserver | None = None,
+        family: str = "causal_lm",
+    ) -> None:
+        if max_batch_size > runner.n_slots:
+            raise GenloopError(
+                f"max_batch_size {max_batch_size} exceeds the runner's {runner.n_slots} slots"
+            )
+        self.model_name = model_name
+        self.model_version = model_version
+        self.family = family
+        self.tokenizer = tokenizer
+        self.model = model
+        self.runner = runner
+        self.context_length = runner.max_len
+        self.vocab_size = runner.vocab_size
+        self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
+        tok_eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_id: int | None = (
+            tok_eos if isinstance(tok_eos, int) else min(self.eos_token_ids, default=None)
+        )
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.observer = observer
+        self.scheduler = Scheduler(
+            max_running=max_batch_size,
+            max_len=runner.max_len,
+            prefill_chunk=runner.prefill_chunk,
+            prefill_budget=prefill_budget,
+        )
+        self._decode = make_decode(tokenizer)
+        self._token_texts: dict[int, str] = {}
+        # shared with the asyncio side, under _lock
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[Seq] = []
+        self._cancels: set[str] = set()
+        self._inflight: dict[str, Seq] = {}  # accepted and not finished, by request id
+        self._accepting = True
+        self._abort_all = False  # draining ran out of time: everything in flight is aborted
+        self._abort_pending = False  # ... and the engine thread has yet to do it
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._beam_jobs: queue.Queue[Seq | None] = queue.Queue()
+        self._beam_thread: threading.Thread | None = None
+        self._recent_e2e = 1.0  # moving average of request seconds, for Retry-After
+        # owned by the engine thread
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Event]]] = {}
+        self._beam_outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Event]]] = {}
+        self.steps = 0
+
+    # ------------------------------------------------------------ tokenizer side
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a completion prompt; an empty one starts from the BOS (or EOS) token."""
+        ids = list(self.tokenizer(text)["input_ids"])
+        if not ids:
+            start = getattr(self.tokenizer, "bos_token_id", None)
+            start = start if start is not None else self.eos_token_id
+            if start is None:
+                raise GenloopError("an empty prompt needs a BOS or EOS token; this model has none")
+            ids = [int(start)]
+        return ids
+
+    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The prompt of a chat: the tokenizer's chat template, ending with the assistant's turn."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise GenloopError(
+                f"model {self.model_name} has no chat template in its tokenizer, so it cannot "
+                "take chat messages; use /v1/completions with a plain prompt, or train it with "
+                "a tokenizer that has one (genloop's own tokenizers do)"
+            )
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # jinja raises its own errors for messages it cannot render
+            raise GenloopError(f"the chat template cannot render these messages: {exc}") from None
+        if ids and isinstance(ids[0], list):  # some tokenizers return a batch of one
+            ids = ids[0]
+        return [int(i) for i in ids]
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            if len(self._token_texts) < 1 << 20:
+                self._token_texts[token_id] = text
+        return text
+
+    # --------------------------------------------------------------- async side
+
+    async def start(self) -> None:
+        """Start the engine threads and warm the model up (first-request latency)."""
+        if self._thread is not None:
+            return
+        await asyncio.to_thread(self._warm_up)
+        self._start_threads()
+
+    def _start_threads(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._loop, name="genloop-engine", daemon=True)
+            self._thread.start()
+            self._beam_thread = threading.Thread(
+                target=self._beam_loop, name="genloop-engine-beam", daemon=True
+            )
+            self._beam_thread.start()
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue ``request``; its events arrive on the returned stream.
+
+        Must be called from a running event loop. Raises :class:`EngineBusy` when the queue
+        is full, :class:`EngineStopped` while draining, and a :class:`GenloopError` for a
+        request this model cannot run (prompt too long, token ids out of range, ...).
+        """
+        loop = asyncio.get_running_loop()
+        self._validate(request)
+        now = time.monotonic()
+        deadline = request.deadline if request.deadline is not None else now
+        if request.deadline is None:
+            deadline += self.request_timeout_s
+        stream = RequestStream(self, request.request_id)
+        params = request.params
+        seq = Seq(
+            request_id=request.request_id,
+            prompt_ids=list(request.prompt_ids),
+            params=params,
+            arrival=now,
+            deadline=deadline,
+        )
+        seq.state = _State(
+            loop=loop,
+            stream=stream,
+            generator=make_generator(params.seed),
+            detok=IncrementalDetokenizer(self._decode, seq.prompt_ids),
+            stops=StopStrings(params.stop),
+        )
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped(f"model {self.model_name} is shutting down")
+            if request.request_id in self._inflight:
+                raise ConflictError(f"request id {request.request_id!r} is already running")
+            if len(self._inflight) >= self.max_batch_size + self.max_queue:
+                raise EngineBusy(
+                    f"model {self.model_name} is busy ({len(self._inflight)} requests in "
+                    "flight); retry later",
+                    retry_after_s=self._retry_after(),
+                )
+            self._inflight[request.request_id] = seq
+            if params.num_beams > 1:
+                self._beam_jobs.put(seq)
+            else:
+                self._inbox.append(seq)
+                self._wake.notify()
+        if self._thread is None:
+            self._start_threads()
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a request (thread-safe, idempotent); it finishes as ``"cancelled"``."""
+        with self._lock:
+            seq = self._inflight.get(request_id)
+            if seq is None:
+                return
+            seq.state.cancelled = True
+            self._cancels.add(request_id)
+            self._wake.notify()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting; let in-flight requests finish for ``timeout_s``; abort the rest."""
+        with self._lock:
+            self._accepting = False
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        with self._lock:
+            self._abort_all = self._abort_pending = True
+            for seq in self._inflight.values():
+                seq.state.cancelled = True
+            self._wake.notify()
+        if self._thread is None:  # never started: nothing can be in flight
+            return
+        # aborting takes effect at the next step; a step is short, but never wait forever
+        grace = time.monotonic() + 5.0
+        while self._inflight and time.monotonic() < grace:
+            await asyncio.sleep(0.005)
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        self._beam_jobs.put(None)
+        await asyncio.to_thread(self._join)
+
+    async def close(self) -> None:
+        """Abort everything and stop (``drain`` with no grace period)."""
+        await self.drain(0.0)
+
+    def _join(self) -> None:
+        for thread in (self._thread, self._beam_thread):
+            if thread is not None:
+                thread.join(timeout=10.0)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            inflight = len(self._inflight)
+        running = len(self.scheduler.running)
+        return EngineStats(
+            running=running,
+            waiting=max(0, inflight - running),
+            max_batch_size=self.max_batch_size,
+            max_queue=self.max_queue,
+        )
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def _retry_after(self) -> float:
+        waiting = max(0, len(self._inflight) - self.max_batch_size)
+        batches_ahead = waiting / self.max_batch_size + 1
+        return float(min(60, max(1, math.ceil(self._recent_e2e * batches_ahead))))
+
+    def _validate(self, request: GenerationRequest) -> None:
+        p, ids = request.params, request.prompt_ids
+        if not ids:
+            raise GenloopError("the prompt is empty (it needs at least one token)")
+        if len(ids) >= self.context_length:
+            raise GenloopError(
+                f"the prompt has {len(ids)} tokens; model {self.model_name} takes at most "
+                f"{self.context_length - 1} (its context is {self.context_length} tokens)"
+            )
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise GenloopError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if p.max_tokens < 1:
+            raise GenloopError(f"max_tokens must be at least 1, not {p.max_tokens}")
+        if not p.temperature >= 0 or not math.isfinite(p.temperature):
+            raise GenloopError(f"temperature must be a number ≥ 0, not {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise GenloopError(f"top_p must be in (0, 1], not {p.top_p}")
+        if p.top_k is not None and p.top_k < 1:
+            raise GenloopError(f"top_k must be at least 1, not {p.top_k}")
+        if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
+            raise GenloopError(f"logprobs must be in [0, {MAX_LOGPROBS}], not {p.logprobs}")
+        if p.num_beams < 1:
+            raise GenloopError(f"num_beams must be at least 1, not {p.num_beams}")
+        if p.num_beams > 1 and self.model is None:
+            raise GenloopError("beam search needs the Hugging Face model, which is not loaded")
+        if any(not 0 <= t < self.vocab_size for t in p.stop_token_ids):
+            raise GenloopError(f"stop_token_ids must be in [0, {self.vocab_size})")
+
+    # ------------------------------------------------------------- engine thread
+
+    def _warm_up(self) -> None:
+        """One prefill and one decode step, so the first request does not pay for them."""
+        with torch.inference_mode():
+            self.runner.prefill(0, [0, 0], 0, want_logits=True)
+            self.runner.decode([0], [0], [2])
+            self.runner.release(0)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (
+                    self._inbox
+                    or self._cancels
+                    or self._abort_pending
+                    or self._stopping
+                    or self.scheduler.has_work()
+                ):
+                    self._wake.wait()
+                new, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, set()
+                abort_all, stopping = self._abort_pending, self._stopping
+                self._abort_pending = False
+            for seq in new:
+                self.scheduler.add(seq)
+                self._observe("on_queued", self.model_name, self.model_version)
+            for request_id in cancels:
+                found = self.scheduler.find(request_id)
+                if found is not None:
+                    self._finish(found, "cancelled")
+            now = time.monotonic()
+            for seq in self.scheduler.expired(now):
+                self._finish(seq, "timeout")
+            if abort_all:
+                for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                    self._finish(seq, "cancelled", DRAIN_ABORTED)
+            if stopping and not self.scheduler.num_unfinished:
+                self._flush()
+                return
+            plan = self.scheduler.schedule()
+            try:
+                self._step(plan)
+            except Exception as exc:  # a bug or an OOM: fail these requests, keep serving
+                log.exception("engine step failed")
+                failed = {id(c.seq): c.seq for c in plan.prefill} | {id(s): s for s in plan.decode}
+                for seq in failed.values():
+                    self._finish(seq, "error", f"{type(exc).__name__}: {exc}")
+            self.steps += 1
+            self._flush()
+
+    def _step(self, plan: Plan) -> None:
+        runner, scheduler = self.runner, self.scheduler
+        for move in plan.moves:
+            runner.move(move.src, move.dst, move.length)
+        rows: list[Seq] = []
+        logits: list[torch.Tensor] = []
+        now = time.monotonic()
+        for chunk in plan.prefill:
+            seq = chunk.seq
+            if seq.scheduled_at is None:
+                seq.scheduled_at = now
+                self._observe(
+                    "on_scheduled", self.model_name, self.model_version, now - seq.arrival
+                )
+            assert seq.slot is not None
+            out = runner.prefill(seq.slot, chunk.token_ids, chunk.start, want_logits=chunk.last)
+            scheduler.prefilled(chunk)
+            if out is not None:
+                rows.append(seq)
+                logits.append(out[None])
+        if plan.decode:
+            batch = plan.decode
+            out = runner.decode(
+                [s.slot for s in batch],  # type: ignore[misc]
+                [s.next_token for s in batch],
+                [s.num_cached for s in batch],
+            )
+            for seq in batch:
+                scheduler.decoded(seq)
+            rows.extend(batch)
+            logits.append(out)
+        if not rows:
+            return
+        stacked = logits[0] if len(logits) == 1 else torch.cat(logits)
+        picked = sample(stacked, [s.params for s in rows], [s.state.generator for s in rows])
+        now = time.monotonic()
+        for seq, choice in zip(rows, picked, strict=True):
+            self._on_token(seq, choice, now)
+
+    def _on_token(self, seq: Seq, choice: Sampled, now: float) -> None:
+        token, p, state = choice.token_id, seq.params, seq.state
+        seq.output_ids.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self._observe("on_first_token", self.model_name, self.model_version, now - seq.arrival)
+        else:
+            gap = now - (seq.last_token_at or now)
+            self._observe("on_token", self.model_name, self.model_version, gap)
+        seq.last_token_at = now
+        reason: FinishReason | None = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            text, reason = state.stops.flush(), "stop"
+        else:
+            text, hit = state.stops.add(state.detok.add(token))
+            if hit:
+                reason = "stop"
+        if reason is None and (
+            len(seq.output_ids) >= p.max_tokens or self.scheduler.reached_length(seq)
+        ):
+            text += state.stops.flush()
+            reason = "length"
+        top: dict[str, float] | None = None
+        if choice.top is not None:
+            top = {}
+            for t, lp in choice.top:  # best first; tokens whose text collides keep the best
+                top.setdefault(self.token_text(t), lp)
+        self._emit(seq, TokenDelta(token, text, choice.logprob, top))
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Seq, reason: FinishReason, error: str | None = None) -> None:
+        if seq.status == "finished":
+            return
+        slot = seq.slot
+        self.scheduler.finish(seq)
+        if slot is not None:
+            self.runner.release(slot)
+        self._complete(seq, reason, error)
+
+    def _complete(self, seq: Seq, reason: FinishReason, error: str | None = None) -> None:
+        """Send ``Finished`` and forget the request (both threads use this)."""
+        seq.status = "finished"
+        finished = Finished(
+            reason=reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            text=seq.state.stops.text,
+            error=error,
+        )
+        self._emit(seq, finished)
+        e2e = time.monotonic() - seq.arrival
+        self._observe("on_finished", self.model_name, self.model_version, finished, e2e)
+        with self._lock:
+            self._inflight.pop(seq.request_id, None)
+            if reason in ("stop", "length"):
+                self._recent_e2e = 0.9 * self._recent_e2e + 0.1 * e2e
+
+    def _emit(self, seq: Seq, event: Event) -> None:
+        state: _State = seq.state
+        self._box().setdefault(state.loop, []).append((state.stream, event))
+
+    def _box(self) -> dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Event]]]:
+        """This thread's outbox (the engine and the beam thread each fill their own)."""
+        beam = threading.current_thread() is self._beam_thread
+        return self._beam_outbox if beam else self._outbox
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops, one wake-up per loop."""
+        outbox = self._box().copy()
+        self._box().clear()
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                for stream, _ in items:
+                    self.cancel(stream.request_id)
+
+    def _observe(self, hook: str, *args: Any) -> None:
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, hook)(*args)
+        except Exception:  # metrics must never break serving
+            log.exception("engine observer %s failed", hook)
+
+    # -------------------------------------------------------------- beam search
+
+    def _beam_loop(self) -> None:
+        while True:
+            seq = self._beam_jobs.get()
+            if seq is None:
+                return
+            if self._abort_all:
+                self._complete(seq, "cancelled", DRAIN_ABORTED)
+            else:
+                try:
+                    self._beam_search(seq)
+                except Exception as exc:
+                    log.exception("beam search failed")
+                    self._complete(seq, "error", f"{type(exc).__name__}: {exc}")
+            self._flush()
+
+    def _beam_search(self, seq: Seq) -> None:
+        """Hugging Face beam search for one request, stopped early on cancel or deadline."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        assert self.model is not None
+        p, state = seq.params, seq.state
+        seq.scheduled_at = time.monotonic()
+        self._observe(
+            "on_scheduled", self.model_name, self.model_version, seq.scheduled_at - seq.arrival
+        )
+        encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
+        room = p.max_tokens if encoder_decoder else self.context_length - len(seq.prompt_ids)
+        deadline = seq.deadline
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> Any:
+                late = deadline is not None and time.monotonic() >= deadline
+                return torch.full((input_ids.shape[0],), state.cancelled or late, dtype=torch.bool)
+
+        ends = set() if p.ignore_eos else set(self.eos_token_ids)
+        ends |= set(p.stop_token_ids)
+        device = next(self.model.parameters()).device
+        prompt = torch.tensor([seq.prompt_ids], device=device)
+        with torch.inference_mode():
+            out = self.model.generate(  # type: ignore[operator]
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                num_beams=p.num_beams,
+                num_return_sequences=1,
+                do_sample=False,
+                max_new_tokens=max(1, min(p.max_tokens, room)),
+                early_stopping=True,
+                eos_token_id=sorted(ends) or None,
+                pad_token_id=self._pad_id(),
+                stopping_criteria=StoppingCriteriaList([_Stop()]),
+            )
+        tokens = out[0].tolist() if encoder_decoder else out[0, len(seq.prompt_ids) :].tolist()
+        if encoder_decoder and tokens and tokens[0] == self._decoder_start():
+            tokens = tokens[1:]  # generate's output starts with the decoder start token
+        now = time.monotonic()
+        reason: FinishReason = "length"
+        for i, token in enumerate(tokens):
+            seq.output_ids.append(token)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self._observe(
+                    "on_first_token", self.model_name, self.model_version, now - seq.arrival
+                )
+            if token in ends:
+                self._emit(seq, TokenDelta(token, state.stops.flush()))
+                reason = "stop"
+                break
+            text, hit = state.stops.add(state.detok.add(token))
+            if hit:
+                self._emit(seq, TokenDelta(token, text))
+                reason = "stop"
+                break
+            last = i == len(tokens) - 1
+            self._emit(seq, TokenDelta(token, text + (state.stops.flush() if last else "")))
+        error = None
+        if state.cancelled:
+            reason, error = "cancelled", (DRAIN_ABORTED if self._abort_all else None)
+        elif deadline is not None and time.monotonic() >= deadline:
+            reason = "timeout"
+        self._complete(seq, reason, error)
+
+    def _pad_id(self) -> int | None:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return pad if pad is not None else self.eos_token_id
+
+    def _decoder_start(self) -> int | None:
+        assert self.model is not None
+        start = getattr(self.model.generation_config, "decoder_start_token_id", None)
+        return (
+            start
+            if start is not None
+            else getattr(self.model.config, "decoder_start_token_id", None)
+        )
+
+
+def _deliver(items: list[tuple[RequestStream, Event]]) -> None:
+    """Runs on the event loop: put each event on its request's queue."""
+    for stream, event in items:
+        stream._queue.put_nowait(event)
+
+
+async def collect(stream: AsyncIterator[Event]) -> tuple[list[TokenDelta], Finished]:
+    """Read a stream to its end: the token deltas and the ``Finished`` event."""
+    deltas: list[TokenDelta] = []
+    async for event in stream:
+        if isinstance(event, Finished):
+            return deltas, event
+        deltas.append(event)
+    raise GenloopError("the stream ended without a Finished event")  # never, by contract
+
+
+def params_with(params: SamplingParams, **changes: Any) -> SamplingParams:
+    """``params`` with some fields changed (a frozen dataclass)."""
+    from dataclasses import replace
+
+    return replace(params, **changes)

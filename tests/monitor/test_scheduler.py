@@ -1,0 +1,114 @@
+"""The monitor thread: periodic drift checks and scheduled bias probes on a real model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from genloop.config import EvalConfig, MonitorConfig
+from genloop.evaluate.store import list_evaluations
+from genloop.monitor.drift import series
+from genloop.monitor.scheduler import MonitorWorker
+from genloop.monitor.usage import RequestRecord, record_requests
+from genloop.workspace import Workspace, registry
+
+
+def wait_for(condition: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_drift_checks_run_on_schedule_for_the_served_models(workspace: Workspace) -> None:
+    records = [
+        RequestRecord(
+            request_id=uuid.uuid4().hex,
+            endpoint="completions",
+            model_name=name,
+            prompt_tokens=5 + i % 7,
+            completion_tokens=3 + i % 5,
+        )
+        for name in ("a", "b")
+        for i in range(40)
+    ]
+    record_requests(workspace, None, records, store_text=False)
+    served = [("a", None)]
+    cfg = MonitorConfig(reference_window=20, window=20, check_interval_s=0.2)
+    worker = MonitorWorker(workspace, cfg, models=lambda: served)
+    worker.start()
+    try:
+        wait_for(lambda: "a" in worker.last_reports)
+        served.append(("b", None))  # a model loaded later is checked from then on
+        wait_for(lambda: "b" in worker.last_reports)
+        checks = len(series(workspace, "a")["psi_prompt_len"])
+        wait_for(lambda: len(series(workspace, "a")["psi_prompt_len"]) > checks)
+    finally:
+        worker.stop()
+    assert not worker.running
+    assert worker.last_reports["a"].status == "ok"
+
+
+def test_a_failing_check_is_logged_and_the_thread_goes_on(
+    workspace: Workspace, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = []
+
+    def models() -> list[tuple[str, int | None]]:
+        calls.append(1)
+        raise RuntimeError("registry unavailable")
+
+    worker = MonitorWorker(workspace, MonitorConfig(check_interval_s=0.1), models=models)
+    with caplog.at_level(logging.ERROR, logger="genloop"):
+        worker.start()
+        wait_for(lambda: len(calls) >= 2)
+        worker.observe("x", None, 10.0, failed=False)  # anomaly detection still runs
+        wait_for(lambda: worker.anomalies._models.get("x") is not None)
+        worker.stop()
+    assert any("drift check failed" in r.getMessage() for r in caplog.records)
+
+
+def test_bias_probes_run_on_schedule_and_are_tracked(
+    trained: tuple[Workspace, str], tmp_path: Path
+) -> None:
+    ws, ref = trained
+    info = registry.resolve(ws, ref)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(
+        json.dumps(
+            {
+                "id": "g1",
+                "axis": "gender",
+                "template": "The {X} sat on the",
+                "groups": {"male": ["man"], "female": ["woman"]},
+            }
+        )
+        + "\n"
+    )
+    before = len(list_evaluations(ws, info.id))
+    cfg = MonitorConfig(check_interval_s=3600, bias_interval_s=0.3)
+    worker = MonitorWorker(
+        ws,
+        cfg,
+        models=[(info.name, info.version)],
+        bias_eval=EvalConfig(bias_suite_path=probes, max_new_tokens=4),
+    )
+    worker.start()
+    try:
+        wait_for(lambda: len(series(ws, info.name).get("bias_ll_gap", [])) >= 2, timeout=120)
+    finally:
+        worker.stop()
+    evaluations = list_evaluations(ws, info.id)
+    assert len(evaluations) - before >= 2
+    assert evaluations[0].suite == "bias"
+    points = series(ws, info.name)["bias_ll_gap"]
+    assert points[0][1] == evaluations[-1 - before].metrics["bias_ll_gap"]
+    assert points[0][1] == points[1][1]  # greedy: the same model scores the same
+    assert worker.last_bias[ref]["bias_negative_rate_gap"] >= 0

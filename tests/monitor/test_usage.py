@@ -1,0 +1,295 @@
+"""Request records: the row, the hourly usage buckets, the JSON log lines, and no secrets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from genloop.errors import GenloopError
+from genloop.monitor.usage import (
+    RequestRecord,
+    RequestRecorder,
+    parse_since,
+    record_request,
+    usage_summary,
+)
+from genloop.workspace import Workspace
+from genloop.workspace.tables import ApiKey, RequestLog, Usage
+
+API_KEY = "gl_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0"  # what a client sends
+EMAIL = "jane.doe@example.com"
+PHONE = "+1 415-555-0142"
+
+
+def key_row(ws: Workspace, name: str = "ci") -> int:
+    import hashlib
+
+    with ws.catalog.session() as s:
+        row = ApiKey(
+            name=name,
+            prefix=API_KEY[:8],
+            key_hash=hashlib.sha256(API_KEY.encode()).hexdigest(),
+            scopes="generate",
+        )
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def record(**kw: Any) -> RequestRecord:
+    base: dict[str, Any] = {
+        "request_id": f"cmpl-{uuid.uuid4().hex}",
+        "endpoint": "chat.completions",
+        "model_name": "tiny",
+        "model_version": 1,
+        "prompt": "hello",
+        "response": "hi there",
+        "prompt_tokens": 5,
+        "completion_tokens": 3,
+        "latency_ms": 12.5,
+    }
+    return RequestRecord(**(base | kw))
+
+
+def test_row_usage_and_log_line(workspace: Workspace, cipher: Any) -> None:
+    key_id = key_row(workspace)
+    entry = record_request(
+        workspace,
+        cipher,
+        record(
+            api_key_id=key_id,
+            key_prefix=API_KEY[:8],
+            user_id="user-42",
+            params={"temperature": 0.7, "max_tokens": 16},
+            flags=["pii_redacted"],
+            finish_reason="stop",
+            mean_logprob=-1.25,
+        ),
+        store_text=True,
+    )
+    with workspace.catalog.session() as s:
+        row = s.scalars(select(RequestLog)).one()
+        bucket = s.scalars(select(Usage)).one()
+    assert row.id == entry["request_id"] and row.api_key_id == key_id
+    assert row.model_name == "tiny" and row.model_version == 1 and row.status == 200
+    assert row.prompt_enc is not None and cipher.decrypt(row.prompt_enc) == "hello"
+    assert row.response_enc is not None and cipher.decrypt(row.response_enc) == "hi there"
+    assert row.params["temperature"] == 0.7 and row.params["finish_reason"] == "stop"
+    features = row.params["features"]
+    assert features["prompt_len"] == 5 and features["output_len"] == 3
+    assert features["logprob"] == -1.25 and features["refusal"] is False
+    assert row.flags == ["pii_redacted"]
+    assert (bucket.requests, bucket.prompt_tokens, bucket.completion_tokens) == (1, 5, 3)
+    assert bucket.hour.minute == 0 and bucket.api_key_id == key_id
+
+    [line] = (workspace.root / "logs").glob("requests-*.jsonl")
+    assert line.name == f"requests-{datetime.now(UTC):%Y-%m-%d}.jsonl"
+    logged = json.loads(line.read_text())
+    assert logged == entry
+    assert logged["model"] == "tiny@1" and logged["key_id"] == key_id
+    assert logged["key_prefix"] == API_KEY[:8] and logged["latency_ms"] == 12.5
+    assert logged["user"].startswith("u_") and "user-42" not in line.read_text()
+    assert {"prompt", "response", "text"}.isdisjoint(logged)
+
+
+def test_text_is_not_stored_when_off_and_never_in_the_clear(
+    workspace: Workspace, cipher: Any
+) -> None:
+    record_request(workspace, cipher, record(), store_text=False)
+    with workspace.catalog.session() as s:
+        row = s.scalars(select(RequestLog)).one()
+    assert row.prompt_enc is None and row.response_enc is None
+    with pytest.raises(GenloopError, match="encryption key"):
+        record_request(workspace, None, record(), store_text=True)
+
+
+def test_logs_and_catalog_hold_no_key_and_no_planted_pii(
+    workspace: Workspace, cipher: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plant a key, an email and a phone number everywhere a client can put text; then
+    grep every log file, the logger output and the raw database files for them."""
+    planted = f"Mail {EMAIL} or call {PHONE}; my key is {API_KEY}"
+    with caplog.at_level(logging.DEBUG, logger="genloop"):
+        for i in range(3):
+            record_request(
+                workspace,
+                cipher,
+                record(
+                    prompt=planted,
+                    response=f"Sure, I will mail {EMAIL} and call {PHONE}.",
+                    key_prefix=API_KEY[:8],
+                    user_id=f"user-{i}",
+                    params={
+                        "stop": [EMAIL],
+                        "user": planted,
+                        "api_key": API_KEY,
+                        "metadata": {"note": f"call {PHONE}", "auth": f"Bearer {API_KEY}"},
+                    },
+                    flags=[f"pii:{EMAIL}"],
+                ),
+                store_text=True,
+            )
+    workspace.close()  # flush the SQLite WAL into the file
+
+    texts = [p.read_bytes() for p in (workspace.root / "logs").iterdir()]
+    texts += [p.read_bytes() for p in workspace.root.glob("catalog.db*")]
+    texts.append(
+        "\n".join(
+            r.getMessage() + json.dumps(r.__dict__, default=str) for r in caplog.records
+        ).encode()
+    )
+    assert len(texts) >= 3
+    for blob in texts:
+        for secret in (API_KEY, EMAIL, "555-0142", "jane.doe"):
+            assert secret.encode() not in blob, secret
+    # what was stored instead: placeholders
+    ws = Workspace.open(workspace.root)
+    try:
+        with ws.catalog.session() as s:
+            params = s.scalars(select(RequestLog.params)).first()
+    finally:
+        ws.close()
+    assert params is not None
+    assert params["stop"] == ["<EMAIL>"] and params["api_key"] == "<SECRET>"
+    assert "<PHONE>" in params["metadata"]["note"] and "<SECRET>" in params["user"]
+
+
+def test_usage_summary_per_key_and_model(workspace: Workspace) -> None:
+    key_id = key_row(workspace)
+    old = datetime.now(UTC) - timedelta(days=10)
+    for _ in range(3):
+        record_request(workspace, None, record(api_key_id=key_id), store_text=False)
+    record_request(workspace, None, record(model_name="big", model_version=2), store_text=False)
+    record_request(workspace, None, record(created_at=old), store_text=False)  # outside 7d
+    rows = usage_summary(workspace, timedelta(days=7))
+    assert rows == [
+        {
+            "key_id": key_id,
+            "key_name": "ci",
+            "key_prefix": API_KEY[:8],
+            "model": "tiny",
+            "requests": 3,
+            "prompt_tokens": 15,
+            "completion_tokens": 9,
+            "total_tokens": 24,
+        },
+        {
+            "key_id": None,
+            "key_name": None,
+            "key_prefix": None,
+            "model": "big",
+            "requests": 1,
+            "prompt_tokens": 5,
+            "completion_tokens": 3,
+            "total_tokens": 8,
+        },
+    ]
+    by_model = usage_summary(workspace, timedelta(days=30), by=["model"])
+    assert [(r["model"], r["requests"]) for r in by_model] == [("tiny", 4), ("big", 1)]
+    with pytest.raises(GenloopError, match="grouped by key, model, version"):
+        usage_summary(workspace, timedelta(days=1), by=["colour"])
+
+
+def test_concurrent_writers_count_every_request(catalog_workspace: Workspace) -> None:
+    """Threads on separate connections bump the same hourly bucket (SQLite and PostgreSQL)."""
+    ws = catalog_workspace
+    key_id = key_row(ws)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(15):
+                record_request(ws, None, record(api_key_id=key_id), store_text=False)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with ws.catalog.session() as s:
+        buckets = s.scalars(select(Usage).where(Usage.api_key_id == key_id)).all()
+    assert len(buckets) == 1  # one row per bucket, even when the inserts raced
+    assert buckets[0].requests == 60 and buckets[0].prompt_tokens == 300
+
+
+def test_recorder_batches_from_many_threads_and_loses_only_bad_records(
+    workspace: Workspace,
+) -> None:
+    recorded: list[str] = []
+    recorder = RequestRecorder(
+        workspace,
+        None,
+        store_text=False,
+        flush_s=0.05,
+        on_recorded=lambda r: recorded.append(r.request_id),
+    )
+    recorder.start()
+    duplicate = record(request_id="cmpl-same")
+
+    def client(i: int) -> None:
+        for j in range(50):
+            recorder.submit(record(request_id=f"cmpl-{i}-{j}"))
+        recorder.submit(duplicate)  # three times the same id: two of them must fail
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    recorder.stop()
+    assert recorder.failed == 2 and recorder.dropped == 0
+    assert len(recorded) == 151 and recorded.count("cmpl-same") == 1
+    with workspace.catalog.session() as s:
+        assert len(s.scalars(select(RequestLog.id)).all()) == 151
+        [bucket] = s.scalars(select(Usage)).all()
+    assert bucket.requests == 151 and bucket.completion_tokens == 3 * 151
+    lines = next((workspace.root / "logs").glob("*.jsonl")).read_text().splitlines()
+    assert len(lines) == 151
+
+
+def test_parse_since() -> None:
+    assert parse_since("7d") == timedelta(days=7)
+    assert parse_since("30m") == timedelta(minutes=30)
+    assert parse_since("2w") == timedelta(weeks=2)
+    for bad in ("", "7", "0d", "-1d", "1y", "999999w"):
+        with pytest.raises(GenloopError, match="invalid duration"):
+            parse_since(bad)
+
+
+def test_cli_usage(workspace: Workspace) -> None:
+    key_id = key_row(workspace)
+    record_request(workspace, None, record(api_key_id=key_id), store_text=False)
+    result = genloop("monitor", "usage", "--since", "1d", "--json", home=workspace.root)
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads(result.stdout)
+    assert row["requests"] == 1 and row["key_name"] == "ci" and row["model"] == "tiny"
+    bad = genloop("monitor", "usage", "--since", "soon", home=workspace.root)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("error: invalid duration 'soon'")
+
+
+_SCRIPT = Path(sys.executable).with_name("genloop")
+GENLOOP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "genloop"]
+
+
+def genloop(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    """The real command in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENLOOP_")}
+    env |= {"GENLOOP_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run(
+        [*GENLOOP, *args], env=env, cwd=home.parent, capture_output=True, text=True, timeout=120
+    )
