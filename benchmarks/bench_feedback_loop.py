@@ -212,15 +212,15 @@ def run(args: argparse.Namespace, root: Path) -> None:
         if quick
         else {"n_layer": 4, "n_embd": 128, "n_head": 4}
     )
-    pretrain_steps = 200 if quick else 1200
-    places = cities(40 if quick else 120)
+    pretrain_steps = 300 if quick else 800
+    places = cities(40 if quick else 80)
     rng = random.Random(0)
     rng.shuffle(places)
     corrected, held_out = places[: len(places) // 2], places[len(places) // 2 :]
 
     # 1. the data and the production model, with its systematic mistake
     ws = init_workspace(root / "ws")
-    corpus = write_corpus(root / "corpus", places, 240 if quick else 1500, sky_share=0.05)
+    corpus = write_corpus(root / "corpus", places, 240 if quick else 800, sky_share=0.02)
     data = DataConfig.model_validate(
         {
             "name": NAME,
@@ -265,12 +265,12 @@ def run(args: argparse.Namespace, root: Path) -> None:
             "feedback": {
                 "min_items": 10,
                 "per_user_cap": 20,
-                "replay_ratio": 0.75,
+                "replay_ratio": 0.85,
                 "retrain": {
                     "method": "lora",
                     "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                    "lr": 2e-3,
-                    "max_steps": 60 if quick else 120,
+                    "lr": 3e-3,
+                    "max_steps": 100,
                     "batch_size": 16,
                 },
             },

@@ -139,9 +139,10 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, Path]:
             f"{time.perf_counter() - t0:.0f}s (val loss {result.metrics.get('val_loss', 0):.3f})"
         )
     else:
-        from genloop.train.loop import build_model
         from genloop.train.distributed import pick_device
+        from genloop.train.loop import build_model
 
+        torch.manual_seed(0)
         model, _, _ = build_model(ws, cfg, data_dir / "tokenizer", pick_device("cpu"))
         model.eval()
         print(f"model: {args.preset} at its random initialisation (seed 0)")
@@ -162,6 +163,9 @@ def build_variants(args: argparse.Namespace, model: Any, tmp: Path) -> list[Vari
     def size(directory: Path, pattern: str) -> float:
         return sum(p.stat().st_size for p in directory.glob(pattern)) / 2**20
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     fp_dir = tmp / "fp32"
     model.save_pretrained(fp_dir)
     variants = [Variant("fp32", TorchCausalLM(model), size(fp_dir, "*.safetensors"))]

@@ -98,7 +98,7 @@ def http_reference() -> str:
 
 def _ref_name(schema: dict[str, Any]) -> str:
     ref = schema.get("$ref", "")
-    return ref.rsplit("/", 1)[-1] if ref else schema.get("type", "object")
+    return ref.rsplit("/", 1)[-1] if ref else str(schema.get("type", "object"))
 
 
 def _openapi() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Monitoring fixtures: a real cipher, a loopback webhook receiver, a trained tiny model."""
+"""Monitoring fixtures: the real cipher, a loopback webhook receiver, a trained tiny model."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ WORDS = PROSE.split()
 def prose(rng: random.Random, words: int) -> str:
     """A sentence in the style of the training corpus."""
     start = rng.randrange(len(WORDS) - 6)
-    out = []
+    out: list[str] = []
     while len(out) < words:
         out += WORDS[start : start + 6]
         start = rng.randrange(len(WORDS) - 6)
@@ -42,24 +42,12 @@ def write_corpus(root: Path, docs: int = 40) -> Path:
     return root
 
 
-class FernetCipher:
-    """The encrypt(str) -> bytes shape of genloop.security.crypto, on real Fernet."""
-
-    def __init__(self) -> None:
-        from cryptography.fernet import Fernet
-
-        self._f = Fernet(Fernet.generate_key())
-
-    def encrypt(self, text: str) -> bytes:
-        return self._f.encrypt(text.encode("utf-8"))
-
-    def decrypt(self, blob: bytes) -> str:
-        return self._f.decrypt(blob).decode("utf-8")
-
-
 @pytest.fixture
-def cipher() -> FernetCipher:
-    return FernetCipher()
+def cipher(workspace: Workspace) -> Any:
+    """The workspace's real cipher (``genloop.security.crypto``)."""
+    from genloop.security.crypto import load_cipher
+
+    return load_cipher(workspace)
 
 
 class Receiver:

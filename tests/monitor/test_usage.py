@@ -115,10 +115,16 @@ def test_text_is_not_stored_when_off_and_never_in_the_clear(
 
 
 def test_logs_and_catalog_hold_no_key_and_no_planted_pii(
-    workspace: Workspace, cipher: Any, caplog: pytest.LogCaptureFixture
+    workspace: Workspace, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Plant a key, an email and a phone number everywhere a client can put text; then
-    grep every log file, the logger output and the raw database files for them."""
+    grep every log file, the logger output and the raw database files for them. With the
+    server's real cipher and guardrails."""
+    from genloop.config import GuardrailsConfig
+    from genloop.security.crypto import load_cipher
+    from genloop.security.guardrails import Guardrails
+
+    cipher, guardrails = load_cipher(workspace), Guardrails(GuardrailsConfig())
     planted = f"Mail {EMAIL} or call {PHONE}; my key is {API_KEY}"
     with caplog.at_level(logging.DEBUG, logger="genloop"):
         for i in range(3):
@@ -139,6 +145,7 @@ def test_logs_and_catalog_hold_no_key_and_no_planted_pii(
                     flags=[f"pii:{EMAIL}"],
                 ),
                 store_text=True,
+                guardrails=guardrails,
             )
     workspace.close()  # flush the SQLite WAL into the file
 
@@ -163,6 +170,23 @@ def test_logs_and_catalog_hold_no_key_and_no_planted_pii(
     assert params is not None
     assert params["stop"] == ["<EMAIL>"] and params["api_key"] == "<SECRET>"
     assert "<PHONE>" in params["metadata"]["note"] and "<SECRET>" in params["user"]
+
+
+def test_keys_are_removed_even_when_pii_redaction_is_off(workspace: Workspace) -> None:
+    from genloop.config import GuardrailsConfig
+    from genloop.security.guardrails import Guardrails
+
+    guardrails = Guardrails(GuardrailsConfig(redact_pii_in_logs=False))
+    record_request(
+        workspace,
+        None,
+        record(params={"note": f"{EMAIL} {API_KEY}"}),
+        store_text=False,
+        guardrails=guardrails,
+    )
+    with workspace.catalog.session() as s:
+        params = s.scalars(select(RequestLog.params)).one()
+    assert params["note"] == f"{EMAIL} <SECRET>"  # the operator's choice for PII; never keys
 
 
 def test_usage_summary_per_key_and_model(workspace: Workspace) -> None:
@@ -259,6 +283,22 @@ def test_recorder_batches_from_many_threads_and_loses_only_bad_records(
     assert bucket.requests == 151 and bucket.completion_tokens == 3 * 151
     lines = next((workspace.root / "logs").glob("*.jsonl")).read_text().splitlines()
     assert len(lines) == 151
+
+
+def test_a_flushed_record_is_in_the_catalog(workspace: Workspace) -> None:
+    """What feedback relies on: after aflush(), the request row it links to exists."""
+    import asyncio
+
+    recorder = RequestRecorder(workspace, None, store_text=False, flush_s=0.01)
+    recorder.start()
+    try:
+        for i in range(20):
+            recorder.submit(record(request_id=f"cmpl-{i}"))
+            asyncio.run(recorder.aflush())
+            with workspace.catalog.session() as s:
+                assert s.get(RequestLog, f"cmpl-{i}") is not None
+    finally:
+        recorder.stop()
 
 
 def test_parse_since() -> None:

@@ -117,8 +117,9 @@ def test_alerts_list_and_resolve(module_ws: Workspace, admin: httpx.Client) -> N
     alert_id = raise_alert(module_ws, "drift", "PSI 0.4 > 0.2", {"psi": 0.4}, source="tiny@1")
     open_ = admin.get("/v1/admin/alerts", params={"unresolved": True}).json()["data"]
     assert alert_id in [a["id"] for a in open_]
-    resolved = admin.post(f"/v1/admin/alerts/{alert_id}/resolve").json()
-    assert resolved["resolved_at"] is not None
+    resolved = admin.post(f"/v1/admin/alerts/{alert_id}/resolve")
+    assert resolved.status_code == 200, resolved.text
+    assert resolved.json()["resolved_at"] is not None
     still = admin.get("/v1/admin/alerts", params={"unresolved": True}).json()["data"]
     assert alert_id not in [a["id"] for a in still]
 

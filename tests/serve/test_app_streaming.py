@@ -87,6 +87,7 @@ def test_a_disconnect_frees_the_slot(served_ws: Workspace) -> None:
             lines = r.iter_lines()
             first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
             rid = first["id"]
+            assert r.headers["x-request-id"] == rid
         engine_idle(s)
         with s.client(keys["client"]) as c:  # the only slot is free again
             assert c.post("/v1/completions", json=LONG | {"max_tokens": 2}).status_code == 200

@@ -35,7 +35,13 @@ def test_a_swap_during_a_stream_finishes_it_on_the_old_version(served_ws: Worksp
         first = threading.Event()
 
         def stream() -> None:
-            body = {"model": "tiny@production", "prompt": "Hi", "max_tokens": 500, "stream": True}
+            body = {
+                "model": "tiny@production",
+                "prompt": "Hello",  # greedy: "ooo…", no end of text
+                "max_tokens": 500,
+                "temperature": 0,
+                "stream": True,
+            }
             with s.client(keys["client"]) as c, c.stream("POST", "/v1/completions", json=body) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):

@@ -17,8 +17,7 @@ def optimize(
         typer.Option(
             "--quantize",
             "-q",
-            help="int8 or int4 (weight-only). With --export onnx the ONNX graph is quantized "
-            "too.",
+            help="int8 or int4 (weight-only). With --export onnx the ONNX graph is quantized too.",
             show_default=False,
         ),
     ] = None,
@@ -160,8 +159,8 @@ def optimize(
 ) -> None:
     """Quantize, prune, distill and/or export a model; each output is a new version.
 
-    Steps chain (distill → prune → quantize / export) and every variant's parent is the
-    model it was made from. Examples:
+    Steps chain: distill → prune → quantize / export.
+    Each variant's parent is the model it was made from. Examples:
 
     genloop optimize lm@2 --quantize int8 --export onnx --report
 
@@ -230,9 +229,11 @@ def optimize(
     if result.report is not None:
         columns, rows = result.report.rows()
         print_table(f"trade-offs against {result.report.model}", columns, rows)
-        failed = [v for v in result.report.variants if v.error]
-        for v in failed:
-            err_console.print(f"note: {v.ref} not measured: {v.error}", markup=False)
+        for measured in result.report.variants:
+            if measured.error:
+                err_console.print(
+                    f"note: {measured.ref} not measured: {measured.error}", markup=False
+                )
         if result.report.budget:
             console.print(
                 f"budget {result.report.budget}: fastest within it is {result.picked}",

@@ -44,6 +44,7 @@ process_*                                      various    CPU seconds, resident 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -63,6 +64,8 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from genloop.serve.engine.types import EngineStats, Finished
+
+log = logging.getLogger(__name__)
 
 PREFIX = "genloop:"
 LABELS = ("model_name", "model_version")
@@ -257,6 +260,8 @@ class ServingMetrics:
     def model_swapped(self, model: str, old_version: int | None, new_version: int | None) -> None:
         self.swaps.labels(model, _version(new_version)).inc()
         old = (model, _version(old_version))
+        if old_version == new_version:  # reloaded in place: its gauges stay
+            return
         with self._lock:
             self._watched.pop(old, None)
         for gauge in (self.running, self.waiting):  # the old version serves nothing now
@@ -283,7 +288,11 @@ class ServingMetrics:
         with self._lock:
             watched = list(self._watched.items())
         for (model, version), stats_fn in watched:
-            stats = stats_fn()
+            try:
+                stats = stats_fn()
+            except Exception:  # an engine being torn down must not fail the scrape
+                log.debug("no stats from %s@%s", model, version, exc_info=True)
+                continue
             self.running.labels(model, version).set(stats.running)
             self.waiting.labels(model, version).set(stats.waiting)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -76,6 +76,8 @@ class RequestRecord:
 
 
 def _redactor(guardrails: Any) -> Callable[[str], str]:
+    """The guardrails' ``redact`` (which follows ``security.guardrails.redact_pii_in_logs``)
+    when given, else every PII kind; credentials are removed either way."""
     from genloop.data.pii import redact
 
     custom = getattr(guardrails, "redact", None)
@@ -84,7 +86,7 @@ def _redactor(guardrails: Any) -> Callable[[str], str]:
 
     def both(text: str) -> str:
         out = custom(text)
-        return redact(out if isinstance(out, str) else text)
+        return redact(out if isinstance(out, str) else text, kinds=("secret",))
 
     return both
 
@@ -308,6 +310,7 @@ class RequestRecorder:
         self.on_recorded = on_recorded
         self._queue: queue.Queue[RequestRecord] = queue.Queue(max_queue)
         self._stop = threading.Event()
+        self._flush_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.dropped = 0
         self.failed = 0
@@ -338,18 +341,26 @@ class RequestRecorder:
             log.error("request log queue full: request %s not recorded", record.request_id)
 
     def flush(self) -> int:
-        """Write everything queued now (in the calling thread); returns how many."""
+        """Write everything queued now (in the calling thread); returns how many. When it
+        returns, every record submitted before the call is in the catalog (or failed)."""
         written = 0
-        while True:
-            batch: list[RequestRecord] = []
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if not batch:
-                return written
-            written += self._write(batch)
+        with self._flush_lock:  # also waits for a batch the thread is writing
+            while True:
+                batch: list[RequestRecord] = []
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if not batch:
+                    return written
+                written += self._write(batch)
+
+    async def aflush(self) -> int:
+        """:meth:`flush` from async code (e.g. before feedback links to a request)."""
+        import asyncio
+
+        return await asyncio.to_thread(self.flush)
 
     def _write(self, batch: list[RequestRecord]) -> int:
         kw = {"store_text": self.store_text, "guardrails": self.guardrails}

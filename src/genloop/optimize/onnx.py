@@ -520,6 +520,9 @@ def quantize_onnx(
                 op_types_to_quantize=["MatMul", "Gemm"],
                 per_channel=True,
                 weight_type=QuantType.QInt8,
+                # protobuf caps a file at 2 GB: big graphs keep their weights beside it
+                use_external_data_format=sum(p.stat().st_size for p in onnx_files(src_dir))
+                > 1.5 * 2**30,
             )
         description: dict[str, Any] = {"bits": "int8", "mode": "dynamic"}
         description["tool"] = "onnxruntime.quantize_dynamic"

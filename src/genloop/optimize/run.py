@@ -111,7 +111,9 @@ def optimize_model(
     if cfg.recovery_steps and cfg.prune is None:
         raise GenloopError("--recovery-steps fine-tunes after pruning: give --prune AMOUNT")
     if cfg.quantize == "int4" and cfg.quantize_mode == "dynamic":
-        cfg = cfg.model_copy(update={"quantize_mode": "weight_only"})  # int4 has one mode
+        if "quantize_mode" in cfg.model_fields_set:  # asked for, not the int8 default
+            raise GenloopError("int4 quantization is weight-only: use --quantize-mode weight_only")
+        cfg = cfg.model_copy(update={"quantize_mode": "weight_only"})
     if cfg.budget:
         parse_budget(cfg.budget)  # a bad budget fails before hours of work
 

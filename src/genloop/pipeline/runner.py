@@ -229,12 +229,12 @@ def train_run(ctx: Context) -> tuple[dict[str, Any], str]:
     cfg = ctx.cfg.model_copy(deep=True)
     cfg.train.dataset = ctx.out("data", "dataset")  # trained on exactly this version
     if cfg.tune is not None:
-        from genloop.tune.study import run_study
+        from genloop.tune.study import tune
 
-        study = run_study(ctx.ws, cfg, root=ctx.root, model_name=ctx.name)
-        if study.best_model is None:
-            raise GenloopError("the study finished without a successful trial")
-        return {"model": study.best_model, "study": study.study_name}, "tuned"
+        study = tune(ctx.ws, cfg, root=ctx.root, model_name=ctx.name, resume=True)
+        if study.model is None:
+            raise GenloopError(f"study {study.study} finished without a successful trial")
+        return {"model": study.model.ref, "study": study.study}, f"best of {study.counts}"
     from genloop.train.loop import train
 
     def progress(step: int, total: int, metrics: dict[str, float]) -> None:
@@ -277,7 +277,7 @@ def optimize_run(ctx: Context) -> tuple[dict[str, Any], str]:
     opt = ctx.cfg.optimize.model_copy(update={"promote": False})  # deploy promotes
     result = optimize_model(ctx.ws, ctx.out("train", "model"), opt)
     variants = [v.ref for v in result.variants]
-    chosen = result.picked.ref if result.picked is not None else variants[-1]
+    chosen = result.picked if result.picked is not None else variants[-1]
     return {"model": chosen, "variants": variants}, f"{len(variants)} variant(s)"
 
 

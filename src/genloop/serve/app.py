@@ -181,7 +181,9 @@ def begin_drain(app: FastAPI, timeout_s: float) -> asyncio.Task[None]:
     state: ServerState = app.state.server
     state.draining = True
     log.info("draining: finishing running requests (at most %.0fs)", timeout_s)
-    return asyncio.create_task(state.models.drain(timeout_s), name="genloop-drain")
+    task = asyncio.create_task(state.models.drain(timeout_s), name="genloop-drain")
+    state.extras["drain"] = task  # the loop keeps only a weak reference to a task
+    return task
 
 
 def _dependencies(dependant: Dependant) -> list[Any]:
@@ -258,6 +260,11 @@ def _add_security_scheme(app: FastAPI) -> None:
             "scheme": "bearer",
             "description": "An API key made with `genloop keys create`.",
         }
+        for (method, path), (guarded, scope) in route_scopes(app).items():
+            op = schema.get("paths", {}).get(path, {}).get(method.lower())
+            if op is not None:
+                op["security"] = [{"ApiKey": []}] if guarded else []
+                op["x-genloop-scope"] = (scope or "any key") if guarded else "none"
         app.openapi_schema = schema
         return schema
 

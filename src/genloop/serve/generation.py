@@ -337,7 +337,9 @@ def error_type(exc: BaseException) -> str:
 
 
 def sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+    return (
+        b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    )
 
 
 SSE_DONE = b"data: [DONE]\n\n"

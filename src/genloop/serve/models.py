@@ -106,6 +106,7 @@ class LoadedModel:
     retired: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     image_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    image_waiting: int = 0  # requests queued for image_lock
 
     @property
     def ref(self) -> str:

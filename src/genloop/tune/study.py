@@ -199,7 +199,10 @@ def tune(
         raise
 
     # 3. the best model and the report
-    return finish(ws, plan)
+    print("T finish", round(time.time() % 1000, 1), flush=True)
+    r = finish(ws, plan)
+    print("T finished", round(time.time() % 1000, 1), flush=True)
+    return r
 
 
 # ---------------------------------------------------------------------------------------
@@ -448,6 +451,7 @@ def run_worker(ws: Workspace, plan: Plan, worker: int, progress: ProgressFn) -> 
             # Ctrl-C waits until the claimed trial is in hand, so it is never left running
             with _sigint_deferred(), study_lock(ws, plan.study, lease_s=CLAIM_LEASE_S):
                 trial = claim_trial(study, storage, plan, distributions)
+            print("T claimed", worker, trial and trial.number, round(time.time() % 1000, 1), flush=True)
             if trial is None:
                 return
             with _heartbeat(storage, trial):
@@ -457,6 +461,7 @@ def run_worker(ws: Workspace, plan: Plan, worker: int, progress: ProgressFn) -> 
                 if trial is not None:
                     _interrupted(ws, study, trial)
             raise
+        print("T done", worker, outcome.number, round(time.time() % 1000, 1), flush=True)
         progress(outcome)
 
 
@@ -703,9 +708,7 @@ def _run_workers(ws: Workspace, plan: Plan, n: int, progress: ProgressFn) -> Non
     # fork from a fresh server process that imported the heavy modules once for them all.
     if "forkserver" in mp.get_all_start_methods():
         ctx: Any = mp.get_context("forkserver")
-        family = f"genloop.models.{plan.base['model']['family']}"
-        preload = ["torch", "optuna", "genloop.train.loop", "genloop.train.objectives", __name__]
-        ctx.set_forkserver_preload(preload + ([family] if importlib.util.find_spec(family) else []))
+        ctx.set_forkserver_preload(_preload(plan.base["model"]["family"]))
     else:
         ctx = mp.get_context("spawn")
     events: Any = ctx.Queue()
@@ -727,8 +730,10 @@ def _run_workers(ws: Workspace, plan: Plan, n: int, progress: ProgressFn) -> Non
         )
         for i in range(n)
     ]
+    print("T parent start procs", round(time.time() % 1000, 1), flush=True)
     for p in procs:
         p.start()
+    print("T parent started", round(time.time() % 1000, 1), flush=True)
     errors: list[str] = []
     interrupted = False
 
@@ -769,6 +774,20 @@ def _run_workers(ws: Workspace, plan: Plan, n: int, progress: ProgressFn) -> Non
         raise GenloopError(errors[0])
     if interrupted:
         raise KeyboardInterrupt
+
+
+def _preload(family: str) -> list[str]:
+    """Modules the worker processes import once, in the fork server, rather than each in
+    its first trial (transformers' model modules alone take seconds). The server skips
+    any that does not import."""
+    modules = ["torch", "optuna", "genloop.train.loop", "genloop.train.objectives", __name__]
+    return [*modules, f"genloop.models.{family}", *_FAMILY_MODULES.get(family, ())]
+
+
+_FAMILY_MODULES = {
+    "causal_lm": ("transformers.models.llama.modeling_llama",),
+    "seq2seq": ("transformers.models.t5.modeling_t5",),
+}
 
 
 def _stop_workers(procs: list[Any], drain: Callable[[float], None]) -> None:

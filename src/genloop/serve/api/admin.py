@@ -46,11 +46,28 @@ MAX_ID = 2**31 - 1  # catalog ids are 32-bit on PostgreSQL: larger ones name not
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 Admin = Depends(require_scope("admin"))
 
-NameParam = Path(pattern=NAME, description="A dataset or model name.")
-VersionParam = Path(ge=1, le=MAX_ID, description="A version number (1, 2, …).")
-IdParam = Path(ge=1, le=MAX_ID)
-Limit = Query(100, ge=1, le=1000, description="Most rows returned.")
-Offset = Query(0, ge=0, le=10_000_000, description="Rows skipped (paging).")
+# A FastAPI parameter object must not be shared between parameters (it takes the name of
+# the first one), hence functions.
+
+
+def name_param() -> Any:
+    return Path(pattern=NAME, description="A dataset or model name.")
+
+
+def version_param() -> Any:
+    return Path(ge=1, le=MAX_ID, description="A version number (1, 2, …).")
+
+
+def id_param() -> Any:
+    return Path(ge=1, le=MAX_ID, description="An id.")
+
+
+def limit_query() -> Any:
+    return Query(100, ge=1, le=1000, description="Most rows returned.")
+
+
+def offset_query() -> Any:
+    return Query(0, ge=0, le=10_000_000, description="Rows skipped (paging).")
 
 
 def _iso(d: datetime | None) -> str | None:
@@ -124,8 +141,8 @@ def list_runs(
     _: Principal = Admin,
     kind: str | None = Query(None, max_length=32),
     status: str | None = Query(None, max_length=16),
-    limit: int = Limit,
-    offset: int = Offset,
+    limit: int = limit_query(),
+    offset: int = offset_query(),
 ) -> Page:
     query = select(Run).order_by(Run.started_at.desc(), Run.id).limit(limit).offset(offset)
     if kind is not None:
@@ -207,7 +224,7 @@ def _dataset_version(request: Request, name: str, version: int) -> Any:
 
 @router.get("/datasets/{name}/{version}", summary="One dataset version: stats, config, lineage")
 def get_dataset_version(
-    request: Request, name: str = NameParam, version: int = VersionParam, _: Principal = Admin
+    request: Request, name: str = name_param(), version: int = version_param(), _: Principal = Admin
 ) -> dict[str, Any]:
     info = _dataset_version(request, name, version)
     ws = get_state(request).ws
@@ -220,7 +237,7 @@ def get_dataset_version(
 
 @router.get("/datasets/{name}/{version}/card", summary="The dataset card (Markdown)")
 def get_dataset_card(
-    request: Request, name: str = NameParam, version: int = VersionParam, _: Principal = Admin
+    request: Request, name: str = name_param(), version: int = version_param(), _: Principal = Admin
 ) -> dict[str, Any]:
     info = _dataset_version(request, name, version)
     path = get_state(request).ws.store.file(info.artifact, "card.md")
@@ -232,8 +249,8 @@ def get_dataset_card(
 @router.get("/datasets/{name}/{version}/samples", summary="Sample records as stored")
 def get_dataset_samples(
     request: Request,
-    name: str = NameParam,
-    version: int = VersionParam,
+    name: str = name_param(),
+    version: int = version_param(),
     _: Principal = Admin,
     limit: int = Query(20, ge=1, le=500),
 ) -> dict[str, Any]:
@@ -275,7 +292,7 @@ def diff_models(
 
 @router.get("/models/{name}/versions/{version}", summary="One model version")
 def get_model_version(
-    request: Request, name: str = NameParam, version: int = VersionParam, _: Principal = Admin
+    request: Request, name: str = name_param(), version: int = version_param(), _: Principal = Admin
 ) -> dict[str, Any]:
     from genloop.workspace import registry
 
@@ -283,7 +300,7 @@ def get_model_version(
 
 
 @router.get("/models/{name}/aliases", summary="Alias history: every promotion and rollback")
-def alias_history(request: Request, name: str = NameParam, _: Principal = Admin) -> Page:
+def alias_history(request: Request, name: str = name_param(), _: Principal = Admin) -> Page:
     with get_state(request).ws.catalog.session() as s:
         rows = s.execute(
             select(AliasHistory, ModelVersion.version)
@@ -322,7 +339,7 @@ class RollbackRequest(BaseModel):
 def promote(
     request: Request,
     body: PromoteRequest,
-    name: str = NameParam,
+    name: str = name_param(),
     principal: Principal = Admin,
 ) -> dict[str, Any]:
     from genloop.workspace import registry
@@ -340,7 +357,7 @@ def promote(
 @router.post("/models/{name}/rollback", summary="Point NAME@ALIAS back at its previous version")
 def rollback(
     request: Request,
-    name: str = NameParam,
+    name: str = name_param(),
     body: RollbackRequest = Body(default_factory=RollbackRequest),  # noqa: B008
     principal: Principal = Admin,
 ) -> dict[str, Any]:
@@ -360,7 +377,7 @@ def list_evaluations(
     request: Request,
     _: Principal = Admin,
     model: str | None = Query(None, pattern=REF, max_length=200, description="NAME@VERSION"),
-    limit: int = Limit,
+    limit: int = limit_query(),
 ) -> Page:
     from genloop.evaluate.store import list_evaluations as _list
     from genloop.workspace import registry
@@ -372,7 +389,7 @@ def list_evaluations(
 
 @router.get("/evaluations/{evaluation_id}", summary="One evaluation with its suites' results")
 def get_evaluation(
-    request: Request, evaluation_id: int = IdParam, _: Principal = Admin
+    request: Request, evaluation_id: int = id_param(), _: Principal = Admin
 ) -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -388,7 +405,7 @@ def get_evaluation(
 
 @router.get("/evaluations/{evaluation_id}/report", summary="The evaluation report (Markdown)")
 def get_evaluation_report(
-    request: Request, evaluation_id: int = IdParam, _: Principal = Admin
+    request: Request, evaluation_id: int = id_param(), _: Principal = Admin
 ) -> dict[str, Any]:
     from genloop.evaluate.store import REPORT_MD
     from genloop.evaluate.store import get_evaluation as _get
@@ -448,6 +465,79 @@ def usage(
     return {"since": since.isoformat(), "summary": summary, "hourly": hourly}
 
 
+# --------------------------------------------------------------------------- monitoring
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    """The nearest-rank ``q`` percentile (0 < q ≤ 100) of already sorted values."""
+    if not sorted_values:
+        return None
+    rank = max(1, -(-len(sorted_values) * q // 100))  # ceil(n·q/100)
+    return sorted_values[int(rank) - 1]
+
+
+@router.get("/monitoring", summary="Request rate, latency percentiles, errors and drift over time")
+def monitoring(
+    request: Request,
+    _: Principal = Admin,
+    hours: int = Query(24, ge=1, le=24 * 90, description="How far back, in hours."),
+    bucket_minutes: int = Query(60, ge=1, le=24 * 60, description="Width of one bucket."),
+    model: str | None = Query(None, pattern=NAME, description="Only this model's requests."),
+) -> dict[str, Any]:
+    """Buckets of logged requests (count, errors = status ≥ 400, latency p50/p95/p99 in ms)
+    and each model's drift series (``genloop monitor drift`` scores, by check time)."""
+    from genloop.monitor.drift import series as drift_series
+    from genloop.workspace.tables import RequestLog
+
+    ws = get_state(request).ws
+    width = timedelta(minutes=bucket_minutes)
+    now = datetime.now(UTC)
+    since = now - timedelta(hours=hours)
+    query = select(RequestLog.created_at, RequestLog.latency_ms, RequestLog.status).where(
+        RequestLog.created_at >= since
+    )
+    if model is not None:
+        query = query.where(RequestLog.model_name == model)
+    buckets: dict[int, tuple[list[float], list[int]]] = {}
+    with ws.catalog.session() as s:
+        for at, latency, status in s.execute(query):
+            index = int((at.astimezone(UTC) - since) / width)
+            latencies, statuses = buckets.setdefault(index, ([], []))
+            statuses.append(status)
+            if latency is not None:
+                latencies.append(float(latency))
+        models = [model] if model else list(s.scalars(select(ModelVersion.name).distinct()))
+    points = []
+    for index in sorted(buckets):
+        latencies, statuses = buckets[index]
+        latencies.sort()
+        points.append(
+            {
+                "start": (since + index * width).isoformat(),
+                "requests": len(statuses),
+                "errors": sum(1 for st in statuses if st >= 400),
+                "latency_p50_ms": _percentile(latencies, 50),
+                "latency_p95_ms": _percentile(latencies, 95),
+                "latency_p99_ms": _percentile(latencies, 99),
+            }
+        )
+    drift = {}
+    for name in sorted(models):
+        found = drift_series(ws, name, since=since)
+        if found:
+            drift[name] = {
+                key: [[at.isoformat(), value] for at, value in values]
+                for key, values in found.items()
+            }
+    return {
+        "since": since.isoformat(),
+        "until": now.isoformat(),
+        "bucket_minutes": bucket_minutes,
+        "requests": points,
+        "drift": drift,
+    }
+
+
 # --------------------------------------------------------------------------- alerts
 
 
@@ -457,7 +547,7 @@ def list_alerts(
     _: Principal = Admin,
     unresolved: bool = False,
     kind: str | None = Query(None, max_length=64),
-    limit: int = Limit,
+    limit: int = limit_query(),
 ) -> Page:
     from genloop.monitor.alerts import list_alerts as _list
 
@@ -467,7 +557,7 @@ def list_alerts(
 
 @router.post("/alerts/{alert_id}/resolve", summary="Mark an alert resolved")
 def resolve_alert(
-    request: Request, alert_id: int = IdParam, _: Principal = Admin
+    request: Request, alert_id: int = id_param(), _: Principal = Admin
 ) -> dict[str, Any]:
     from genloop.monitor.alerts import resolve_alert as _resolve
 
@@ -484,7 +574,7 @@ def list_feedback(
     status: Literal["pending", "approved", "rejected"] | None = None,
     model: str | None = Query(None, pattern=NAME),
     user_id: str | None = Query(None, max_length=128),
-    limit: int = Limit,
+    limit: int = limit_query(),
 ) -> dict[str, Any]:
     from genloop.feedback.store import count_feedback
     from genloop.feedback.store import list_feedback as _list
@@ -496,7 +586,7 @@ def list_feedback(
 
 @router.get("/feedback/{feedback_id}", summary="One feedback row with its texts")
 def get_feedback(
-    request: Request, feedback_id: int = IdParam, _: Principal = Admin
+    request: Request, feedback_id: int = id_param(), _: Principal = Admin
 ) -> dict[str, Any]:
     from genloop.feedback.store import get_feedback as _get
 
@@ -568,7 +658,7 @@ def create_key(
 
 @router.delete("/keys/{key_id}", summary="Revoke a key")
 def revoke_key(
-    request: Request, key_id: int = IdParam, principal: Principal = Admin
+    request: Request, key_id: int = id_param(), principal: Principal = Admin
 ) -> dict[str, Any]:
     from genloop.security.keys import revoke_key as _revoke
 
@@ -617,8 +707,8 @@ def audit_log(
     request: Request,
     _: Principal = Admin,
     action: str | None = Query(None, max_length=64),
-    limit: int = Limit,
-    offset: int = Offset,
+    limit: int = limit_query(),
+    offset: int = offset_query(),
 ) -> Page:
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit).offset(offset)
     if action is not None:

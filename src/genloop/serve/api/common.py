@@ -224,7 +224,6 @@ async def serve_text(
     if state.upstreams.has(body.model) and not state.models.has(body.model):
         return await proxy(state, request, body, "/" + endpoint.replace(".", "/"), principal)
     loaded = await state.models.acquire(body.model)
-    run: TextRun | None = None
     try:
         job = await build(loaded)
         await state.check_rate(principal, tokens=job.prompt_tokens)
@@ -296,7 +295,6 @@ def _failed(
                     key_prefix=principal.prefix,
                     user_id=user_of(body, principal),
                     status=status,
-                    flags=[error_type(exc)],
                 )
             )
     except Exception:

@@ -105,16 +105,19 @@ async def _generate(state: ServerState, loaded: LoadedModel, call: Any) -> list[
     """
     cfg = state.cfg.serve
     lock = loaded.image_lock
-    waiting = len(getattr(lock, "_waiters", None) or ())
-    if lock.locked() and waiting >= cfg.max_queue:
+    if lock.locked() and loaded.image_waiting >= cfg.max_queue:
         raise ApiError(
-            f"model {loaded.ref} is busy ({waiting} requests waiting)",
+            f"model {loaded.ref} is busy ({loaded.image_waiting} requests waiting)",
             status=429,
             retry_after_s=5.0,
         )
 
     async def locked_run() -> list[Image]:
-        await lock.acquire()
+        loaded.image_waiting += 1
+        try:
+            await lock.acquire()
+        finally:
+            loaded.image_waiting -= 1
         task = asyncio.ensure_future(asyncio.to_thread(call))
         task.add_done_callback(lambda _: lock.release())
         result: list[Image] = await asyncio.shield(task)

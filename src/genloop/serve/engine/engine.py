@@ -32,6 +32,7 @@ import contextlib
 import logging
 import math
 import queue
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from genloop.errors import ConflictError, GenloopError
-from genloop.serve.engine.runner import Runner
+from genloop.serve.engine.runner import Chunk, Runner
 from genloop.serve.engine.sampling import (
     IncrementalDetokenizer,
     Sampled,
@@ -120,7 +121,7 @@ class _State:
 
     loop: asyncio.AbstractEventLoop
     stream: RequestStream
-    generator: torch.Generator
+    generator: random.Random
     detok: IncrementalDetokenizer
     stops: StopStrings
     cancelled: bool = False  # beam search checks this between its steps
@@ -400,10 +401,9 @@ class Engine:
 
     def _warm_up(self) -> None:
         """One prefill and one decode step, so the first request does not pay for them."""
-        with torch.inference_mode():
-            self.runner.prefill(0, [0, 0], 0, want_logits=True)
-            self.runner.decode([0], [0], [2])
-            self.runner.release(0)
+        self.runner.step([Chunk(0, [0, 0], 0, True)], [], [], [])
+        self.runner.step([], [0], [0], [2])
+        self.runner.release(0)
 
     def _loop(self) -> None:
         while True:
@@ -451,8 +451,6 @@ class Engine:
         runner, scheduler = self.runner, self.scheduler
         for move in plan.moves:
             runner.move(move.src, move.dst, move.length)
-        rows: list[Seq] = []
-        logits: list[torch.Tensor] = []
         now = time.monotonic()
         for chunk in plan.prefill:
             seq = chunk.seq
@@ -461,27 +459,23 @@ class Engine:
                 self._observe(
                     "on_scheduled", self.model_name, self.model_version, now - seq.arrival
                 )
-            assert seq.slot is not None
-            out = runner.prefill(seq.slot, chunk.token_ids, chunk.start, want_logits=chunk.last)
+        batch = plan.decode
+        logits = runner.step(
+            [Chunk(c.seq.slot, c.token_ids, c.start, c.last) for c in plan.prefill],  # type: ignore[arg-type]
+            [s.slot for s in batch],  # type: ignore[misc]
+            [s.next_token for s in batch],
+            [s.num_cached for s in batch],
+        )
+        for seq in batch:
+            scheduler.decoded(seq)
+        rows = list(batch)
+        for chunk in plan.prefill:
             scheduler.prefilled(chunk)
-            if out is not None:
-                rows.append(seq)
-                logits.append(out[None])
-        if plan.decode:
-            batch = plan.decode
-            out = runner.decode(
-                [s.slot for s in batch],  # type: ignore[misc]
-                [s.next_token for s in batch],
-                [s.num_cached for s in batch],
-            )
-            for seq in batch:
-                scheduler.decoded(seq)
-            rows.extend(batch)
-            logits.append(out)
-        if not rows:
+            if chunk.last:
+                rows.append(chunk.seq)
+        if logits is None or not rows:
             return
-        stacked = logits[0] if len(logits) == 1 else torch.cat(logits)
-        picked = sample(stacked, [s.params for s in rows], [s.state.generator for s in rows])
+        picked = sample(logits, [s.params for s in rows], [s.state.generator for s in rows])
         now = time.monotonic()
         for seq, choice in zip(rows, picked, strict=True):
             self._on_token(seq, choice, now)

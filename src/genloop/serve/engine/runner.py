@@ -39,8 +39,18 @@ if TYPE_CHECKING:
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens of one sequence to prefill: positions ``start..start+len(token_ids)``."""
+
+    slot: int
+    token_ids: Sequence[int]
+    start: int
+    want_logits: bool  # the last chunk of a prompt: its next-token logits are wanted
+
+
 class Runner(Protocol):
-    """What the engine needs from a model: prefill one sequence, decode a batch."""
+    """What the engine needs from a model: one forward per step over a mixed batch."""
 
     kind: str  # "llama" or "hf"
     n_slots: int
@@ -48,18 +58,16 @@ class Runner(Protocol):
     vocab_size: int
     prefill_chunk: int | None  # longest prefill piece; None: the whole prompt at once
 
-    def prefill(
-        self, slot: int, token_ids: Sequence[int], start: int, *, want_logits: bool
+    def step(
+        self,
+        chunks: Sequence[Chunk],
+        slots: Sequence[int],
+        token_ids: Sequence[int],
+        positions: Sequence[int],
     ) -> Tensor | None:
-        """Run ``token_ids`` (positions ``start..``) of the sequence in ``slot``; the next-
-        token logits (V,) of the last position when ``want_logits``."""
-        ...
-
-    def decode(
-        self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
-    ) -> Tensor:
-        """One token for each sequence (``token_ids[i]`` at ``positions[i]`` in
-        ``slots[i]``); the next-token logits (B, V)."""
+        """Prefill ``chunks`` and decode one token for each sequence (``token_ids[i]`` at
+        ``positions[i]`` in ``slots[i]``). Returns next-token logits, fp32: one row per
+        decoded sequence, then one per chunk that wants logits (None when no row)."""
         ...
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -201,94 +209,135 @@ class LlamaRunner:
     def _logits(self, x: Tensor) -> Tensor:
         return F.linear(self._rms(x, self.norm), self.lm_head).float()
 
-    # ---------------------------------------------------------------------- prefill
+    # ------------------------------------------------------------------------- step
 
     @torch.inference_mode()
+    def step(
+        self,
+        chunks: Sequence[Chunk],
+        slots: Sequence[int],
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+    ) -> Tensor | None:
+        """One forward over a flat batch of N tokens: B decode tokens, then every chunk's.
+
+        The projections and the MLP see all N tokens at once (one matrix multiply each);
+        only attention differs: the decode rows attend, batched, to their slots' cache
+        (B, H, 1, T) with a per-row mask; each chunk attends causally to itself (a first
+        chunk, exactly as the Hugging Face forward does) or to its cached prefix.
+        """
+        b = len(slots)
+        h_, k_, q_ = self.n_heads, self.n_kv_heads, self.head_dim
+        dev = self.device
+        all_tokens = list(token_ids)
+        all_pos = list(positions)
+        all_slots = list(slots)
+        spans = []  # (offset in the flat batch, chunk)
+        for chunk in chunks:
+            t = len(chunk.token_ids)
+            if t == 0 or chunk.start + t > self.max_len:
+                raise GenloopError(
+                    f"prefill of positions {chunk.start}..{chunk.start + t} past {self.max_len}"
+                )
+            spans.append((len(all_tokens), chunk))
+            all_tokens.extend(chunk.token_ids)
+            all_pos.extend(range(chunk.start, chunk.start + t))
+            all_slots.extend([chunk.slot] * t)
+        n = len(all_tokens)
+        if n == 0:
+            return None
+        if b and max(positions) >= self.max_len:
+            raise GenloopError(f"decode at position {max(positions)} past {self.max_len}")
+        pos = torch.tensor(all_pos, device=dev)  # (N,)
+        slot_t = torch.tensor(all_slots, device=dev)  # (N,)
+        # rows of the (S·K·T, Q) view of a layer's cache that each token's keys go to: one
+        # index_copy_ per layer is several times faster than k[slots, :, pos] = ...
+        heads = torch.arange(k_, device=dev)
+        rows = ((slot_t[:, None] * k_ + heads[None, :]) * self.max_len + pos[:, None]).reshape(-1)
+        n_rows = self.n_slots * k_ * self.max_len
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (N, 1, Q)
+        x = F.embedding(torch.tensor(all_tokens, device=dev), self.embed)  # (N, d)
+
+        longest = max(positions) + 1 if b else 0
+        compact = all(s == i for i, s in enumerate(slots))  # slots 0..B-1: read views
+        index = slot_t[:b]
+        mask = None  # (B, 1, 1, T): each row sees its own positions 0..pos
+        if b > 1:
+            mask = (self._positions[:longest][None, :] <= pos[:b, None])[:, None, None, :]
+        chunk_masks = [
+            None
+            if c.start == 0
+            else self._positions[: c.start + len(c.token_ids)][None, :]
+            <= self._positions[c.start : c.start + len(c.token_ids)][:, None]
+            for _, c in spans
+        ]
+        for i, layer in enumerate(self.layers):
+            h = self._rms(x, layer.ln_in)
+            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)  # (N, (H + 2K)·Q)
+            q = self._rope(qkv[:, : h_ * q_].view(n, h_, q_), cos, sin)  # (N, H, Q)
+            k = self._rope(qkv[:, h_ * q_ : (h_ + k_) * q_].view(n, k_, q_), cos, sin)
+            v = qkv[:, (h_ + k_) * q_ :].view(n, k_, q_)
+            layer_k, layer_v = self.cache.k[i], self.cache.v[i]  # (S, K, T, Q)
+            layer_k.view(n_rows, q_).index_copy_(0, rows, k.reshape(n * k_, q_))
+            layer_v.view(n_rows, q_).index_copy_(0, rows, v.reshape(n * k_, q_))
+            outs = []
+            if b:
+                if compact:
+                    keys, values = layer_k[:b, :, :longest], layer_v[:b, :, :longest]
+                else:
+                    keys = layer_k[:, :, :longest].index_select(0, index)
+                    values = layer_v[:, :, :longest].index_select(0, index)
+                out = F.scaled_dot_product_attention(
+                    q[:b, :, None],
+                    keys,
+                    values,
+                    attn_mask=mask,
+                    scale=self.scale,
+                    enable_gqa=self.gqa,
+                )  # (B, H, 1, Q)
+                outs.append(out.reshape(b, h_ * q_))
+            for (offset, chunk), cmask in zip(spans, chunk_masks, strict=True):
+                t = len(chunk.token_ids)
+                qc = q[offset : offset + t].transpose(0, 1)[None]  # (1, H, T, Q)
+                if cmask is None:  # a whole prompt or its first chunk: as HF computes it
+                    kc = k[offset : offset + t].transpose(0, 1)[None]
+                    vc = v[offset : offset + t].transpose(0, 1)[None]
+                    out = F.scaled_dot_product_attention(
+                        qc, kc, vc, is_causal=True, scale=self.scale, enable_gqa=self.gqa
+                    )
+                else:  # a later chunk: the cached prefix, and itself causally
+                    end = chunk.start + t
+                    kc = layer_k[chunk.slot : chunk.slot + 1, :, :end]  # (1, K, end, Q)
+                    vc = layer_v[chunk.slot : chunk.slot + 1, :, :end]
+                    out = F.scaled_dot_product_attention(
+                        qc, kc, vc, attn_mask=cmask, scale=self.scale, enable_gqa=self.gqa
+                    )
+                outs.append(out[0].transpose(0, 1).reshape(t, h_ * q_))
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H·Q)
+            x = x + F.linear(attn, layer.w_o, layer.b_o)
+            x = x + self._mlp(self._rms(x, layer.ln_post), layer)
+        # logits only where a token is sampled: every decode row, each finished prompt's last
+        wanted = list(range(b)) + [o + len(c.token_ids) - 1 for o, c in spans if c.want_logits]
+        if not wanted:
+            return None
+        if len(wanted) < n:
+            x = x.index_select(0, torch.tensor(wanted, device=dev))
+        return self._logits(x)  # (rows, V)
+
     def prefill(
         self, slot: int, token_ids: Sequence[int], start: int, *, want_logits: bool
     ) -> Tensor | None:
-        t = len(token_ids)
-        end = start + t
-        if t == 0 or end > self.max_len:
-            raise GenloopError(f"prefill of positions {start}..{end} past {self.max_len}")
-        h_, k_, q_ = self.n_heads, self.n_kv_heads, self.head_dim
-        ids = torch.tensor([list(token_ids)], device=self.device)  # (1, T)
-        x = F.embedding(ids, self.embed)  # (1, T, d)
-        cos, sin = self.cos[start:end], self.sin[start:end]  # (T, Q), broadcast over heads
-        mask = None
-        if start > 0:  # a later chunk: attend to the cached prefix and causally to itself
-            mask = self._positions[:end][None, :] <= self._positions[start:end][:, None]
-        for i, layer in enumerate(self.layers):
-            h = self._rms(x, layer.ln_in)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)  # (1, T, (H + 2K)·Q)
-            q = qkv[..., : h_ * q_].view(1, t, h_, q_).transpose(1, 2)  # (1, H, T, Q)
-            k = qkv[..., h_ * q_ : (h_ + k_) * q_].view(1, t, k_, q_).transpose(1, 2)
-            v = qkv[..., (h_ + k_) * q_ :].view(1, t, k_, q_).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            self.cache.k[i, slot, :, start:end] = k[0]
-            self.cache.v[i, slot, :, start:end] = v[0]
-            if mask is None:
-                out = F.scaled_dot_product_attention(
-                    q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.gqa
-                )
-            else:
-                keys = self.cache.k[i, slot : slot + 1, :, :end]  # (1, K, end, Q)
-                values = self.cache.v[i, slot : slot + 1, :, :end]
-                out = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa
-                )
-            out = out.transpose(1, 2).reshape(1, t, h_ * q_)
-            x = x + F.linear(out, layer.w_o, layer.b_o)
-            x = x + self._mlp(self._rms(x, layer.ln_post), layer)
-        if not want_logits:
-            return None
-        return self._logits(x[0, -1:])[0]  # (V,): only the last position, as generate does
+        """Prefill one sequence alone; the next-token logits (V,) when ``want_logits``."""
+        out = self.step([Chunk(slot, token_ids, start, want_logits)], [], [], [])
+        return None if out is None else out[0]
 
-    # ----------------------------------------------------------------------- decode
-
-    @torch.inference_mode()
     def decode(
         self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
     ) -> Tensor:
-        b = len(slots)
-        h_, k_, q_ = self.n_heads, self.n_kv_heads, self.head_dim
-        longest = max(positions) + 1
-        if longest > self.max_len:
-            raise GenloopError(f"decode at position {longest - 1} past {self.max_len}")
-        compact = all(s == i for i, s in enumerate(slots))  # slots 0..B-1: read views
-        index = torch.tensor(list(slots), device=self.device)  # (B,)
-        pos = torch.tensor(list(positions), device=self.device)  # (B,)
-        # rows of the (S·K·T, Q) view of a layer's cache that the new keys go to: one
-        # index_copy_ per layer is several times faster than k[slots, :, pos] = ...
-        heads = torch.arange(k_, device=self.device)
-        rows = ((index[:, None] * k_ + heads[None, :]) * self.max_len + pos[:, None]).reshape(-1)
-        n_rows = self.n_slots * k_ * self.max_len
-        x = F.embedding(torch.tensor(list(token_ids), device=self.device), self.embed)  # (B, d)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, Q)
-        # (B, 1, 1, T): each sequence sees its own positions 0..pos; none when all equal
-        mask = None
-        if b > 1:
-            mask = (self._positions[:longest][None, :] <= pos[:, None])[:, None, None, :]
-        for i, layer in enumerate(self.layers):
-            h = self._rms(x, layer.ln_in)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)  # (B, (H + 2K)·Q)
-            q = self._rope(qkv[:, : h_ * q_].view(b, h_, q_), cos, sin)  # (B, H, Q)
-            k = self._rope(qkv[:, h_ * q_ : (h_ + k_) * q_].view(b, k_, q_), cos, sin)
-            v = qkv[:, (h_ + k_) * q_ :].view(b, k_, q_)
-            layer_k, layer_v = self.cache.k[i], self.cache.v[i]  # (S, K, T, Q)
-            layer_k.view(n_rows, q_).index_copy_(0, rows, k.reshape(b * k_, q_))
-            layer_v.view(n_rows, q_).index_copy_(0, rows, v.reshape(b * k_, q_))
-            if compact:
-                keys, values = layer_k[:b, :, :longest], layer_v[:b, :, :longest]
-            else:
-                keys = layer_k[:, :, :longest].index_select(0, index)
-                values = layer_v[:, :, :longest].index_select(0, index)
-            out = F.scaled_dot_product_attention(
-                q[:, :, None], keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa
-            )  # (B, H, 1, Q)
-            x = x + F.linear(out.reshape(b, h_ * q_), layer.w_o, layer.b_o)
-            x = x + self._mlp(self._rms(x, layer.ln_post), layer)
-        return self._logits(x)  # (B, V)
+        """One token for each sequence; the next-token logits (B, V)."""
+        out = self.step([], slots, token_ids, positions)
+        assert out is not None
+        return out
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)
@@ -366,6 +415,22 @@ class HFRunner:
             self.caches[slot] = out.past_key_values
             rows.append(out.logits[0, -1].float())
         return torch.stack(rows)
+
+    def step(
+        self,
+        chunks: Sequence[Chunk],
+        slots: Sequence[int],
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+    ) -> Tensor | None:
+        rows = [self.decode(slots, token_ids, positions)] if slots else []
+        for c in chunks:
+            out = self.prefill(c.slot, c.token_ids, c.start, want_logits=c.want_logits)
+            if out is not None:
+                rows.append(out[None])
+        if not rows:
+            return None
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def move(self, src: int, dst: int, length: int) -> None:
         if src == dst:

@@ -7,10 +7,10 @@
 - otherwise the logits are divided by the temperature, cut to the ``top_k`` best and to
   the nucleus (the fewest tokens whose probability reaches ``top_p``), in that order, as
   transformers' warpers do, and a token is drawn by inverting the CDF with one uniform
-  number from the request's own ``torch.Generator``. A request with a seed gets its own
-  generator seeded with it, so its tokens do not depend on which other requests share the
-  batch (as long as the logits themselves agree, which batched float sums make true to
-  the last bit almost always);
+  number from the request's own random stream (``make_generator``). A request with a
+  seed gets a stream seeded with it, so its tokens do not depend on which other requests
+  share the batch (as long as the logits themselves agree, which batched float sums make
+  true to the last bit almost always);
 - logprobs are those of the model's distribution (``log_softmax`` of the raw logits,
   before temperature and cuts), as the OpenAI API reports them.
 
@@ -24,6 +24,8 @@ that could still become one, so a streamed client never sees part of a stop stri
 
 from __future__ import annotations
 
+import random
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,41 +49,49 @@ class Sampled:
     top: list[tuple[int, float]] | None = None  # (token id, logprob), best first
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A request's own random stream: seeded when it asks for a seed, fresh otherwise."""
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()  # from the OS's entropy
-    else:
-        generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
-    return generator
+def make_generator(seed: int | None) -> random.Random:
+    """A request's own random stream: seeded when it asks for a seed, fresh otherwise.
+
+    One uniform number per token is all sampling needs, and Python's Mersenne Twister
+    gives it without a tensor op per row.
+    """
+    seed = seed if seed is not None else secrets.randbits(64)
+    return random.Random(seed)  # noqa: S311  # sampling, not secrets
 
 
 def sample(
-    logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+    logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[random.Random]
 ) -> list[Sampled]:
     """One token per row of ``logits`` (N, V), each row by its own params and generator."""
-    vocab = logits.shape[-1]
+    n, vocab = logits.shape
     logits = logits.float()
-    chosen = logits.argmax(dim=-1)  # greedy rows keep these
     drawn = [i for i, p in enumerate(params) if p.temperature > 0]
+    greedy = len(drawn) < n
+    chosen = logits.argmax(dim=-1) if greedy else None  # greedy rows keep these
     if drawn:
-        index = torch.tensor(drawn, device=logits.device)
-        x = logits.index_select(0, index)
-        temps = torch.tensor([params[i].temperature for i in drawn], device=x.device)
-        x = x / temps[:, None]
+        every = len(drawn) == n
+        index = None if every else torch.tensor(drawn, device=logits.device)
+        x = logits if index is None else logits.index_select(0, index)
+        temps = [params[i].temperature for i in drawn]
+        if any(t != 1.0 for t in temps):
+            x = x / torch.tensor(temps, device=x.device)[:, None]
         x = _top_k(x, [params[i].top_k or 0 for i in drawn])
         x = _top_p(x, [params[i].top_p for i in drawn])
         probs = torch.softmax(x, dim=-1)
         cdf = probs.cumsum(dim=-1)  # (n, V)
-        gens = [generators[i] for i in drawn]
-        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in gens])
-        u = u.to(cdf.device)[:, None] * cdf[:, -1:]
-        picked = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)[:, 0]
-        # a rounding edge could land on a zero-probability token: take the best instead
+        u = torch.tensor([[generators[i].random()] for i in drawn], device=cdf.device)
+        picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
+        picked = picked[:, 0]
+        # rounding can land past the last token with any probability: take the best then
         zero = probs.gather(1, picked[:, None])[:, 0] <= 0
-        picked = torch.where(zero, probs.argmax(dim=-1), picked)
-        chosen = chosen.index_copy(0, index, picked)
+        if bool(zero.any()):
+            picked = torch.where(zero, probs.argmax(dim=-1), picked)
+        if chosen is None:
+            chosen = picked
+        else:
+            assert index is not None
+            chosen = chosen.index_copy(0, index, picked)
+    assert chosen is not None
     tokens: list[int] = chosen.tolist()
     out = [Sampled(t) for t in tokens]
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]

@@ -1,0 +1,82 @@
+"""``POST /v1/images/generations`` with a tiny class-conditional VAE (random weights)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from genloop.workspace import Workspace, registry
+
+from .conftest import LiveServer, make_keys, running_server, serve_config
+
+
+@pytest.fixture(scope="module")
+def server(module_ws: Workspace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    import torch
+
+    from genloop.models.family import get_family
+
+    torch.manual_seed(0)
+    family = get_family("vae")
+    model = family.build(
+        {
+            "image_size": 8,
+            "channels": 1,
+            "latent_dim": 4,
+            "base_channels": 4,
+            "num_classes": 3,
+            "class_names": ["zero", "one", "two"],
+        }
+    )
+    src = family.save(model, tmp_path_factory.mktemp("vae") / "m")
+    registry.register_model(module_ws, "digits", "vae", Path(src))
+    cfg = serve_config(models=["tiny@production", "digits"], max_n=4)
+    with running_server(module_ws, cfg, make_keys(module_ws)) as s:
+        yield s
+
+
+def decode(item: dict[str, str]) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+
+
+def test_images_are_png_of_the_asked_size_and_repeat_with_a_seed(server: LiveServer) -> None:
+    with server.client(server.keys["client"]) as c:
+        body = {"model": "digits", "prompt": "two", "n": 3, "seed": 11}
+        r = c.post("/v1/images/generations", json=body)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert len(data) == 3 and r.json()["model"] == "digits@1"
+        images = [decode(d) for d in data]
+        assert all(im.format == "PNG" and im.size == (8, 8) for im in images)
+        again = c.post("/v1/images/generations", json=body).json()["data"]
+        assert again == data
+        other = c.post("/v1/images/generations", json=body | {"seed": 12}).json()["data"]
+        assert other != data
+        big = c.post("/v1/images/generations", json=body | {"size": "32x24", "n": 1}).json()
+        assert decode(big["data"][0]).size == (32, 24)
+
+
+def test_image_requests_are_checked(server: LiveServer) -> None:
+    with server.client(server.keys["client"]) as c:
+        cases = [
+            ({"prompt": "seven"}, 400, None),  # not one of the model's classes
+            ({"n": 5}, 400, "n"),
+            ({"size": "4096x4096"}, 400, "size"),
+            ({"size": "big"}, 400, "size"),
+            ({"response_format": "url"}, 400, "response_format"),
+            ({"model": "tiny@production"}, 400, "model"),  # a text model
+        ]
+        for extra, status, param in cases:
+            r = c.post("/v1/images/generations", json={"model": "digits", "prompt": "one"} | extra)
+            assert r.status_code == status, (extra, r.text)
+            if param:
+                assert r.json()["error"]["param"] == param, (extra, r.text)
+        r = c.post("/v1/completions", json={"model": "digits", "prompt": "x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+        models = {m["id"]: m["kind"] for m in c.get("/v1/models").json()["data"]}
+        assert models == {"tiny@production": "text", "digits": "image"}
