@@ -11,8 +11,9 @@ Printed figures: the best validation loss each study found and the optimizer ste
 trained over all its trials. Target: pruning finds a best validation loss within 2 % of
 the unpruned study's with at most 50 % of its steps.
 
-The data is the built-in ``python-stdlib`` corpus (the first few hundred KB), prepared once
-by ``prepare_dataset`` and shared by both studies. ``--quick`` shrinks the tiny preset to
+The data is the built-in ``python-stdlib`` corpus (the first few hundred KB, cut into
+80-line documents so the validation split has some), prepared once by ``prepare_dataset``
+and shared by both studies. ``--quick`` shrinks the tiny preset to
 2 layers × 64 wide (stated in the output) so that both studies fit in under a minute on
 2 CPU cores.
 
@@ -38,19 +39,23 @@ TARGET_LOSS_RATIO = 1.02
 TARGET_STEPS_RATIO = 0.5
 
 
-def write_corpus(out: Path, limit_mb: float) -> float:
-    """The first ``limit_mb`` MB of the python-stdlib corpus as files under ``out``."""
+def write_corpus(out: Path, limit_mb: float, lines: int = 80) -> float:
+    """The first ``limit_mb`` MB of the python-stdlib corpus under ``out``, in pieces of
+    ``lines`` lines: documents small and many enough for a validation split."""
     from genloop.data.records import Record
     from genloop.data.sources import build_source
 
-    total = 0
+    total, n = 0, 0
+    out.mkdir(parents=True, exist_ok=True)
     for item in build_source({"type": "builtin", "name": "python-stdlib"}).records():
         if not isinstance(item, Record) or item.text is None:
             continue
-        path = out / item.id
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(item.text, encoding="utf-8")
-        total += len(item.text.encode("utf-8", "surrogatepass"))
+        rows = item.text.splitlines(keepends=True)
+        for i in range(0, len(rows), lines):
+            piece = "".join(rows[i : i + lines])
+            (out / f"{n:06d}.txt").write_text(piece, encoding="utf-8")
+            n += 1
+            total += len(piece.encode("utf-8", "surrogatepass"))
         if total >= limit_mb * 1e6:
             break
     return total / 1e6
@@ -69,8 +74,8 @@ def make_config(args: argparse.Namespace, corpus: Path, pruner: str) -> Any:
             "name": "bench-tune",
             "data": {
                 "name": "bench-stdlib",
-                "kind": "code",
-                "sources": [{"type": "code", "path": str(corpus)}],
+                "kind": "text",
+                "sources": [{"type": "files", "paths": [str(corpus)]}],
                 "dedup": {"near": False},
                 "pii": {"enabled": False},
                 "split": {"val": 0.05, "test": 0.0},

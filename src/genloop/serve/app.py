@@ -100,9 +100,23 @@ def create_app(
         limiter=make_rate_limiter(serve.rate_limit, serve.redis_url),
     )
 
+    from genloop.monitor.scheduler import MonitorWorker
+
+    def served_versions() -> list[tuple[str, int | None]]:
+        return [
+            (m.current.info.name, m.current.info.version)
+            for m in models.served
+            if m.current is not None and m.current.kind == "text"
+        ]
+
+    # drift checks, latency/error anomalies and scheduled bias probes, in a thread
+    monitor = MonitorWorker(ws, cfg.monitor, models=served_versions, bias_eval=cfg.eval)
+    state.extras["monitor"] = monitor
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await upstreams.start()
+        monitor.start()
         loading = asyncio.create_task(models.start(), name="genloop-load-models")
         state.extras["loading"] = loading
         try:
@@ -118,6 +132,7 @@ def create_app(
                 await state.limiter.aclose()
             await state.recorder.flush()
             state.recorder.close()
+            monitor.stop()
 
     app = FastAPI(
         title="genloop",

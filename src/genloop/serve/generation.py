@@ -315,6 +315,10 @@ class TextRun:
             )
             if error_type is not None:
                 state.metrics.error(info.name, error_type, info.version)
+            monitor = state.extras.get("monitor")
+            if monitor is not None:  # the anomaly detectors' feed (a deque append)
+                failed = status >= 500 or finish in ("error", "timeout")
+                monitor.observe(info.name, info.version, e2e * 1000.0, failed)
             with anyio.CancelScope(shield=True):
                 if state.limiter is not None and completion:
                     await state.limiter.charge(f"key:{job.principal.key_id}", completion)

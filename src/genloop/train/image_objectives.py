@@ -174,7 +174,13 @@ def _latent_vae(ws: Workspace, ref: str) -> tuple[Any, str]:
     info = registry.resolve(ws, ref)
     if info.family != "vae":
         raise ConfigError(f"model.diffusion.latent_vae {ref!r} is a {info.family} model, not a vae")
-    return VAE.load(ws.store.open_verified(info.artifact)), info.ref
+    vae = VAE.load(ws.store.open_verified(info.artifact))
+    if vae.conditional:
+        raise ConfigError(
+            f"latent diffusion needs an unconditional VAE (no num_classes); {info.ref} is "
+            "class-conditional"
+        )
+    return vae, info.ref
 
 
 def latent_scale(vae: Any, images: Tensor, batch: int = 512) -> float:

@@ -199,10 +199,7 @@ def tune(
         raise
 
     # 3. the best model and the report
-    print("T finish", round(time.time() % 1000, 1), flush=True)
-    r = finish(ws, plan)
-    print("T finished", round(time.time() % 1000, 1), flush=True)
-    return r
+    return finish(ws, plan)
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,7 +448,6 @@ def run_worker(ws: Workspace, plan: Plan, worker: int, progress: ProgressFn) -> 
             # Ctrl-C waits until the claimed trial is in hand, so it is never left running
             with _sigint_deferred(), study_lock(ws, plan.study, lease_s=CLAIM_LEASE_S):
                 trial = claim_trial(study, storage, plan, distributions)
-            print("T claimed", worker, trial and trial.number, round(time.time() % 1000, 1), flush=True)
             if trial is None:
                 return
             with _heartbeat(storage, trial):
@@ -461,7 +457,6 @@ def run_worker(ws: Workspace, plan: Plan, worker: int, progress: ProgressFn) -> 
                 if trial is not None:
                     _interrupted(ws, study, trial)
             raise
-        print("T done", worker, outcome.number, round(time.time() % 1000, 1), flush=True)
         progress(outcome)
 
 
@@ -546,9 +541,12 @@ def run_trial(
             if out.value is None:  # the same for every trial: stop the study
                 trial.set_user_attr("error", f"no metric {metric!r}")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                hint = ""
+                if "val_loss" not in result.metrics:
+                    hint = "; no validation ran: is the dataset's validation split empty?"
                 raise ConfigError(
                     f"tune.metric {metric!r} is not among the runs' metrics "
-                    f"({', '.join(sorted(result.metrics))})"
+                    f"({', '.join(sorted(result.metrics))}){hint}"
                 )
             if math.isfinite(out.value):
                 out.state = "complete"
@@ -730,10 +728,8 @@ def _run_workers(ws: Workspace, plan: Plan, n: int, progress: ProgressFn) -> Non
         )
         for i in range(n)
     ]
-    print("T parent start procs", round(time.time() % 1000, 1), flush=True)
     for p in procs:
         p.start()
-    print("T parent started", round(time.time() % 1000, 1), flush=True)
     errors: list[str] = []
     interrupted = False
 

@@ -176,7 +176,9 @@ class LlamaRunner:
         freqs = positions[:, None] * rotary.inv_freq.to(self.device, torch.float32)  # (T, Q/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, Q)
         self.cos = (emb.cos() * rotary.attention_scaling).to(self.dtype)
-        self.sin = (emb.sin() * rotary.attention_scaling).to(self.dtype)
+        sin = (emb.sin() * rotary.attention_scaling).to(self.dtype)
+        half = self.head_dim // 2
+        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # signed, see _rope
         self.cache = KVCache(
             n_layers=len(self.layers),
             n_slots=n_slots,
@@ -191,16 +193,18 @@ class LlamaRunner:
     # ---------------------------------------------------------------- building blocks
 
     def _rms(self, x: Tensor, weight: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # one fused op, bit for bit LlamaRMSNorm's result
+            return F.rms_norm(x, weight.shape, weight, self.eps)
         # LlamaRMSNorm, step for step: fp32 statistics, then the weight in the input dtype.
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
-    @staticmethod
-    def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return (x * cos) + (rotated * sin)
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        # x·cos + rotate_half(x)·sin, where rotate_half(x) = (-x2, x1): rolling x by half the
+        # head dim gives (x2, x1), and the sign lives in the sin table (-sin, sin). Negation
+        # is exact, so the values are those of apply_rotary_pos_emb, in 4 ops instead of 7.
+        return (x * cos) + (x.roll(self.head_dim // 2, dims=-1) * sin)
 
     def _mlp(self, x: Tensor, layer: _Layer) -> Tensor:
         gate, up = F.linear(x, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
@@ -257,13 +261,16 @@ class LlamaRunner:
         n_rows = self.n_slots * k_ * self.max_len
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (N, 1, Q)
         x = F.embedding(torch.tensor(all_tokens, device=dev), self.embed)  # (N, d)
+        qk = h_ + k_  # q and k heads, adjacent in the qkv projection: roped together
 
         longest = max(positions) + 1 if b else 0
         compact = all(s == i for i, s in enumerate(slots))  # slots 0..B-1: read views
         index = slot_t[:b]
-        mask = None  # (B, 1, 1, T): each row sees its own positions 0..pos
+        mask = None  # (B, 1, 1, T), additive: each row sees its own positions 0..pos
         if b > 1:
-            mask = (self._positions[:longest][None, :] <= pos[:b, None])[:, None, None, :]
+            later = self._positions[:longest][None, :] > pos[:b, None]
+            mask = torch.zeros(later.shape, dtype=self.dtype, device=dev)
+            mask = mask.masked_fill_(later, float("-inf"))[:, None, None, :]
         chunk_masks = [
             None
             if c.start == 0
@@ -274,9 +281,9 @@ class LlamaRunner:
         for i, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln_in)
             qkv = F.linear(h, layer.w_qkv, layer.b_qkv)  # (N, (H + 2K)·Q)
-            q = self._rope(qkv[:, : h_ * q_].view(n, h_, q_), cos, sin)  # (N, H, Q)
-            k = self._rope(qkv[:, h_ * q_ : (h_ + k_) * q_].view(n, k_, q_), cos, sin)
-            v = qkv[:, (h_ + k_) * q_ :].view(n, k_, q_)
+            roped = self._rope(qkv[:, : qk * q_].view(n, qk, q_), cos, sin)  # (N, H + K, Q)
+            q, k = roped[:, :h_], roped[:, h_:]  # (N, H, Q), (N, K, Q)
+            v = qkv[:, qk * q_ :].view(n, k_, q_)
             layer_k, layer_v = self.cache.k[i], self.cache.v[i]  # (S, K, T, Q)
             layer_k.view(n_rows, q_).index_copy_(0, rows, k.reshape(n * k_, q_))
             layer_v.view(n_rows, q_).index_copy_(0, rows, v.reshape(n * k_, q_))

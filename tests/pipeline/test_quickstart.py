@@ -1,0 +1,101 @@
+"""``genloop quickstart --quick``: the main job end to end, then the server answers a chat.
+
+A real subprocess, as a user runs it on a fresh machine: it prepares a reduced
+python-stdlib corpus, trains, evaluates, quantizes, gates, promotes, prints an admin key
+and the URL, and serves. The test then asks for a chat completion with that key and stops
+the server with SIGTERM (which drains).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from genloop.workspace import Workspace, registry
+
+pytestmark = pytest.mark.integration
+
+GENLOOP = [sys.executable, "-m", "genloop"]
+
+
+def test_quickstart_quick_trains_deploys_and_serves_a_chat(tmp_path: Path) -> None:
+    env = os.environ | {"OMP_NUM_THREADS": "2", "NO_COLOR": "1", "COLUMNS": "200"}
+    env.pop("GENLOOP_DATABASE_URL", None)
+    ws_root = tmp_path / "ws"
+    proc = subprocess.Popen(
+        [*GENLOOP, "-w", str(ws_root), "quickstart", "--quick", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in proc.stdout or []], daemon=True
+    ).start()
+    seen: list[str] = []
+    key = url = None
+    ready = False
+    deadline = time.monotonic() + 600
+    try:
+        while not (key and url and ready):
+            assert proc.poll() is None, "quickstart exited early:\n" + "".join(seen)
+            assert time.monotonic() < deadline, "quickstart took too long:\n" + "".join(seen)
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            if m := re.search(r"admin key \(shown once\): (gl_\S+)", line):
+                key = m.group(1)
+            if m := re.search(r"serving on (http://127\.0\.0\.1:\d+)", line):
+                url = m.group(1)
+            ready = ready or line.startswith("ready:")
+        output = "".join(seen)
+        # every stage ran, and training beat the untrained model on held-out text
+        for stage in ("data", "train", "eval", "optimize", "register", "gate", "deploy"):
+            assert re.search(rf"^\s+{stage}\s+ran\b", output, re.M), output
+        m = re.search(r"held-out perplexity: ([\d.]+) trained vs ([\d.]+) untrained", output)
+        assert m is not None and float(m.group(1)) < float(m.group(2)), output
+
+        reply = httpx.post(
+            f"{url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={
+                "model": "code-lm",
+                "messages": [{"role": "user", "content": "def add(a, b):"}],
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+            timeout=60,
+        )
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["choices"][0]["message"]["role"] == "assistant"
+        assert body["usage"]["completion_tokens"] >= 1
+        assert httpx.get(f"{url}/v1/models").status_code == 401  # the key is needed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, "".join(seen)
+
+    ws = Workspace.open(ws_root)
+    try:  # production is the quantized variant of the trained model
+        production = registry.resolve(ws, "code-lm@production")
+        assert production.parent == "code-lm@1"
+    finally:
+        ws.close()
