@@ -3,8 +3,9 @@
 Two studies of the same search space (learning rate, weight decay, depth) on the ``tiny``
 preset, each through the real ``genloop.tune.tune`` on one temporary workspace: the same
 number of trials, the same TPE sampler seed, one worker each (so both are deterministic
-apart from float noise). The subject prunes (median pruner by default: a trial whose
-validation loss at a check is worse than the median of the others' there stops); the
+apart from float noise). The subject prunes (successive halving by default: at each rung,
+every ``eval_every`` × 3^k steps, a trial goes on only if it is in the best third of the
+trials that reached the rung; ``--pruner median`` or ``hyperband`` for the others); the
 baseline trains every trial to ``max_steps``.
 
 Printed figures: the best validation loss each study found and the optimizer steps it
@@ -17,8 +18,8 @@ and shared by both studies. ``--quick`` shrinks the tiny preset to
 2 layers × 64 wide (stated in the output) so that both studies fit in under a minute on
 2 CPU cores.
 
-    python benchmarks/bench_tune.py [--quick] [--trials N] [--steps N] [--pruner median|
-                                     hyperband|successive_halving] [--workers W]
+    python benchmarks/bench_tune.py [--quick] [--trials N] [--steps N] [--workers W]
+                                     [--pruner successive_halving|median|hyperband]
 """
 
 from __future__ import annotations
@@ -132,7 +133,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary [quick 512, else 2048].")
     p.add_argument("--corpus-mb", type=float, help="python-stdlib MB [quick 0.3, else 1].")
     p.add_argument(
-        "--pruner", default="median", choices=["median", "hyperband", "successive_halving"]
+        "--pruner",
+        default="successive_halving",
+        choices=["median", "hyperband", "successive_halving"],
+        help="The subject's pruner [successive_halving].",
     )
     p.add_argument("--workers", type=int, default=1, help="Worker processes per study.")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])

@@ -136,8 +136,7 @@ def test_suites_are_checked() -> None:
         "generation",
         "perplexity",
     ]
-    with pytest.raises(GenloopError, match="image families"):
-        check_suites(["image"])
+    assert check_suites(["image", "augment"]) == ["image", "augment"]  # for image models
     with pytest.raises(ConfigError, match="unknown suite 'perplexty'"):
         check_suites(["perplexty"])
     with pytest.raises(ConfigError, match="no suite"):
@@ -149,8 +148,12 @@ def test_errors_before_loading_a_model(workspace: Workspace) -> None:
     with pytest.raises(GenloopError, match="--dataset"):
         evaluate_model(workspace, "nodata", suites=["perplexity"])
     dummy_version(workspace, "picture", family="vae")
-    with pytest.raises(GenloopError, match="image families"):
-        evaluate_model(workspace, "picture")
+    with pytest.raises(GenloopError, match="the image suite needs one: give --dataset"):
+        evaluate_model(workspace, "picture")  # image models default to the image suite
+    with pytest.raises(GenloopError, match="the bias suite needs a text model"):
+        evaluate_model(workspace, "picture", suites=["bias"])
+    with pytest.raises(GenloopError, match="the image suite is for the image families"):
+        evaluate_model(workspace, "nodata", suites=["image"])
     with pytest.raises(NotFoundError, match="no model named"):
         evaluate_model(workspace, "absent")
 

@@ -93,3 +93,15 @@ def test_loop_once_retrains_what_is_due(
     assert f"{model.name}@production: promoted" in ran.stdout
     assert other.name not in ran.stdout
     assert registry.resolve(ws, f"{model.name}@production").version == 2
+
+
+def test_an_export_that_curation_empties_fails(
+    ws: Workspace, cipher: Cipher, new_model: Any, log: Any, cli: Any
+) -> None:
+    model = new_model()
+    rid = log(model, SKY.format("oslo"), " green.")
+    submit_feedback(ws, cipher, response_id=rid, rating=-1)  # no correction: no sft answer
+    ran = cli("feedback", "export", "--model", model.name, "--json")
+    assert ran.returncode == 1 and json.loads(ran.stdout)["dataset"] is None
+    ran = cli("feedback", "export", "--model", model.name)
+    assert ran.returncode == 1 and "no sft rows left to export after curation" in ran.stderr

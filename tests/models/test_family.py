@@ -31,7 +31,7 @@ def _checkpoint_with_pickle(model: Any, directory: Path, payload: object) -> Pat
     return directory
 
 
-@pytest.mark.parametrize("name", ["causal_lm", "seq2seq"])
+@pytest.mark.parametrize("name", ["causal_lm", "seq2seq", "vae", "gan", "diffusion"])
 def test_families_satisfy_the_protocol(name: str) -> None:
     family = get_family(name)
     assert isinstance(family, Family)

@@ -25,8 +25,9 @@ class _RunByDefault(TyperGroup):
 
 app = typer.Typer(
     cls=_RunByDefault,
-    help="Evaluate model versions (perplexity, generation, code pass@k, bias) and compare "
-    "them. 'genloop eval MODEL_REF' is short for 'genloop eval run MODEL_REF'.",
+    help="Evaluate model versions (perplexity, generation, code pass@k, bias; FID/KID/IS and "
+    "augmentation for image models) and compare them. 'genloop eval MODEL_REF' is short for "
+    "'genloop eval run MODEL_REF'.",
     no_args_is_help=True,
 )
 
@@ -55,7 +56,8 @@ def run(
         typer.Option(
             "--suite",
             "-s",
-            help="perplexity, generation, code or bias (repeatable) \\[default: eval.suites].",
+            help="perplexity, generation, code, bias; image or augment for image models "
+            "(repeatable) \\[default: eval.suites; image for image models].",
         ),
     ] = None,
     config: Annotated[

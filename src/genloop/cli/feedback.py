@@ -172,6 +172,8 @@ def export(
         )
     if json:
         print_json(result.to_dict())
+        if result.dataset is None:
+            raise typer.Exit(1)
         return
     report = result.report
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(report.dropped.items())) or "none"

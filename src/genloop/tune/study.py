@@ -14,6 +14,9 @@ goes on; Ctrl-C marks the running trials interrupted, and ``--resume`` runs them
 before going on. A worker that dies without a word (SIGKILL, a lost machine) stops its
 trial's heartbeat; the next claim fails that trial and queues it again.
 
+The worker processes (several on one machine, and Ctrl-C across them) are in
+``workers.py``; the report's plots in ``report.py``.
+
 Optuna keeps its tables in the catalog's database, apart from genloop's so the two
 schema migrations never meet: PostgreSQL schema ``optuna`` (workers on other machines
 share it), or for a SQLite catalog the file ``<catalog>.studies.db`` beside it (both
@@ -33,14 +36,12 @@ import json
 import logging
 import math
 import os
-import queue
 import random
 import re
 import signal
 import socket
 import threading
 import time
-import traceback
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -190,7 +191,9 @@ def tune(
         if n_workers == 1:
             run_worker(ws, plan, 0, progress or (lambda _: None))
         else:
-            _run_workers(ws, plan, n_workers, progress or (lambda _: None))
+            from genloop.tune.workers import run_workers
+
+            run_workers(ws, plan, n_workers, progress or (lambda _: None))
     except KeyboardInterrupt:
         _set_run(ws, plan.run_id, "interrupted", error="interrupted by the user")
         raise
@@ -453,7 +456,7 @@ def run_worker(ws: Workspace, plan: Plan, worker: int, progress: ProgressFn) -> 
             with _heartbeat(storage, trial):
                 outcome = run_trial(ws, plan, study, trial, worker)
         except KeyboardInterrupt:
-            with _sigint_ignored():  # a second Ctrl-C must not cut the bookkeeping short
+            with sigint_ignored():  # a second Ctrl-C must not cut the bookkeeping short
                 if trial is not None:
                     _interrupted(ws, study, trial)
             raise
@@ -509,13 +512,14 @@ def run_trial(
             return  # the metric is not measured during training: no pruning
         last_value.append(metrics[metric])
         trial.report(metrics[metric], step)
-        if trial.should_prune():
+        if step < max_steps and trial.should_prune():  # at the end, nothing left to save
             raise StopRun("pruned", f"pruned at step {step}: {metric} {metrics[metric]:.4g}")
 
     try:
         cfg = trial_config(plan.base, params, trial.number)
     except ConfigError as exc:  # values that do not fit together (n_embd % n_head …)
         cfg, out.error = None, f"invalid combination: {exc}"
+    max_steps = cfg.train.max_steps if cfg is not None else 0  # on_eval reads it
     config = cfg.model_dump(mode="json") if cfg is not None else plan.base
     out.run_id = _start_trial_run(ws, plan, trial.number, config, error=out.error)
     trial.set_user_attr("run_id", out.run_id)
@@ -684,7 +688,7 @@ def _sigint_deferred() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
+def sigint_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -693,158 +697,6 @@ def _sigint_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-# W processes on this machine. Each opens its own workspace and runs run_worker; events
-# (finished trials, errors) come back through a queue, and this process prints them.
-
-
-def _run_workers(ws: Workspace, plan: Plan, n: int, progress: ProgressFn) -> None:
-    import multiprocessing as mp
-
-    # Never fork this process (it may hold torch threads, CUDA, database pools): workers
-    # fork from a fresh server process that imported the heavy modules once for them all.
-    if "forkserver" in mp.get_all_start_methods():
-        ctx: Any = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(_preload(plan.base["model"]["family"]))
-    else:
-        ctx = mp.get_context("spawn")
-    events: Any = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // n)
-    gpus = _visible_gpus()
-    procs = [
-        ctx.Process(
-            target=_worker_main,
-            args=(
-                str(ws.root),
-                ws.catalog.url,
-                plan,
-                i,
-                threads,
-                gpus[i % len(gpus)] if gpus else None,
-                events,
-            ),
-            name=f"genloop-tune-{i}",
-        )
-        for i in range(n)
-    ]
-    for p in procs:
-        p.start()
-    errors: list[str] = []
-    interrupted = False
-
-    def drain(timeout: float) -> None:
-        nonlocal interrupted
-        try:
-            kind, payload = events.get(timeout=timeout)
-        except queue.Empty:
-            return
-        if kind == "trial":
-            progress(payload)
-        elif kind == "interrupted":
-            interrupted = True
-        else:
-            errors.append(payload)
-
-    try:
-        while any(p.is_alive() for p in procs):
-            drain(0.2)
-    except KeyboardInterrupt:
-        with _sigint_ignored():
-            _stop_workers(procs, drain)
-        raise
-    finally:
-        for p in procs:
-            p.join()
-    while True:  # what the last ones said before leaving
-        try:
-            drain(0.05 if events.empty() else 1.0)
-        except (OSError, ValueError):
-            break
-        if events.empty():
-            break
-    for p in procs:
-        if p.exitcode not in (0, 130) and not errors:
-            errors.append(f"tuning worker {p.name} ended with exit code {p.exitcode}")
-    if errors:
-        raise GenloopError(errors[0])
-    if interrupted:
-        raise KeyboardInterrupt
-
-
-def _preload(family: str) -> list[str]:
-    """Modules the worker processes import once, in the fork server, rather than each in
-    its first trial (transformers' model modules alone take seconds). The server skips
-    any that does not import."""
-    modules = ["torch", "optuna", "genloop.train.loop", "genloop.train.objectives", __name__]
-    return [*modules, f"genloop.models.{family}", *_FAMILY_MODULES.get(family, ())]
-
-
-_FAMILY_MODULES = {
-    "causal_lm": ("transformers.models.llama.modeling_llama",),
-    "seq2seq": ("transformers.models.t5.modeling_t5",),
-}
-
-
-def _stop_workers(procs: list[Any], drain: Callable[[float], None]) -> None:
-    """Ctrl-C: the workers got it too (same process group); give them time to record their
-    trials, pass it on to those that did not (a signal sent to this process only), and
-    end the ones that still hang on."""
-    deadline = time.monotonic() + 2.0
-    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        drain(0.1)
-    for p in procs:
-        if p.is_alive() and p.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGINT)
-    deadline = time.monotonic() + 60.0
-    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        drain(0.1)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-
-
-def _worker_main(
-    root: str,
-    database_url: str,
-    plan: Plan,
-    index: int,
-    threads: int,
-    gpu: str | None,
-    events: Any,
-) -> None:
-    """A spawned worker process."""
-    import sys
-
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        with Workspace.open(root, database_url=database_url) as ws:
-            run_worker(ws, plan, index, lambda outcome: events.put(("trial", outcome)))
-    except KeyboardInterrupt:
-        events.put(("interrupted", None))
-        sys.exit(130)
-    except GenloopError as exc:
-        events.put(("error", str(exc)))
-        sys.exit(1)
-    except BaseException:
-        events.put(("error", f"tuning worker {index} crashed:\n{traceback.format_exc()}"))
-        sys.exit(1)
-
-
-def _visible_gpus() -> list[str]:
-    """CUDA devices to share out between workers (one per worker, round robin)."""
-    import torch
-
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        return []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    return [i.strip() for i in ids if i.strip()]
 
 
 # ---------------------------------------------------------------------------------------
