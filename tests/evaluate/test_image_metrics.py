@@ -100,7 +100,9 @@ def test_fid_of_real_against_real_is_near_zero_and_against_noise_large(
     real = train_images[:1000]
     same = image_scores(real, real, extractor)
     # two random halves (the corpus is ordered by writer: slices are not alike)
-    shuffled = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))]
+    shuffled = train_images[
+        torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
+    ]
     halves = image_scores(shuffled[:700], shuffled[700:1400], extractor)
     noise = torch.randint(0, 256, real.shape, generator=torch.Generator().manual_seed(0))
     started = time.perf_counter()
@@ -136,7 +138,8 @@ def test_train_classifier_is_deterministic_and_learns(digits_ws: Workspace) -> N
     test_images, test_labels = split(path, "test")
     a = train_classifier(images, labels, 10, seed=3, steps=120)
     b = train_classifier(images, labels, 10, seed=3, steps=120)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
     assert accuracy(a, test_images, test_labels) > 0.8
     with pytest.raises(GenloopError, match="at least 2 labelled"):
         train_classifier(images[:5], torch.full((5,), -1), 10)
@@ -163,7 +166,7 @@ def test_an_unlabelled_dataset_has_no_classifier(tmp_path: Path) -> None:
         }
     )
     info, _ = prepare_dataset(ws, cfg)
-    with pytest.raises(GenloopError, match="eval.inception_weights"):
+    with pytest.raises(GenloopError, match=r"eval\.inception_weights"):
         dataset_classifier(ws, info, ws.store.open_verified(info.artifact))
     ws.close()
 
@@ -184,7 +187,9 @@ def test_inception_weights_load_from_a_local_safetensors_file_only(tmp_path: Pat
     save_file(state, str(weights))
 
     ex = inception_extractor(weights)
-    assert ex.kind == "inception" and ex.id.startswith("inception_v3:") and ex.suffix == "_inception"
+    assert (
+        ex.kind == "inception" and ex.id.startswith("inception_v3:") and ex.suffix == "_inception"
+    )
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
     with torch.no_grad():
         features, logits = ex.features(images), ex.logits(images)

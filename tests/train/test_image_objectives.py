@@ -162,9 +162,9 @@ def test_latent_diffusion_trains_on_a_registered_vae(ws: Workspace) -> None:
 
 
 def test_model_settings_must_fit_the_dataset(ws: Workspace) -> None:
-    with pytest.raises(ConfigError, match="model.image_size is 16 but the dataset's images"):
+    with pytest.raises(ConfigError, match=r"model\.image_size is 16 but the dataset's images"):
         train(ws, config("bad", "vae", {"image_size": 16}))
     with pytest.raises(ConfigError, match="the dataset has 10 classes"):
         train(ws, config("bad", "vae", {"num_classes": 4}))
-    with pytest.raises(ConfigError, match="model.channels is 3"):
+    with pytest.raises(ConfigError, match=r"model\.channels is 3"):
         train(ws, config("bad", "gan", {"channels": 3}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 
 import optuna
@@ -209,7 +210,9 @@ def test_a_trial_whose_worker_died_runs_again(
     tune(ws, cfg, trials=1)
     storage = open_storage(ws, heartbeat=True)
     study = optuna.load_study(study_name="stale", storage=storage)
-    dead = study.ask(study_mod.make_distributions(cfg.tune.space if cfg.tune else {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeats outside study.optimize
+        dead = study.ask(study_mod.make_distributions(cfg.tune.space if cfg.tune else {}))
     storage.record_heartbeat(dead._trial_id)  # as claim_trial does, then the worker is gone
     time.sleep(3.5)
 

@@ -404,7 +404,7 @@ def _register(
         tags={"optimize": spec["transform"]},
         description=f"{spec['transform']} of {current.info.ref}",
     )
-    log.info("registered %s (%s of %s)", info.ref, spec["transform"], current.info.ref)
+    log.debug("registered %s (%s of %s)", info.ref, spec["transform"], current.info.ref)
     return info
 
 
@@ -416,8 +416,15 @@ def _load(model_dir: Path, info: ModelVersionInfo) -> PreTrainedModel:
         raise GenloopError(
             f"{info.ref} is an ONNX variant; optimize its PyTorch parent ({info.parent}) instead"
         )
+    _quiet_transformers()
     model = load_pretrained(model_dir, family="causal_lm", device="cpu", dtype="float32")
     return model
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # we show our own
 
 
 def _move(model: PreTrainedModel, device: str) -> None:

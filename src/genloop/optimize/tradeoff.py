@@ -220,8 +220,11 @@ def load_runner(model_dir: Path, *, threads: int | None = None) -> Any:
 
     if variant_format(model_dir) == "onnx":
         return OnnxCausalLM(model_dir, threads=threads)
+    from transformers.utils import logging as hf_logging
+
     from genloop.models.pretrained import load_pretrained
 
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no bars in reports
     return TorchCausalLM(load_pretrained(model_dir, device="cpu"))
 
 
@@ -457,11 +460,17 @@ class TradeoffReport:
 
     def to_markdown(self) -> str:
         columns, rows = self.rows()
+        w = self.workload
         lines = [
             f"# Trade-off report: {self.model}",
             "",
-            f"dataset: {self.dataset or 'none'}; machine: {self.machine.get('cpu')} "
-            f"({self.machine.get('threads')} threads); workload: {self.workload}",
+            f"Measured on {self.machine.get('cpu')} with {self.machine.get('threads')} "
+            f"thread(s) (torch {self.machine.get('torch')}, onnxruntime "
+            f"{self.machine.get('onnxruntime')}). Latency: one request of "
+            f"{w.get('prompt_len')} prompt + {w.get('new_tokens')} new tokens, "
+            f"{w.get('repeats')} times; throughput: {w.get('throughput_batch')} such requests "
+            f"at once; perplexity: {self.dataset or 'no dataset'}, test split, up to "
+            f"{w.get('ppl_windows')} windows.",
             "",
             "| " + " | ".join(columns) + " |",
             "|" + "---|" * len(columns),

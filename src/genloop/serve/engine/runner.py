@@ -102,7 +102,15 @@ def supports_fast_path(model: Any) -> bool:
     if type(model).__name__ != "LlamaForCausalLM":
         return False
     rope = getattr(config, "rope_parameters", None) or {}
-    return rope.get("rope_type", "default") in STATIC_ROPE_TYPES
+    if rope.get("rope_type", "default") not in STATIC_ROPE_TYPES:
+        return False
+    # plain float linears only: a quantized or otherwise replaced layer (optimize's int8
+    # variants) runs through the model's own forward instead
+    return all(
+        type(m) is torch.nn.Linear
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__
+    )
 
 
 def _stack(linears: Sequence[Any]) -> tuple[Tensor, Tensor | None]:
