@@ -1,7 +1,7 @@
 """Regenerate docs/cli.md (from the Typer app) and docs/http.md (from the OpenAPI schema).
 
-    .venv/bin/python scripts/gen_docs.py          # write both
-    .venv/bin/python scripts/gen_docs.py --check  # exit 1 if either is out of date
+.venv/bin/python scripts/gen_docs.py          # write both
+.venv/bin/python scripts/gen_docs.py --check  # exit 1 if either is out of date
 """
 
 from __future__ import annotations

@@ -81,6 +81,4 @@ def test_ci_entry_point_calls_make_test() -> None:
 def test_docker_build_where_an_engine_exists() -> None:
     if subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode != 0:
         pytest.skip("no Docker engine answers")
-    subprocess.run(
-        ["docker", "build", "-t", "genloop-test", str(ROOT)], check=True, timeout=3600
-    )
+    subprocess.run(["docker", "build", "-t", "genloop-test", str(ROOT)], check=True, timeout=3600)

@@ -33,10 +33,19 @@ def genloop(home: Path, *args: str, timeout: float = 600) -> subprocess.Complete
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A workspace where the demo has been trained with 'genloop train'."""
     path = tmp_path_factory.mktemp("demo") / "ws"
+    assert genloop(path, "init").returncode == 0
     ran = genloop(path, "train", str(EXAMPLE), "--json")
     assert ran.returncode == 0, ran.stderr
     out = json.loads(ran.stdout)

@@ -21,10 +21,11 @@ from genloop.workspace.tables import Run
 
 pytestmark = pytest.mark.integration
 
-WORDS = (
+PROSE = (
     "the cat sat on the mat and the dog ran to the park while birds sang in the tall green "
     "trees near a quiet river where children play every sunny day"
-).split()
+)
+WORDS = PROSE.split()
 
 
 def write_pipeline(tmp: Path, **overrides: Any) -> Path:

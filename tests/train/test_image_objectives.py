@@ -168,3 +168,12 @@ def test_model_settings_must_fit_the_dataset(ws: Workspace) -> None:
         train(ws, config("bad", "vae", {"num_classes": 4}))
     with pytest.raises(ConfigError, match=r"model\.channels is 3"):
         train(ws, config("bad", "gan", {"channels": 3}))
+    cfg = config("bad", "vae").model_dump()
+    cfg["data"] = {
+        "name": "digits",
+        "kind": "images",
+        "sources": [{"type": "builtin", "name": "digits"}],
+        "images": {"normalize": "zero_one"},
+    }
+    with pytest.raises(ConfigError, match=r"leave data\.images\.normalize at minus_one_one"):
+        train(ws, GenloopConfig.model_validate(cfg))

@@ -346,7 +346,7 @@ def test_make_objective_needs_a_pairs_dataset_of_its_kind(
     with pytest.raises(GenloopError, match="z_loss does not apply"):
         dpo_data = data_dir(workspace, "dpo", DPO_ROWS, tok_dir)
         make_objective("dpo", config("dpo", z_loss=1e-4), dpo_data, tok_dir, model, CPU)
-    with pytest.raises(GenloopError, match="train.objective vae needs model.family vae"):
+    with pytest.raises(GenloopError, match=r"train\.objective vae needs model\.family vae"):
         make_objective("vae", config("sft"), sft_data, tok_dir, model, CPU)
     small = tiny_llama(tokenizer)
     small.config.vocab_size = 100

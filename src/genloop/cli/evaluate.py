@@ -99,6 +99,10 @@ def run(
         ["metric", "value"],
         [[k, _num(v)] for k, v in record.metrics.items()],
     )
+    for suite, settings in (record.settings.get("suites") or {}).items():
+        extractor = settings.get("extractor") if isinstance(settings, dict) else None
+        if isinstance(extractor, dict):  # image metrics: which network made the features
+            console.print(f"{suite}: features from {extractor.get('id')}", highlight=False)
     console.print(f"evaluation {record.id} stored", highlight=False)
     if report_dir is not None:
         console.print(f"report: {report_dir / 'report.html'}", highlight=False, soft_wrap=True)

@@ -28,10 +28,11 @@ def augment(
 ) -> None:
     """Generate --per-class images of every class and store them as a dataset version.
 
-    The version is a training split of labelled images that trains like any prepared
-    dataset; 'genloop eval MODEL --suite augment' then trains a classifier on the real data
-    and on real + synthetic (same seeds) and reports the accuracy on the real test split.
-    Running it again with the same model, count and seed finds the version it wrote.
+    It holds a training split of labelled images and trains like any prepared dataset.
+
+    'genloop eval MODEL --suite augment' then reports its downstream effect.
+
+    The same model, count and seed find the version written before.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -183,7 +183,7 @@ def to_pil(images: Tensor) -> list[PILImage]:
 
 
 def make_grid(images: list[PILImage], pad: int = 1) -> PILImage:
-    """The images in a near-square grid on black, each enlarged (nearest neighbour) by the
+    """The images in a near-square grid with gray gaps, each enlarged (nearest neighbour) by the
     whole factor that brings it closest to ``GRID_CELL_PX`` pixels."""
     from PIL import Image
 
@@ -194,7 +194,8 @@ def make_grid(images: list[PILImage], pad: int = 1) -> PILImage:
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     cw, ch = w * scale, h * scale
-    grid = Image.new(images[0].mode, (cols * (cw + pad) + pad, rows * (ch + pad) + pad))
+    gray = 96 if images[0].mode == "L" else (96, 96, 96)  # gaps that show on black digits
+    grid = Image.new(images[0].mode, (cols * (cw + pad) + pad, rows * (ch + pad) + pad), gray)
     for i, image in enumerate(images):
         r, c = divmod(i, cols)
         cell = image.resize((cw, ch), Image.Resampling.NEAREST)

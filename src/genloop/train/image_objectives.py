@@ -94,6 +94,11 @@ def build_image_model(
     from genloop.models.family import get_family
 
     m, family = cfg.model, cfg.model.family
+    if cfg.data is not None and cfg.data.images.normalize != "minus_one_one":
+        raise ConfigError(
+            "the image families train on pixels in [-1, 1] (tanh outputs, the diffusion "
+            "schedule's range): leave data.images.normalize at minus_one_one"
+        )
     images, labels, classes = require_images(data_dir)
     _, channels, height, width = images.shape
     if height != width:

@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import ast
-import itertools
 import hashlib
 import io
+import itertools
 import json
 import platform
 import sysconfig
