@@ -82,15 +82,18 @@ class Runner(Protocol):
 
 @dataclass
 class _Layer:
+    """One decoder layer's weights, transposed to (in, out): x @ w is one plain matmul,
+    which MKL runs 10-20% faster than x @ wᵀ for the wide ones (gate/up, the head)."""
+
     ln_in: Tensor  # (d,)
-    w_qkv: Tensor  # ((H + 2K)·Q, d): q, k and v projections stacked
+    w_qkv: Tensor  # (d, (H + 2K)·Q): q, k and v projections side by side
     b_qkv: Tensor | None
-    w_o: Tensor  # (d, H·Q)
+    w_o: Tensor  # (H·Q, d)
     b_o: Tensor | None
     ln_post: Tensor  # (d,)
-    w_gate_up: Tensor  # (2I, d): gate and up projections stacked
+    w_gate_up: Tensor  # (d, 2I): gate and up projections side by side
     b_gate_up: Tensor | None
-    w_down: Tensor  # (d, I)
+    w_down: Tensor  # (I, d)
     b_down: Tensor | None
 
 
@@ -114,19 +117,25 @@ def supports_fast_path(model: Any) -> bool:
 
 
 def _stack(linears: Sequence[Any]) -> tuple[Tensor, Tensor | None]:
-    """One weight (and bias) for several linears over the same input; the linears' own
-    parameters become views of it, so the model (used for beam search) shares the memory."""
-    weight = torch.cat([m.weight.detach() for m in linears])
+    """One (in, out) weight (and bias) for linears over the same input, their outputs side
+    by side. The linears' own parameters become views of it (``weight = w[:, cols].T``), so
+    the model, still used for beam search, shares the memory and computes the same."""
+    weight = torch.cat([m.weight.detach() for m in linears]).t().contiguous()
     biases = [m.bias for m in linears]
     bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
-    row = 0
+    col = 0
     for m in linears:
         n = m.weight.shape[0]
-        m.weight.data = weight[row : row + n]
+        m.weight.data = weight[:, col : col + n].t()
         if bias is not None:
-            m.bias.data = bias[row : row + n]
-        row += n
+            m.bias.data = bias[col : col + n]
+        col += n
     return weight, bias
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight (+ bias) for a 2-D x and an (in, out) weight."""
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
 class LlamaRunner:
@@ -154,27 +163,36 @@ class LlamaRunner:
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
 
-        self.embed: Tensor = inner.embed_tokens.weight.detach()
+        embed, head = inner.embed_tokens.weight, model.lm_head.weight
+        tied = embed is head or embed.data_ptr() == head.data_ptr()
+        # the head as (d, V); with tied embeddings the table itself becomes its transposed
+        # view (a row lookup reads it just as well), so nothing is held twice
+        self.lm_head: Tensor = head.detach().t().contiguous()
+        head.data = self.lm_head.t()
+        if tied:
+            embed.data = head.data
+        self.embed: Tensor = embed.detach()  # (V, d), maybe a view of lm_head
         self.norm: Tensor = inner.norm.weight.detach()
-        self.lm_head: Tensor = model.lm_head.weight.detach()
         self.act: Callable[[Tensor], Tensor] = inner.layers[0].mlp.act_fn
         self.layers: list[_Layer] = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             w_qkv, b_qkv = _stack([attn.q_proj, attn.k_proj, attn.v_proj])
+            w_o, b_o = _stack([attn.o_proj])
             w_gu, b_gu = _stack([mlp.gate_proj, mlp.up_proj])
+            w_down, b_down = _stack([mlp.down_proj])
             self.layers.append(
                 _Layer(
                     ln_in=layer.input_layernorm.weight.detach(),
                     w_qkv=w_qkv,
                     b_qkv=b_qkv,
-                    w_o=attn.o_proj.weight.detach(),
-                    b_o=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
+                    w_o=w_o,
+                    b_o=b_o,
                     ln_post=layer.post_attention_layernorm.weight.detach(),
                     w_gate_up=w_gu,
                     b_gate_up=b_gu,
-                    w_down=mlp.down_proj.weight.detach(),
-                    b_down=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
+                    w_down=w_down,
+                    b_down=b_down,
                 )
             )
         # The rotary tables for every position, computed as LlamaRotaryEmbedding does:
@@ -215,11 +233,11 @@ class LlamaRunner:
         return (x * cos) + (x.roll(self.head_dim // 2, dims=-1) * sin)
 
     def _mlp(self, x: Tensor, layer: _Layer) -> Tensor:
-        gate, up = F.linear(x, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, layer.w_down, layer.b_down)
+        gate, up = _linear(x, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
+        return _linear(self.act(gate) * up, layer.w_down, layer.b_down)
 
     def _logits(self, x: Tensor) -> Tensor:
-        return F.linear(self._rms(x, self.norm), self.lm_head).float()
+        return (self._rms(x, self.norm) @ self.lm_head).float()
 
     # ------------------------------------------------------------------------- step
 
@@ -288,7 +306,7 @@ class LlamaRunner:
         ]
         for i, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln_in)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)  # (N, (H + 2K)·Q)
+            qkv = _linear(h, layer.w_qkv, layer.b_qkv)  # (N, (H + 2K)·Q)
             roped = self._rope(qkv[:, : qk * q_].view(n, qk, q_), cos, sin)  # (N, H + K, Q)
             q, k = roped[:, :h_], roped[:, h_:]  # (N, H, Q), (N, K, Q)
             v = qkv[:, qk * q_ :].view(n, k_, q_)
@@ -329,7 +347,7 @@ class LlamaRunner:
                     )
                 outs.append(out[0].transpose(0, 1).reshape(t, h_ * q_))
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H·Q)
-            x = x + F.linear(attn, layer.w_o, layer.b_o)
+            x = x + _linear(attn, layer.w_o, layer.b_o)
             x = x + self._mlp(self._rms(x, layer.ln_post), layer)
         # logits only where a token is sampled: every decode row, each finished prompt's last
         wanted = list(range(b)) + [o + len(c.token_ids) - 1 for o, c in spans if c.want_logits]
