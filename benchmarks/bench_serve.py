@@ -6,9 +6,10 @@ BPE trained on the built-in ``python-stdlib`` corpus). All three stay up (an idl
 no CPU) and take turns under the same load, ``--repeat`` rounds, the best round of each
 counting, so that a shared machine's drifting load touches every side alike:
 
-- genloop: the continuous-batching engine (``genloop.serve.engine.load_engine``, batch 16)
-  behind a minimal FastAPI + uvicorn app that streams each token as a server-sent event
-  (``--subject app`` runs genloop's full server instead: auth, limits, metrics);
+- genloop: ``genloop serve``'s own app (``genloop.serve.app.create_app``: API key, limits,
+  metrics, rate limits off, request records off) on the continuous-batching engine, batch
+  16, streaming each token as a server-sent event; ``--subject engine`` puts the engine
+  behind a minimal FastAPI endpoint instead, to see the engine alone;
 - per-request baseline: FastAPI + uvicorn calling Hugging Face ``model.generate`` once per
   request (sync endpoint, so concurrent requests run in uvicorn's thread pool);
 - ``transformers serve --continuous-batching`` on the checkpoint directory (offline), the
@@ -17,9 +18,10 @@ counting, so that a shared machine's drifting load touches every side alike:
 The client (httpx, asyncio, this process) runs 1, 4 and 16 concurrent clients against
 each; every client sends the same prompts (about 32 tokens of Python source) asking for
 64 new tokens at temperature 1, one request after another, until the run has sent its
-request budget (bounded count) or its time budget is spent. genloop and the per-request
-baseline always generate all 64 tokens (``ignore_eos``, ``min_new_tokens``); transformers
-serve takes no such option, so its tokens are counted from each response's usage.
+request budget (bounded count) or its time budget is spent. The per-request baseline (and
+``--subject engine``) always generate all 64 tokens (``min_new_tokens``, ``ignore_eos``);
+the OpenAI API has no such option, so genloop's app and transformers serve stop at an
+end-of-text token (rare with random weights); tokens are counted from each response's usage.
 
 Figures: tokens/s = completion tokens / wall time of the run; time to first token and
 inter-token latency (p50, p99) from the arrival times of streamed chunks (genloop and
@@ -31,8 +33,8 @@ All servers run with the same torch thread count (``--threads``, default 1: on a
 2-core machine a second OpenMP thread that waits for a descheduled peer makes every side
 slower and noisier). Timings on a shared machine are noisy.
 
-    python benchmarks/bench_serve.py [--quick] [--threads N] [--max-tokens 64]
-                                     [--skip-transformers-serve] [--subject engine|app]
+    python benchmarks/bench_serve.py [--quick] [--threads N] [--repeat N] [--max-tokens 64]
+                                     [--subject app|engine] [--skip-transformers-serve]
 """
 
 from __future__ import annotations
@@ -262,6 +264,8 @@ def serve_app(model_dir: Path, port: int, batch: int, root: Path) -> None:
                 "max_queue": 256,
                 "store_requests": False,
                 "ui": False,
+                # the benchmark's own load must not meet the per-key rate limits
+                "rate_limit": {"requests_per_min": None, "tokens_per_min": None},
             },
             "security": {"guardrails": {"max_repetition": None}},
         }
@@ -381,7 +385,7 @@ async def one_request(
         "temperature": 1.0,
         "stream": stream,
     }
-    if server.name != "transformers-serve":
+    if server.name in ("engine", "hf"):  # the OpenAI API has no such field
         body["ignore_eos"] = True
     if stream and server.name in ("transformers-serve", "app"):
         body["stream_options"] = {"include_usage": True}
@@ -555,7 +559,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bs1-requests", type=int, default=None)
     p.add_argument("--repeat", type=int, default=None, help="rounds of turns; the best counts")
     p.add_argument("--start-timeout", type=float, default=300.0)
-    p.add_argument("--subject", choices=("engine", "app"), default="engine")
+    p.add_argument(
+        "--subject",
+        choices=("app", "engine"),
+        default="app",
+        help="genloop's full server (app) or the engine behind a minimal endpoint",
+    )
     p.add_argument("--skip-transformers-serve", action="store_true")
     # internal: run one server in this process
     p.add_argument("--serve", choices=("engine", "hf", "app"), help=argparse.SUPPRESS)

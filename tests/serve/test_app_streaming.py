@@ -94,9 +94,9 @@ def test_a_disconnect_frees_the_slot(served_ws: Workspace) -> None:
         row = wait_for_request_row(served_ws, rid)
         assert row.status == 499 and row.completion_tokens < 500
 
-        # not streamed: the client gives up waiting
+        # not streamed: the client gives up waiting, long before the generation is done
         with s.client(keys["client"]) as c, pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/completions", json=LONG, timeout=0.3)
+            c.post("/v1/completions", json=LONG, timeout=0.02)
         engine_idle(s)
         with s.client(keys["client"]) as c:
             assert c.post("/v1/completions", json=LONG | {"max_tokens": 2}).status_code == 200

@@ -54,7 +54,7 @@ def write_input(path: Path, count: int = 12) -> Path:
 
 
 def read_output(path: Path) -> dict[str, dict[str, Any]]:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n")[:-1]]
     by_id = {r["id"]: r for r in rows}
     assert len(by_id) == len(rows), "an id was written twice"
     return by_id
@@ -166,3 +166,16 @@ def test_input_mistakes_are_clear(tmp_path: Path) -> None:
         done_ids(foreign)
     items = read_items(write_input(tmp_path / "ok.jsonl", 4))
     assert [i.id for i in items] == ["p0", "p1", "p2", "c3"]
+
+
+def test_output_lines_survive_any_line_splitter(tmp_path: Path) -> None:
+    """Generated text can hold U+2028 or NEL, which str.splitlines() takes for line ends."""
+    from genloop.serve.batch import _write
+
+    path = tmp_path / "o.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        _write(out, {"id": "a", "text": "one\u2028two\x85three\u2029"})
+        _write(out, {"id": "b", "text": "plain"})
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["text"] for line in lines] == ["one\u2028two\x85three\u2029", "plain"]
+    assert done_ids(path) == {"a", "b"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -362,6 +363,22 @@ def test_cancelling_the_consuming_task_cancels_the_request(engine: Engine) -> No
     run(main())
 
 
+def test_a_stream_dropped_unread_is_cancelled(engine: Engine) -> None:
+    prompt = engine.encode(PROMPTS[1])
+
+    async def main() -> None:
+        stream = engine.submit(long_request("dropped", prompt))
+        assert isinstance(await stream.__anext__(), TokenDelta)
+        del stream  # never closed, never read to the end
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while engine.stats().running and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        assert engine.stats().running == 0
+
+    run(main())
+
+
 def test_queue_overflow_gives_exactly_the_expected_number_of_busy_errors(llama: Path) -> None:
     eng = engine_for(llama, max_batch_size=2, max_queue=3)
     prompt = eng.encode(PROMPTS[0])
@@ -404,11 +421,11 @@ def test_request_deadlines_finish_as_timeout(gqa_llama: Path) -> None:
     room = eng.context_length - len(prompt)
 
     async def main() -> None:
-        late = long_request("late", prompt, deadline=time.monotonic() + 0.1)
+        late = long_request("late", prompt, deadline=time.monotonic() + 0.3)
         late.params = SamplingParams(max_tokens=room, temperature=0, ignore_eos=True)
-        tokens, finished = await generate(eng, late)
+        tokens, finished = await generate(eng, late)  # room × 5 ms > 0.3 s
         assert finished.reason == "timeout"
-        assert 0 < len(tokens) < room and finished.completion_tokens == len(tokens)
+        assert len(tokens) < room and finished.completion_tokens == len(tokens)
         # a request whose deadline passes while it waits never reaches the model
         expired = long_request("expired", prompt, deadline=time.monotonic() - 1)
         tokens, finished = await generate(eng, expired)
@@ -420,6 +437,7 @@ def test_request_deadlines_finish_as_timeout(gqa_llama: Path) -> None:
 
 def test_drain_finishes_short_work_and_aborts_long_work_by_the_deadline(llama: Path) -> None:
     eng = engine_for(llama, max_batch_size=4)
+    eng.observer = SlowTokens()  # 200 tokens take a second at least: past the drain deadline
     prompt = eng.encode(PROMPTS[0])
 
     async def main() -> None:
@@ -486,6 +504,9 @@ def test_top_k_one_is_greedy_and_logprobs_are_the_models(engine: Engine, gqa_lla
     params = SamplingParams(max_tokens=6, temperature=5.0, top_k=1, logprobs=3)
     deltas, _ = run(complete(engine, GenerationRequest("k1", prompt, params)))
     assert [d.token_id for d in deltas] == hf_greedy(gqa_llama, prompt, 6)
+    nucleus = SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-6)  # the best token only
+    tokens, _ = run(generate(engine, GenerationRequest("p0", prompt, nucleus)))
+    assert tokens == hf_greedy(gqa_llama, prompt, 6)
     from genloop.models.pretrained import load_pretrained
 
     model = load_pretrained(gqa_llama)

@@ -150,7 +150,7 @@ def write_prompts(path: Path, count: int) -> Path:
 
 
 def rows(path: Path) -> dict[str, dict[str, Any]]:
-    found = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    found = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n")[:-1]]
     by_id = {r["id"]: r for r in found}
     assert len(by_id) == len(found), "an id was written twice"
     return by_id
@@ -171,9 +171,9 @@ def test_a_batch_killed_with_sigkill_resumes_where_it_stopped(
     killed = tmp_path / "killed.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "GENLOOP_DATABASE_URL"}
     env |= {"GENLOOP_HOME": str(ws.root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "genloop", "generate", "tiny", "-i", prompts, "-o", killed]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "genloop", "generate", "tiny", "-i", str(prompts), "-o", str(killed)]
-        + [*settings, "--json"],
+        [*command, *settings, "--json"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -157,7 +157,7 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(
 
     study = optuna.load_study(study_name="ctrlc", storage=open_storage(ws))
     trials = study.get_trials()
-    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING], stderr
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     assert interrupted and all(t.state == optuna.trial.TrialState.FAIL for t in interrupted)
     done_before = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -271,6 +271,14 @@ def _batch(
     if json:
         print_json(result.to_dict())
         return
+    if result.generated == 0:
+        console.print(
+            f"nothing to do: all {result.total} items are already in {output}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        return
     skipped = f", {result.skipped} already done" if result.skipped else ""
     failed = f", {result.failed} failed (see their error)" if result.failed else ""
     console.print(
@@ -279,6 +287,7 @@ def _batch(
         f"({result.tokens_per_s:,.0f} tokens/s)",
         highlight=False,
         markup=False,
+        soft_wrap=True,
     )
 
 

@@ -316,6 +316,11 @@ def _choice(finished: Finished) -> dict[str, Any]:
     return out
 
 
+# Characters json.dumps leaves raw with ensure_ascii=False that str.splitlines() would
+# take for line ends: escaped, so every reader sees one item per line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _write(out: TextIO, line: dict[str, Any]) -> None:
-    out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    out.write(json.dumps(line, ensure_ascii=False).translate(_LINE_BREAKS) + "\n")
     out.flush()  # a kill mid-line leaves a partial last line, which done_ids() drops

@@ -451,14 +451,19 @@ def run_worker(ws: Workspace, plan: Plan, worker: int, progress: ProgressFn) -> 
             # Ctrl-C waits until the claimed trial is in hand, so it is never left running
             with _sigint_deferred(), study_lock(ws, plan.study, lease_s=CLAIM_LEASE_S):
                 trial = claim_trial(study, storage, plan, distributions)
+            import sys as _s
+            print(f"DBG w{worker} claimed {trial.number if trial else None}", file=_s.stderr, flush=True)
             if trial is None:
                 return
             with _heartbeat(storage, trial):
                 outcome = run_trial(ws, plan, study, trial, worker)
         except KeyboardInterrupt:
+            import sys as _s
+            print(f"DBG w{worker} KI trial={trial.number if trial else None}", file=_s.stderr, flush=True)
             with sigint_ignored():  # a second Ctrl-C must not cut the bookkeeping short
                 if trial is not None:
                     _interrupted(ws, study, trial)
+            print(f"DBG w{worker} marked", file=_s.stderr, flush=True)
             raise
         progress(outcome)
 

@@ -10,6 +10,7 @@ the training loop once for all of them, so none pays that in its first trial.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import signal
@@ -21,6 +22,8 @@ from typing import Any
 from genloop.errors import GenloopError
 from genloop.tune.study import Plan, ProgressFn, run_worker, sigint_ignored
 from genloop.workspace.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 def run_workers(ws: Workspace, plan: Plan, n: int, progress: ProgressFn) -> None:
@@ -78,6 +81,8 @@ def run_workers(ws: Workspace, plan: Plan, n: int, progress: ProgressFn) -> None
     except KeyboardInterrupt:
         with sigint_ignored():
             _stop_workers(procs, drain)
+        for error in errors:  # what went wrong while they stopped
+            log.warning("%s", error)
         raise
     finally:
         for p in procs:
@@ -123,6 +128,8 @@ def _stop_workers(procs: list[Any], drain: Callable[[float], bool]) -> None:
         drain(0.1)
     for p in procs:
         if p.is_alive():
+            import sys as _s
+            print(f"DBG terminate {p.name}", file=_s.stderr, flush=True)
             p.terminate()
 
 
@@ -147,6 +154,7 @@ def _worker_main(
         with Workspace.open(root, database_url=database_url) as ws:
             run_worker(ws, plan, index, lambda outcome: events.put(("trial", outcome)))
     except KeyboardInterrupt:
+        print(f"DBG w{index} exit 130", file=sys.stderr, flush=True)
         events.put(("interrupted", None))
         sys.exit(130)
     except GenloopError as exc:

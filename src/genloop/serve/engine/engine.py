@@ -28,13 +28,13 @@ second thread (so the decode loop keeps going), and its tokens arrive together a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,7 +61,6 @@ from genloop.serve.engine.types import (
     Finished,
     FinishReason,
     GenerationRequest,
-    SamplingParams,
     TokenDelta,
 )
 
@@ -111,8 +110,9 @@ class RequestStream:
 
     def __del__(self) -> None:  # dropped without being read to the end: free the slot
         if not self._done:
-            with contextlib.suppress(Exception):
-                self._engine.cancel(self.request_id)
+            # no lock here: the garbage collector may run this on any thread, even one that
+            # holds the engine's lock; deque.append is atomic and the engine thread reads it
+            self._engine._dropped.append(self.request_id)
 
 
 @dataclass
@@ -183,12 +183,14 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Seq] = []
         self._cancels: set[str] = set()
+        self._dropped: deque[str] = deque()  # streams garbage-collected unfinished
         self._inflight: dict[str, Seq] = {}  # accepted and not finished, by request id
         self._accepting = True
         self._abort_all = False  # draining ran out of time: everything in flight is aborted
         self._abort_pending = False  # ... and the engine thread has yet to do it
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._warm = threading.Event()  # set once the engine thread has warmed up
         self._beam_jobs: queue.Queue[Seq | None] = queue.Queue()
         self._beam_thread: threading.Thread | None = None
         self._recent_e2e = 1.0  # moving average of request seconds, for Retry-After
@@ -239,11 +241,10 @@ class Engine:
     # --------------------------------------------------------------- async side
 
     async def start(self) -> None:
-        """Start the engine threads and warm the model up (first-request latency)."""
-        if self._thread is not None:
-            return
-        await asyncio.to_thread(self._warm_up)
+        """Start the engine threads; returns once the model is warmed up (the engine thread
+        runs one prefill and one decode step first, so the first request does not pay)."""
         self._start_threads()
+        await asyncio.to_thread(self._warm.wait)
 
     def _start_threads(self) -> None:
         with self._lock:
@@ -406,6 +407,12 @@ class Engine:
         self.runner.release(0)
 
     def _loop(self) -> None:
+        try:
+            self._warm_up()
+        except Exception:  # a model that cannot run fails its requests, with the reason
+            log.exception("engine warm-up failed")
+        finally:
+            self._warm.set()
         while True:
             with self._lock:
                 while not (
@@ -418,6 +425,8 @@ class Engine:
                     self._wake.wait()
                 new, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, set()
+                while self._dropped:
+                    cancels.add(self._dropped.popleft())
                 abort_all, stopping = self._abort_pending, self._stopping
                 self._abort_pending = False
             for seq in new:
@@ -573,8 +582,9 @@ class Engine:
             seq = self._beam_jobs.get()
             if seq is None:
                 return
-            if self._abort_all:
-                self._complete(seq, "cancelled", DRAIN_ABORTED)
+            self._observe("on_queued", self.model_name, self.model_version)
+            if seq.state.cancelled or self._abort_all:
+                self._complete(seq, "cancelled", DRAIN_ABORTED if self._abort_all else None)
             else:
                 try:
                     self._beam_search(seq)
@@ -677,10 +687,3 @@ async def collect(stream: AsyncIterator[Event]) -> tuple[list[TokenDelta], Finis
             return deltas, event
         deltas.append(event)
     raise GenloopError("the stream ended without a Finished event")  # never, by contract
-
-
-def params_with(params: SamplingParams, **changes: Any) -> SamplingParams:
-    """``params`` with some fields changed (a frozen dataclass)."""
-    from dataclasses import replace
-
-    return replace(params, **changes)

@@ -1,22 +1,24 @@
-"""The model forward for the engine: prefill one sequence, decode many in one batch.
+"""The model forward for the engine: one step = prefill chunks + a decode batch.
 
-Two runners share one small interface (:class:`Runner`):
+Two runners share one small interface (:class:`Runner`, whose ``step`` takes the prompt
+chunks to prefill and the sequences to decode one token each, and returns their logits):
 
 - :class:`LlamaRunner`, the fast path for Llama-style decoders (genloop's own ``causal_lm``
   family): it reads the Hugging Face modules' weights and runs its own forward over a
-  preallocated slot cache (``kv_cache.KVCache``). A decode step is one batched pass for
-  every running sequence, each at its own position with its own attention mask; a prefill
-  step runs one sequence's prompt (a chunk of it when long). The arithmetic is the same as
+  preallocated slot cache (``kv_cache.KVCache``). A step is one forward over every token
+  of the step: the projections and MLPs see them all at once, the decode rows attend
+  (batched, each at its own position with its own mask) to their slots, each prompt chunk
+  attends causally to itself and its cached prefix. The arithmetic is the same as
   transformers' ``LlamaForCausalLM`` (RMSNorm in fp32, the same rotary tables, SDPA), so
   greedy decoding in fp32 gives Hugging Face ``generate``'s tokens (``tests/serve`` checks
-  it, alone and inside a busy batch). Per step it launches a few dozen tensor ops instead of
-  the HF forward's few hundred, which is what matters for small models on a CPU.
+  it, alone and inside a busy batch). Per step it launches a few dozen tensor ops per layer
+  instead of the HF forward's hundreds, which is what matters for small models on a CPU.
 - :class:`HFRunner`, the generic fallback for every other architecture transformers
   builds, causal or encoder-decoder (T5): each sequence keeps its own ``DynamicCache`` and a
-  decode step calls the model once per sequence. Correct everywhere, batched nowhere.
+  step calls the model once per sequence. Correct everywhere, batched nowhere.
 
-Shapes (Llama notation): B sequences, T tokens, d model width, H query heads, K key/value
-heads, Q head dim, V vocabulary. Logits come back as fp32 on the CPU-or-GPU device.
+Shapes (Llama notation): B sequences, N tokens in a step, T positions, d model width,
+H query heads, K key/value heads, Q head dim, V vocabulary. Logits are fp32.
 """
 
 from __future__ import annotations
