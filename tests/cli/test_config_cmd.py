@@ -62,7 +62,9 @@ def test_show_json(tmp_path: Path) -> None:
     result = runner.invoke(app, ["config", "show", str(write(tmp_path, GOOD)), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["data"]["sources"] == [{"type": "builtin", "name": "python-stdlib"}]
+    assert data["data"]["sources"] == [
+        {"type": "builtin", "name": "python-stdlib", "max_files": None}
+    ]
     assert data["tune"] is None
 
 

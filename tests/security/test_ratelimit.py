@@ -216,5 +216,6 @@ def test_an_unreachable_redis_lets_requests_through_and_warns(
     finally:
         logger.propagate = propagate
     assert all(d.allowed for d in decisions)
-    warnings = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+    # distinct records: a handler another test left on the logger may show one twice
+    warnings = {id(r) for r in caplog.records if "Redis unreachable" in r.getMessage()}
     assert len(warnings) == 1  # once per 30 s, not once per request

@@ -84,11 +84,14 @@ def raise_alert(
     *,
     dedup_key: str | None = None,
     cooldown_s: float = DEFAULT_COOLDOWN_S,
+    quiet: bool = False,
 ) -> int | None:
     """Record an alert; returns its id, or None when an equal one is still cooling down.
 
     ``details`` must be JSON-serializable and hold no personal data (scores, thresholds,
     counts). ``webhook_url``: POST the alert there as well (in a background thread).
+    ``quiet``: log it at debug level, when the caller reports the same problem itself (a
+    diverged training run raises its own one-line error).
     """
     if severity not in SEVERITIES:
         raise GenloopError(f"unknown alert severity {severity!r} (one of {', '.join(SEVERITIES)})")
@@ -122,7 +125,7 @@ def raise_alert(
         info = _info(row)
     level = logging.ERROR if severity == "critical" else logging.WARNING
     log.log(
-        level,
+        logging.DEBUG if quiet else level,
         "alert %d [%s]: %s",
         info.id,
         kind,

@@ -85,9 +85,20 @@ class TrainingWatch:
         details: dict[str, Any] = {"step": step}
         if keys:
             details["values"] = {k: str(v) for k, v in dict(keys).items()}
-        return self._raise("nan", f"run {self.run_id}: {message}", details, severity="critical")
+        # the run fails with this message as its error: the alert need not print it again
+        return self._raise(
+            "nan", f"run {self.run_id}: {message}", details, severity="critical", quiet=True
+        )
 
-    def _raise(self, kind: str, message: str, details: dict[str, Any], severity: Any) -> int | None:
+    def _raise(
+        self,
+        kind: str,
+        message: str,
+        details: dict[str, Any],
+        severity: Any,
+        *,
+        quiet: bool = False,
+    ) -> int | None:
         from genloop.monitor.alerts import raise_alert
 
         try:
@@ -103,6 +114,7 @@ class TrainingWatch:
                 source=self.run_id,
                 webhook_url=webhook_url,
                 cooldown_s=RUN_COOLDOWN_S,
+                quiet=quiet,
             )
         except Exception as exc:  # an alert must never stop training
             log.warning("could not record the %s alert of run %s: %s", kind, self.run_id, exc)

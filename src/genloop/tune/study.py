@@ -333,15 +333,19 @@ def open_storage(ws: Workspace, *, heartbeat: bool = False) -> optuna.storages.R
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if not heartbeat:
-            return optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs)
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             storage_url,
             engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=functools.partial(_retry_stale, ws),
+            heartbeat_interval=HEARTBEAT_S if heartbeat else None,
+            grace_period=GRACE_S if heartbeat else None,
+            heartbeat_stale_trial_callback=(
+                functools.partial(_retry_stale, ws) if heartbeat else None
+            ),
         )
+    if url.get_backend_name() == "sqlite":  # readers never block the workers' writes
+        with storage.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+    return storage
 
 
 def pin_dataset(
@@ -451,21 +455,22 @@ def run_worker(ws: Workspace, plan: Plan, worker: int, progress: ProgressFn) -> 
             # Ctrl-C waits until the claimed trial is in hand, so it is never left running
             with _sigint_deferred(), study_lock(ws, plan.study, lease_s=CLAIM_LEASE_S):
                 trial = claim_trial(study, storage, plan, distributions)
-            import sys as _s
-            print(f"DBG w{worker} claimed {trial.number if trial else None}", file=_s.stderr, flush=True)
             if trial is None:
                 return
             with _heartbeat(storage, trial):
                 outcome = run_trial(ws, plan, study, trial, worker)
         except KeyboardInterrupt:
-            import sys as _s
-            print(f"DBG w{worker} KI trial={trial.number if trial else None}", file=_s.stderr, flush=True)
-            with sigint_ignored():  # a second Ctrl-C must not cut the bookkeeping short
-                if trial is not None:
-                    _interrupted(ws, study, trial)
-            print(f"DBG w{worker} marked", file=_s.stderr, flush=True)
-            raise
-        progress(outcome)
+            pass  # recorded below, once the interrupted frames are gone
+        else:
+            progress(outcome)
+            continue
+        # Ctrl-C. The frames it cut short may hold a database statement open (and with it a
+        # lock that our own writes would wait on): free them before recording the trial.
+        with sigint_ignored():  # and a second Ctrl-C must not cut the bookkeeping short
+            gc.collect()
+            if trial is not None:
+                _interrupted(ws, study, trial)
+        raise KeyboardInterrupt
 
 
 def claim_trial(
@@ -543,6 +548,8 @@ def run_trial(
             out.state, out.error = "pruned", str(stop)
             out.value = last_value[-1] if last_value else None
         except Exception as exc:  # diverged, out of memory, a bug in a trial's config …
+            if _after_ctrl_c(exc):  # train() could not record a Ctrl-C: still a Ctrl-C
+                raise KeyboardInterrupt from None
             out.error = _describe(exc)
             log.warning("trial %d failed: %s", trial.number, out.error)
         else:
@@ -593,6 +600,16 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, GenloopError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _after_ctrl_c(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while handling a Ctrl-C."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
 
 
 def _interrupted(ws: Workspace, study: optuna.Study, trial: optuna.Trial) -> None:

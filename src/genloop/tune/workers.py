@@ -128,8 +128,6 @@ def _stop_workers(procs: list[Any], drain: Callable[[float], bool]) -> None:
         drain(0.1)
     for p in procs:
         if p.is_alive():
-            import sys as _s
-            print(f"DBG terminate {p.name}", file=_s.stderr, flush=True)
             p.terminate()
 
 
@@ -154,7 +152,6 @@ def _worker_main(
         with Workspace.open(root, database_url=database_url) as ws:
             run_worker(ws, plan, index, lambda outcome: events.put(("trial", outcome)))
     except KeyboardInterrupt:
-        print(f"DBG w{index} exit 130", file=sys.stderr, flush=True)
         events.put(("interrupted", None))
         sys.exit(130)
     except GenloopError as exc:
