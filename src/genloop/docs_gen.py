@@ -84,6 +84,9 @@ def http_reference() -> str:
             description = (op.get("description") or "").strip()
             if summary:
                 lines += [f"**{summary}**", ""]
+            scope = op.get("x-genloop-scope")
+            if scope:
+                lines += [f"Scope: `{scope}`", ""]
             if description:
                 lines += [description, ""]
             body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
