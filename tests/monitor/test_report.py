@@ -18,7 +18,16 @@ from genloop.monitor.report import build_report, render_html
 from genloop.monitor.usage import RequestRecord, record_requests
 from genloop.workspace import Workspace
 
-NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
+
+def _half_past() -> datetime:
+    """Half past an hour that has begun: never in the future, where a row would be outside
+    every window."""
+    now = datetime.now(UTC)
+    at = now.replace(minute=30, second=0, microsecond=0)
+    return at if at < now - timedelta(minutes=1) else at - timedelta(hours=1)
+
+
+NOW = _half_past()
 
 
 def traffic(ws: Workspace) -> None:

@@ -103,7 +103,7 @@ class TrainingWatch:
 
         try:
             run_kind, webhook_url = _run_info(self.ws, self.run_id)
-            if run_kind == "tune":  # a tuning trial that diverges is expected, not an incident
+            if run_kind in ("tune", "trial"):  # a diverging tuning trial is no incident
                 severity, webhook_url = "info", None
             return raise_alert(
                 self.ws,
