@@ -22,7 +22,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 VIRTUAL_ENV=/opt/genloop \
     PATH=/opt/genloop/bin:$PATH GENLOOP_HOME=/data
 RUN python -m venv /opt/genloop
 WORKDIR /src
-COPY constraints.txt pyproject.toml README.md ./
+COPY constraints.txt pyproject.toml setup.py README.md ./
 COPY src ./src
 RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" torch==2.13.0 \
     && pip install --no-cache-dir -c constraints.txt . \

@@ -10,7 +10,7 @@ DEMO_HOME ?= genloop-workspace
 
 .PHONY: install demo test lint typecheck pytest bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt src/genloop/data/_bpe.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build, never a multi-GB CUDA download

@@ -11,9 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, normalizers
 
+from genloop.data import tokenizer as tokenizer_module
 from genloop.data.tokenizer import (
+    _ASCII_WORDS,
     DEFAULT_SPECIAL_TOKENS,
     EOS,
+    _byte_level_alphabet,
+    _FastEncoder,
     encode_documents,
     eos_token_id,
     load_hf_tokenizer,
@@ -145,6 +149,60 @@ def test_parity_on_multiline_mixed_text(
     text = "\n".join(lines)
     (ids,) = encode_documents(tok_dir, [text])
     assert ids.tolist() == reference(library, text, eos_token_id(tok_dir))
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(ASCII, TRICKY.filter(str.isascii)))
+def test_native_scanner_splits_as_the_pattern(tok_dir: Path, text: str) -> None:
+    """The C scanner finds the GPT-2 pattern's pre-tokens (its ASCII transcription)."""
+    native = _FastEncoder(tok_dir).native
+    assert native is not None
+    assert native.words(text) == _ASCII_WORDS.findall(text)
+    assert "".join(native.words(text)) == text
+
+
+def test_the_c_extension_is_built_and_used(tok_dir: Path) -> None:
+    """make install compiles genloop/data/_bpe.c; losing it would silently cost 5x speed."""
+    assert tokenizer_module._bpe is not None, "the _bpe C extension was not built"
+    assert _FastEncoder(tok_dir).native is not None
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=st.lists(st.one_of(ASCII, TRICKY, st.text()), max_size=8))
+def test_python_path_matches_the_library_too(
+    tok_dir: Path, library: Tokenizer, lines: list[str]
+) -> None:
+    """The fallback for machines without the extension gives the same ids."""
+    text = "\n".join(lines)
+    (ids,) = _FastEncoder(tok_dir, native=False).encode([text])
+    assert ids.tolist() == reference(library, text, eos_token_id(tok_dir))
+
+
+def test_native_cache_refills_when_full(tok_dir: Path, library: Tokenizer) -> None:
+    """A cache that empties every few words still gives the library's ids."""
+    from genloop.data import _bpe
+
+    roomy = _FastEncoder(tok_dir).native
+    assert roomy is not None
+    spec = json.loads(library.to_str())
+    model = spec["model"]
+    vocab = model["vocab"]
+    tiny = _bpe.Encoder(
+        np.array([vocab[c] for c in _byte_level_alphabet()], dtype=np.uint32).tobytes(),
+        np.array(
+            [(vocab[a], vocab[b], vocab[a + b]) for a, b in model["merges"]], dtype=np.uint32
+        ).tobytes(),
+        3,
+    )
+    for text in (CODE, CODE, "x = 1\n" * 50, ""):
+        assert tiny.encode(text) == roomy.encode(text)
+        assert tiny.cached <= 3
+        expected = library.encode(text, add_special_tokens=False).ids
+        assert np.frombuffer(tiny.encode(text), dtype=np.uint32).tolist() == expected
+    with pytest.raises(ValueError, match="ASCII"):
+        tiny.encode("café")
+    with pytest.raises(ValueError, match="max_words"):
+        _bpe.Encoder(bytes(1024), b"", 0)
 
 
 def test_other_tokenizers_use_the_library_path(tmp_path: Path, tok_dir: Path) -> None:
