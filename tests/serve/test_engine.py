@@ -345,13 +345,15 @@ def test_cancelling_the_consuming_task_cancels_the_request(engine: Engine) -> No
 
     async def main() -> None:
         stream = engine.submit(long_request("task", prompt))
+        started = asyncio.Event()
 
         async def consume() -> None:
             async for _ in stream:
-                pass
+                started.set()
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.05)
+        # cancel while tokens flow (a fixed sleep raced the 200 tokens on a fast machine)
+        await asyncio.wait_for(started.wait(), 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -8,6 +8,9 @@ an ONNX one runs in onnxruntime (:func:`genloop.optimize.onnx.load_onnx_lm`).
 
 ``genloop.models.pretrained.load_pretrained`` calls :func:`load_optimized` first, so the
 evaluator, the serving engine and ``FAMILY.load`` all load quantized variants unchanged.
+ONNX variants are refused there; the serving engine (``genloop serve``, ``genloop
+generate``) checks :func:`variant_format` first and runs them in onnxruntime
+(``genloop.serve.engine.onnx_runner``).
 """
 
 from __future__ import annotations
@@ -66,8 +69,9 @@ def load_optimized(
     kind = variant_format(model_dir)
     if kind == "onnx":
         raise GenloopError(
-            f"{model_dir} is an ONNX variant: it runs in onnxruntime "
-            "(genloop.optimize.onnx.load_onnx_lm; genloop serve does this), not in PyTorch"
+            f"{model_dir} is an ONNX variant: it runs in onnxruntime, not in PyTorch "
+            "(genloop serve and genloop generate serve it; from Python, "
+            "genloop.optimize.onnx.load_onnx_lm)"
         )
     if kind == "torch":
         return None

@@ -23,6 +23,7 @@ the thread.
 
 Beam search (``num_beams > 1``) is not streamed: it runs Hugging Face ``generate`` in a
 second thread (so the decode loop keeps going), and its tokens arrive together at the end.
+An engine without the PyTorch model (an ONNX variant's) refuses it.
 """
 
 from __future__ import annotations
@@ -394,7 +395,11 @@ class Engine:
         if p.num_beams < 1:
             raise GenloopError(f"num_beams must be at least 1, not {p.num_beams}")
         if p.num_beams > 1 and self.model is None:
-            raise GenloopError("beam search needs the Hugging Face model, which is not loaded")
+            raise GenloopError(
+                f"beam search (num_beams > 1) needs the PyTorch model, and model "
+                f"{self.model_name} has none (it runs on the {self.runner.kind} runner); "
+                "use num_beams 1"
+            )
         if any(not 0 <= t < self.vocab_size for t in p.stop_token_ids):
             raise GenloopError(f"stop_token_ids must be in [0, {self.vocab_size})")
 

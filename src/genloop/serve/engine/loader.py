@@ -3,7 +3,9 @@
 The directory is a genloop model version or any local Hugging Face checkpoint of a text
 model (``genloop.models.pretrained``: safetensors only, nothing downloaded, no remote
 code). Llama-style decoders get the fast runner; every other causal or seq2seq model the
-generic one (``runner.py``).
+generic one (``runner.py``). An ONNX variant (``genloop optimize --export onnx``) runs in
+onnxruntime (``onnx_runner.py``), on the CPU unless ``serve.device`` is ``cuda``; it has
+no PyTorch model, so no beam search.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import torch
 
 from genloop.errors import GenloopError
 from genloop.serve.engine.engine import Engine
-from genloop.serve.engine.runner import build_runner
+from genloop.serve.engine.runner import Runner, build_runner
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from genloop.config import ServeConfig
     from genloop.serve.engine.types import EngineObserver
 
@@ -40,12 +44,12 @@ def load_engine(
     ``cfg`` gives the device, batch size, queue length, timeouts and the longest prompt and
     completion (they bound the cache: each of ``max_batch_size`` slots holds
     ``min(context, max_prompt_tokens + max_tokens)`` positions). ``runner`` forces
-    ``"llama"`` or ``"hf"`` (tests, benchmarks).
+    ``"llama"`` or ``"hf"`` (tests, benchmarks); an ONNX variant always gets ``"onnx"``.
     """
     from transformers.utils import logging as hf_logging
 
     from genloop.data.tokenizer import load_hf_tokenizer
-    from genloop.models.pretrained import load_pretrained
+    from genloop.optimize.variant import variant_format
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no tqdm in server logs
     model_dir = Path(model_dir)
@@ -55,18 +59,43 @@ def load_engine(
             f"model {model_name} is an image model ({family}); the text engine serves "
             "causal_lm and seq2seq models"
         )
-    device = resolve_device(cfg.device)
-    model = load_pretrained(model_dir, device=device)
+    onnx = variant_format(model_dir) == "onnx"
+    if onnx and runner not in ("auto", "onnx"):
+        raise GenloopError(f"model {model_name} is an ONNX variant: it runs on the onnx runner")
+    if runner == "onnx" and not onnx:
+        raise GenloopError(f"the onnx runner needs an ONNX variant; {model_dir} is not one")
+    model: PreTrainedModel | None = None
+    if onnx:  # a graph for onnxruntime beside the model's config files
+        from transformers import AutoConfig
+
+        config: Any = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        generation = generation_config(model_dir)
+    else:
+        from genloop.models.pretrained import load_pretrained
+
+        model = load_pretrained(model_dir, device=resolve_device(cfg.device))
+        config, generation = model.config, getattr(model, "generation_config", None)
     tokenizer = load_hf_tokenizer(model_dir)
-    context = min(model_context(model.config, tokenizer), cfg.max_prompt_tokens + cfg.max_tokens)
-    built = build_runner(model, n_slots=cfg.max_batch_size, max_len=context, kind=runner)
+    context = min(model_context(config, tokenizer), cfg.max_prompt_tokens + cfg.max_tokens)
+    built: Runner
+    if model is None:
+        from genloop.optimize.onnx import load_onnx_lm
+        from genloop.serve.engine.onnx_runner import OnnxRunner
+
+        # the CPU unless CUDA is asked for by name: "auto" picks a GPU when torch sees one,
+        # but onnxruntime's CUDA build is a separate install (onnxruntime-gpu)
+        device = "cuda" if cfg.device == "cuda" else "cpu"
+        lm = load_onnx_lm(model_dir, device=device, threads=torch.get_num_threads())
+        built = OnnxRunner(lm, n_slots=cfg.max_batch_size, max_len=context)
+    else:
+        built = build_runner(model, n_slots=cfg.max_batch_size, max_len=context, kind=runner)
     return Engine(
         built,
         tokenizer,
         model_name=model_name,
         model_version=model_version,
         model=model,
-        eos_token_ids=eos_ids(model, tokenizer),
+        eos_token_ids=eos_ids(config, generation, tokenizer),
         max_batch_size=cfg.max_batch_size,
         max_queue=cfg.max_queue,
         request_timeout_s=cfg.request_timeout_s,
@@ -95,12 +124,13 @@ def model_context(config: Any, tokenizer: Any) -> int:
     return DEFAULT_CONTEXT
 
 
-def eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends a completion: the generation config's EOS ids and the tokenizer's."""
+def eos_ids(config: Any, generation: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends a completion: the generation config's EOS ids, the model
+    config's and the tokenizer's (``generation`` may be None)."""
     found: set[int] = set()
     for value in (
-        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-        getattr(model.config, "eos_token_id", None),
+        getattr(generation, "eos_token_id", None),
+        getattr(config, "eos_token_id", None),
         getattr(tokenizer, "eos_token_id", None),
     ):
         if isinstance(value, int):
@@ -108,6 +138,15 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
         elif isinstance(value, (list, tuple)):
             found.update(int(v) for v in value)
     return sorted(found)
+
+
+def generation_config(model_dir: Path) -> Any:
+    """``model_dir/generation_config.json`` as a ``GenerationConfig``; None without one."""
+    if not (model_dir / "generation_config.json").is_file():
+        return None
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(model_dir, local_files_only=True)
 
 
 def model_family(model_dir: Path) -> str:

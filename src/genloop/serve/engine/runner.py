@@ -1,7 +1,8 @@
 """The model forward for the engine: one step = prefill chunks + a decode batch.
 
-Two runners share one small interface (:class:`Runner`, whose ``step`` takes the prompt
-chunks to prefill and the sequences to decode one token each, and returns their logits):
+Two PyTorch runners share one small interface (:class:`Runner`, whose ``step`` takes the
+prompt chunks to prefill and the sequences to decode one token each, and returns their
+logits):
 
 - :class:`LlamaRunner`, the fast path for Llama-style decoders (genloop's own ``causal_lm``
   family): it reads the Hugging Face modules' weights and runs its own forward over a
@@ -16,6 +17,9 @@ chunks to prefill and the sequences to decode one token each, and returns their 
 - :class:`HFRunner`, the generic fallback for every other architecture transformers
   builds, causal or encoder-decoder (T5): each sequence keeps its own ``DynamicCache`` and a
   step calls the model once per sequence. Correct everywhere, batched nowhere.
+
+A third, ``onnx_runner.OnnxRunner``, runs an ONNX variant in onnxruntime over the same
+interface.
 
 Shapes (Llama notation): B sequences, N tokens in a step, T positions, d model width,
 H query heads, K key/value heads, Q head dim, V vocabulary. Logits are fp32.
@@ -54,7 +58,7 @@ class Chunk:
 class Runner(Protocol):
     """What the engine needs from a model: one forward per step over a mixed batch."""
 
-    kind: str  # "llama" or "hf"
+    kind: str  # "llama", "hf" or "onnx"
     n_slots: int
     max_len: int  # longest sequence (prompt + completion) a slot holds
     vocab_size: int
@@ -458,14 +462,7 @@ class HFRunner:
         token_ids: Sequence[int],
         positions: Sequence[int],
     ) -> Tensor | None:
-        rows = [self.decode(slots, token_ids, positions)] if slots else []
-        for c in chunks:
-            out = self.prefill(c.slot, c.token_ids, c.start, want_logits=c.want_logits)
-            if out is not None:
-                rows.append(out[None])
-        if not rows:
-            return None
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+        return decode_then_prefill(self, chunks, slots, token_ids, positions)
 
     def move(self, src: int, dst: int, length: int) -> None:
         if src == dst:
@@ -476,6 +473,36 @@ class HFRunner:
     def release(self, slot: int) -> None:
         self.caches[slot] = None
         self.encoded[slot] = None
+
+
+class _DecodePrefill(Protocol):
+    def decode(
+        self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
+    ) -> Tensor: ...
+
+    def prefill(
+        self, slot: int, token_ids: Sequence[int], start: int, *, want_logits: bool
+    ) -> Tensor | None: ...
+
+
+def decode_then_prefill(
+    runner: _DecodePrefill,
+    chunks: Sequence[Chunk],
+    slots: Sequence[int],
+    token_ids: Sequence[int],
+    positions: Sequence[int],
+) -> Tensor | None:
+    """A step for runners that cannot mix prompt chunks into the decode batch: the decode
+    rows in one ``decode`` call, then each chunk in its own ``prefill``; the rows stacked in
+    the order :meth:`Runner.step` promises."""
+    rows = [runner.decode(slots, token_ids, positions)] if slots else []
+    for c in chunks:
+        out = runner.prefill(c.slot, c.token_ids, c.start, want_logits=c.want_logits)
+        if out is not None:
+            rows.append(out[None])
+    if not rows:
+        return None
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def build_runner(
