@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from genloop.errors import GenloopError
-from genloop.feedback.export import export_feedback, user_hash
+from genloop.feedback.export import export_feedback
 from genloop.feedback.store import review, submit_feedback
 from genloop.security.crypto import Cipher
 from genloop.train.objectives import check_pair_row, read_pairs
@@ -63,8 +64,12 @@ def test_sft_export_turns_corrections_and_upvotes_into_pairs(
     assert result.skipped == {"no_answer": 1}  # a downvote without a correction
     lineage = result.dataset.lineage
     assert lineage["feedback_ids"] == ids
-    assert lineage["feedback_user_hashes"] == sorted([user_hash("alice"), user_hash("b")])
+    # keyed pseudonyms: no reader of the catalog can test them against guessed user ids
+    assert lineage["feedback_user_hashes"] == sorted(
+        [cipher.pseudonym("alice"), cipher.pseudonym("b")]
+    )
     assert "alice" not in json.dumps(lineage)
+    assert hashlib.sha256(b"alice").hexdigest()[:16] not in json.dumps(lineage)
     assert (
         ws.store.open_verified(result.dataset.artifact) / "tokenizer" / "tokenizer.json"
     ).is_file()

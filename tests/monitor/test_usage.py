@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -99,7 +100,8 @@ def test_row_usage_and_log_line(workspace: Workspace, cipher: Any) -> None:
     assert logged == entry
     assert logged["model"] == "tiny@1" and logged["key_id"] == key_id
     assert logged["key_prefix"] == API_KEY[:8] and logged["latency_ms"] == 12.5
-    assert logged["user"].startswith("u_") and "user-42" not in line.read_text()
+    assert logged["user"] == cipher.pseudonym("user-42") and "user-42" not in line.read_text()
+    assert hashlib.sha256(b"user-42").hexdigest()[:16] not in line.read_text()  # keyed
     assert {"prompt", "response", "text"}.isdisjoint(logged)
 
 

@@ -107,7 +107,7 @@ def _world(ws: Workspace, canary: str) -> dict[str, Any]:
     _feedback(ws, cipher, "req-ann-1", "bob", comment="agree, the answer was wrong")
     bob_fb = _feedback(ws, cipher, "req-bob-1", "bob", rating=1, comment="fine")
     for rid, user in (("req-ann-1", "ann"), ("req-ann-2", "ann"), ("req-bob-1", "bob")):
-        _log_line(ws, {"request_id": rid, "user": user_hash(user), "model": "coder@1"})
+        _log_line(ws, {"request_id": rid, "user": user_hash(user, cipher), "model": "coder@1"})
     # a log line that names neither the user nor the request, only quotes the text
     (ws.root / "logs" / "app.jsonl").write_text(
         json.dumps({"event": "guardrail", "prompt": f"my question {canary}"})
@@ -253,14 +253,20 @@ def test_erasure_leaves_no_trace_of_the_canary(catalog_workspace: Workspace) -> 
 
 
 def test_erasure_reaches_lines_written_by_the_request_log(workspace: Workspace) -> None:
-    """Lines found by the request log's user pseudonym alone, in a file of mode 0600."""
+    """Lines found by the request log's user pseudonym alone, in a file of mode 0600: the
+    keyed one, and the unkeyed hash that versions before keyed pseudonyms wrote."""
+    import hashlib
+
     from genloop.monitor.usage import user_hash
 
-    _log_line(workspace, {"request_id": "gone-from-db", "user": user_hash("cy")})
-    _log_line(workspace, {"request_id": "other", "user": user_hash("dee")})
+    cipher = load_cipher(workspace)
+    legacy = "u_" + hashlib.sha256(b"cy").hexdigest()[:16]
+    _log_line(workspace, {"request_id": "gone-from-db", "user": user_hash("cy", cipher)})
+    _log_line(workspace, {"request_id": "older-line", "user": legacy})
+    _log_line(workspace, {"request_id": "other", "user": user_hash("dee", cipher)})
     path = next((workspace.root / "logs").glob("requests-*.jsonl"))
     counts = erase_user(workspace, "cy", "admin")
-    assert counts["log_lines"] == 1
+    assert counts["log_lines"] == 2
     assert [json.loads(x)["request_id"] for x in path.read_text().splitlines()] == ["other"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files

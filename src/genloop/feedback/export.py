@@ -12,8 +12,10 @@ reads them (``train.objective: sft`` or ``dpo``).
 
 Each exported row's ``exported_to`` points at the version made, except rows a promoted
 retrain already trained on: those keep the set they were trained with. The version's
-lineage lists the feedback ids it considered and, for privacy erasure, the SHA-256 of
-each user id whose feedback it holds (``feedback_user_hashes``).
+lineage lists the feedback ids it considered and, for privacy erasure, the keyed
+pseudonym (:meth:`genloop.security.crypto.Cipher.pseudonym`) of each user id whose
+feedback it holds (``feedback_user_hashes``): a reader of the catalog cannot test it
+against guessed ids without the workspace key.
 """
 
 from __future__ import annotations
@@ -49,11 +51,6 @@ JSONL_FORMAT = "genloop-feedback"
 MAX_PAIRS_PER_PROMPT = 16
 SMALL_SET = 20  # fewer rows than this: no validation split (it could take them all)
 FEEDBACK_DATASET_TAG = "feedback_dataset_version_id"  # on a retrained model version
-
-
-def user_hash(user_id: str) -> str:
-    """How a dataset version's lineage names a user: SHA-256 (hex) of the UTF-8 user id."""
-    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -184,6 +181,7 @@ def export_items(
     items: Sequence[Item],
     fmt: str,
     *,
+    cipher: Cipher,
     name: str,
     per_user_cap: int,
     tokenizer_dir: Path | None = None,
@@ -211,7 +209,7 @@ def export_items(
     skipped = {k: v for k, v in skipped.items() if v}
     if not rows:
         return ExportResult(fmt, None, 0, report, considered, skipped)
-    users = sorted({user_hash(it.user_id) for it in kept if it.user_id is not None})
+    users = sorted({cipher.pseudonym(it.user_id) for it in kept if it.user_id is not None})
     meta = {
         "source": "feedback",
         "format": fmt,
@@ -339,6 +337,7 @@ def export_feedback(
         ws,
         items,
         fmt,
+        cipher=cipher,
         name=dataset_name,
         per_user_cap=per_user_cap,
         tokenizer_dir=tokenizer_dir,

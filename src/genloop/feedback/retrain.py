@@ -174,6 +174,7 @@ def _retrain(
         ws,
         items,
         fb.retrain.objective,
+        cipher=cipher,
         name=f"{name}-feedback",
         per_user_cap=fb.per_user_cap,
         tokenizer_dir=model_dir,

@@ -40,6 +40,8 @@ class Cipher(Protocol):
 
     def decrypt(self, token: bytes) -> str: ...
 
+    def pseudonym(self, value: str) -> str: ...
+
 
 class FeedbackError(GenloopError):
     """A feedback submission or review is invalid (the server answers 422)."""

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import queue
@@ -47,6 +46,8 @@ _SECRET_NAME = re.compile(r"(?i)(api[_-]?key|authorization|password|passwd|secre
 
 class Cipher(Protocol):
     def encrypt(self, text: str) -> bytes: ...
+
+    def pseudonym(self, value: str) -> str: ...
 
 
 @dataclass
@@ -113,11 +114,13 @@ def sanitize(value: Any, redact: Callable[[str], str], depth: int = 0) -> Any:
     return redact(str(value))[:MAX_PARAM_STRING]
 
 
-def user_hash(user_id: str | None) -> str | None:
-    """A stable pseudonym for a user id in logs (the id itself may be an email)."""
-    if not user_id:
+def user_hash(user_id: str | None, cipher: Cipher | None) -> str | None:
+    """The request log's stand-in for a user id (the id itself may be an email): the
+    workspace's keyed pseudonym (:meth:`Cipher.pseudonym`), which cannot be tested against
+    a list of guessed ids without the key. None without a user id or without a key ring."""
+    if not user_id or cipher is None:
         return None
-    return "u_" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
+    return cipher.pseudonym(user_id)
 
 
 def record_request(
@@ -220,7 +223,7 @@ def _prepare(
         "request_id": redact(record.request_id)[:64],
         "key_id": record.api_key_id,
         "key_prefix": record.key_prefix,
-        "user": user_hash(record.user_id),
+        "user": user_hash(record.user_id, cipher),
         "endpoint": record.endpoint,
         "model": model,
         "status": record.status,

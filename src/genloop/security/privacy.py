@@ -75,11 +75,15 @@ def _check_user(user_id: str) -> str:
     return user_id
 
 
-def _user_hash(user_id: str) -> str:
-    """How feedback exports name a user in a dataset version's lineage."""
+def _pseudonyms(cipher: Cipher, user_id: str) -> set[str]:
+    """Every name the request log and export lineages may give ``user_id``: its keyed
+    pseudonym under each key of the ring (:meth:`Cipher.pseudonym`), and the unkeyed
+    SHA-256 forms that versions before keyed pseudonyms wrote (full hex in lineages,
+    ``u_`` + 16 hex in the request log), so that erasure still finds those."""
     import hashlib
 
-    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()
+    return {*cipher.pseudonyms(user_id), digest, "u_" + digest[:16]}
 
 
 def _iso(d: datetime | None) -> str | None:
@@ -165,7 +169,7 @@ def export_user(
                 select(Usage).where(Usage.api_key_id.in_(key_ids)).order_by(Usage.hour)
             )
         ]
-        affected = _affected_versions(s, user_id)
+        affected = _affected_versions(s, user_id, _pseudonyms(cipher, user_id))
         versions = [
             {"id": v.id, "ref": f"{v.dataset.name}@{v.version}", "status": v.status}
             for v in s.scalars(select(DatasetVersion).where(DatasetVersion.id.in_(affected)))
@@ -175,7 +179,7 @@ def export_user(
         keys = [_info(k).to_dict() for k in key_rows]
         request_ids = {str(r["id"]) for r in requests}
         audit.record(s, actor, "privacy.export", f"user:{cipher.pseudonym(user_id)}")
-    matcher = _LineMatcher(user_id, request_ids, ())
+    matcher = _LineMatcher(user_id, _pseudonyms(cipher, user_id), request_ids, ())
     log_lines = [entry for _, entry in _matching_log_entries(ws.root / LOGS_DIR, matcher)]
     return {
         "user_id": user_id,
@@ -208,18 +212,18 @@ def _lineage_ids(value: Any) -> Iterator[int]:
             yield from _lineage_ids(v)
 
 
-def _affected_versions(s: Session, user_id: str) -> set[int]:
+def _affected_versions(s: Session, user_id: str, names: set[str]) -> set[int]:
     """Dataset versions holding the user's data: built from their feedback (or feedback
     on their requests, which quotes their prompts), and every version built from those.
 
     A feedback export's lineage says which rows it kept and whose they were; a version
     some of those rows point at (``exported_to``) without such a lineage counts too.
+    ``names`` are the user's pseudonyms (:func:`_pseudonyms`).
     """
     user_requests = select(RequestLog.id).where(RequestLog.user_id == user_id)
     fb_filter = (Feedback.user_id == user_id) | Feedback.request_id.in_(user_requests)
     fb_ids = set(s.scalars(select(Feedback.id).where(fb_filter)))
     pointed = {v for v in s.scalars(select(Feedback.exported_to).where(fb_filter)) if v}
-    digest = _user_hash(user_id)
     rows = [
         (vid, lineage or {})
         for vid, lineage in s.execute(select(DatasetVersion.id, DatasetVersion.lineage))
@@ -227,7 +231,7 @@ def _affected_versions(s: Session, user_id: str) -> set[int]:
     found: set[int] = set()
     for vid, lineage in rows:
         hashes = lineage.get("feedback_user_hashes")
-        if isinstance(hashes, list) and digest in hashes:
+        if isinstance(hashes, list) and names.intersection(hashes):
             found.add(vid)
         elif lineage.get("source") == "feedback" and "kept_ids" in lineage:
             if fb_ids & set(lineage.get("kept_ids") or []):
@@ -328,7 +332,8 @@ def erase_user(
     with ws.catalog.session() as s:
         request_ids = set(s.scalars(select(RequestLog.id).where(RequestLog.user_id == user_id)))
         texts = _user_texts(s, cipher, user_id)
-    matcher = _LineMatcher(user_id, request_ids, texts)
+    names = _pseudonyms(cipher, user_id)
+    matcher = _LineMatcher(user_id, names, request_ids, texts)
     counts = {"log_lines": 0, "log_files": 0}
     _add(counts, _scrub_logs(ws.root / LOGS_DIR, matcher))  # before: nothing is lost if we stop
 
@@ -336,20 +341,19 @@ def erase_user(
     with ws.catalog.session(write_lock=True) as s:
         _sqlite_secure_delete(s)
         user_requests = select(RequestLog.id).where(RequestLog.user_id == user_id)
-        affected = _affected_versions(s, user_id)
+        affected = _affected_versions(s, user_id, names)
         counts["feedback"] = _rows(s, delete(Feedback).where(Feedback.user_id == user_id))
         counts["feedback_on_user_requests"] = _rows(
             s, delete(Feedback).where(Feedback.request_id.in_(user_requests))
         )
         counts["requests"] = _rows(s, delete(RequestLog).where(RequestLog.user_id == user_id))
-        digest = _user_hash(user_id)
         versions = list(s.scalars(select(DatasetVersion).where(DatasetVersion.id.in_(affected))))
         artifacts = []
         for v in versions:
             lineage = dict(v.lineage or {})
             hashes = lineage.get("feedback_user_hashes")
-            if isinstance(hashes, list) and digest in hashes:
-                lineage["feedback_user_hashes"] = [h for h in hashes if h != digest]
+            if isinstance(hashes, list) and names.intersection(hashes):
+                lineage["feedback_user_hashes"] = [h for h in hashes if h not in names]
             if v.status != EXCLUDED:
                 lineage["excluded"] = {"reason": "privacy erasure", "at": now.isoformat()}
                 v.status = EXCLUDED
@@ -473,15 +477,15 @@ def count_user_rows(ws: Workspace, user_id: str) -> dict[str, int]:
 
 
 class _LineMatcher:
-    """Whether a log line is about the user: their user id (or the pseudonym the request
+    """Whether a log line is about the user: their user id (or a pseudonym the request
     log gives it), one of their request ids, or one of their texts (raw or as JSON
     writes it)."""
 
-    def __init__(self, user_id: str, request_ids: Iterable[str], texts: Iterable[str]) -> None:
-        from genloop.monitor.usage import user_hash
-
+    def __init__(
+        self, user_id: str, names: set[str], request_ids: Iterable[str], texts: Iterable[str]
+    ) -> None:
         self.user_id = user_id
-        self.user_values = {user_id, user_hash(user_id)}
+        self.user_values = {user_id, *names}
         self.request_ids = set(request_ids)
         variants: set[str] = set()
         for t in texts:
