@@ -22,6 +22,12 @@ machine's noise spreads over all of them:
 - quality: perplexity on the corpus's test split (``--ppl-windows`` windows of
   ``--seq-len`` tokens), ``int8_ppl_delta_pct`` = int8 against fp32 in percent.
 
+Served: with ``--engine`` (on by default; ``--no-engine`` skips it) the fp32, int8 and onnx
+variants also run in genloop's serving engine (``serve.engine.load_engine``: the Llama fast
+path for fp32, the per-sequence fallback for int8's quantized layers, the onnxruntime runner
+for onnx), ``--batch`` greedy requests at once; ``engine_tokens_per_s_*`` is generated
+tokens per second, which tells which variant to serve.
+
 Targets (2 CPU threads, small preset): int8 latency ≤ 0.6× fp32 with perplexity within +3%,
 onnxruntime ≥ 1.3× PyTorch eager throughput.
 
@@ -61,6 +67,8 @@ class Variant:
     decode: list[float] = field(default_factory=list)  # seconds per later step
     tokens_per_s: list[float] = field(default_factory=list)
     perplexity: float | None = None
+    directory: Path | None = None  # a loadable model directory (for the engine figures)
+    engine_tokens_per_s: float | None = None
 
     def median(self, what: str) -> float:
         return statistics.median(getattr(self, what))
@@ -168,7 +176,9 @@ def build_variants(args: argparse.Namespace, model: Any, tmp: Path) -> list[Vari
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     fp_dir = tmp / "fp32"
     model.save_pretrained(fp_dir)
-    variants = [Variant("fp32", TorchCausalLM(model), size(fp_dir, "*.safetensors"))]
+    variants = [
+        Variant("fp32", TorchCausalLM(model), size(fp_dir, "*.safetensors"), directory=fp_dir)
+    ]
     schemes = [("int8", "int8", "dynamic")]
     if not args.quick:
         schemes += [("int8_wo", "int8", "weight_only"), ("int4", "int4", "weight_only")]
@@ -176,7 +186,7 @@ def build_variants(args: argparse.Namespace, model: Any, tmp: Path) -> list[Vari
         q = copy.deepcopy(model)
         description = quantize_model(q, bits, mode)  # type: ignore[arg-type]
         out = save_quantized(q, tmp / name, description)
-        variants.append(Variant(name, TorchCausalLM(q), size(out, "*.safetensors")))
+        variants.append(Variant(name, TorchCausalLM(q), size(out, "*.safetensors"), directory=out))
 
     t0 = time.perf_counter()
     onnx_dir = tmp / "onnx"
@@ -187,9 +197,8 @@ def build_variants(args: argparse.Namespace, model: Any, tmp: Path) -> list[Vari
         f"onnx: exported and verified in {time.perf_counter() - t0:.0f}s (max |diff| {check:.2g})"
     )
     threads = args.threads
-    variants.append(
-        Variant("onnx", OnnxCausalLM(onnx_dir, threads=threads), size(onnx_dir, "model.onnx*"))
-    )
+    onnx_lm = OnnxCausalLM(onnx_dir, threads=threads)
+    variants.append(Variant("onnx", onnx_lm, size(onnx_dir, "model.onnx*"), directory=onnx_dir))
     q_dir = tmp / "onnx_int8"
     quantize_onnx(onnx_dir, q_dir, "int8")
     write_meta(q_dir, meta, {"transform": "onnx-int8"})
@@ -228,6 +237,53 @@ def measure(args: argparse.Namespace, variants: list[Variant], data_dir: Path) -
         )
 
 
+def measure_engine(args: argparse.Namespace, variants: list[Variant], tokenizer_dir: Path) -> None:
+    """``--batch`` concurrent greedy requests through the serving engine, per variant."""
+    import asyncio
+
+    import torch
+
+    from genloop.config import ServeConfig
+    from genloop.optimize.onnx import copy_tokenizer
+    from genloop.serve.engine.loader import load_engine
+    from genloop.serve.engine.types import GenerationRequest, SamplingParams
+
+    cfg = ServeConfig(device="cpu", max_batch_size=args.batch, max_queue=4 * args.batch)
+    gen = torch.Generator().manual_seed(1)
+    vocab = variants[0].runner.vocab_size
+    prompts = [
+        torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()
+        for _ in range(args.batch)
+    ]
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one_round(engine: Any, tag: str) -> float:
+        async def consume(i: int) -> None:
+            async for _ in engine.submit(GenerationRequest(f"{tag}-{i}", prompts[i], params)):
+                pass
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(consume(i) for i in range(args.batch)))
+        return args.batch * args.new_tokens / (time.perf_counter() - t0)
+
+    async def run(v: Variant) -> float:
+        assert v.directory is not None
+        copy_tokenizer(tokenizer_dir, v.directory)
+        engine = load_engine(v.directory, model_name=v.name, model_version=1, cfg=cfg)
+        await engine.start()
+        try:
+            await one_round(engine, "warm-up")
+            rates = [await one_round(engine, f"r{r}") for r in range(max(3, args.rounds // 2))]
+        finally:
+            await engine.close()
+        return statistics.median(rates)
+
+    for v in variants:
+        if v.name in ("fp32", "int8", "onnx"):
+            v.engine_tokens_per_s = asyncio.run(run(v))
+            print(f"engine: {v.name} {v.engine_tokens_per_s:.1f} tok/s", file=sys.stderr)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="random weights, fewer rounds (<~1 min)")
@@ -242,6 +298,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--corpus-mb", type=float, default=None, help="default 3; 1 with --quick")
     p.add_argument("--ppl-windows", type=int, default=None, help="default 64; 8 with --quick")
+    p.add_argument(
+        "--engine",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also serve fp32, int8 and onnx through the serving engine (default on)",
+    )
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {
@@ -276,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             variants = build_variants(args, model, tmp)
             measure(args, variants, data_dir)
+            if args.engine:
+                measure_engine(args, variants, data_dir / "tokenizer")
         finally:
             ws.close()
 
@@ -318,6 +382,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "onnx_file_mb": round(by["onnx"].file_mb, 1),
         "onnx_int8_file_mb": round(by["onnx_int8"].file_mb, 1),
     }
+    if args.engine:
+        print(
+            f"served by the engine, {args.batch} greedy requests at once: "
+            + ", ".join(
+                f"{v.name} {v.engine_tokens_per_s:.1f}" for v in variants if v.engine_tokens_per_s
+            )
+            + " tok/s"
+        )
+        for v in variants:
+            if v.engine_tokens_per_s is not None:
+                figures[f"engine_tokens_per_s_{v.name}"] = round(v.engine_tokens_per_s, 1)
+        figures["engine_onnx_vs_fp32_ratio"] = round(
+            (by["onnx"].engine_tokens_per_s or 0) / (fp.engine_tokens_per_s or 1), 3
+        )
     for extra in ("int8_wo", "int4"):
         if extra in by:
             figures[f"{extra}_latency_ratio"] = ratio(extra, "latency")
