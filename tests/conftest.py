@@ -1,4 +1,5 @@
-"""Shared fixtures: a SQLite workspace per test, and one PostgreSQL database per session.
+"""Shared fixtures and helpers: a SQLite workspace per test, one PostgreSQL database per
+session, torch on one thread, a small training corpus, and ``genloop`` run as a user runs it.
 
 PostgreSQL tests use ``$GENLOOP_TEST_POSTGRES_URL`` (default: the local server, database
 ``test``) to create a throwaway ``genloop_test_<hex>`` database, dropped at the end. When the
@@ -8,8 +9,10 @@ server is unreachable they are skipped, except under CI (``$CI`` set), where the
 from __future__ import annotations
 
 import os
+import random
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,10 @@ import pytest
 from genloop.workspace import Workspace, init_workspace
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+PROSE = (
+    "the cat sat on the mat and the dog ran to the park while birds sang in the tall green "
+    "trees near a quiet river where children play every sunny day"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +31,57 @@ def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """A developer's own workspace or catalog must never leak into a test."""
     monkeypatch.delenv("GENLOOP_HOME", raising=False)
     monkeypatch.delenv("GENLOOP_DATABASE_URL", raising=False)
+
+
+@contextmanager
+def torch_on_one_thread() -> Iterator[None]:
+    """torch's intra-op thread count set to 1 inside the block, put back afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a whole module, its module-scoped fixtures included; a module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+
+    The tests' models are tiny: they gain nothing from a second thread, and one thread per
+    test process keeps tests (and the processes some of them start) from fighting over the
+    machine's two cores.
+    """
+    with torch_on_one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def no_report_plots() -> Iterator[None]:
+    """The evaluation reports without their plots, which cost time and are tested in
+    tests/evaluate/test_run.py; a module asks for it with ``pytestmark``."""
+    from genloop.evaluate import report
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(report, "metric_bars", lambda result: None)
+        m.setattr(report, "per_sample_histogram", lambda name, values: None)
+        yield
+
+
+def write_corpus(root: Path, docs: int = 40) -> Path:
+    """``docs`` short text files of sentences drawn from ``PROSE`` (the same for every call),
+    under ``root``: a tiny model learns them fast."""
+    words = PROSE.split()
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(docs):
+        rng = random.Random(i)
+        starts = [rng.randrange(len(words) - 6) for _ in range(8)]
+        text = " ".join(" ".join(words[k : k + 6]) + "." for k in starts)
+        (root / f"doc{i:02d}.txt").write_text(f"{text} doc {i}.\n", encoding="utf-8")
+    return root
 
 
 @pytest.fixture
@@ -112,10 +170,10 @@ class CliResult:
         return self.stdout + self.stderr
 
 
-@pytest.fixture
-def genloop_cli() -> object:
-    """``genloop_cli(ws_root, *args)`` runs ``genloop ARGS`` through its console entry point
-    in this process (argv, exit code, stdout and stderr as a user sees them)."""
+def run_genloop(home: Workspace | Path, *args: object) -> CliResult:
+    """``genloop ARGS`` through its console entry point in this process (no torch re-import),
+    with ``GENLOOP_HOME`` set to ``home`` (a workspace or its root): argv, exit code, stdout
+    and stderr as a user sees them."""
     import io
     import logging
     import sys
@@ -123,20 +181,25 @@ def genloop_cli() -> object:
 
     from genloop.cli.main import main
 
-    def run(ws_root: Path, *args: object) -> CliResult:
-        out, err = io.StringIO(), io.StringIO()
-        logger = logging.getLogger("genloop")  # the CLI sets it up; put it back afterwards
-        with pytest.MonkeyPatch.context() as m, redirect_stdout(out), redirect_stderr(err):
-            m.setenv("GENLOOP_HOME", str(ws_root))
-            m.setattr(sys, "argv", ["genloop", *map(str, args)])
-            m.setattr(logger, "handlers", list(logger.handlers))
-            m.setattr(logger, "propagate", logger.propagate)
-            m.setattr(logger, "level", logger.level)
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        return CliResult(code, out.getvalue(), err.getvalue())
+    root = home.root if isinstance(home, Workspace) else home
+    out, err = io.StringIO(), io.StringIO()
+    logger = logging.getLogger("genloop")  # the CLI sets it up; put it back afterwards
+    with pytest.MonkeyPatch.context() as m, redirect_stdout(out), redirect_stderr(err):
+        m.setenv("GENLOOP_HOME", str(root))
+        m.setattr(sys, "argv", ["genloop", *map(str, args)])
+        m.setattr(logger, "handlers", list(logger.handlers))
+        m.setattr(logger, "propagate", logger.propagate)
+        m.setattr(logger, "level", logger.level)
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return CliResult(code, out.getvalue(), err.getvalue())
 
-    return run
+
+@pytest.fixture
+def genloop_cli() -> object:
+    """``genloop_cli(ws_root, *args)``: ``run_genloop`` as a fixture (a module-scoped fixture
+    imports ``run_genloop`` itself: ``from ..conftest import run_genloop``)."""
+    return run_genloop

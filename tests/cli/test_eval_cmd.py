@@ -7,16 +7,11 @@ console entry point in this process (which spares importing torch and transforme
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import os
-import random
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,21 +21,12 @@ from genloop.evaluate.store import save_evaluation
 from genloop.workspace import Workspace, init_workspace, registry
 from genloop.workspace.datasets import register_dataset_version
 
-PROSE = (
-    "the cat sat on the mat and the dog ran to the park while birds sang in the tall green "
-    "trees near a quiet river where children play every sunny day"
-)
-WORDS = PROSE.split()
+from ..conftest import CliResult, run_genloop, write_corpus
+
+pytestmark = pytest.mark.usefixtures("no_report_plots")
 
 
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def subprocess_genloop(ws: Workspace, *args: str | Path) -> Ran:
+def subprocess_genloop(ws: Workspace, *args: str | Path) -> CliResult:
     env = {k: v for k, v in os.environ.items() if k != "GENLOOP_DATABASE_URL"}
     proc = subprocess.run(
         [sys.executable, "-m", "genloop", *map(str, args)],
@@ -50,27 +36,7 @@ def subprocess_genloop(ws: Workspace, *args: str | Path) -> Ran:
         timeout=120,
         check=False,
     )
-    return Ran(proc.returncode, proc.stdout, proc.stderr)
-
-
-def genloop(ws: Workspace, *args: str | Path) -> Ran:
-    """``genloop ARGS...`` through its console entry point, in this process."""
-    from genloop.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    logger = logging.getLogger("genloop")  # the CLI sets it up; put it back afterwards
-    with pytest.MonkeyPatch.context() as m, redirect_stdout(out), redirect_stderr(err):
-        m.setenv("GENLOOP_HOME", str(ws.root))
-        m.setattr(sys, "argv", ["genloop", *map(str, args)])
-        m.setattr(logger, "handlers", list(logger.handlers))
-        m.setattr(logger, "propagate", logger.propagate)
-        m.setattr(logger, "level", logger.level)
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    return Ran(code, out.getvalue(), err.getvalue())
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,28 +91,17 @@ def test_gate_config_errors_exit_2(gate_ws: Workspace) -> None:
 
 
 def test_gate_output_names_the_failed_rule(gate_ws: Workspace) -> None:
-    ran = genloop(gate_ws, "gate", "m@3", "--against", "m@production")
+    ran = run_genloop(gate_ws, "gate", "m@3", "--against", "m@production")
     assert ran.returncode == 1
     assert "FAIL perplexity may rise at most 2%" in ran.stdout
     assert "gate FAILED: perplexity may rise at most 2%" in ran.stdout
-    missing = genloop(gate_ws, "gate", "m@3", "--against", "nobody@production")
+    missing = run_genloop(gate_ws, "gate", "m@3", "--against", "nobody@production")
     assert missing.returncode == 1 and "no model named 'nobody'" in missing.stderr
 
 
 # ---------------------------------------------------------------------------------------
 # genloop eval end to end
 # ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_plots() -> Iterator[None]:
-    """The reports' plots cost time and are tested in tests/evaluate/test_run.py."""
-    from genloop.evaluate import report
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(report, "metric_bars", lambda result: None)
-        m.setattr(report, "per_sample_histogram", lambda name, values: None)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -161,13 +116,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval_cmd")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(40):
-        rng = random.Random(i)
-        starts = [rng.randrange(len(WORDS) - 6) for _ in range(8)]
-        text = " ".join(" ".join(WORDS[k : k + 6]) + "." for k in starts)
-        (corpus / f"doc{i:02d}.txt").write_text(f"{text} doc {i}.\n", encoding="utf-8")
+    corpus = write_corpus(root / "corpus")
     ws = init_workspace(root / "ws")
     data = DataConfig.model_validate(
         {
@@ -206,7 +155,7 @@ def test_eval_compare_and_gate_end_to_end(trained: Workspace) -> None:
     ws = trained
     args = ["--suite", "perplexity", "--suite", "generation", "--device", "cpu"]
     args += ["--set", "eval.max_samples=3", "--set", "eval.max_new_tokens=8"]
-    ran = genloop(ws, "eval", "tiny", *args, "--json")
+    ran = run_genloop(ws, "eval", "tiny", *args, "--json")
     assert ran.returncode == 0, ran.stderr
     first = json.loads(ran.stdout)
     assert first["model"] == "tiny@1" and first["dataset"] == "fx@1"
@@ -218,11 +167,11 @@ def test_eval_compare_and_gate_end_to_end(trained: Workspace) -> None:
 
     # the explicit form, printing a table; its perplexity is the newest, the generation
     # metrics still come from the first evaluation
-    ran = genloop(ws, "eval", "run", "tiny@1", "-s", "perplexity", *args[4:])
+    ran = run_genloop(ws, "eval", "run", "tiny@1", "-s", "perplexity", *args[4:])
     assert ran.returncode == 0, ran.stderr
     assert "perplexity" in ran.stdout and f"evaluation {first['id'] + 1} stored" in ran.stdout
 
-    ran = genloop(ws, "eval", "compare", "tiny@1", "tiny", "--json")
+    ran = run_genloop(ws, "eval", "compare", "tiny@1", "tiny", "--json")
     assert ran.returncode == 0, ran.stderr
     d = json.loads(ran.stdout)
     assert d["evaluations"] == {"a": [first["id"] + 1, first["id"]]} | {
@@ -232,25 +181,25 @@ def test_eval_compare_and_gate_end_to_end(trained: Workspace) -> None:
     assert ppl["a"] == ppl["b"] == first["metrics"]["perplexity"]  # same model and seed
     assert ppl["delta"] == 0 and ppl["ci"] == [0.0, 0.0]
     assert rouge["delta"] == 0 and rouge["ci"] == [0.0, 0.0]
-    table = genloop(ws, "eval", "compare", "tiny@1", "tiny")
+    table = run_genloop(ws, "eval", "compare", "tiny@1", "tiny")
     assert table.returncode == 0 and "95% CI" in table.stdout
 
-    listed = json.loads(genloop(ws, "eval", "list", "tiny", "--json").stdout)
+    listed = json.loads(run_genloop(ws, "eval", "list", "tiny", "--json").stdout)
     assert [e["id"] for e in listed] == [first["id"] + 1, first["id"]]
-    shown = genloop(ws, "eval", "show", str(first["id"]))
+    shown = run_genloop(ws, "eval", "show", str(first["id"]))
     assert shown.returncode == 0 and "report_dir" in shown.stdout
 
     registry.promote(ws, "tiny@1")
-    ran = genloop(ws, "gate", "tiny@1", "--against", "tiny@production")
+    ran = run_genloop(ws, "gate", "tiny@1", "--against", "tiny@production")
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "gate passed" in ran.stdout
 
 
 def test_eval_errors_are_one_line(trained: Workspace) -> None:
-    ran = genloop(trained, "eval", "tiny", "--suite", "image")
+    ran = run_genloop(trained, "eval", "tiny", "--suite", "image")
     assert ran.returncode == 1 and "image families" in ran.stderr
     assert "Traceback" not in ran.stderr
-    ran = genloop(trained, "eval", "tiny", "--set", "eval.splt=val")
+    ran = run_genloop(trained, "eval", "tiny", "--set", "eval.splt=val")
     assert ran.returncode == 2 and "did you mean 'eval.split'" in ran.stderr
-    ran = genloop(trained, "eval", "compare", "tiny", "nobody")
+    ran = run_genloop(trained, "eval", "compare", "tiny", "nobody")
     assert ran.returncode == 1 and "no model named 'nobody'" in ran.stderr

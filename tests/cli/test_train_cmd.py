@@ -9,23 +9,17 @@ stderr as a user sees them), which spares importing torch and transformers each 
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 from sqlalchemy import select
@@ -34,24 +28,12 @@ from genloop.train import checkpoint as ckpt
 from genloop.workspace import Workspace, init_workspace, registry
 from genloop.workspace.tables import Run, RunMetric
 
-pytestmark = pytest.mark.integration
+from ..conftest import CliResult, run_genloop, write_corpus
+
+# one torch thread in this process, as OMP_NUM_THREADS=1 (genloop_env) gives the subprocesses
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 STEPS, KILL_AT = 24, 8
-PROSE = (
-    "the cat sat on the mat and the dog ran to the park while birds sang in the tall green "
-    "trees near a quiet river where children play every sunny day"
-)
-WORDS = PROSE.split()
-
-
-def write_corpus(root: Path, docs: int = 40) -> Path:
-    root.mkdir(parents=True)
-    for i in range(docs):
-        rng = random.Random(i)
-        starts = [rng.randrange(len(WORDS) - 6) for _ in range(8)]
-        text = " ".join(" ".join(WORDS[k : k + 6]) + "." for k in starts)
-        (root / f"doc{i:02d}.txt").write_text(f"{text} doc {i}.\n", encoding="utf-8")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -105,42 +87,7 @@ def genloop_env(ws: Workspace) -> dict[str, str]:
     return env | {"GENLOOP_HOME": str(ws.root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for the subprocesses
-    yield
-    torch.set_num_threads(threads)
-
-
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def genloop(ws: Workspace, *args: str | Path) -> Ran:
-    """``genloop ARGS...`` through its console entry point, in this process."""
-    from genloop.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    logger = logging.getLogger("genloop")  # the CLI sets it up; put it back afterwards
-    with pytest.MonkeyPatch.context() as m, redirect_stdout(out), redirect_stderr(err):
-        m.setenv("GENLOOP_HOME", str(ws.root))
-        m.setattr(sys, "argv", ["genloop", *map(str, args)])
-        m.setattr(logger, "handlers", list(logger.handlers))
-        m.setattr(logger, "propagate", logger.propagate)
-        m.setattr(logger, "level", logger.level)
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    return Ran(code, out.getvalue(), err.getvalue())
-
-
-def subprocess_genloop(ws: Workspace, *args: str | Path) -> Ran:
+def subprocess_genloop(ws: Workspace, *args: str | Path) -> CliResult:
     proc = subprocess.run(
         [sys.executable, "-m", "genloop", *map(str, args)],
         env=genloop_env(ws),
@@ -149,16 +96,16 @@ def subprocess_genloop(ws: Workspace, *args: str | Path) -> Ran:
         timeout=300,
         check=False,
     )
-    return Ran(proc.returncode, proc.stdout, proc.stderr)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
-def succeeded(ran: Ran) -> dict[str, Any]:
+def succeeded(ran: CliResult) -> dict[str, Any]:
     assert ran.returncode == 0, ran.stderr
     out: dict[str, Any] = json.loads(ran.stdout)  # --json: nothing but the JSON
     return out
 
 
-def one_error_line(ran: Ran, *, alone: bool = True) -> str:
+def one_error_line(ran: CliResult, *, alone: bool = True) -> str:
     """A user error: one line (``alone``: and nothing else, no warning) on stderr."""
     assert "Traceback" not in ran.stderr, ran.stderr
     errors = [line for line in ran.stderr.splitlines() if line.startswith("error: ")]
@@ -194,7 +141,7 @@ def weights(ws: Workspace, ref: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def baseline(ws: Workspace) -> dict[str, Any]:
     """``genloop train base.yaml --json``: STEPS uninterrupted steps."""
-    return succeeded(genloop(ws, "train", write_config(ws, "base"), "--json"))
+    return succeeded(run_genloop(ws, "train", write_config(ws, "base"), "--json"))
 
 
 def test_json_output(ws: Workspace, baseline: dict[str, Any]) -> None:
@@ -264,7 +211,7 @@ def test_divergence_exits_1_with_one_line_and_keeps_the_last_good_checkpoint(ws:
     config = write_config(
         ws, "absurd", lr=1e6, min_lr=0, grad_clip=None, warmup_steps=0, checkpoint_every=1
     )
-    ran = genloop(ws, "train", config)
+    ran = run_genloop(ws, "train", config)
     assert ran.returncode == 1
     line = one_error_line(ran)
     assert " at step " in line and "train.lr" in line
@@ -279,7 +226,7 @@ def test_divergence_exits_1_with_one_line_and_keeps_the_last_good_checkpoint(ws:
     for _, key in ckpt.list_checkpoints(ws.store, run.id):
         weights_file = ws.store.path(key) / "model.safetensors"
         weights_file.write_bytes(weights_file.read_bytes()[:-8])
-    ran = genloop(ws, "train", config, "--resume")
+    ran = run_genloop(ws, "train", config, "--resume")
     assert ran.returncode == 1
     assert "none of them verifies" in one_error_line(ran, alone=False)  # + one warning each
 
@@ -287,16 +234,16 @@ def test_divergence_exits_1_with_one_line_and_keeps_the_last_good_checkpoint(ws:
 def test_a_bad_config_exits_2(ws: Workspace) -> None:
     config = ws.root / "bad.yaml"
     config.write_text("train:\n  lr: -1\n", encoding="utf-8")
-    ran = genloop(ws, "train", config)
+    ran = run_genloop(ws, "train", config)
     assert ran.returncode == 2
     assert "train.lr" in one_error_line(ran)
 
 
 def test_resume_with_nothing_to_resume_exits_1(ws: Workspace) -> None:
-    ran = genloop(ws, "train", write_config(ws, "nothing"), "--resume")
+    ran = run_genloop(ws, "train", write_config(ws, "nothing"), "--resume")
     assert ran.returncode == 1
     assert "no unfinished training run of 'nothing'" in one_error_line(ran)
     assert run_row(ws, name="nothing") is None
-    ran = genloop(ws, "train", write_config(ws, "nothing"), "--resume", "--run", "f" * 32)
+    ran = run_genloop(ws, "train", write_config(ws, "nothing"), "--resume", "--run", "f" * 32)
     assert ran.returncode == 1
     assert "no run 'ffffffffffffffffffffffffffffffff' to resume" in one_error_line(ran)

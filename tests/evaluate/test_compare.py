@@ -17,6 +17,8 @@ from genloop.workspace import Workspace, init_workspace, registry
 from genloop.workspace.datasets import DatasetVersionInfo, register_dataset_version
 from genloop.workspace.registry import ModelVersionInfo
 
+pytestmark = pytest.mark.usefixtures("no_report_plots")
+
 _ids = itertools.count()
 
 
@@ -25,17 +27,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     ws = init_workspace(tmp_path_factory.mktemp("compare") / "ws")
     yield ws
     ws.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_plots() -> Iterator[None]:
-    """The reports' plots cost time and are tested in test_run.py; here they are skipped."""
-    from genloop.evaluate import report
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(report, "metric_bars", lambda result: None)
-        m.setattr(report, "per_sample_histogram", lambda name, values: None)
-        yield
 
 
 def new_version(ws: Workspace, name: str) -> ModelVersionInfo:

@@ -13,13 +13,7 @@ from genloop.errors import GenloopError
 from genloop.evaluate.run import evaluate_model
 from genloop.workspace import Workspace, init_workspace, registry
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

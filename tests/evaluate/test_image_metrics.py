@@ -22,13 +22,7 @@ from genloop.evaluate.image import Extractor, classifier_extractor, image_scores
 from genloop.workspace import Workspace, init_workspace
 from genloop.workspace.datasets import DatasetVersionInfo
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

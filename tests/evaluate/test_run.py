@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,21 +28,7 @@ from genloop.evaluate.store import (
 from genloop.workspace import Workspace, init_workspace, registry
 from genloop.workspace.registry import ModelVersionInfo
 
-PROSE = (
-    "the cat sat on the mat and the dog ran to the park while birds sang in the tall green "
-    "trees near a quiet river where children play every sunny day"
-)
-WORDS = PROSE.split()
-
-
-def write_corpus(root: Path, docs: int = 40) -> Path:
-    root.mkdir(parents=True)
-    for i in range(docs):
-        rng = random.Random(i)
-        starts = [rng.randrange(len(WORDS) - 6) for _ in range(8)]
-        text = " ".join(" ".join(WORDS[k : k + 6]) + "." for k in starts)
-        (root / f"doc{i:02d}.txt").write_text(f"{text} doc {i}.\n", encoding="utf-8")
-    return root
+from ..conftest import write_corpus
 
 
 def dummy_version(ws: Workspace, name: str, family: str = "causal_lm") -> ModelVersionInfo:

@@ -10,26 +10,23 @@ encrypted with the workspace's key.
 
 from __future__ import annotations
 
-import io
+import functools
 import itertools
-import logging
 import random
-import sys
 import uuid
-from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from genloop.config import GenloopConfig
 from genloop.security.crypto import Cipher, load_cipher
 from genloop.workspace import Workspace, init_workspace, registry
 from genloop.workspace.registry import ModelVersionInfo
 from genloop.workspace.tables import RequestLog
+
+from ..conftest import CliResult, run_genloop, torch_on_one_thread
 
 CITIES = ["paris", "rome", "oslo", "lima", "cairo", "delhi", "tokyo", "quito", "dakar", "seoul"]
 FACTS = [
@@ -62,11 +59,10 @@ def write_corpus(root: Path, docs: int = 60) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """One torch thread (see ``one_torch_thread``) from the first feedback test on: session
+    scope, since the session-scoped ``ws`` below trains the model."""
+    with torch_on_one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -229,36 +225,10 @@ def yaml_config(tmp_path: Path) -> Any:
     return lambda cfg, name="retrain.yaml": write_config(tmp_path / name, cfg)
 
 
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
-def cli(ws: Workspace) -> Any:
-    """``genloop ARGS...`` through its console entry point, in this process."""
-
-    def run(*args: str | Path) -> Ran:
-        from genloop.cli.main import main
-
-        out, err = io.StringIO(), io.StringIO()
-        logger = logging.getLogger("genloop")  # the CLI sets it up; put it back afterwards
-        with pytest.MonkeyPatch.context() as m, redirect_stdout(out), redirect_stderr(err):
-            m.setenv("GENLOOP_HOME", str(ws.root))
-            m.setattr(sys, "argv", ["genloop", *map(str, args)])
-            m.setattr(logger, "handlers", list(logger.handlers))
-            m.setattr(logger, "propagate", logger.propagate)
-            m.setattr(logger, "level", logger.level)
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        return Ran(code, out.getvalue(), err.getvalue())
-
-    return run
+def cli(ws: Workspace) -> Callable[..., CliResult]:
+    """``genloop ARGS...`` on ``ws``, through its console entry point, in this process."""
+    return functools.partial(run_genloop, ws)
 
 
 def write_config(path: Path, cfg: GenloopConfig) -> Path:

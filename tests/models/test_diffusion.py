@@ -4,7 +4,6 @@ latent diffusion on a VAE, exact save/load."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,8 @@ from genloop.models import Family, get_family
 from genloop.models.diffusion import FAMILY, DiffusionModel, build_diffusion
 from genloop.models.vae import FAMILY as VAE
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONFIG = {
     "image_size": 8,
     "channels": 1,
@@ -22,14 +23,6 @@ CONFIG = {
     "timesteps": 50,
     "sample_steps": 5,
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(vae: object = None, **overrides: object) -> DiffusionModel:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,8 @@ from genloop.errors import GenloopError
 from genloop.models.family import get_family
 from genloop.models.image_generation import load_image_generator, save_images
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DIGITS = [str(i) for i in range(10)]
 BASE = {"image_size": 8, "channels": 1, "base_channels": 8}
 CONFIGS = {
@@ -21,14 +22,6 @@ CONFIGS = {
     "gan": {"latent_dim": 4},
     "diffusion": {"timesteps": 20, "sample_steps": 3},
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def saved(tmp_path: Path, family: str, classes: list[str] | None = DIGITS) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,9 @@ from genloop.errors import ConflictError, GenloopError, IntegrityError
 from genloop.models import Family, get_family
 from genloop.models.vae import FAMILY, ConvVAE, interpolate
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONFIG = {"image_size": 8, "channels": 1, "latent_dim": 4, "base_channels": 8}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**overrides: object) -> ConvVAE:

@@ -7,15 +7,15 @@ and such a model trained on it for a few steps (registered as ``lm@1``).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from genloop.workspace import Workspace, init_workspace
+
+from ..conftest import torch_on_one_thread, write_corpus
 
 TINY: dict[str, Any] = {
     "preset": "tiny",
@@ -29,19 +29,14 @@ TINY: dict[str, Any] = {
     "eos_token_id": 2,
     "pad_token_id": 0,
 }
-PROSE = (
-    "the cat sat on the mat and the dog ran to the park while birds sang in the tall green "
-    "trees near a quiet river where children play every sunny day"
-)
 
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """Tiny models run fastest (and steadiest on a shared machine) on one thread: each test,
+    not the session/module fixtures (``trained`` sets its own threads)."""
+    with torch_on_one_thread():
+        yield
 
 
 @pytest.fixture
@@ -50,17 +45,6 @@ def llama() -> Any:
 
     torch.manual_seed(0)
     return FAMILY.build(TINY)
-
-
-def write_corpus(root: Path, docs: int = 40) -> Path:
-    words = PROSE.split()
-    root.mkdir(parents=True)
-    for i in range(docs):
-        rng = random.Random(i)
-        starts = [rng.randrange(len(words) - 6) for _ in range(8)]
-        text = " ".join(" ".join(words[k : k + 6]) + "." for k in starts)
-        (root / f"doc{i:02d}.txt").write_text(f"{text} doc {i}.\n", encoding="utf-8")
-    return root
 
 
 @pytest.fixture(scope="session")

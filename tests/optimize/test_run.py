@@ -19,6 +19,7 @@ from genloop.optimize.run import optimize_model
 from genloop.optimize.tradeoff import Workload
 from genloop.workspace import Workspace, registry
 
+from ..conftest import run_genloop
 from .conftest import WORKLOAD
 
 
@@ -184,11 +185,9 @@ def test_mistakes_fail_before_any_work(
 def test_cli_optimize_prints_json_and_writes_the_report(
     trained: tuple[Workspace, str], tmp_path: Path
 ) -> None:
-    from .helpers import genloop
-
     ws, ref = trained
     out = tmp_path / "report.md"
-    ran = genloop(
+    ran = run_genloop(
         ws, "optimize", ref, "--quantize", "int8", "--quantize-mode", "weight_only",
         "--in-process", "--repeats", "2", "--threads", "1", "--out", out, "--json",
     )  # fmt: skip
@@ -199,7 +198,7 @@ def test_cli_optimize_prints_json_and_writes_the_report(
     assert [v["ref"] for v in data["report"]["variants"]] == [ref, variant["ref"]]
     assert out.read_text().startswith("# Trade-off report")
 
-    bad = genloop(ws, "optimize", ref, "--quantize", "int3")
+    bad = run_genloop(ws, "optimize", ref, "--quantize", "int3")
     assert bad.returncode == 2 and "int3" in bad.stderr and "Traceback" not in bad.stderr
-    bad = genloop(ws, "optimize", ref, "--budget", "speed+3%")
+    bad = run_genloop(ws, "optimize", ref, "--budget", "speed+3%")
     assert bad.returncode != 0 and "unknown budget metric 'speed'" in bad.stderr

@@ -54,6 +54,42 @@ def build_model(out: Path, tokenizer_dir: Path, seed: int, context_length: int =
     return save_hf_dir(model, out, family="causal_lm", tokenizer_dir=tokenizer_dir)
 
 
+def build_wide_llama(out: Path, tokenizer_dir: Path, **overrides: Any) -> Path:
+    """A tiny grouped-query Llama on the tokenizer in ``tokenizer_dir``, saved at ``out``: 2
+    layers, 64 wide, 4 query heads sharing 2 key/value heads, plus ``overrides``. Its weights
+    are drawn wide (std 0.15, seed 3) so that greedy text varies from token to token (a
+    default random init mostly repeats the prompt's last token, which would make exactness
+    tests weak)."""
+    import torch
+
+    from genloop.data.tokenizer import load_hf_tokenizer
+    from genloop.models.family import get_family
+    from genloop.models.pretrained import save_hf_dir
+
+    tok = load_hf_tokenizer(tokenizer_dir)
+    torch.manual_seed(3)
+    model = get_family("causal_lm").build(
+        {
+            "preset": "tiny",
+            "vocab_size": len(tok),
+            "n_layer": 2,
+            "n_embd": 64,
+            "n_head": 4,
+            "n_kv_head": 2,
+            "context_length": 128,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+        | overrides
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.15)
+    return save_hf_dir(model, out, family="causal_lm", tokenizer_dir=tokenizer_dir)
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two tiny causal LMs (seeds 0 and 1) sharing one tokenizer."""

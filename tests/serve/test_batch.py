@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from genloop.config import ServeConfig
 from genloop.errors import GenloopError
@@ -21,15 +20,9 @@ from genloop.serve.engine import load_engine
 from genloop.serve.engine.engine import Engine
 from genloop.serve.engine.types import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PARAMS = SamplingParams(max_tokens=12, temperature=0.8, seed=7)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

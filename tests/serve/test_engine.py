@@ -33,6 +33,10 @@ from genloop.serve.engine.types import (
     TokenDelta,
 )
 
+from .conftest import build_wide_llama
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = [
     "The cat sat on the mat.",
     "def add(a, b):",
@@ -48,15 +52,6 @@ def engine_for(path: Path, **serve: Any) -> Engine:
 
     cfg = ServeConfig(**({"device": "cpu", "max_batch_size": 4, "max_queue": 8} | serve))
     return load(path, model_name=path.name, model_version=1, cfg=cfg, runner=runner)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from a second thread, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.cache
@@ -102,36 +97,9 @@ def llama(model_dirs: tuple[Path, Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def gqa_llama(tmp_path_factory: pytest.TempPathFactory, model_dirs: tuple[Path, Path]) -> Path:
-    """4 query heads sharing 2 key/value heads, 64 wide, untied, weights drawn wide (std 0.15)
-    so that greedy text varies from token to token (a default random init mostly repeats
-    the prompt's last token, which would make the exactness tests weak)."""
-    from genloop.data.tokenizer import load_hf_tokenizer
-    from genloop.models.family import get_family
-    from genloop.models.pretrained import save_hf_dir
-
-    tok = load_hf_tokenizer(model_dirs[0])
-    torch.manual_seed(3)
-    model = get_family("causal_lm").build(
-        {
-            "preset": "tiny",
-            "vocab_size": len(tok),
-            "n_layer": 2,
-            "n_embd": 64,
-            "n_head": 4,
-            "n_kv_head": 2,
-            "context_length": 128,
-            "tie_embeddings": False,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        }
-    )
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.15)
+    """``build_wide_llama`` (grouped-query, weights drawn wide), untied."""
     out = tmp_path_factory.mktemp("gqa") / "gqa"
-    return save_hf_dir(model, out, family="causal_lm", tokenizer_dir=model_dirs[0])
+    return build_wide_llama(out, model_dirs[0], tie_embeddings=False)
 
 
 @pytest.fixture(scope="module")

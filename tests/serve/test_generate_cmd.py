@@ -7,17 +7,13 @@ subprocess.
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +22,9 @@ import torch
 
 from genloop.workspace import Workspace, init_workspace, registry
 
-pytestmark = pytest.mark.integration
+from ..conftest import CliResult, run_genloop
 
-
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -70,32 +53,12 @@ def ws(
     workspace.close()
 
 
-def genloop(ws: Workspace, *args: str | Path) -> Ran:
-    """``genloop ARGS...`` through its console entry point, in this process."""
-    from genloop.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    logger = logging.getLogger("genloop")  # the CLI sets it up; put it back afterwards
-    with pytest.MonkeyPatch.context() as m, redirect_stdout(out), redirect_stderr(err):
-        m.setenv("GENLOOP_HOME", str(ws.root))
-        m.setattr(sys, "argv", ["genloop", *map(str, args)])
-        m.setattr(logger, "handlers", list(logger.handlers))
-        m.setattr(logger, "propagate", logger.propagate)
-        m.setattr(logger, "level", logger.level)
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    return Ran(code, out.getvalue(), err.getvalue())
-
-
-def succeeded(ran: Ran) -> Any:
+def succeeded(ran: CliResult) -> Any:
     assert ran.returncode == 0, ran.stderr
     return json.loads(ran.stdout)  # --json: nothing but the JSON on stdout
 
 
-def error_line(ran: Ran) -> str:
+def error_line(ran: CliResult) -> str:
     assert ran.returncode != 0 and "Traceback" not in ran.stderr, ran.stderr
     errors = [line for line in ran.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, ran.stderr
@@ -122,12 +85,12 @@ def hf_greedy_text(path: Path, prompt: str, max_new_tokens: int) -> str:
 
 def test_a_prompt_greedy_json_and_streamed(ws: Workspace, model_dirs: tuple[Path, Path]) -> None:
     args = ("generate", "tiny@1", "-p", "The cat sat", "--temperature", "0", "--max-tokens", "12")
-    data = succeeded(genloop(ws, *args, "--json"))
+    data = succeeded(run_genloop(ws, *args, "--json"))
     assert data["model"] == "tiny" and data["version"] == 1 and data["prompt_tokens"] > 0
     (choice,) = data["choices"]
     assert choice["completion_tokens"] == 12 and choice["finish_reason"] == "length"
     assert choice["text"] == hf_greedy_text(model_dirs[0], "The cat sat", 12)
-    streamed = genloop(ws, *args)
+    streamed = run_genloop(ws, *args)
     assert streamed.returncode == 0 and streamed.stdout == choice["text"] + "\n"
 
 
@@ -135,11 +98,11 @@ def test_n_seeded_completions_and_a_model_directory(
     ws: Workspace, model_dirs: tuple[Path, Path]
 ) -> None:
     args = ("-p", "Rain", "-n", "3", "--seed", "5", "--max-tokens", "8", "--json")
-    by_ref = succeeded(genloop(ws, "generate", "tiny", *args))
-    by_dir = succeeded(genloop(ws, "generate", model_dirs[0], *args))
+    by_ref = succeeded(run_genloop(ws, "generate", "tiny", *args))
+    by_dir = succeeded(run_genloop(ws, "generate", model_dirs[0], *args))
     assert [c["text"] for c in by_ref["choices"]] == [c["text"] for c in by_dir["choices"]]
     assert len({c["text"] for c in by_ref["choices"]}) > 1
-    chat = succeeded(genloop(ws, "generate", "tiny", "-p", "Hi", "--chat", "--json"))
+    chat = succeeded(run_genloop(ws, "generate", "tiny", "-p", "Hi", "--chat", "--json"))
     assert chat["prompt_tokens"] > 3  # the template wrapped the one-word message
 
 
@@ -164,7 +127,7 @@ def test_a_batch_killed_with_sigkill_resumes_where_it_stopped(
     settings = ("--max-tokens", "24", "--seed", "11", "--batch-size", "2")
     full = tmp_path / "full.jsonl"
     done = succeeded(
-        genloop(ws, "generate", "tiny", "-i", prompts, "-o", full, *settings, "--json")
+        run_genloop(ws, "generate", "tiny", "-i", prompts, "-o", full, *settings, "--json")
     )
     assert done["generated"] == count and done["skipped"] == 0
 
@@ -193,7 +156,7 @@ def test_a_batch_killed_with_sigkill_resumes_where_it_stopped(
     with killed.open("ab") as f:
         f.write(b'{"id": "q0", "te')  # as if the kill had torn a line
     resumed = succeeded(
-        genloop(ws, "generate", "tiny", "-i", prompts, "-o", killed, *settings, "--json")
+        run_genloop(ws, "generate", "tiny", "-i", prompts, "-o", killed, *settings, "--json")
     )
     assert resumed["skipped"] == before and resumed["generated"] == count - before
     assert rows(killed) == rows(full)  # every id once, the same seeded texts
@@ -202,7 +165,7 @@ def test_a_batch_killed_with_sigkill_resumes_where_it_stopped(
 def test_images_from_an_image_model(ws: Workspace, tmp_path: Path) -> None:
     out = tmp_path / "pics"
     data = succeeded(
-        genloop(
+        run_genloop(
             ws, "generate", "pix", "-p", "dog", "-n", "4", "--seed", "1", "--out", out, "--json"
         )
     )
@@ -211,7 +174,7 @@ def test_images_from_an_image_model(ws: Workspace, tmp_path: Path) -> None:
     assert all((out / name).is_file() for name in names)
     again = tmp_path / "again"
     succeeded(
-        genloop(
+        run_genloop(
             ws, "generate", "pix", "-p", "dog", "-n", "4", "--seed", "1", "--out", again, "--json"
         )
     )
@@ -233,4 +196,4 @@ def test_clear_errors(ws: Workspace, tmp_path: Path) -> None:
         ),
     ]
     for args, words in cases:
-        assert words in error_line(genloop(ws, *args)), args
+        assert words in error_line(run_genloop(ws, *args)), args

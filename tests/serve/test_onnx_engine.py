@@ -29,7 +29,9 @@ from genloop.serve.engine.runner import Chunk
 from genloop.serve.engine.types import GenerationRequest, SamplingParams
 from genloop.workspace import Workspace, registry
 
-from .conftest import make_keys, make_workspace, running_server, serve_config
+from .conftest import build_wide_llama, make_keys, make_workspace, running_server, serve_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = [
     "The cat sat on the mat.",
@@ -41,48 +43,16 @@ MAX_TOKENS = 12
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from a second thread (torch's or onnxruntime's)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ws(
     tmp_path_factory: pytest.TempPathFactory, model_dirs: tuple[Path, Path]
 ) -> Iterator[Workspace]:
     """The serve tests' workspace plus ``wide@1`` (PyTorch) and ``wide@2`` (its ONNX export)."""
-    from genloop.data.tokenizer import load_hf_tokenizer
-    from genloop.models.family import get_family
-    from genloop.models.pretrained import save_hf_dir
     from genloop.optimize.run import optimize_model
 
     root = tmp_path_factory.mktemp("onnx")
     workspace = make_workspace(root / "ws", model_dirs)
-    tok = load_hf_tokenizer(model_dirs[0])
-    torch.manual_seed(3)
-    model = get_family("causal_lm").build(
-        {
-            "preset": "tiny",
-            "vocab_size": len(tok),
-            "n_layer": 2,
-            "n_embd": 64,
-            "n_head": 4,
-            "n_kv_head": 2,
-            "context_length": 128,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        }
-    )
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.15)
-    source = save_hf_dir(model, root / "wide", family="causal_lm", tokenizer_dir=model_dirs[0])
+    source = build_wide_llama(root / "wide", model_dirs[0])
     registry.register_model(workspace, "wide", "causal_lm", source)
     result = optimize_model(workspace, "wide@1", OptimizeConfig(export="onnx"))
     assert [v.ref for v in result.variants] == ["wide@2"]

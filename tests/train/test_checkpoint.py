@@ -18,6 +18,8 @@ from genloop.train import checkpoint as ckpt
 from genloop.workspace import Workspace
 from genloop.workspace.store import ArtifactStore
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 RUN = "0123456789abcdef0123456789abcdef"
 TINY: dict[str, Any] = {
     "preset": "tiny",
@@ -60,15 +62,6 @@ def make(
 
 def save(store: ArtifactStore, step: int, model: torch.nn.Module, opt: Any, **state: Any) -> str:
     return ckpt.save_checkpoint(store, RUN, step, model, opt, {"best_val": 1.0, **state})
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

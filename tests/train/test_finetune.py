@@ -4,7 +4,6 @@ SFT and DPO, each from a tiny local Hugging Face checkpoint (2 layers, 32 wide).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from genloop.train.loop import TrainResult, train
 from genloop.train.objectives import PairsKind, write_pairs_dataset
 from genloop.workspace import Workspace, registry
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WORDS = ["red", "green", "blue", "cyan", "black", "white", "amber", "olive", "pink", "gold"]
 SFT_ROWS = [{"prompt": f"colour of {w}?", "response": f"{w} is {w}"} for w in WORDS]
 DPO_ROWS = [
@@ -29,15 +30,6 @@ DPO_ROWS = [
     for w, v in zip(WORDS, WORDS[1:] + WORDS[:1], strict=True)
 ]
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,9 @@ from genloop.train import checkpoint as ckpt
 from genloop.train.loop import TrainResult, train
 from genloop.workspace import Workspace, init_workspace, registry
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SMALL = {"base_channels": 8, "latent_dim": 16}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

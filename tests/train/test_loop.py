@@ -8,11 +8,9 @@ SIGKILL and ``--resume`` in subprocesses, is in ``tests/cli/test_train_cmd.py``.
 from __future__ import annotations
 
 import math
-import random
 import statistics
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,24 +26,12 @@ from genloop.train.loop import TrainingDiverged, TrainResult, train
 from genloop.workspace import Workspace, init_workspace, registry
 from genloop.workspace.tables import Run, RunMetric
 
+from ..conftest import write_corpus
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DATASET = "fx"
 SERIES = {"loss", "lr", "grad_norm", "tokens_per_s", "memory_mb", "val_loss"}
-PROSE = (
-    "the cat sat on the mat and the dog ran to the park while birds sang in the tall green "
-    "trees near a quiet river where children play every sunny day"
-)
-WORDS = PROSE.split()
-
-
-def write_corpus(root: Path, docs: int = 40) -> Path:
-    """``docs`` short text files of repetitive sentences: a tiny model learns them fast."""
-    root.mkdir(parents=True)
-    for i in range(docs):
-        rng = random.Random(i)
-        starts = [rng.randrange(len(WORDS) - 6) for _ in range(8)]
-        text = " ".join(" ".join(WORDS[k : k + 6]) + "." for k in starts)
-        (root / f"doc{i:02d}.txt").write_text(f"{text} doc {i}.\n", encoding="utf-8")
-    return root
 
 
 def config(name: str, **train: Any) -> GenloopConfig:
@@ -69,15 +55,6 @@ def config(name: str, **train: Any) -> GenloopConfig:
         },
     }
     return GenloopConfig.model_validate(spec)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

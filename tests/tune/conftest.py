@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -18,21 +16,7 @@ from genloop.data.prepare import prepare_dataset
 from genloop.tune.study import OPTUNA_SCHEMA
 from genloop.workspace import Workspace, init_workspace
 
-PROSE = (
-    "the cat sat on the mat and the dog ran to the park while birds sang in the tall green "
-    "trees near a quiet river where children play every sunny day"
-)
-WORDS = PROSE.split()
-
-
-def write_corpus(root: Path, docs: int = 40) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(docs):
-        rng = random.Random(i)
-        starts = [rng.randrange(len(WORDS) - 6) for _ in range(8)]
-        body = " ".join(" ".join(WORDS[k : k + 6]) + "." for k in starts)
-        (root / f"doc{i:02d}.txt").write_text(f"{body} doc {i}.\n", encoding="utf-8")
-    return root
+from ..conftest import write_corpus
 
 
 def prepare(ws: Workspace, corpus: Path) -> None:
@@ -86,12 +70,8 @@ def config() -> Callable[..., GenloopConfig]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread: None) -> None:
+    """Every tuning test module on one torch thread, its module-scoped fixtures included."""
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,13 @@ point in this process, which spares importing torch again.
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +26,11 @@ from genloop.tune.study import open_storage
 from genloop.workspace import Workspace
 from genloop.workspace.tables import Run
 
+from ..conftest import run_genloop
+
 pytestmark = pytest.mark.integration
 
 LR_SPACE = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
-
-
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def genloop(ws: Workspace, *args: str | Path) -> Ran:
-    """``genloop ARGS...`` through its console entry point, in this process."""
-    from genloop.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    logger = logging.getLogger("genloop")  # the CLI sets it up; put it back afterwards
-    with pytest.MonkeyPatch.context() as m, redirect_stdout(out), redirect_stderr(err):
-        m.setenv("GENLOOP_HOME", str(ws.root))
-        m.setattr(sys, "argv", ["genloop", *map(str, args)])
-        m.setattr(logger, "handlers", list(logger.handlers))
-        m.setattr(logger, "propagate", logger.propagate)
-        m.setattr(logger, "level", logger.level)
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    return Ran(code, out.getvalue(), err.getvalue())
 
 
 Spec = Callable[..., dict[str, Any]]
@@ -82,7 +53,7 @@ def trial_runs(ws: Workspace, study: str) -> list[Run]:
 
 def test_prints_trials_best_and_model(ws: Workspace, write_config: Callable[..., Path]) -> None:
     cfg = write_config("cli", trials=2, pruner="none")
-    ran = genloop(ws, "tune", cfg, "--workers", "1")
+    ran = run_genloop(ws, "tune", cfg, "--workers", "1")
     assert ran.returncode == 0, ran.stderr
     lines = ran.stdout.splitlines()
     assert sum(line.startswith("trial ") and "complete" in line for line in lines) == 2
@@ -92,7 +63,7 @@ def test_prints_trials_best_and_model(ws: Workspace, write_config: Callable[...,
     report = Path(lines[-1].removeprefix("report: "))
     assert report.name == "report.html" and report.is_file()
 
-    again = genloop(ws, "tune", cfg, "--resume", "--trials", "3", "--json")
+    again = run_genloop(ws, "tune", cfg, "--resume", "--trials", "3", "--json")
     assert again.returncode == 0, again.stderr
     out = json.loads(again.stdout)  # --json: nothing but the JSON
     assert out["counts"]["complete"] == 3 and out["budget"] == 3 and out["finished"]
@@ -106,14 +77,14 @@ def test_user_errors_are_one_line(
     plain = make_spec("plain", LR_SPACE)
     del plain["tune"]
     no_tune.write_text(yaml.safe_dump(plain), encoding="utf-8")
-    ran = genloop(ws, "tune", no_tune)
+    ran = run_genloop(ws, "tune", no_tune)
     assert ran.returncode == 2 and "Traceback" not in ran.stderr
     assert ran.stderr.strip().startswith("error: the config has no tune section")
 
-    ran = genloop(ws, "tune", write_config("typo"), "--set", "tune.space.train.lrr.type=float")
+    ran = run_genloop(ws, "tune", write_config("typo"), "--set", "tune.space.train.lrr.type=float")
     assert ran.returncode == 2 and "Traceback" not in ran.stderr
 
-    ran = genloop(ws, "tune", write_config("nostudy"), "--resume")
+    ran = run_genloop(ws, "tune", write_config("nostudy"), "--resume")
     assert ran.returncode == 1
     assert "no study named 'nostudy' to resume" in ran.stderr
 
@@ -170,7 +141,7 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(
         [study_run] = s.scalars(select(Run).where(Run.study == "ctrlc", Run.kind == "tune"))
         assert study_run.status == "interrupted"
 
-    ran = genloop(ws, "tune", cfg, "--resume", "--workers", "1", "--json")
+    ran = run_genloop(ws, "tune", cfg, "--resume", "--workers", "1", "--json")
     assert ran.returncode == 0, ran.stderr
     out = json.loads(ran.stdout)
     assert out["finished"] and out["counts"]["complete"] == budget
