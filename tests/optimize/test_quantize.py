@@ -109,6 +109,26 @@ def test_int8_modes_agree_with_the_dequantized_weight() -> None:
         assert _rel(q(x).detach(), expected) < 0.02, mode
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_fused_int8_layers_compute_the_same_and_share_memory(mode: str) -> None:
+    """The serving engine fuses q/k/v (and gate/up) int8 layers: the fused layer's output
+    is the layers' outputs side by side, and they keep working as views of it."""
+    gen = torch.Generator().manual_seed(0)
+    layers = [
+        Int8Linear.from_linear(nn.Linear(32, n, bias=b), mode)  # type: ignore[arg-type]
+        for n, b in ((16, True), (8, False), (24, True))
+    ]
+    x = torch.randn(5, 32, generator=gen)
+    separate = torch.cat([m(x) for m in layers], dim=1)
+    fused = Int8Linear.fused(layers)
+    assert fused.out_features == 48
+    assert torch.equal(fused(x), separate)
+    assert torch.equal(torch.cat([m(x) for m in layers], dim=1), separate)
+    assert layers[1].qweight.data_ptr() == fused.qweight[16:].data_ptr()
+    with pytest.raises(GenloopError, match="same input"):
+        Int8Linear.fused([layers[0], Int8Linear.from_linear(nn.Linear(16, 4), mode)])  # type: ignore[arg-type]
+
+
 def test_int4_skips_layers_whose_width_is_not_a_multiple_of_the_group(tmp_path: Path) -> None:
     from genloop.models.causal_lm import FAMILY
 

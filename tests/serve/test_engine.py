@@ -185,6 +185,57 @@ def test_generic_runner_equals_hf_generate(gqa_llama: Path) -> None:
         assert tokens == hf_greedy(gqa_llama, prompt, GREEDY.max_tokens)
 
 
+@pytest.fixture(scope="module")
+def int8_llamas(tmp_path_factory: pytest.TempPathFactory, gqa_llama: Path) -> dict[str, Path]:
+    """``gqa_llama`` quantized to int8 (``genloop optimize --quantize int8``), both modes."""
+    from genloop.models.pretrained import load_pretrained
+    from genloop.optimize.quantize import quantize_model, save_quantized
+
+    out = {}
+    for mode in ("dynamic", "weight_only"):
+        model = load_pretrained(gqa_llama)
+        description = quantize_model(model, "int8", mode)  # type: ignore[arg-type]
+        directory = tmp_path_factory.mktemp(f"int8-{mode}") / "q"
+        out[mode] = save_quantized(model, directory, description, tokenizer_dir=gqa_llama)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_int8_variants_take_the_fast_path_and_equal_hf_generate(
+    int8_llamas: dict[str, Path], mode: str
+) -> None:
+    """An int8 variant runs on the batched fast path (its q/k/v and gate/up int8 layers
+    fused, exactly), and greedy decoding alone gives the int8 model's own ``generate``
+    tokens. Weight-only int8 has no per-batch activation scale, so it does inside a busy
+    batch too; dynamic int8 scales activations per step over the whole batch (fbgemm's
+    kernel), so there a batch may round differently and only the shape is checked."""
+    path = int8_llamas[mode]
+    eng = engine_for(path, max_batch_size=4, max_queue=16)
+    assert eng.runner.kind == "llama"
+    ids = [eng.encode(p) for p in PROMPTS]
+
+    async def alone() -> list[list[int]]:
+        await eng.start()
+        return [
+            (await generate(eng, GenerationRequest(f"a{i}", p, GREEDY)))[0]
+            for i, p in enumerate(ids)
+        ]
+
+    async def together() -> list[list[int]]:
+        streams = [eng.submit(GenerationRequest(f"b{i}", p, GREEDY)) for i, p in enumerate(ids)]
+        out = [[d.token_id for d in (await collect(s))[0]] for s in streams]
+        await eng.close()
+        return out
+
+    solo = run(alone())
+    batched = run(together())
+    for prompt, tokens, in_batch in zip(ids, solo, batched, strict=True):
+        assert tokens == hf_greedy(path, prompt, GREEDY.max_tokens)
+        assert len(in_batch) == GREEDY.max_tokens or in_batch[-1] in eng.eos_token_ids
+        if mode == "weight_only":
+            assert in_batch == tokens
+
+
 def test_seq2seq_runs_on_the_generic_runner(tmp_path: Path, model_dirs: tuple[Path, Path]) -> None:
     from genloop.data.tokenizer import load_hf_tokenizer
     from genloop.models.family import get_family

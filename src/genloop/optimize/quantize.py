@@ -36,6 +36,7 @@ import json
 import logging
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -124,6 +125,38 @@ class Int8Linear(nn.Module):
         if linear.bias is not None and out.bias is not None:
             out.bias.copy_(linear.bias.detach().float())
         return out.to(linear.weight.device)
+
+    @classmethod
+    def fused(cls, layers: Sequence[Int8Linear]) -> Int8Linear:
+        """One layer computing ``layers`` side by side (their outputs concatenated), for
+        layers over the same input. Exact: each output channel keeps its int8 row and scale.
+        The given layers' buffers become views of the fused ones, so nothing is held twice."""
+        first = layers[0]
+        if any(m.mode != first.mode or m.in_features != first.in_features for m in layers):
+            raise GenloopError("only int8 layers of one mode over the same input fuse")
+        with_bias = any(m.bias is not None for m in layers)
+        width = sum(m.out_features for m in layers)
+        out = cls(first.in_features, width, with_bias, first.mode).to(first.qweight.device)
+        out.qweight.copy_(torch.cat([m.qweight for m in layers]))
+        out.scale.copy_(torch.cat([m.scale for m in layers]))
+        if out.bias is not None:  # zeros stand in for a layer without one
+            out.bias.copy_(
+                torch.cat(
+                    [
+                        m.scale.new_zeros(m.out_features) if m.bias is None else m.bias
+                        for m in layers
+                    ]
+                )
+            )
+        row = 0
+        for m in layers:
+            rows = slice(row, row + m.out_features)
+            m.qweight.data, m.scale.data = out.qweight[rows], out.scale[rows]
+            if m.bias is not None and out.bias is not None:
+                m.bias.data = out.bias[rows]
+            m._packed = None
+            row += m.out_features
+        return out
 
     def dequantized(self) -> Tensor:
         """The float weight (N, K) the int8 one stands for."""

@@ -14,8 +14,13 @@ logits):
   greedy decoding in fp32 gives Hugging Face ``generate``'s tokens (``tests/serve`` checks
   it, alone and inside a busy batch). Per step it launches a few dozen tensor ops per layer
   instead of the HF forward's hundreds, which is what matters for small models on a CPU.
+  int8 variants (``genloop optimize --quantize int8``) take it too, their q/k/v and
+  gate/up int8 layers fused the same way (exactly: each output channel keeps its own row
+  and scale). With int8 *dynamic* the activations are quantized per call over the whole
+  step, so a sequence's rounding may depend on what shares its batch; weight-only int8
+  does not.
 - :class:`HFRunner`, the generic fallback for every other architecture transformers
-  builds, causal or encoder-decoder (T5): each sequence keeps its own ``DynamicCache`` and a
+  builds (and int4 variants), causal or encoder-decoder (T5): each sequence keeps its own ``DynamicCache`` and a
   step calls the model once per sequence. Correct everywhere, batched nowhere.
 
 A third, ``onnx_runner.OnnxRunner``, runs an ONNX variant in onnxruntime over the same
@@ -86,25 +91,31 @@ class Runner(Protocol):
 # ------------------------------------------------------------------------- fast path
 
 
+Proj = Callable[[Tensor], Tensor]  # a projection: (N, in) → (N, out)
+
+
 @dataclass
 class _Layer:
-    """One decoder layer's weights, transposed to (in, out): x @ w is one plain matmul,
-    which MKL runs 10-20% faster than x @ wᵀ for the wide ones (gate/up, the head)."""
+    """One decoder layer: its norms' weights and its projections, fused where they share
+    an input (see :func:`_fuse`)."""
 
     ln_in: Tensor  # (d,)
-    w_qkv: Tensor  # (d, (H + 2K)·Q): q, k and v projections side by side
-    b_qkv: Tensor | None
-    w_o: Tensor  # (H·Q, d)
-    b_o: Tensor | None
+    qkv: Proj  # d → (H + 2K)·Q: q, k and v projections side by side
+    o: Proj  # H·Q → d
     ln_post: Tensor  # (d,)
-    w_gate_up: Tensor  # (d, 2I): gate and up projections side by side
-    b_gate_up: Tensor | None
-    w_down: Tensor  # (I, d)
-    b_down: Tensor | None
+    gate_up: Proj  # d → 2I: gate and up projections side by side
+    down: Proj  # I → d
+
+
+def _is_int8(module: Any) -> bool:
+    from genloop.optimize.quantize import Int8Linear
+
+    return isinstance(module, Int8Linear)
 
 
 def supports_fast_path(model: Any) -> bool:
-    """Whether ``model`` is a Llama decoder :class:`LlamaRunner` computes exactly."""
+    """Whether ``model`` is a Llama decoder :class:`LlamaRunner` computes exactly: its
+    linear layers plain float ones, or all int8 (``genloop optimize --quantize int8``)."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) != "llama":
         return False
@@ -113,19 +124,38 @@ def supports_fast_path(model: Any) -> bool:
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") not in STATIC_ROPE_TYPES:
         return False
-    # plain float linears only: a quantized or otherwise replaced layer (optimize's int8
-    # variants) runs through the model's own forward instead
-    return all(
-        type(m) is torch.nn.Linear
-        for m in model.modules()
-        if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__
+    # plain float linears, or int8 ones (every layer); another replacement (int4) runs
+    # through the model's own forward instead
+    linears = [
+        m for m in model.modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__
+    ]
+    return all(type(m) is torch.nn.Linear for m in linears) or all(
+        type(m) is torch.nn.Linear or _is_int8(m) for m in linears
     )
+
+
+def _fuse(linears: Sequence[Any]) -> Proj:
+    """One projection for linears over the same input, their outputs side by side.
+
+    Float linears: one (in, out) weight (x @ w is one plain matmul, which MKL runs 10-20%
+    faster than x @ wᵀ for the wide ones). Int8 linears: one ``Int8Linear`` with their rows
+    and scales stacked (exact). Either way the layers' own tensors become views of the
+    fused ones, so the model, still used for beam search, shares the memory.
+    """
+    if all(_is_int8(m) for m in linears):
+        from genloop.optimize.quantize import Int8Linear
+
+        fused: Proj = Int8Linear.fused(linears)
+        return fused
+    if not all(type(m) is torch.nn.Linear for m in linears):
+        raise GenloopError("a fused projection needs all float or all int8 linears")
+    weight, bias = _stack(linears)
+    return lambda x: _linear(x, weight, bias)
 
 
 def _stack(linears: Sequence[Any]) -> tuple[Tensor, Tensor | None]:
     """One (in, out) weight (and bias) for linears over the same input, their outputs side
-    by side. The linears' own parameters become views of it (``weight = w[:, cols].T``), so
-    the model, still used for beam search, shares the memory and computes the same."""
+    by side. The linears' own parameters become views of it (``weight = w[:, cols].T``)."""
     weight = torch.cat([m.weight.detach() for m in linears]).t().contiguous()
     biases = [m.bias for m in linears]
     bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
@@ -166,39 +196,34 @@ class LlamaRunner:
         self.eps = float(config.rms_norm_eps)
         self.scale = self.head_dim**-0.5
         self.gqa = self.n_kv_heads != self.n_heads
-        first = next(model.parameters())
+        first = inner.embed_tokens.weight  # float in every variant (int8 keeps it)
         self.device, self.dtype = first.device, first.dtype
 
-        embed, head = inner.embed_tokens.weight, model.lm_head.weight
-        tied = embed is head or embed.data_ptr() == head.data_ptr()
-        # the head as (d, V); with tied embeddings the table itself becomes its transposed
-        # view (a row lookup reads it just as well), so nothing is held twice
-        self.lm_head: Tensor = head.detach().t().contiguous()
-        head.data = self.lm_head.t()
-        if tied:
-            embed.data = head.data
-        self.embed: Tensor = embed.detach()  # (V, d), maybe a view of lm_head
+        embed = inner.embed_tokens.weight
+        if _is_int8(model.lm_head):  # a quantized head: the embedding table stays float
+            self.lm_head: Proj = _fuse([model.lm_head])
+        else:
+            head = model.lm_head.weight
+            tied = embed is head or embed.data_ptr() == head.data_ptr()
+            # the head as (d, V); with tied embeddings the table itself becomes its
+            # transposed view (a row lookup reads it just as well), so nothing is held twice
+            self.lm_head = _fuse([model.lm_head])
+            if tied:
+                embed.data = head.data
+        self.embed: Tensor = embed.detach()  # (V, d), maybe a view of the head
         self.norm: Tensor = inner.norm.weight.detach()
         self.act: Callable[[Tensor], Tensor] = inner.layers[0].mlp.act_fn
         self.layers: list[_Layer] = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            w_qkv, b_qkv = _stack([attn.q_proj, attn.k_proj, attn.v_proj])
-            w_o, b_o = _stack([attn.o_proj])
-            w_gu, b_gu = _stack([mlp.gate_proj, mlp.up_proj])
-            w_down, b_down = _stack([mlp.down_proj])
             self.layers.append(
                 _Layer(
                     ln_in=layer.input_layernorm.weight.detach(),
-                    w_qkv=w_qkv,
-                    b_qkv=b_qkv,
-                    w_o=w_o,
-                    b_o=b_o,
+                    qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    o=_fuse([attn.o_proj]),
                     ln_post=layer.post_attention_layernorm.weight.detach(),
-                    w_gate_up=w_gu,
-                    b_gate_up=b_gu,
-                    w_down=w_down,
-                    b_down=b_down,
+                    gate_up=_fuse([mlp.gate_proj, mlp.up_proj]),
+                    down=_fuse([mlp.down_proj]),
                 )
             )
         # The rotary tables for every position, computed as LlamaRotaryEmbedding does:
@@ -239,11 +264,11 @@ class LlamaRunner:
         return (x * cos) + (x.roll(self.head_dim // 2, dims=-1) * sin)
 
     def _mlp(self, x: Tensor, layer: _Layer) -> Tensor:
-        gate, up = _linear(x, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
-        return _linear(self.act(gate) * up, layer.w_down, layer.b_down)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        return layer.down(self.act(gate) * up)
 
     def _logits(self, x: Tensor) -> Tensor:
-        return (self._rms(x, self.norm) @ self.lm_head).float()
+        return self.lm_head(self._rms(x, self.norm)).float()
 
     # ------------------------------------------------------------------------- step
 
@@ -312,7 +337,7 @@ class LlamaRunner:
         ]
         for i, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln_in)
-            qkv = _linear(h, layer.w_qkv, layer.b_qkv)  # (N, (H + 2K)·Q)
+            qkv = layer.qkv(h)  # (N, (H + 2K)·Q)
             roped = self._rope(qkv[:, : qk * q_].view(n, qk, q_), cos, sin)  # (N, H + K, Q)
             q, k = roped[:, :h_], roped[:, h_:]  # (N, H, Q), (N, K, Q)
             v = qkv[:, qk * q_ :].view(n, k_, q_)
@@ -353,7 +378,7 @@ class LlamaRunner:
                     )
                 outs.append(out[0].transpose(0, 1).reshape(t, h_ * q_))
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H·Q)
-            x = x + _linear(attn, layer.w_o, layer.b_o)
+            x = x + layer.o(attn)
             x = x + self._mlp(self._rms(x, layer.ln_post), layer)
         # logits only where a token is sampled: every decode row, each finished prompt's last
         wanted = list(range(b)) + [o + len(c.token_ids) - 1 for o, c in spans if c.want_logits]
