@@ -20,8 +20,9 @@ logits):
   step, so a sequence's rounding may depend on what shares its batch; weight-only int8
   does not.
 - :class:`HFRunner`, the generic fallback for every other architecture transformers
-  builds (and int4 variants), causal or encoder-decoder (T5): each sequence keeps its own ``DynamicCache`` and a
-  step calls the model once per sequence. Correct everywhere, batched nowhere.
+  builds (and int4 variants), causal or encoder-decoder (T5): each sequence keeps its own
+  ``DynamicCache`` and a step calls the model once per sequence. Correct everywhere,
+  batched nowhere.
 
 A third, ``onnx_runner.OnnxRunner``, runs an ONNX variant in onnxruntime over the same
 interface.
