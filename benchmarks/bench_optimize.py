@@ -254,12 +254,15 @@ def measure_engine(args: argparse.Namespace, variants: list[Variant], tokenizer_
     prompts = [
         torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()
         for _ in range(args.batch)
-    ]
+    ]  # cut to fit the model's context with the new tokens (the engine checks it)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
 
     async def one_round(engine: Any, tag: str) -> float:
+        room = engine.runner.max_len - args.new_tokens
+
         async def consume(i: int) -> None:
-            async for _ in engine.submit(GenerationRequest(f"{tag}-{i}", prompts[i], params)):
+            prompt = prompts[i][-room:]
+            async for _ in engine.submit(GenerationRequest(f"{tag}-{i}", prompt, params)):
                 pass
 
         t0 = time.perf_counter()
