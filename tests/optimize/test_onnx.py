@@ -129,9 +129,64 @@ def test_onnxruntime_quantized_copies_run_close_to_the_float_graph(
 def test_onnx_variants_are_refused_by_the_pytorch_loader(
     exported: tuple[Any, Path, dict[str, Any]],
 ) -> None:
+    """Training and fine-tuning load through it: an ONNX graph has no weights to train."""
     _, out, _ = exported
-    with pytest.raises(GenloopError, match="ONNX variant"):
+    with pytest.raises(GenloopError, match="cannot be trained"):
         load_pretrained(out)
+
+
+def test_as_a_transformers_model_it_generates_as_its_parent(
+    exported: tuple[Any, Path, dict[str, Any]],
+) -> None:
+    """``OnnxForCausalLM`` runs HF ``generate``: greedy and beam search on a left-padded
+    batch give the parent's tokens; seeded sampling draws the same."""
+    from genloop.optimize.onnx_model import load_onnx_model
+
+    model, out, _ = exported
+    onnx = load_onnx_model(out)
+    ids = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # the second prompt is 4 tokens, left-padded
+    pad = {"pad_token_id": 0, "attention_mask": mask, "max_new_tokens": 8, "min_new_tokens": 8}
+    for kwargs in ({"do_sample": False}, {"do_sample": False, "num_beams": 3}):
+        with torch.no_grad():
+            expected = model.generate(ids, **pad, **kwargs)
+        assert torch.equal(onnx.generate(ids, **pad, **kwargs), expected), kwargs
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = model.generate(ids, **pad, do_sample=True, top_k=0, temperature=0.8)
+    torch.manual_seed(5)
+    assert torch.equal(
+        onnx.generate(ids, **pad, do_sample=True, top_k=0, temperature=0.8), expected
+    )
+    with torch.no_grad():
+        logits = onnx(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        reference = model(input_ids=ids, attention_mask=mask).logits
+    assert logits.dtype == torch.float32 and logits.shape == reference.shape
+    assert float((logits[0] - reference[0]).abs().max()) < 1e-4
+
+
+def test_genloop_eval_runs_an_onnx_variant_like_its_parent(
+    trained: tuple[Workspace, str], optimized: dict[str, Any]
+) -> None:
+    """``genloop eval`` (and so the pipeline's gate) on the ONNX variant: the same
+    perplexity and the same greedy generations as the model it was exported from."""
+    from genloop.config import EvalConfig
+    from genloop.evaluate.run import evaluate_model
+
+    ws, _ = trained
+    onnx = optimized["onnx"]
+    cfg = EvalConfig(max_samples=4, max_new_tokens=6, temperature=0.0)
+    suites = ["perplexity", "generation"]
+    mine = evaluate_model(ws, onnx.ref, dataset="fx", suites=suites, cfg=cfg, device="cpu")
+    parent = evaluate_model(ws, onnx.parent, dataset="fx", suites=suites, cfg=cfg, device="cpu")
+    assert mine.metrics["perplexity"] == pytest.approx(parent.metrics["perplexity"], rel=1e-4)
+    generation = [name for name in parent.metrics if name not in ("perplexity", "nll")]
+    assert generation  # BLEU, ROUGE, distinct-n …: texts compared through their scores
+    for name in generation:
+        value = parent.metrics[name]
+        if value is not None:
+            assert mine.metrics[name] == pytest.approx(value, rel=1e-6), name
 
 
 def test_unavailable_providers_and_quantized_exports_are_clear_errors(

@@ -37,11 +37,23 @@ log = logging.getLogger(__name__)
 def load_model_for_eval(
     path: Path, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model (eval mode, on ``device``) and tokenizer of a local checkpoint directory."""
+    """The model (eval mode, on ``device``) and tokenizer of a local checkpoint directory.
+
+    An ONNX variant (``genloop optimize --export onnx``) runs in onnxruntime behind the same
+    transformers API (``optimize.onnx_model``), on the CPU unless ``device`` is CUDA.
+    """
     from genloop.data.tokenizer import load_hf_tokenizer
     from genloop.models.pretrained import load_pretrained
+    from genloop.optimize.variant import variant_format
 
-    model = load_pretrained(path, device=device)  # in eval mode
+    model: PreTrainedModel
+    if variant_format(Path(path)) == "onnx":
+        from genloop.optimize.onnx_model import load_onnx_model
+
+        onnx_device = "cuda" if str(device).startswith("cuda") else "cpu"
+        model = load_onnx_model(Path(path), device=onnx_device, threads=torch.get_num_threads())
+    else:
+        model = load_pretrained(path, device=device)  # in eval mode
     return model, load_hf_tokenizer(Path(path))
 
 

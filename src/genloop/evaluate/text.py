@@ -79,7 +79,7 @@ def perplexity(
     if isinstance(context, int) and seq_len > context:
         raise GenloopError(f"seq_len {seq_len} is longer than the model's context ({context})")
     ds = TokenDataset(token_dir, split, seq_len)
-    vocab = model.get_input_embeddings().weight.shape[0]  # type: ignore[index]
+    vocab = int(model.config.vocab_size)
     if ds.vocab_size > vocab:
         raise GenloopError(
             f"split {split!r} in {token_dir} was tokenized with a {ds.vocab_size}-token "

@@ -69,9 +69,9 @@ def load_optimized(
     kind = variant_format(model_dir)
     if kind == "onnx":
         raise GenloopError(
-            f"{model_dir} is an ONNX variant: it runs in onnxruntime, not in PyTorch "
-            "(genloop serve and genloop generate serve it; from Python, "
-            "genloop.optimize.onnx.load_onnx_lm)"
+            f"{model_dir} is an ONNX variant: it runs in onnxruntime, not in PyTorch, so it "
+            "cannot be trained or fine-tuned (genloop serve, generate and eval run it; from "
+            "Python, genloop.optimize.onnx_model.load_onnx_model)"
         )
     if kind == "torch":
         return None
