@@ -121,6 +121,33 @@ def test_runs_every_stage_then_skips_them_all(ws: Workspace, tmp_path: Path, run
         assert all(set(r.summary["stages"]) == set(statuses(first)) for r in runs)
 
 
+def test_an_onnx_candidate_is_evaluated_gated_deployed_and_served(
+    ws: Workspace, tmp_path: Path, run_cli: Any
+) -> None:
+    """optimize → ONNX export: register and gate evaluate the ONNX variant itself (in
+    onnxruntime), deploy promotes it, and the serving engine loads it."""
+    from genloop.config import ServeConfig
+    from genloop.optimize.variant import variant_format
+    from genloop.serve.engine.loader import load_engine
+
+    path = write_pipeline(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["optimize"] = {"export": "onnx"}
+    path.write_text(yaml.safe_dump(spec))
+    code, out = run_cli(ws.root, str(path))
+    assert code == 0, out
+    assert statuses(out)["optimize"] == statuses(out)["gate"] == "ran"
+    production = registry.resolve(ws, "pipe@production")
+    assert production.ref == out["model"] == "pipe@2" and production.parent == "pipe@1"
+    model_dir = ws.store.open_verified(production.artifact)
+    assert variant_format(model_dir) == "onnx"
+    assert production.metrics["perplexity"] == pytest.approx(
+        registry.resolve(ws, "pipe@1").metrics["perplexity"], rel=1e-4
+    )
+    engine = load_engine(model_dir, model_name="pipe", model_version=2, cfg=ServeConfig())
+    assert engine.runner.kind == "onnx"
+
+
 def test_a_failed_stage_is_named_and_resumes_with_from(
     ws: Workspace, tmp_path: Path, run_cli: Any
 ) -> None:
