@@ -978,6 +978,14 @@ class MonitorConfig(BaseModel):
     bias_interval_s: float | None = Field(
         None, gt=0, description="Run the bias probes on the served model this often; unset: off."
     )
+    purge_interval_s: float | None = Field(
+        86400.0,
+        gt=0,
+        description=(
+            "genloop serve purges data past security.retention_days this often (the first "
+            "purge at start); unset: only `genloop privacy purge` does."
+        ),
+    )
 
     @field_validator("webhook_url")
     @classmethod

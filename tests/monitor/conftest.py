@@ -56,13 +56,16 @@ class Receiver:
     def __init__(self, status: int = 200) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.raw: list[bytes] = []  # the bodies as sent (signatures cover these bytes)
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
-                receiver.bodies.append(json.loads(self.rfile.read(length)))
+                raw = self.rfile.read(length)
+                receiver.raw.append(raw)
                 receiver.headers.append(dict(self.headers))
+                receiver.bodies.append(json.loads(raw))  # last: wait() counts these
                 self.send_response(status)
                 self.end_headers()
 

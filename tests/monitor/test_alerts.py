@@ -78,6 +78,30 @@ def test_webhook_receiver_on_loopback_gets_the_alert(workspace: Workspace, recei
     assert len(receiver.bodies) == 1
 
 
+def test_webhooks_are_signed_when_a_secret_is_set(
+    workspace: Workspace, receiver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With $GENLOOP_WEBHOOK_SECRET the receiver can tell a genloop alert from a forgery
+    and a fresh one from a replay; without it nothing is signed."""
+    from genloop.monitor.alerts import verify_signature
+
+    raise_alert(workspace, "drift", "unsigned", source="a", webhook_url=receiver.url)
+    receiver.wait(1)
+    assert "X-Genloop-Signature" not in receiver.headers[0]
+
+    monkeypatch.setenv("GENLOOP_WEBHOOK_SECRET", "s3cret")
+    raise_alert(workspace, "drift", "signed", source="b", webhook_url=receiver.url)
+    receiver.wait(2)
+    headers, raw = receiver.headers[1], receiver.raw[1]
+    assert headers["X-Genloop-Signature"].startswith("sha256=")
+    assert verify_signature("s3cret", headers, raw)
+    assert not verify_signature("other", headers, raw)  # a forger without the secret
+    assert not verify_signature("s3cret", headers, raw.replace(b"signed", b"forged"))
+    stamp = int(headers["X-Genloop-Timestamp"])
+    assert not verify_signature("s3cret", headers, raw, now=stamp + 3600)  # a replay
+    assert not verify_signature("s3cret", {}, raw)
+
+
 def test_an_unreachable_webhook_is_logged_not_raised(
     workspace: Workspace, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -112,3 +112,54 @@ def test_bias_probes_run_on_schedule_and_are_tracked(
     assert points[0][1] == evaluations[-1 - before].metrics["bias_ll_gap"]
     assert points[0][1] == points[1][1]  # greedy: the same model scores the same
     assert worker.last_bias[ref]["bias_negative_rate_gap"] >= 0
+
+
+def test_the_server_purges_data_past_retention_on_a_schedule(workspace: Workspace) -> None:
+    """genloop serve's monitor thread runs the retention purge at start and then every
+    ``purge_interval_s``: requests older than ``security.retention_days`` go, recent ones
+    stay, and the purge is in the audit log."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select, update
+
+    from genloop.workspace.tables import AuditEvent, RequestLog
+
+    ids = [uuid.uuid4().hex for _ in range(4)]
+    record_requests(
+        workspace,
+        None,
+        [RequestRecord(request_id=i, endpoint="completions", model_name="a") for i in ids],
+        store_text=False,
+    )
+    old = datetime.now(UTC) - timedelta(days=40)
+    with workspace.catalog.session() as s:
+        s.execute(update(RequestLog).where(RequestLog.id.in_(ids[:3])).values(created_at=old))
+    cfg = MonitorConfig(check_interval_s=3600, purge_interval_s=0.2)
+    worker = MonitorWorker(workspace, cfg, models=[], retention_days=30)
+    worker.start()
+    try:
+        wait_for(lambda: worker.last_purge is not None)
+        assert worker.last_purge is not None and worker.last_purge["requests"] == 3
+
+        def purges() -> int:
+            with workspace.catalog.session() as s:
+                events = s.scalars(select(AuditEvent).where(AuditEvent.action == "privacy.purge"))
+                return len(list(events))
+
+        wait_for(lambda: purges() >= 2)  # and again, every purge_interval_s
+        assert worker.last_purge == {"feedback": 0, "requests": 0, "log_files": 0}
+    finally:
+        worker.stop()
+    with workspace.catalog.session() as s:
+        assert list(s.scalars(select(RequestLog.id))) == [ids[3]]
+        actors = {
+            e.actor
+            for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "privacy.purge"))
+        }
+    assert actors == {"monitor"}
+
+    idle = MonitorWorker(workspace, MonitorConfig(purge_interval_s=0.2), models=[])
+    idle.start()  # no retention period: nothing is ever purged
+    time.sleep(1.5)
+    idle.stop()
+    assert idle.last_purge is None

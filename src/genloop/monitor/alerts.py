@@ -9,12 +9,23 @@ The webhook gets the alert as JSON (``{"id", "kind", "severity", "source", "mess
 "details", "created_at"}``), posted from a background thread with a short timeout and no
 redirects; a failure is logged, never raised, so an unreachable receiver cannot stall a
 check or a training step.
+
+Signed webhooks. With ``$GENLOOP_WEBHOOK_SECRET`` set, every POST carries
+``X-Genloop-Timestamp`` (Unix seconds) and ``X-Genloop-Signature: sha256=<hex>``, the
+HMAC-SHA256 under that secret of ``"<timestamp>." + body`` (the exact bytes sent), so a
+receiver can check that an alert comes from genloop and is fresh (:func:`verify_signature`
+does it; reject timestamps older than a few minutes against replays).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import logging
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -31,6 +42,10 @@ Severity = Literal["info", "warning", "critical"]
 SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
 DEFAULT_COOLDOWN_S = 900.0
 WEBHOOK_TIMEOUT_S = 5.0
+ENV_WEBHOOK_SECRET = "GENLOOP_WEBHOOK_SECRET"  # noqa: S105 (the variable's name)
+SIGNATURE_HEADER = "X-Genloop-Signature"
+TIMESTAMP_HEADER = "X-Genloop-Timestamp"
+MAX_SIGNATURE_AGE_S = 300
 MAX_MESSAGE = 2000
 
 
@@ -153,13 +168,20 @@ def _post(url: str, payload: dict[str, Any]) -> None:
 
     import genloop
 
+    body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+    headers = {"User-Agent": f"genloop/{genloop.__version__}", "Content-Type": "application/json"}
+    secret = os.environ.get(ENV_WEBHOOK_SECRET)
+    if secret:
+        timestamp = str(int(time.time()))
+        headers[TIMESTAMP_HEADER] = timestamp
+        headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
     try:
         response = httpx.post(
             url,
-            json=payload,
+            content=body,
             timeout=WEBHOOK_TIMEOUT_S,
             follow_redirects=False,
-            headers={"User-Agent": f"genloop/{genloop.__version__}"},
+            headers=headers,
         )
         if response.status_code >= 300:
             log.warning(
@@ -175,6 +197,32 @@ def _post(url: str, payload: dict[str, Any]) -> None:
             payload.get("id"),
             type(exc).__name__,
         )
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """``sha256=<hex>``: HMAC-SHA256 under ``secret`` of ``timestamp`` + ``"."`` + ``body``."""
+    message = timestamp.encode("ascii") + b"." + body
+    return "sha256=" + hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def verify_signature(
+    secret: str,
+    headers: dict[str, str],
+    body: bytes,
+    *,
+    max_age_s: float = MAX_SIGNATURE_AGE_S,
+    now: float | None = None,
+) -> bool:
+    """Whether a webhook POST (its headers and raw body) was signed with ``secret`` no
+    more than ``max_age_s`` ago: what a receiver runs before trusting an alert."""
+    found = {k.lower(): v for k, v in headers.items()}
+    timestamp = found.get(TIMESTAMP_HEADER.lower(), "")
+    signature = found.get(SIGNATURE_HEADER.lower(), "")
+    if not timestamp.isdigit() or not signature:
+        return False
+    if abs((time.time() if now is None else now) - int(timestamp)) > max_age_s:
+        return False
+    return hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
 def _host(url: str) -> str:

@@ -15,6 +15,9 @@ and stops at shutdown::
   once a second and raises their alerts.
 - every ``monitor.check_interval_s`` it runs :meth:`DriftMonitor.check
   <genloop.monitor.drift.DriftMonitor.check>` for each served model.
+- every ``monitor.purge_interval_s`` (the first time at start), when a retention period is
+  given, it purges requests, feedback and request logs past it
+  (:func:`genloop.security.privacy.purge_expired`, recorded in the audit log).
 - every ``monitor.bias_interval_s`` (when set) it runs the bias probes
   (:mod:`genloop.evaluate.bias`) on each served causal LM, in a second thread so drift and
   anomaly checks go on meanwhile; each run is stored as an evaluation (suite ``bias``) and
@@ -77,16 +80,20 @@ class MonitorWorker:
         *,
         bias_fn: BiasFn | None = None,
         bias_eval: EvalConfig | None = None,
+        retention_days: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``models``: the served (name, version) pairs, or a function returning them (it is
         called at each check, so swaps are followed). ``bias_eval``: the probe file and
-        generation settings of the scheduled bias runs; ``bias_fn`` replaces the run."""
+        generation settings of the scheduled bias runs; ``bias_fn`` replaces the run.
+        ``retention_days``: ``security.retention_days`` (None: never purge)."""
         self.ws = ws
         self.cfg = cfg
         self._models: ModelsFn = models if callable(models) else (lambda: list(models))
         self._bias_fn: BiasFn = bias_fn or (lambda ws, ref: run_bias_probes(ws, ref, bias_eval))
         self._clock = clock
+        self.retention_days = retention_days
+        self.last_purge: dict[str, int] | None = None
         self.anomalies = AnomalyMonitor(
             ewma_alpha=cfg.ewma_alpha, z_threshold=cfg.z_threshold, min_samples=cfg.min_samples
         )
@@ -101,6 +108,7 @@ class MonitorWorker:
         self._bias_thread: threading.Thread | None = None
         self._next_drift = 0.0
         self._next_bias = 0.0
+        self._next_purge = 0.0
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -112,6 +120,7 @@ class MonitorWorker:
         self._next_drift = now + self.cfg.check_interval_s
         if self.cfg.bias_interval_s is not None:
             self._next_bias = now + self.cfg.bias_interval_s
+        self._next_purge = now  # a server restarted daily still purges
         self._thread = threading.Thread(target=self._run, name="genloop-monitor", daemon=True)
         self._thread.start()
 
@@ -151,6 +160,14 @@ class MonitorWorker:
             if self.cfg.bias_interval_s is not None and now >= self._next_bias:
                 self._next_bias = now + self.cfg.bias_interval_s
                 self.start_bias_probes()
+            if self._purging and now >= self._next_purge:
+                assert self.cfg.purge_interval_s is not None
+                self._next_purge = now + self.cfg.purge_interval_s
+                self._guard("retention purge", self.purge)
+
+    @property
+    def _purging(self) -> bool:
+        return self.retention_days is not None and self.cfg.purge_interval_s is not None
 
     def _guard(self, what: str, fn: Callable[[], Any]) -> None:
         try:
@@ -168,6 +185,17 @@ class MonitorWorker:
                 if alert is not None:
                     raised.append(alert)
         return raised
+
+    def purge(self) -> dict[str, int]:
+        """Purge what is past the retention period, now; the counts (also logged)."""
+        from genloop.security.privacy import purge_expired
+
+        assert self.retention_days is not None
+        counts = purge_expired(self.ws, self.retention_days, actor="monitor")
+        self.last_purge = counts
+        if any(counts.values()):
+            log.info("monitor: retention purge (%d days): %s", self.retention_days, counts)
+        return counts
 
     def check_drift(self) -> list[DriftReport]:
         """One drift check of every served model, now."""

@@ -110,7 +110,13 @@ def create_app(
         ]
 
     # drift checks, latency/error anomalies and scheduled bias probes, in a thread
-    monitor = MonitorWorker(ws, cfg.monitor, models=served_versions, bias_eval=cfg.eval)
+    monitor = MonitorWorker(
+        ws,
+        cfg.monitor,
+        models=served_versions,
+        bias_eval=cfg.eval,
+        retention_days=cfg.security.retention_days,
+    )
     state.extras["monitor"] = monitor
 
     @asynccontextmanager
