@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,12 @@ from sqlalchemy import select
 from genloop.errors import ConfigError
 from genloop.security import crypto
 from genloop.security.crypto import (
+    RELOAD_INTERVAL_S,
     Cipher,
     DecryptionError,
+    _read_key_file,
     encode_key,
+    key_file,
     load_cipher,
     new_key,
     rotate_secret,
@@ -148,31 +153,89 @@ def test_rotation_reencrypts_every_row_and_retires_the_old_key(
     catalog_workspace: Workspace,
 ) -> None:
     ws = catalog_workspace
-    old = load_cipher(ws)
-    _seed(ws, old, 7)
-    before = _texts(ws, old)
+    running = load_cipher(ws)  # a server's, loaded before the rotation
+    copy = Cipher(_read_key_file(key_file(ws)), "a copy of the old key file")
+    old_id = running.primary_id
+    _seed(ws, running, 7)
+    before = _texts(ws, running)
 
     result = rotate_secret(ws, batch_size=3)  # several batches
     new = load_cipher(ws)
-    assert result.key_id == new.primary_id != old.primary_id
+    assert result.key_id == new.primary_id != old_id
     assert result.reencrypted == 14 and result.unreadable == 0
-    assert result.pruned == [old.primary_id]
+    assert result.pruned == [old_id]
     assert new.key_ids == [new.primary_id]  # the old key is gone from the file
     assert _texts(ws, new) == before
     with pytest.raises(DecryptionError):
-        _texts(ws, old)
+        _texts(ws, copy)
+    # the running process took the new ring by itself: no restart
+    assert running.primary_id == new.primary_id and _texts(ws, running) == before
+    assert new.decrypt(running.encrypt("written after the rotation")) == (
+        "written after the rotation"
+    )
     with ws.catalog.session() as s:
         event = s.scalars(select(AuditEvent).where(AuditEvent.action == "secret.rotate")).one()
     assert event.details["reencrypted"] == 14
     assert rotate_secret(ws).reencrypted == 14  # again: a new key, every row again
 
 
+def test_a_server_writing_during_rotation_loses_nothing(workspace: Workspace) -> None:
+    """A process that keeps encrypting rows while ``rotate-secret`` runs (and prunes the
+    old key): every row it wrote is readable with the new ring afterwards."""
+    running = load_cipher(workspace)
+    stop = threading.Event()
+    written: list[str] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            rid = f"live-{len(written):04d}"
+            with workspace.catalog.session() as s:
+                s.add(
+                    RequestLog(
+                        id=rid,
+                        endpoint="completions",
+                        model_name="m",
+                        prompt_enc=running.encrypt(rid),
+                    )
+                )
+            written.append(rid)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        rotate_secret(workspace)
+    finally:
+        stop.set()
+        thread.join()
+    new = load_cipher(workspace)
+    assert len(new.key_ids) == 1 and len(written) > 20
+    with workspace.catalog.session() as s:
+        rows = {r.id: new.decrypt(r.prompt_enc) for r in s.scalars(select(RequestLog))}
+    assert rows == {rid: rid for rid in written}
+
+
+def test_a_broken_key_file_keeps_the_ring_loaded(
+    workspace: Workspace, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = load_cipher(workspace)
+    blob = running.encrypt("kept")
+    path = key_file(workspace)
+    path.write_text("not a key\n")
+    time.sleep(RELOAD_INTERVAL_S + 0.1)
+    with caplog.at_level(logging.WARNING, logger="genloop"):
+        assert running.decrypt(blob) == "kept"
+    assert any("kept the old key ring" in r.getMessage() for r in caplog.records)
+
+
 def test_rotation_can_keep_the_old_key(workspace: Workspace) -> None:
     old = load_cipher(workspace)
+    old_id = old.primary_id
     _seed(workspace, old, 2)
     rotate_secret(workspace, prune=False)
     ring = load_cipher(workspace)
-    assert ring.key_ids[1:] == [old.primary_id]
+    assert ring.key_ids[1:] == [old_id]
     assert rotate_secret(workspace, prune=False).reencrypted == 4
 
 

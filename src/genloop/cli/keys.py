@@ -148,9 +148,10 @@ def rotate_secret(
 ) -> None:
     """Re-encrypt stored prompts, responses and feedback under a new encryption key.
 
-    With <workspace>/secret.key: a new key is made and the old ones removed afterwards.
-    With $GENLOOP_SECRET_KEY: put the new key first (NEW,OLD), run this, then drop OLD.
-    Stop the servers first, or restart them after: they read the key when they start.
+    With <workspace>/secret.key: a new key is made and the old ones removed afterwards;
+    running servers take the new key within a second, no restart needed.
+    With $GENLOOP_SECRET_KEY: put the new key first (NEW,OLD) in every server's
+    environment and restart them, run this, then drop OLD.
     """
     from genloop.security.crypto import rotate_secret as rotate
 

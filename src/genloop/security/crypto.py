@@ -12,7 +12,9 @@ Where the keys come from, first match wins:
   as URL-safe base64 (44 characters) or hex (64); make one with
   ``python -c "import base64,os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())"``.
 * ``<workspace>/secret.key``: one key per line, the first encrypts. Created with mode 0600
-  on first use; refused if group or others can read it.
+  on first use; refused if group or others can read it. A running process notices a
+  change within :data:`RELOAD_INTERVAL_S` and takes the new ring (so ``rotate-secret``
+  needs no server restart); a ring that fails to load keeps the old one, with a warning.
 
 Losing every key loses the encrypted text (by design: nothing else can read it). What this
 does not protect: a process that holds the key (the server) and memory; a value's length
@@ -30,6 +32,8 @@ import logging
 import os
 import secrets
 import stat
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 from genloop.errors import ConfigError, GenloopError
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     from genloop.workspace.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ KEY_BYTES = 32
 _KEY_ID_BYTES = 4
 _NONCE_BYTES = 12
 _HEADER = len(MAGIC) + _KEY_ID_BYTES + _NONCE_BYTES
+RELOAD_INTERVAL_S = 1.0  # how often a process looks at its key file for a new ring
 
 # The columns this module encrypts, by table: rotation and privacy export/erase read them.
 ENCRYPTED_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -68,10 +75,17 @@ def key_id(key: bytes) -> bytes:
     return hashlib.sha256(b"genloop key id\x00" + key).digest()[:_KEY_ID_BYTES]
 
 
-class Cipher:
-    """Encrypt with the first key of the ring; decrypt with whichever key sealed a value."""
+@dataclass(frozen=True)
+class _Ring:
+    """One loaded key ring; replaced whole on reload, so a reader never sees half of one."""
 
-    def __init__(self, keys: list[bytes], source: str) -> None:
+    keys: list[bytes]
+    aeads: dict[bytes, AESGCM]  # by key id
+    primary: bytes  # the encrypting key's id
+    pseudonym_keys: list[bytes]
+
+    @classmethod
+    def of(cls, keys: list[bytes], source: str) -> _Ring:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         if not keys:
@@ -79,30 +93,66 @@ class Cipher:
         for key in keys:
             if len(key) != KEY_BYTES:
                 raise ConfigError(f"an encryption key in {source} is not {KEY_BYTES} bytes")
+        keys = list(dict.fromkeys(keys))  # de-duplicated, order kept
+        return cls(
+            keys=keys,
+            aeads={key_id(k): AESGCM(k) for k in keys},
+            primary=key_id(keys[0]),
+            # pseudonyms for the audit log: HMAC with a key derived from each ring key
+            pseudonym_keys=[hashlib.sha256(b"genloop pseudonym\x00" + k).digest() for k in keys],
+        )
+
+
+class Cipher:
+    """Encrypt with the first key of the ring; decrypt with whichever key sealed a value.
+
+    ``watch``: the key file the ring came from; it is looked at (one ``stat``) at most every
+    :data:`RELOAD_INTERVAL_S`, and a changed file is loaded as the new ring.
+    """
+
+    def __init__(self, keys: list[bytes], source: str, *, watch: Path | None = None) -> None:
         self.source = source
-        self._keys = list(dict.fromkeys(keys))  # de-duplicated, order kept
-        self._aeads = {key_id(k): AESGCM(k) for k in self._keys}
-        self._primary = key_id(self._keys[0])
-        # pseudonyms for the audit log: HMAC with a key derived from each ring key
-        self._pseudonym_keys = [
-            hashlib.sha256(b"genloop pseudonym\x00" + k).digest() for k in self._keys
-        ]
+        self._ring = _Ring.of(keys, source)
+        self._watch = watch
+        self._stamp = _file_stamp(watch) if watch is not None else None
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # never the keys
-        return f"Cipher(primary={self.primary_id}, keys={len(self._keys)}, source={self.source})"
+        ring = self._current()
+        return f"Cipher(primary={ring.primary.hex()}, keys={len(ring.keys)}, source={self.source})"
+
+    def _current(self) -> _Ring:
+        """The ring, reloaded first if the watched key file changed."""
+        if self._watch is None or time.monotonic() - self._checked < RELOAD_INTERVAL_S:
+            return self._ring
+        with self._lock:
+            if time.monotonic() - self._checked < RELOAD_INTERVAL_S:
+                return self._ring
+            self._checked = time.monotonic()
+            try:
+                stamp = _file_stamp(self._watch)
+                if stamp != self._stamp:
+                    self._ring = _Ring.of(_read_key_file(self._watch), self.source)
+                    self._stamp = stamp
+                    log.info("reloaded the encryption key ring from %s", self._watch)
+            except (OSError, GenloopError) as exc:
+                log.warning("kept the old key ring: %s could not be loaded (%s)", self._watch, exc)
+            return self._ring
 
     @property
     def primary_id(self) -> str:
-        return self._primary.hex()
+        return self._current().primary.hex()
 
     @property
     def key_ids(self) -> list[str]:
-        return [key_id(k).hex() for k in self._keys]
+        return [key_id(k).hex() for k in self._current().keys]
 
     def encrypt(self, text: str) -> bytes:
+        ring = self._current()
         nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._aeads[self._primary].encrypt(nonce, text.encode("utf-8"), MAGIC)
-        return MAGIC + self._primary + nonce + sealed
+        sealed = ring.aeads[ring.primary].encrypt(nonce, text.encode("utf-8"), MAGIC)
+        return MAGIC + ring.primary + nonce + sealed
 
     def decrypt(self, blob: bytes) -> str:
         from cryptography.exceptions import InvalidTag
@@ -111,7 +161,7 @@ class Cipher:
         if len(blob) < _HEADER + 16 or not blob.startswith(MAGIC):
             raise DecryptionError("stored value is not genloop-encrypted data (bad header)")
         kid = blob[len(MAGIC) : len(MAGIC) + _KEY_ID_BYTES]
-        aead = self._aeads.get(kid)
+        aead = self._current().aeads.get(kid)
         if aead is None:
             raise DecryptionError(
                 f"stored value was encrypted with key {kid.hex()}, which is not in the key "
@@ -133,7 +183,7 @@ class Cipher:
 
     def sealed_with_primary(self, blob: bytes) -> bool:
         blob = bytes(blob)
-        return blob[len(MAGIC) : len(MAGIC) + _KEY_ID_BYTES] == self._primary
+        return blob[len(MAGIC) : len(MAGIC) + _KEY_ID_BYTES] == self._current().primary
 
     def pseudonym(self, value: str) -> str:
         """A stable, keyed stand-in for ``value`` (a user id) for the audit log.
@@ -141,11 +191,11 @@ class Cipher:
         Without the key it cannot be reversed or tested against a list of guesses; with it,
         :meth:`pseudonyms` lets an operator check whether a given user id was erased.
         """
-        return _pseudonym(self._pseudonym_keys[0], value)
+        return _pseudonym(self._current().pseudonym_keys[0], value)
 
     def pseudonyms(self, value: str) -> list[str]:
         """``value``'s pseudonym under every key of the ring (the audit log may hold any)."""
-        return [_pseudonym(k, value) for k in self._pseudonym_keys]
+        return [_pseudonym(k, value) for k in self._current().pseudonym_keys]
 
 
 def _pseudonym(key: bytes, value: str) -> str:
@@ -191,6 +241,11 @@ def _root(ws: Workspace | Path) -> Path:
 
 def key_file(ws: Workspace | Path) -> Path:
     return _root(ws) / KEY_FILE
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _read_key_file(path: Path) -> list[bytes]:
@@ -250,7 +305,7 @@ def load_cipher(ws: Workspace | Path) -> Cipher:
         path.parent.mkdir(parents=True, exist_ok=True)
         if _write_key_file(path, [new_key()], replace=False):
             log.info("created encryption key file %s (mode 0600); back it up", path)
-    return Cipher(_read_key_file(path), str(path))
+    return Cipher(_read_key_file(path), str(path), watch=path)
 
 
 # ------------------------------------------------------------------------ rotation
@@ -302,8 +357,10 @@ def rotate_secret(
     removed from the file. With ``$GENLOOP_SECRET_KEY``: put the new key first in the
     variable, keep the old ones after it, run this, then drop the old ones from it.
 
-    Run it with the servers stopped (or restart them after): a server reads the key ring
-    when it starts and would keep encrypting with the old key.
+    Servers may keep running: with the key file they load the new ring within
+    :data:`RELOAD_INTERVAL_S`, and the re-encryption starts only after that (so a value a
+    server sealed with the old key meanwhile is re-encrypted too). With the variable,
+    restart them with the new value first.
     """
     from sqlalchemy import update
 
@@ -316,6 +373,7 @@ def rotate_secret(
         path = key_file(ws)
         old = _read_key_file(path)
         _write_key_file(path, [new_key(), *old], replace=True)
+        time.sleep(RELOAD_INTERVAL_S + 0.5)  # running servers switch to the new key first
         cipher = load_cipher(ws)
     result = RotationResult(key_id=cipher.primary_id, source=cipher.source)
     for table in (RequestLog, Feedback):
