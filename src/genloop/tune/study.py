@@ -506,7 +506,6 @@ def run_trial(
     """Train one trial's config and tell the study how it ended (KeyboardInterrupt passes)."""
     import optuna
 
-    from genloop.train import checkpoint as ckpt
     from genloop.train.loop import StopRun, train
 
     metric = plan.tune.metric
@@ -533,6 +532,7 @@ def run_trial(
     config = cfg.model_dump(mode="json") if cfg is not None else plan.base
     out.run_id = _start_trial_run(ws, plan, trial.number, config, error=out.error)
     trial.set_user_attr("run_id", out.run_id)
+    result = None
     if cfg is not None:
         try:
             result = train(
@@ -552,7 +552,10 @@ def run_trial(
                 raise KeyboardInterrupt from None
             out.error = _describe(exc)
             log.warning("trial %d failed: %s", trial.number, out.error)
-        else:
+    # The outcome is known (and the run recorded as such): a Ctrl-C from here waits until
+    # the study has it too, so a trial that finished is never marked interrupted.
+    with _sigint_deferred():
+        if result is not None:
             out.value = result.metrics.get(metric)
             if out.value is None:  # the same for every trial: stop the study
                 trial.set_user_attr("error", f"no metric {metric!r}")
@@ -569,6 +572,16 @@ def run_trial(
                 trial.set_user_attr("checkpoint", _weights_checkpoint(ws, out.run_id))
             else:
                 out.error = f"{metric} is {out.value}"
+        _tell(ws, study, trial, out)
+    return out
+
+
+def _tell(ws: Workspace, study: optuna.Study, trial: optuna.Trial, out: TrialOutcome) -> None:
+    """Record a finished trial's outcome in the study; drop the weights of one that failed."""
+    import optuna
+
+    from genloop.train import checkpoint as ckpt
+
     trial.set_user_attr("steps", out.steps)
     if out.error:
         trial.set_user_attr("error", out.error[:1000])
@@ -581,7 +594,6 @@ def run_trial(
     if out.state != "complete" and out.run_id is not None:
         for _, key in ckpt.list_checkpoints(ws.store, out.run_id):
             ws.store.delete(key)  # no use for a pruned or failed trial's weights
-    return out
 
 
 def trial_config(base: dict[str, Any], params: Mapping[str, Any], number: int) -> GenloopConfig:
@@ -628,7 +640,10 @@ def _interrupted(ws: Workspace, study: optuna.Study, trial: optuna.Trial) -> Non
     if run_id:
         with ws.catalog.session() as s:
             row = s.get(Run, run_id)
-            if row is not None and row.status == "running":
+            # the trial was not told yet, so however train() left the run (still running,
+            # failed while handling the Ctrl-C, completed a moment before it), the trial
+            # runs again: its run is the interrupted attempt
+            if row is not None and row.status != "interrupted":
                 row.status, row.error, row.ended_at = "interrupted", "interrupted", utcnow()
         for _, key in ckpt.list_checkpoints(ws.store, run_id):
             ws.store.delete(key)  # the trial starts over when it runs again
