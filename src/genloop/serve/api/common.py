@@ -83,6 +83,24 @@ def stop_list(stop: str | list[str] | None, max_stop: int) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def chunk_base(
+    run: TextRun, obj: str, choices: list[dict[str, Any]], body: SamplingFields
+) -> dict[str, Any]:
+    """The envelope of one streamed chunk (``obj``: its OpenAI object name); ``usage`` is
+    null in every chunk but the last when the client asked for it (``include_usage``)."""
+    out: dict[str, Any] = {
+        "id": run.job.response_id,
+        "object": obj,
+        "created": run.job.created,
+        "model": run.job.loaded.ref,
+        "system_fingerprint": run.job.loaded.ref,
+        "choices": choices,
+    }
+    if body.stream_options and body.stream_options.include_usage:
+        out["usage"] = None
+    return out
+
+
 def check_request(body: SamplingFields, state: ServerState, choices: int) -> None:
     """The server's limits and the fields accepted but not supported."""
     cfg = state.cfg.serve

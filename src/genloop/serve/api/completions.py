@@ -16,6 +16,7 @@ from genloop.serve.api.common import (
     check_max_tokens,
     check_prompt_len,
     check_request,
+    chunk_base,
     log_params,
     new_id,
     sampling_params,
@@ -143,17 +144,7 @@ async def create_completion(
         }
 
     def base(run: TextRun, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": run.job.response_id,
-            "object": "text_completion",
-            "created": run.job.created,
-            "model": run.job.loaded.ref,
-            "system_fingerprint": run.job.loaded.ref,
-            "choices": choices,
-        }
-        if body.stream_options and body.stream_options.include_usage:
-            out["usage"] = None
-        return out
+        return chunk_base(run, "text_completion", choices, body)
 
     def head(run: TextRun) -> list[dict[str, Any]]:
         if not body.echo:
