@@ -25,7 +25,7 @@ WORKDIR /src
 COPY constraints.txt pyproject.toml setup.py README.md ./
 COPY src ./src
 RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" torch==2.13.0 \
-    && pip install --no-cache-dir -c constraints.txt . \
+    && pip install --no-cache-dir . \
     && rm -rf /src
 RUN useradd --system --uid 10001 --home-dir /data genloop && mkdir -p /data \
     && chown genloop /data

@@ -26,10 +26,19 @@ from torch import Tensor, nn
 from genloop.optimize.onnx import OnnxCausalLM, load_onnx_lm
 
 
+def _cache_field() -> str:
+    """The output's cache field: ``cache`` since transformers renamed ``past_key_values``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def _model_class() -> type[Any]:
     """The class, built on first use (transformers is slow to import)."""
     from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
     from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    _CACHE_FIELD = _cache_field()
 
     class OnnxForCausalLM(PreTrainedModel, GenerationMixin):  # type: ignore[no-untyped-call]
         """A causal LM exported to ONNX, run by onnxruntime behind transformers' API."""
@@ -48,20 +57,24 @@ def _model_class() -> type[Any]:
             input_ids: Tensor,
             attention_mask: Tensor | None = None,
             position_ids: Tensor | None = None,
-            past_key_values: Any = None,
+            cache: Any = None,
             use_cache: bool | None = True,
             **kwargs: Any,
         ) -> CausalLMOutputWithPast:
+            # transformers ≥ 5.2x passes the cache as ``cache``; older releases as
+            # ``past_key_values`` (still accepted, renamed, until 5.40)
+            cache = kwargs.pop("past_key_values", None) if cache is None else cache
             past = None
-            if past_key_values is not None and past_key_values.get_seq_length() > 0:
-                past = tuple((layer.keys, layer.values) for layer in past_key_values.layers)
+            if cache is not None and cache.get_seq_length() > 0:
+                past = tuple((layer.keys, layer.values) for layer in cache.layers)
             logits, present = self.lm.forward(input_ids, attention_mask, position_ids, past)
-            cache = None
+            new_cache = None
             if use_cache:
-                cache = DynamicCache(config=self.config)
+                new_cache = DynamicCache(config=self.config)
                 for i, (k, v) in enumerate(present):
-                    cache.update(k, v, i)
-            return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+                    new_cache.update(k, v, i)
+            outputs: dict[str, Any] = {"logits": logits, _CACHE_FIELD: new_cache}
+            return CausalLMOutputWithPast(**outputs)
 
     return OnnxForCausalLM
 

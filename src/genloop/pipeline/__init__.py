@@ -1,0 +1,1 @@
+"""Pipelines: stages run in order, cached by their inputs' hash, resumable."""
