@@ -148,10 +148,12 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Any, Any, Path]:
         )
     else:
         from genloop.train.distributed import pick_device
-        from genloop.train.loop import build_model
+        from genloop.train.text import build_model
 
         torch.manual_seed(0)
-        model, _, _ = build_model(ws, cfg, data_dir / "tokenizer", pick_device("cpu"))
+        model, _, _ = build_model(
+            ws, cfg.model, data_dir / "tokenizer", pick_device("cpu"), seq_len=cfg.tokenizer.seq_len
+        )
         model.eval()
         print(f"model: {args.preset} at its random initialisation (seed 0)")
     torch.manual_seed(0)

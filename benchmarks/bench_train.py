@@ -174,14 +174,16 @@ def run_trainer(ws: Any, cfg: Any, warmup: int, *, bf16: bool, out_dir: Path) ->
 
     from genloop.data.pack import TokenDataset
     from genloop.train.distributed import pick_device
-    from genloop.train.loop import build_model
+    from genloop.train.text import build_model
     from genloop.workspace.datasets import resolve_dataset
 
     t = cfg.train
     device = pick_device(t.device)
     data_dir = ws.store.open_verified(resolve_dataset(ws, "bench-stdlib").artifact)
     torch.manual_seed(t.seed)  # as the loop does before building: the same initial weights
-    model, _, _ = build_model(ws, cfg, data_dir / "tokenizer", device)
+    model, _, _ = build_model(
+        ws, cfg.model, data_dir / "tokenizer", device, seq_len=cfg.tokenizer.seq_len
+    )
     windows = TokenDataset(data_dir / "tokens", "train", cfg.tokenizer.seq_len)
 
     class Windows(torch.utils.data.IterableDataset[dict[str, torch.Tensor]]):

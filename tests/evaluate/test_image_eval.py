@@ -85,9 +85,9 @@ def test_suites_must_fit_the_family(ws: Workspace) -> None:
 
 
 def test_augment_writes_a_synthetic_dataset_and_measures_it(ws: Workspace) -> None:
-    from genloop.data.augment_synthetic import synthetic_dataset
     from genloop.data.images import load_image_dataset
     from genloop.evaluate.image import evaluate_augmentation
+    from genloop.models.augment_synthetic import synthetic_dataset
     from genloop.workspace.datasets import resolve_dataset
 
     model = registry.resolve(ws, "cvae")
@@ -122,7 +122,7 @@ def test_augment_writes_a_synthetic_dataset_and_measures_it(ws: Workspace) -> No
 
 
 def test_an_unconditional_model_cannot_write_labels(ws: Workspace) -> None:
-    from genloop.data.augment_synthetic import synthetic_dataset
+    from genloop.models.augment_synthetic import synthetic_dataset
     from genloop.models.gan import FAMILY as GAN
 
     torch.manual_seed(0)

@@ -18,7 +18,8 @@ from genloop.evaluate.classifier import (
     store_key,
     train_classifier,
 )
-from genloop.evaluate.image import Extractor, classifier_extractor, image_scores
+from genloop.evaluate.features import Extractor
+from genloop.evaluate.image import classifier_extractor, image_scores
 from genloop.workspace import Workspace, init_workspace
 from genloop.workspace.datasets import DatasetVersionInfo
 

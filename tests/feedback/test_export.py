@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from genloop.data.pairs import check_pair_row, read_pairs
 from genloop.errors import GenloopError
 from genloop.feedback.export import export_feedback
 from genloop.feedback.store import review, submit_feedback
 from genloop.security.crypto import Cipher
-from genloop.train.objectives import check_pair_row, read_pairs
 from genloop.workspace import Workspace
 from genloop.workspace.tables import Feedback
 

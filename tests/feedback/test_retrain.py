@@ -10,12 +10,12 @@ from sqlalchemy import select
 
 from genloop.errors import GenloopError
 from genloop.evaluate.store import list_evaluations
-from genloop.feedback.lease import LeaseBusy, acquire
 from genloop.feedback.retrain import retrain
 from genloop.feedback.store import submit_feedback
 from genloop.security.crypto import Cipher
 from genloop.workspace import Workspace, registry
 from genloop.workspace.datasets import get_dataset_version
+from genloop.workspace.leases import LeaseBusy, acquire
 from genloop.workspace.tables import Alert, Feedback, Lock, Run, utcnow
 
 CITIES = ["paris", "rome", "oslo", "lima", "cairo", "delhi"]

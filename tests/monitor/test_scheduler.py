@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from genloop.config import EvalConfig, MonitorConfig
+from genloop.evaluate.run import evaluate_model
 from genloop.evaluate.store import list_evaluations
 from genloop.monitor.drift import series
 from genloop.monitor.scheduler import MonitorWorker
@@ -98,6 +99,7 @@ def test_bias_probes_run_on_schedule_and_are_tracked(
         ws,
         cfg,
         models=[(info.name, info.version)],
+        evaluate=evaluate_model,
         bias_eval=EvalConfig(bias_suite_path=probes, max_new_tokens=4),
     )
     worker.start()

@@ -13,8 +13,8 @@ import torch
 from genloop.config import EvalConfig, OptimizeConfig
 from genloop.errors import ConfigError, GenloopError
 from genloop.models.causal_lm import FAMILY
+from genloop.models.quantized import is_quantized
 from genloop.optimize.onnx import load_onnx_lm
-from genloop.optimize.quantize import is_quantized
 from genloop.optimize.run import optimize_model
 from genloop.optimize.tradeoff import Workload
 from genloop.workspace import Workspace, registry

@@ -127,7 +127,7 @@ def test_an_onnx_candidate_is_evaluated_gated_deployed_and_served(
     """optimize → ONNX export: register and gate evaluate the ONNX variant itself (in
     onnxruntime), deploy promotes it, and the serving engine loads it."""
     from genloop.config import ServeConfig
-    from genloop.optimize.variant import variant_format
+    from genloop.models.pretrained import variant_format
     from genloop.serve.engine.loader import load_engine
 
     path = write_pipeline(tmp_path)

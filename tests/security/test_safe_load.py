@@ -270,7 +270,7 @@ def test_training_takes_a_pickle_base_model_only_with_trust_pickle(
     workspace: Any, tmp_path: Path
 ) -> None:
     from genloop.config import GenloopConfig
-    from genloop.train.loop import build_model
+    from genloop.train.text import build_model
 
     base = _llama()
     d = tmp_path / "base"
@@ -281,8 +281,8 @@ def test_training_takes_a_pickle_base_model_only_with_trust_pickle(
         {"model": {"family": "causal_lm", "base_model": str(d)}, "train": {"objective": "lm"}}
     )
     with pytest.raises(GenloopError, match=r"pickle-based weights.*--trust-pickle"):
-        build_model(workspace, cfg, None, torch.device("cpu"))
-    model, _, _ = build_model(workspace, cfg, None, torch.device("cpu"), trust_pickle=True)
+        build_model(workspace, cfg.model, None, torch.device("cpu"))
+    model, _, _ = build_model(workspace, cfg.model, None, torch.device("cpu"), trust_pickle=True)
     for (name, p), q in zip(model.state_dict().items(), base.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
 

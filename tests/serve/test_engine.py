@@ -23,13 +23,13 @@ from genloop.config import ServeConfig
 from genloop.errors import GenloopError
 from genloop.serve.engine import load_engine
 from genloop.serve.engine.engine import Engine, collect
+from genloop.serve.engine.protocol import TextEngine
 from genloop.serve.engine.types import (
     EngineBusy,
     EngineStopped,
     Finished,
     GenerationRequest,
     SamplingParams,
-    TextEngine,
     TokenDelta,
 )
 

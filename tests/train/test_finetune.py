@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from genloop.config import GenloopConfig
+from genloop.data.pairs import PairsKind, write_pairs_dataset
 from genloop.data.tokenizer import load_hf_tokenizer, train_bpe
 from genloop.models.causal_lm import forward_logits
 from genloop.models.lora import apply_lora
 from genloop.models.pretrained import load_pretrained, save_hf_dir
 from genloop.train import checkpoint as ckpt
 from genloop.train.loop import TrainResult, train
-from genloop.train.objectives import PairsKind, write_pairs_dataset
 from genloop.workspace import Workspace, registry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

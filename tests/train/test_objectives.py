@@ -1,8 +1,7 @@
-"""SFT and DPO: the pairs dataset contract, the loss masks, the data order, the losses."""
+"""SFT and DPO: the data order, the losses, and the objectives the text builder makes."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -10,22 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from genloop.config import GenloopConfig
-from genloop.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_hf_tokenizer, train_bpe
+from genloop.config import TrainConfig
+from genloop.data.pairs import PairsKind, write_pairs_dataset
+from genloop.data.tokenizer import load_hf_tokenizer, train_bpe
 from genloop.errors import GenloopError
-from genloop.train.objectives import (
-    IGNORE_INDEX,
-    DirectPreference,
-    PairsKind,
-    SupervisedFineTuning,
-    chat_tokens,
-    collate,
-    dpo_example,
-    make_objective,
-    sequence_logps,
-    sft_example,
-    write_pairs_dataset,
-)
+from genloop.train.examples import IGNORE_INDEX, collate
+from genloop.train.families import TrainingData
+from genloop.train.objectives import DirectPreference, SupervisedFineTuning, sequence_logps
+from genloop.train.text import make_objective
 from genloop.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,10 +50,8 @@ def tiny_llama(tokenizer: Any, seed: int = 0) -> Any:
     return FAMILY.build({**config, "context_length": 64, **ids})
 
 
-def config(objective: str, **train: Any) -> GenloopConfig:
-    return GenloopConfig.model_validate(
-        {"train": {"objective": objective, "batch_size": 4, "seed": 3, **train}}
-    )
+def config(objective: str, **train: Any) -> TrainConfig:
+    return TrainConfig.model_validate({"objective": objective, "batch_size": 4, "seed": 3, **train})
 
 
 def data_dir(ws: Workspace, kind: PairsKind, rows: list[dict[str, Any]], tok_dir: Path) -> Path:
@@ -70,130 +59,8 @@ def data_dir(ws: Workspace, kind: PairsKind, rows: list[dict[str, Any]], tok_dir
     return ws.store.open_verified(info.artifact)
 
 
-# ------------------------------------------------------------------------ the dataset
-
-
-def test_a_pairs_dataset_holds_its_rows_splits_and_tokenizer(
-    workspace: Workspace, tok_dir: Path
-) -> None:
-    info = write_pairs_dataset(
-        workspace, "prefs", "dpo", iter(DPO_ROWS), tokenizer_dir=tok_dir, val_fraction=0.25
-    )
-    assert (info.kind, info.ref) == ("dpo", "prefs@1")
-    root = workspace.store.open_verified(info.artifact)
-    train = [json.loads(x) for x in (root / "pairs/train.jsonl").read_text().splitlines()]
-    val = [json.loads(x) for x in (root / "pairs/val.jsonl").read_text().splitlines()]
-    assert train and val and sorted(train + val, key=str) == sorted(DPO_ROWS, key=str)
-    assert info.stats["splits"] == {"train": {"rows": len(train)}, "val": {"rows": len(val)}}
-    assert (root / "tokenizer/tokenizer.json").read_bytes() == (
-        tok_dir / "tokenizer.json"
-    ).read_bytes()
-    assert json.loads((root / "config.json").read_text())["kind"] == "dpo"
-
-    # the same rows again are the same version; another split is another version
-    again = write_pairs_dataset(
-        workspace, "prefs", "dpo", DPO_ROWS, tokenizer_dir=tok_dir, val_fraction=0.25
-    )
-    assert again.id == info.id
-    other = write_pairs_dataset(
-        workspace, "prefs", "dpo", DPO_ROWS, tokenizer_dir=tok_dir, val_fraction=0.0
-    )
-    assert other.version == 2 and other.stats["splits"]["val"] == {"rows": 0}
-    assert not (workspace.store.open_verified(other.artifact) / "pairs/val.jsonl").exists()
-
-
-@pytest.mark.parametrize(
-    ("kind", "row", "message"),
-    [
-        ("sft", {"prompt": "p"}, "row 1: missing response"),
-        ("sft", {"prompt": "p", "response": 3}, "response must be a string"),
-        ("sft", {"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
-        ("sft", {"messages": [{"role": "user"}]}, "messages[0] must be an object"),
-        ("dpo", {"prompt": "p", "chosen": "a"}, "missing rejected"),
-        ("dpo", {"prompt": "p", "chosen": "a", "rejected": "a"}, "the same text"),
-        ("sft", ["p", "r"], "expected a JSON object"),
-        ("sft", {"prompt": "p", "response": "r", "meta": {1j}}, "not JSON-serializable"),
-    ],
-)
-def test_a_bad_row_is_refused_by_its_index(
-    workspace: Workspace, tok_dir: Path, kind: Any, row: Any, message: str
-) -> None:
-    good = SFT_ROWS[0] if kind == "sft" else DPO_ROWS[0]
-    with pytest.raises(GenloopError, match=message.replace("[", r"\[")):
-        write_pairs_dataset(workspace, "bad", kind, [good, row], tokenizer_dir=tok_dir)
-    assert workspace.store.keys("datasets") == []
-
-
-# ------------------------------------------------------------------ tokens and masks
-
-
-def test_sft_masks_the_prompt_exactly(tokenizer: Any) -> None:
-    row = SFT_ROWS[2]
-    example = sft_example(tokenizer, row, max_len=64)
-    assert example is not None
-    # the prompt as the user's turn, the assistant's header: never a target
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True
-    )["input_ids"]
-    response = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    assert example.input_ids[: len(prompt)] == prompt
-    assert example.input_ids[len(prompt) :] == [*response, eos, *tokenizer("\n")["input_ids"]]
-    assert example.labels == [IGNORE_INDEX] * len(prompt) + [*response, eos, IGNORE_INDEX]
-    assert tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX]) == (
-        "blue is blue<|endoftext|>"
-    )
-
-
-def test_every_assistant_turn_of_a_conversation_is_trained_on(tokenizer: Any) -> None:
-    row = {
-        "messages": [
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": "red?"},
-            {"role": "assistant", "content": "red"},
-            {"role": "user", "content": "gold?"},
-            {"role": "assistant", "content": "gold"},
-        ]
-    }
-    example = sft_example(tokenizer, row, max_len=64)
-    assert example is not None
-    trained = tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
-    assert trained == "red<|endoftext|>gold<|endoftext|>"
-
-
-def test_a_template_without_generation_marks_trains_on_the_last_turn(tokenizer: Any) -> None:
-    plain = DEFAULT_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    messages = [{"role": "user", "content": "red?"}, {"role": "assistant", "content": "red"}]
-    marked_ids, marked_mask = chat_tokens(tokenizer, messages)
-    tokenizer.chat_template = plain
-    try:
-        ids, mask = chat_tokens(tokenizer, messages)
-    finally:
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    assert ids == marked_ids
-    # the same tokens, plus the newline the template writes after the turn
-    assert mask == [*marked_mask[:-1], 1]
-
-
-def test_truncation_keeps_the_start_and_drops_examples_without_a_response(
-    tokenizer: Any,
-) -> None:
-    full = sft_example(tokenizer, SFT_ROWS[0], max_len=64)
-    assert full is not None
-    first_target = next(i for i, t in enumerate(full.labels) if t != IGNORE_INDEX)
-    cut = sft_example(tokenizer, SFT_ROWS[0], max_len=first_target + 1)
-    assert cut is not None
-    assert cut.input_ids == full.input_ids[: first_target + 1]
-    assert sft_example(tokenizer, SFT_ROWS[0], max_len=first_target) is None
-    assert dpo_example(tokenizer, DPO_ROWS[0], max_len=first_target) is None
-
-
-def test_seq2seq_examples_put_the_prompt_in_the_encoder(tokenizer: Any) -> None:
-    example = sft_example(tokenizer, SFT_ROWS[1], max_len=64, encoder_decoder=True)
-    assert example is not None
-    eos = tokenizer.eos_token_id
-    assert example.input_ids == [*tokenizer("colour of green?")["input_ids"], eos]
-    assert example.labels == [*tokenizer("green is green")["input_ids"], eos]
+def pairs(data: Path, tok_dir: Path) -> TrainingData:
+    return TrainingData(ref="pairs@1", dir=data, tokenizer_dir=tok_dir, seq_len=256)
 
 
 # ---------------------------------------------------------------------------- SFT
@@ -204,10 +71,8 @@ def test_sft_batches_pad_right_and_resume_from_any_micro_step(
 ) -> None:
     cfg = config("sft")
     objective = make_objective(
-        "sft",
         cfg,
-        data_dir(workspace, "sft", SFT_ROWS, tok_dir),
-        tok_dir,
+        pairs(data_dir(workspace, "sft", SFT_ROWS, tok_dir), tok_dir),
         tiny_llama(tokenizer),
         CPU,
     )
@@ -241,7 +106,7 @@ def test_sft_loss_is_the_cross_entropy_of_the_response_tokens(
 ) -> None:
     model = tiny_llama(tokenizer)
     data = data_dir(workspace, "sft", SFT_ROWS, tok_dir)
-    objective = make_objective("sft", config("sft"), data, tok_dir, model, CPU)
+    objective = make_objective(config("sft"), pairs(data, tok_dir), model, CPU)
     batch = next(objective.train_batches(0))
     with torch.no_grad():
         loss, n_tokens = objective.loss(model, batch)
@@ -279,7 +144,7 @@ def test_dpo_starts_at_log_2_and_learns_the_preferences(
 ) -> None:
     model = tiny_llama(tokenizer)
     data = data_dir(workspace, "dpo", DPO_ROWS, tok_dir)
-    objective = make_objective("dpo", config("dpo", dpo_beta=0.5), data, tok_dir, model, CPU)
+    objective = make_objective(config("dpo", dpo_beta=0.5), pairs(data, tok_dir), model, CPU)
     assert isinstance(objective, DirectPreference)
     batch = collate(
         [c for c, _ in objective.train] + [r for _, r in objective.train], objective.pad_id, CPU
@@ -310,7 +175,7 @@ def test_dpo_with_lora_uses_the_base_as_reference(
 
     model = apply_lora(tiny_llama(tokenizer), r=4, alpha=8, dropout=0.0)
     data = data_dir(workspace, "dpo", DPO_ROWS, tok_dir)
-    objective = make_objective("dpo", config("dpo", dpo_beta=0.5), data, tok_dir, model, CPU)
+    objective = make_objective(config("dpo", dpo_beta=0.5), pairs(data, tok_dir), model, CPU)
     assert isinstance(objective, DirectPreference)
     batch = next(objective.train_batches(0))
     with torch.no_grad():
@@ -332,15 +197,15 @@ def test_make_objective_needs_a_pairs_dataset_of_its_kind(
     model = tiny_llama(tokenizer)
     sft_data = data_dir(workspace, "sft", SFT_ROWS, tok_dir)
     with pytest.raises(GenloopError, match="objective is dpo, but the dataset holds sft pairs"):
-        make_objective("dpo", config("dpo"), sft_data, tok_dir, model, CPU)
+        make_objective(config("dpo"), pairs(sft_data, tok_dir), model, CPU)
     with pytest.raises(GenloopError, match="holds no prompt/response pairs"):
-        make_objective("sft", config("sft"), tok_dir, tok_dir, model, CPU)
+        make_objective(config("sft"), pairs(tok_dir, tok_dir), model, CPU)
     with pytest.raises(GenloopError, match="z_loss does not apply"):
         dpo_data = data_dir(workspace, "dpo", DPO_ROWS, tok_dir)
-        make_objective("dpo", config("dpo", z_loss=1e-4), dpo_data, tok_dir, model, CPU)
+        make_objective(config("dpo", z_loss=1e-4), pairs(dpo_data, tok_dir), model, CPU)
     with pytest.raises(GenloopError, match=r"train\.objective vae needs model\.family vae"):
-        make_objective("vae", config("sft"), sft_data, tok_dir, model, CPU)
+        make_objective(config("vae"), pairs(sft_data, tok_dir), model, CPU)
     small = tiny_llama(tokenizer)
     small.config.vocab_size = 100
     with pytest.raises(GenloopError, match="the model only 100"):
-        make_objective("sft", config("sft"), sft_data, tok_dir, small, CPU)
+        make_objective(config("sft"), pairs(sft_data, tok_dir), small, CPU)

@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 
 from genloop.config import DataConfig, GenloopConfig, TokenizerConfig
 from genloop.data.prepare import prepare_dataset
-from genloop.tune.study import OPTUNA_SCHEMA
+from genloop.tune.storage import OPTUNA_SCHEMA
 from genloop.workspace import Workspace, init_workspace
 
 from ..conftest import write_corpus

@@ -25,9 +25,10 @@ from sqlalchemy import inspect, select
 from genloop.config import GenloopConfig
 from genloop.errors import ConfigError, ConflictError, NotFoundError
 from genloop.train import checkpoint as ckpt
-from genloop.tune import study as study_mod
+from genloop.tune import storage as storage_mod
 from genloop.tune import tune
-from genloop.tune.study import open_storage
+from genloop.tune.space import make_distributions
+from genloop.tune.storage import open_storage
 from genloop.workspace import Workspace, init_workspace, registry
 from genloop.workspace.tables import Base, Run, RunMetric
 
@@ -204,15 +205,15 @@ def test_a_trial_whose_worker_died_runs_again(
     """A worker that dies mid-trial (SIGKILL, a lost machine) leaves its trial running, its
     heartbeat silent: the next claim fails it, marks its run failed and queues the same
     values again, so the budget is still met exactly."""
-    monkeypatch.setattr(study_mod, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(study_mod, "GRACE_S", 2)
+    monkeypatch.setattr(storage_mod, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(storage_mod, "GRACE_S", 2)
     cfg = config("stale", LR_SPACE, pruner="none")
     tune(ws, cfg, trials=1)
     storage = open_storage(ws, heartbeat=True)
     study = optuna.load_study(study_name="stale", storage=storage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # heartbeats outside study.optimize
-        dead = study.ask(study_mod.make_distributions(cfg.tune.space if cfg.tune else {}))
+        dead = study.ask(make_distributions(cfg.tune.space if cfg.tune else {}))
     storage.record_heartbeat(dead._trial_id)  # as claim_trial does, then the worker is gone
     time.sleep(3.5)
 

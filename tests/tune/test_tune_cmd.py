@@ -22,7 +22,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from genloop.tune.study import open_storage
+from genloop.tune.storage import open_storage
 from genloop.workspace import Workspace
 from genloop.workspace.tables import Run
 

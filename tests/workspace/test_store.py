@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from genloop.errors import ConflictError, IntegrityError, NotFoundError, UnsafePathError
-from genloop.security.paths import safe_join
 from genloop.workspace.manifest import MANIFEST, read_manifest, verify_manifest, write_manifest
+from genloop.workspace.paths import safe_join
 from genloop.workspace.store import ArtifactStore
 
 TRAVERSALS = [

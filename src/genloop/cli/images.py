@@ -36,7 +36,7 @@ def augment(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from genloop.data.augment_synthetic import synthetic_dataset
+    from genloop.models.augment_synthetic import synthetic_dataset
 
     with (
         open_workspace() as ws,

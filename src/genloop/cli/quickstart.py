@@ -78,6 +78,7 @@ def quickstart(
 def _serve(ws: object, cfg: object, host: str, port: int) -> None:
     from genloop.cli.serve import run_server
     from genloop.config import GenloopConfig
+    from genloop.evaluate.run import evaluate_model
     from genloop.security.keys import create_key
     from genloop.serve.app import create_app
     from genloop.workspace import Workspace
@@ -90,4 +91,4 @@ def _serve(ws: object, cfg: object, host: str, port: int) -> None:
     cfg = cfg.model_copy(update={"serve": serve_cfg})
     console.print(f"admin key (shown once): {created.plaintext}", highlight=False, markup=False)
     console.print("open the URL below and sign in with the key; Ctrl-C stops the server")
-    run_server(create_app(ws, cfg), cfg)
+    run_server(create_app(ws, cfg, evaluate=evaluate_model), cfg)

@@ -67,6 +67,7 @@ def serve(
 
     from genloop.config import ServeConfig, load_config, parse_config
     from genloop.errors import ConfigError
+    from genloop.evaluate.run import evaluate_model
     from genloop.serve.app import create_app
 
     cfg = load_config(config, set_ or []) if config else parse_config({}, set_ or [])
@@ -99,7 +100,7 @@ def serve(
     cfg = cfg.model_copy(update={"serve": serve_cfg})
     ws = open_workspace()
     try:
-        app = create_app(ws, cfg)
+        app = create_app(ws, cfg, evaluate=evaluate_model)
         for info in app.state.server.models.check_refs():
             console.print(f"model {info.ref} ({info.family})", highlight=False)
         if not _is_loopback(serve_cfg.host) and serve_cfg.ssl_certfile is None:

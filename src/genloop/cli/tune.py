@@ -10,7 +10,7 @@ import typer
 from genloop.cli.context import console, err_console, open_workspace, print_json
 
 if TYPE_CHECKING:
-    from genloop.tune.study import TrialOutcome
+    from genloop.tune.trial import TrialOutcome
 
 
 def tune(

@@ -7,6 +7,9 @@ bytes. :func:`write_image_dataset` then writes a split as one ``images.safetenso
 (``images``: uint8 N×C×H×W, ``labels``: int64 N) and ``classes.json`` (label names, index =
 class id). Nothing is pickled.
 
+A dataset version's artifact holds a folder per split, ``images/<split>/``:
+:func:`image_split` and :func:`require_images` read them.
+
 Training: :func:`normalize` maps uint8 pixels to [-1, 1]; :func:`augment` flips, crops
 and jitters a normalized batch with randomness drawn only from the generator it is given.
 """
@@ -229,6 +232,30 @@ def load_image_dataset(directory: Path) -> tuple[torch.Tensor, torch.Tensor, lis
     ):
         raise IntegrityError(f"{path}: not a genloop image dataset (unexpected tensors)")
     return images, labels, [str(c) for c in classes]
+
+
+def image_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+    """(images uint8, labels, class names) of a split of an image dataset version whose
+    artifact is ``data_dir``; None if it has no such split."""
+    directory = data_dir / "images" / split
+    if not (directory / IMAGES_FILE).is_file():
+        return None
+    return load_image_dataset(directory)
+
+
+def require_images(
+    data_dir: Path, ref: str = "the dataset"
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The training split of an image dataset version, or a clear error."""
+    found = image_split(data_dir, "train")
+    if found is None:
+        raise GenloopError(
+            f"{ref} has no images (images/train is missing): image models train on a dataset "
+            "prepared with data.kind: images"
+        )
+    if found[0].shape[0] == 0:
+        raise GenloopError(f"{ref} has no training images")
+    return found
 
 
 # ------------------------------------------------------------------------- training

@@ -73,6 +73,21 @@ DEFAULT_CHAT_TEMPLATE = (
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+# the files that make a tokenizer in a Hugging Face directory (any of them may be absent)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
 
 _TRAIN_BATCH = 1000  # texts per batch handed to the trainer
 _BATCH_CHARS = 1 << 20  # a parallel batch closes at this many characters …

@@ -155,8 +155,8 @@ def dataset_classifier(
     """The classifier of this dataset version: loaded from the store, or trained on its
     training split (scored on its test split, else val) and stored. Returns it and its
     description (id, dataset, accuracy, artifact key)."""
+    from genloop.data.images import image_split, require_images
     from genloop.models.image_io import load_state, read_config, save_module_dir
-    from genloop.train.image_objectives import image_split, require_images
 
     key = store_key(dataset)
     if not ws.store.exists(key):

@@ -44,14 +44,14 @@ def load_model_for_eval(
     """
     from genloop.data.tokenizer import load_hf_tokenizer
     from genloop.models.pretrained import load_pretrained
-    from genloop.optimize.variant import variant_format
+    from genloop.optimize.variant import onnx_device
 
     model: PreTrainedModel
-    if variant_format(Path(path)) == "onnx":
+    on_onnx = onnx_device(Path(path), device)  # None: a PyTorch checkpoint
+    if on_onnx is not None:
         from genloop.optimize.onnx_model import load_onnx_model
 
-        onnx_device = "cuda" if str(device).startswith("cuda") else "cpu"
-        model = load_onnx_model(Path(path), device=onnx_device, threads=torch.get_num_threads())
+        model = load_onnx_model(Path(path), device=on_onnx, threads=torch.get_num_threads())
     else:
         model = load_pretrained(path, device=device)  # in eval mode
     return model, load_hf_tokenizer(Path(path))

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from genloop.errors import GenloopError
+from genloop.evaluate.features import Extractor
 from genloop.evaluate.results import SuiteResult
 
 if TYPE_CHECKING:
@@ -60,22 +61,6 @@ IS_SPLITS = 10
 AUGMENT_SEEDS = (0, 1, 2)
 FEATURE_BATCH = 500
 ProgressFn = Callable[[str], None]
-
-
-@dataclass
-class Extractor:
-    """Images → features (FID, KID) and logits (IS); ``id`` names it in every report."""
-
-    id: str
-    kind: str  # "classifier" | "inception"
-    features: Callable[[Tensor], Tensor]  # uint8 (N, C, H, W) → (N, F)
-    logits: Callable[[Tensor], Tensor]  # uint8 (N, C, H, W) → (N, K)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def suffix(self) -> str:
-        """What metric names carry: nothing for the dataset classifier, ``_inception``."""
-        return "" if self.kind == "classifier" else f"_{self.kind}"
 
 
 def classifier_extractor(model: SmallClassifier, meta: dict[str, Any]) -> Extractor:
@@ -178,7 +163,7 @@ def image_scores(
 
 def reference_images(data_dir: Path, n: int, seed: int) -> Tensor:
     """Up to ``n`` training images (a seeded subset when there are more), uint8."""
-    from genloop.train.image_objectives import require_images
+    from genloop.data.images import require_images
 
     images, _, _ = require_images(data_dir)
     if len(images) <= n:
@@ -188,7 +173,7 @@ def reference_images(data_dir: Path, n: int, seed: int) -> Tensor:
 
 
 def heldout_images(data_dir: Path) -> tuple[Tensor, Tensor] | None:
-    from genloop.train.image_objectives import image_split
+    from genloop.data.images import image_split
 
     parts = [p for p in (image_split(data_dir, "test"), image_split(data_dir, "val")) if p]
     if not parts:
@@ -326,7 +311,7 @@ def evaluate_augmentation(
     from genloop.evaluate.classifier import STEPS, accuracy, train_classifier
 
     steps = steps or STEPS
-    from genloop.train.image_objectives import image_split, require_images
+    from genloop.data.images import image_split, require_images
 
     synthetic = synthetic_version_of(ws, info)
     if synthetic is None:
@@ -398,9 +383,9 @@ def run_image_suites(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[SuiteResult]:
     """Run the image suites on model version ``info`` against ``dataset``."""
+    from genloop.data.images import require_images
     from genloop.evaluate.classifier import dataset_classifier
     from genloop.models.image_generation import load_image_generator
-    from genloop.train.image_objectives import require_images
 
     results: list[SuiteResult] = []
     for i, suite in enumerate(suites, 1):

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genloop.errors import GenloopError, NotFoundError
-
-if TYPE_CHECKING:
-    from genloop.evaluate.image import Extractor
+from genloop.evaluate.features import Extractor
 
 IMAGE_SIDE = 299
 NUM_FEATURES = 2048
@@ -227,9 +224,7 @@ def load_inception(path: Path) -> tuple[FIDInceptionV3, str]:
 
 
 def inception_extractor(path: Path) -> Extractor:
-    """An :class:`genloop.evaluate.image.Extractor` on the local InceptionV3 weights."""
-    from genloop.evaluate.image import Extractor
-
+    """An :class:`~genloop.evaluate.features.Extractor` on the local InceptionV3 weights."""
     model, digest = load_inception(path)
     meta = {"weights": str(path), "sha256": digest, "features": NUM_FEATURES}
     return Extractor(f"inception_v3:{digest[:12]}", "inception", model.features, model.logits, meta)

@@ -18,21 +18,19 @@ import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from genloop.evaluate.record import EvaluationRecord
 from genloop.evaluate.results import SuiteResult
 
-if TYPE_CHECKING:
-    from genloop.evaluate.store import EvaluationRecord
-
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
 MAX_EXAMPLES = 5  # examples shown per suite
 MAX_CELL = 400  # characters of an example's field shown
 
 
 def write_report(out_dir: Path, record: EvaluationRecord, results: Sequence[SuiteResult]) -> None:
     """Write ``report.md`` and ``report.html`` for ``record`` into ``out_dir``."""
-    from genloop.evaluate.store import REPORT_HTML, REPORT_MD
-
     (out_dir / REPORT_MD).write_text(render_markdown(record, results), encoding="utf-8")
     (out_dir / REPORT_HTML).write_text(render_html(record, results), encoding="utf-8")
 

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 import genloop
 from genloop.config import EvalConfig
 from genloop.errors import ConfigError, GenloopError
+from genloop.evaluate.record import EvaluationRecord
 from genloop.evaluate.results import SuiteResult
-from genloop.evaluate.store import EvaluationRecord, save_evaluation
+from genloop.evaluate.store import save_evaluation
 from genloop.workspace import registry
 from genloop.workspace.workspace import Workspace
 

@@ -17,44 +17,20 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
 from genloop.errors import GenloopError, NotFoundError
+from genloop.evaluate.record import EvaluationRecord
+from genloop.evaluate.report import write_report
 from genloop.evaluate.results import SuiteResult
 from genloop.workspace.tables import Dataset, DatasetVersion, Evaluation, ModelVersion
 from genloop.workspace.workspace import Workspace
 
 RESULTS_FILE = "results.json"
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
-
-
-@dataclass
-class EvaluationRecord:
-    """One stored evaluation as the API, the CLI (``--json``) and the UI see it."""
-
-    id: int
-    model_version_id: int
-    model: str  # "name@version"
-    dataset_version_id: int | None
-    dataset: str | None  # "name@version"
-    suite: str  # the suites, '+'-joined: "perplexity+generation"
-    metrics: dict[str, float | None]
-    settings: dict[str, Any]
-    report: str | None  # artifact key
-    created_at: datetime
-    run_id: str | None = None
-    suites: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["created_at"] = self.created_at.isoformat()
-        return d
 
 
 def artifact_key(evaluation_id: int) -> str:
@@ -119,8 +95,6 @@ def save_evaluation(
     The row is inserted first (its id names the artifact); if writing the artifact fails
     the row is removed again, so a stored evaluation always has its report.
     """
-    from genloop.evaluate.report import write_report
-
     if not results:
         raise GenloopError("an evaluation needs at least one suite result")
     suites = [r.suite for r in results]

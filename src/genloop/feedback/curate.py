@@ -2,7 +2,7 @@
 
     load      the usable rows (approved; pending too unless review is required), each
               with its logged prompt and response, decrypted
-    redact    personal data and credentials in every text (genloop.data.pii)
+    redact    personal data and credentials in every text (genloop.security.pii)
     filter    texts too long or empty, corrections that change nothing; then outliers
               against poisoning: on one (prompt, response) the minority's votes, and a
               correction that a clear majority of other users answered differently
@@ -26,8 +26,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from genloop.data.pii import redact
 from genloop.feedback.store import Cipher, parse_prompt
+from genloop.security.pii import redact
 from genloop.workspace.tables import Feedback, RequestLog
 from genloop.workspace.workspace import Workspace
 

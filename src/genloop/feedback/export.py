@@ -190,7 +190,7 @@ def export_items(
 ) -> ExportResult:
     """Curate ``items`` and publish what survives as the next version of dataset ``name``
     (or find the identical one); mark the rows exported."""
-    from genloop.train.objectives import write_pairs_dataset
+    from genloop.data.pairs import write_pairs_dataset
 
     if fmt not in FORMATS:
         raise GenloopError(f"unknown export format {fmt!r} (formats: {', '.join(FORMATS)})")

@@ -32,9 +32,9 @@ from sqlalchemy import select
 
 from genloop.feedback.curate import usable_statuses, user_bucket
 from genloop.feedback.export import trained_feedback_sets
-from genloop.feedback.lease import LeaseBusy, new_owner
 from genloop.feedback.retrain import LEASE_S, RetrainResult, retrain
 from genloop.feedback.store import Cipher
+from genloop.workspace.leases import LeaseBusy, new_owner
 from genloop.workspace.refs import parse_ref
 from genloop.workspace.tables import Alias, Feedback, RequestLog, Run, utcnow
 from genloop.workspace.workspace import Workspace

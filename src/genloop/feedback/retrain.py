@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import false, or_, select
 
 from genloop.errors import GenloopError
-from genloop.feedback import lease as leases
 from genloop.feedback.curate import load_items, usable_statuses
 from genloop.feedback.export import (
     FEEDBACK_DATASET_TAG,
@@ -43,7 +42,7 @@ from genloop.feedback.export import (
     trained_feedback_sets,
 )
 from genloop.feedback.store import Cipher
-from genloop.workspace import registry
+from genloop.workspace import leases, registry, runs
 from genloop.workspace.refs import RefError, parse_ref
 from genloop.workspace.tables import Alert, ModelVersion, Run, utcnow
 from genloop.workspace.workspace import Workspace
@@ -110,7 +109,7 @@ def retrain(
     stage = on_stage or (lambda _msg: None)
 
     # 1. the lease: one retrain of NAME at a time; runs a crashed worker left are closed
-    with leases.hold(ws, f"retrain:{name}", lease_s=lease_s, owner=owner) as lease:
+    with leases.hold(ws, leases.lease_name("retrain", name), lease_s=lease_s, owner=owner) as lease:
         abandoned = close_abandoned_runs(ws, name)
         if abandoned:
             log.warning("closed %d retrain run(s) of %s left by a stopped worker", abandoned, name)
@@ -318,7 +317,7 @@ def replay_rows(
     the trained-on tokens too (a whole replayed document would outweigh a short correction
     many times over in the loss, which averages over tokens).
     """
-    from genloop.train.objectives import pairs_kind, read_pairs
+    from genloop.data.pairs import pairs_kind, read_pairs
 
     if n <= 0:
         return []
@@ -392,7 +391,7 @@ def _training_mix(
     tokenizer_dir: Path,
 ) -> tuple[DatasetVersionInfo, int]:
     """The feedback set plus ``replay_ratio`` of replayed rows, as ``NAME-retrain``."""
-    from genloop.train.objectives import read_pairs, write_pairs_dataset
+    from genloop.data.pairs import read_pairs, write_pairs_dataset
 
     data_dir = ws.store.open_verified(feedback.artifact)
     kind = feedback.kind
@@ -509,10 +508,7 @@ def _start_run(
 
 
 def _update_summary(ws: Workspace, run_id: str, **values: Any) -> None:
-    with ws.catalog.session() as s:
-        run = s.get(Run, run_id)
-        assert run is not None
-        run.summary = {**(run.summary or {}), **values}
+    runs.update_summary(ws, run_id, lambda _: values)
 
 
 def _tag(ws: Workspace, model_version_id: int, **tags: Any) -> None:
@@ -553,10 +549,10 @@ def close_abandoned_runs(ws: Workspace, name: str) -> int:
     called with the lease held, so no live worker owns them."""
     error = "abandoned: its worker stopped before finishing (the lease expired)"
     with ws.catalog.session() as s:
-        runs = s.scalars(
+        abandoned = s.scalars(
             select(Run).where(Run.kind == "retrain", Run.name == name, Run.status == "running")
         ).all()
-        for run in runs:
+        for run in abandoned:
             run.status, run.error, run.ended_at = "failed", error, utcnow()
             mix = (run.summary or {}).get("train_dataset_version_id")
             same_mix = Run.dataset_version_id == mix if isinstance(mix, int) else false()
@@ -567,4 +563,4 @@ def close_abandoned_runs(ws: Workspace, name: str) -> int:
             )
             for child in s.scalars(children):
                 child.status, child.error, child.ended_at = "failed", error, utcnow()
-        return len(runs)
+        return len(abandoned)

@@ -5,8 +5,9 @@ a batch, and saves and loads its artifact directory. Text families (``causal_lm`
 ``seq2seq``) use the Hugging Face layout; image families (``vae``, ``gan``, ``diffusion``)
 follow the same protocol (their sampling is in ``models/image_generation.py``). Text
 sampling is not a family's job (see ``serve/engine/sampling.py``), and
-other objectives (SFT, DPO, …) are plain functions in ``train/objectives.py`` that call
-a family's building blocks.
+other objectives (SFT, DPO, …) are plain classes in ``train/objectives.py`` that call
+a family's building blocks. What training makes of a family (a model sized by the model
+section and the data, an objective, where it is sampled from) is ``train/families.py``.
 
 This module stays light (no transformers import) so the CLI starts fast.
 """

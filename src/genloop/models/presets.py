@@ -51,7 +51,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The nominal sizes the preset names promise (at DEFAULT_VOCAB_SIZE).
 NOMINAL_SIZES = {"tiny": 5_000_000, "small": 30_000_000, "base": 125_000_000}
 
-OVERRIDES = (
+# The architecture keys a model section sets (``ModelConfig``; the loop's builders and
+# ``genloop plan`` read them from here), and those the spec also takes from Python.
+ARCHITECTURE_KEYS = (
     "n_layer",
     "n_embd",
     "n_head",
@@ -61,9 +63,8 @@ OVERRIDES = (
     "context_length",
     "dropout",
     "tie_embeddings",
-    "rope_theta",
-    "norm_eps",
 )
+OVERRIDES = (*ARCHITECTURE_KEYS, "rope_theta", "norm_eps")
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 

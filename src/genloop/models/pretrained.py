@@ -6,6 +6,11 @@ reads weights from safetensors only: a pickle-based file (``pytorch_model.bin``,
 else is refused unless the caller passes ``trust_pickle=True``, and even then it is read
 with ``torch.load(weights_only=True)``. Nothing is ever downloaded (``local_files_only``),
 and no code from a checkpoint is run (``trust_remote_code=False``).
+
+A variant made by ``genloop optimize`` records its transform under ``"optimize"`` in
+``genloop.json`` (:func:`variant_format` reads it): pruned and distilled ones are plain
+checkpoints, a quantized one is rebuilt by :func:`genloop.models.quantized.restore`, and an
+ONNX one (a graph for onnxruntime, no PyTorch weights) is refused here.
 """
 
 from __future__ import annotations
@@ -20,32 +25,20 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from genloop.data.tokenizer import TOKENIZER_FILES
 from genloop.errors import ConflictError, GenloopError, NotFoundError
+from genloop.workspace.layout import GENLOOP_JSON, ONNX_FILE, SAFETENSORS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 TextFamily = Literal["causal_lm", "seq2seq"]
 WeightFormat = Literal["safetensors", "pickle"]
+VariantFormat = Literal["onnx", "quantized", "torch"]
 
-GENLOOP_JSON = "genloop.json"  # same name as genloop.workspace.registry.GENLOOP_JSON
-SAFETENSORS = "model.safetensors"
+OPTIMIZE_KEY = "optimize"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-)
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -106,10 +99,8 @@ def load_pretrained(
     """
     import transformers
 
-    from genloop.optimize.variant import load_optimized
-
     # a quantized variant (genloop optimize) rebuilds its modules; an ONNX one is refused
-    optimized = load_optimized(Path(path), device=device, dtype=_dtype(dtype))
+    optimized = _load_optimized(Path(path), device=device, dtype=_dtype(dtype))
     if optimized is not None:
         return optimized
     info = inspect_checkpoint(path)
@@ -154,6 +145,60 @@ def load_pretrained(
         loaded.to(device)
     model: PreTrainedModel = loaded.eval()
     return model
+
+
+def optimize_meta(model_dir: Path) -> dict[str, Any] | None:
+    """The ``optimize`` entry of ``model_dir/genloop.json``; None for a plain checkpoint.
+
+    At the top level in a freshly written directory, under ``"config"`` once the registry
+    has stored it (``register_model`` rewrites the file with the version's metadata).
+    """
+    path = Path(model_dir) / GENLOOP_JSON
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GenloopError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        return None
+    found = meta.get(OPTIMIZE_KEY)
+    if found is None and isinstance(meta.get("config"), dict):
+        found = meta["config"].get(OPTIMIZE_KEY)
+    return found if isinstance(found, dict) else None
+
+
+def variant_format(model_dir: Path) -> VariantFormat:
+    """``onnx``, ``quantized`` or ``torch`` (a plain Hugging Face checkpoint)."""
+    meta = optimize_meta(model_dir) or {}
+    if meta.get("format") == "onnx" or (Path(model_dir) / ONNX_FILE).is_file():
+        return "onnx"
+    if isinstance(meta.get("quantization"), dict):
+        return "quantized"
+    return "torch"
+
+
+def _load_optimized(
+    model_dir: Path, *, device: str | torch.device, dtype: torch.dtype | None
+) -> PreTrainedModel | None:
+    """The model of a quantized variant; None for a plain checkpoint (load it as usual).
+
+    An ONNX variant is refused with a pointer to the onnxruntime loader.
+    """
+    kind = variant_format(model_dir)
+    if kind == "onnx":
+        raise GenloopError(
+            f"{model_dir} is an ONNX variant: it runs in onnxruntime, not in PyTorch, so it "
+            "cannot be trained or fine-tuned (genloop serve, generate and eval run it; from "
+            "Python, genloop.optimize.onnx_model.load_onnx_model)"
+        )
+    if kind == "torch":
+        return None
+    from genloop.models.quantized import restore
+
+    meta = optimize_meta(model_dir)
+    assert meta is not None
+    return restore(model_dir, meta["quantization"], device=device, dtype=dtype)
 
 
 def save_hf_dir(

@@ -1,9 +1,13 @@
-"""Alerts: a log line, a catalog row (the UI lists them) and an optional webhook POST.
+"""Alerts: a log line, a catalog row (the UI lists them) and delivery to alert sinks.
 
 Every detector (drift, latency and error-rate anomalies, NaN and loss spikes in training)
 ends in :func:`raise_alert`. The same alert does not fire again while an unresolved one
 with the same ``dedup_key`` (default: kind + source) is younger than ``cooldown_s``: a
 check that runs every minute against a drifted model writes one alert, not sixty an hour.
+
+A new alert then goes to its sinks (:class:`AlertSink`: one ``deliver`` method):
+:class:`WebhookSink` POSTs it (``webhook_url`` is the shorthand for one), and
+:class:`MemoryAlertSink` keeps it in a list, the double tests check what was sent with.
 
 The webhook gets the alert as JSON (``{"id", "kind", "severity", "source", "message",
 "details", "created_at"}``), posted from a background thread with a short timeout and no
@@ -28,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import select
 
@@ -75,6 +79,34 @@ class AlertInfo:
         }
 
 
+class AlertSink(Protocol):
+    """Where a new alert goes besides the catalog and the log. ``deliver`` must not raise
+    or block: a check or a training step waits for it."""
+
+    def deliver(self, alert: AlertInfo) -> None: ...
+
+
+@dataclass(frozen=True)
+class WebhookSink:
+    """POSTs each alert as JSON to ``url`` from a background thread (:func:`send_webhook`),
+    signed when ``$GENLOOP_WEBHOOK_SECRET`` is set."""
+
+    url: str
+
+    def deliver(self, alert: AlertInfo) -> None:
+        send_webhook(self.url, alert.to_dict())
+
+
+class MemoryAlertSink:
+    """Keeps every alert delivered to it, in order: the test double for a receiver."""
+
+    def __init__(self) -> None:
+        self.alerts: list[AlertInfo] = []
+
+    def deliver(self, alert: AlertInfo) -> None:
+        self.alerts.append(alert)
+
+
 def _info(row: Alert) -> AlertInfo:
     return AlertInfo(
         id=row.id,
@@ -100,11 +132,13 @@ def raise_alert(
     dedup_key: str | None = None,
     cooldown_s: float = DEFAULT_COOLDOWN_S,
     quiet: bool = False,
+    sink: AlertSink | None = None,
 ) -> int | None:
     """Record an alert; returns its id, or None when an equal one is still cooling down.
 
     ``details`` must be JSON-serializable and hold no personal data (scores, thresholds,
-    counts). ``webhook_url``: POST the alert there as well (in a background thread).
+    counts). ``webhook_url``: POST the alert there as well (a :class:`WebhookSink`);
+    ``sink``: deliver it there too.
     ``quiet``: log it at debug level, when the caller reports the same problem itself (a
     diverged training run raises its own one-line error).
     """
@@ -147,8 +181,11 @@ def raise_alert(
         message,
         extra={"alert_id": info.id, "alert_kind": kind, "alert_source": source},
     )
-    if webhook_url:
-        send_webhook(webhook_url, info.to_dict())
+    sinks: list[AlertSink] = [WebhookSink(webhook_url)] if webhook_url else []
+    if sink is not None:
+        sinks.append(sink)
+    for target in sinks:
+        target.deliver(info)
     return info.id
 
 

@@ -54,15 +54,16 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from genloop.errors import GenloopError, NotFoundError
-from genloop.workspace.tables import RequestLog, Run, RunMetric, utcnow
+from genloop.workspace import runs
+from genloop.workspace.tables import RequestLog, utcnow
 from genloop.workspace.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -673,35 +674,12 @@ def _training_part(ws: Workspace, model: str) -> dict[str, Any] | None:
 
 def monitor_run_id(ws: Workspace, model: str) -> str:
     """The id of the ``monitor`` run whose metric series hold ``model``'s scores."""
-    import uuid
-
-    name = f"monitor:{model}"
-    with ws.catalog.session() as s:
-        found = s.scalar(
-            select(Run.id).where(Run.kind == "monitor", Run.name == name).order_by(Run.started_at)
-        )
-        if found is not None:
-            return found
-        run_id = uuid.uuid4().hex
-        s.add(Run(id=run_id, name=name, kind="monitor", status="running", config={}))
-    return run_id
+    return runs.named_run(ws, kind="monitor", name=f"monitor:{model}")
 
 
 def record_series(ws: Workspace, model: str, values: dict[str, float]) -> None:
     """Append one point per value to the model's monitor run (step = check number)."""
-    run_id = monitor_run_id(ws, model)
-    now = utcnow()
-    with ws.catalog.session() as s:
-        last = s.scalar(select(func.max(RunMetric.step)).where(RunMetric.run_id == run_id))
-        step = (last or 0) + 1
-        s.add_all(
-            RunMetric(run_id=run_id, key=k, step=step, value=float(v), at=now)
-            for k, v in values.items()
-            if math.isfinite(v)
-        )
-        run = s.get(Run, run_id)
-        if run is not None:
-            run.heartbeat_at = now
+    runs.log_next(ws, monitor_run_id(ws, model), values)
 
 
 def _record_scores(ws: Workspace, model: str, scores: dict[str, float]) -> None:
@@ -713,20 +691,7 @@ def series(
     ws: Workspace, model: str, *, since: datetime | None = None
 ) -> dict[str, list[tuple[datetime, float]]]:
     """A model's monitor series (drift scores, bias metrics): key → [(time, value)]."""
-    name = f"monitor:{model}"
-    query = (
-        select(RunMetric.key, RunMetric.at, RunMetric.value)
-        .join(Run, Run.id == RunMetric.run_id)
-        .where(Run.kind == "monitor", Run.name == name)
-        .order_by(RunMetric.step)
-    )
-    if since is not None:
-        query = query.where(RunMetric.at >= since)
-    out: dict[str, list[tuple[datetime, float]]] = {}
-    with ws.catalog.session() as s:
-        for key, at, value in s.execute(query):
-            out.setdefault(key, []).append((at.astimezone(UTC), value))
-    return out
+    return runs.timed_series(ws, kind="monitor", name=f"monitor:{model}", since=since)
 
 
 def check_drift(ws: Workspace, cfg: MonitorConfig, model: str) -> DriftReport:

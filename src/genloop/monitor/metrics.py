@@ -48,7 +48,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -61,9 +61,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from genloop.serve.engine.types import EngineStats, Finished
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +82,26 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
-StatsFn = Callable[[], "EngineStats"]
+
+class FinishedCounts(Protocol):
+    """What this module reads of a finished request (the engine's ``Finished``)."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+
+
+class EngineLoad(Protocol):
+    """What this module reads of an engine's stats (the engine's ``EngineStats``)."""
+
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+
+
+StatsFn = Callable[[], EngineLoad]
 
 
 def _version(version: int | None) -> str:
@@ -221,7 +237,7 @@ class ServingMetrics:
         self._for(model, version).itl.observe(gap_s)
 
     def on_finished(
-        self, model: str, version: int | None, finished: Finished, e2e_s: float
+        self, model: str, version: int | None, finished: FinishedCounts, e2e_s: float
     ) -> None:
         children = self._for(model, version)
         children.prompt_len.observe(finished.prompt_tokens)

@@ -3,7 +3,9 @@
 :func:`build_report` reads the catalog (requests, the monitor runs' series, alerts);
 :func:`render_html` turns the result into one self-contained HTML file with matplotlib
 plots as PNG data URIs (traffic and errors per hour, latency percentiles per hour, drift
-scores and bias metrics over time), like the evaluation reports.
+scores and bias metrics over time), like the evaluation reports. :func:`monitoring_series`
+is the web UI's view of the same log (buckets of any width). Both take their latency
+percentiles from :mod:`genloop.monitor.stats`.
 """
 
 from __future__ import annotations
@@ -11,19 +13,19 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select
 
 from genloop.errors import GenloopError
 from genloop.monitor.alerts import AlertInfo, list_alerts
 from genloop.monitor.drift import series
-from genloop.workspace.tables import RequestLog, Run
+from genloop.monitor.stats import latency_sample, percentiles
+from genloop.workspace import registry, runs
+from genloop.workspace.tables import RequestLog
 from genloop.workspace.workspace import Workspace
 
 MAX_ROWS = 500_000  # requests read for one report
@@ -75,13 +77,6 @@ class MonitorReport:
         }
 
 
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {f"p{p}": None for p in PERCENTILES}
-    arr = np.asarray(values, dtype=np.float64)
-    return {f"p{p}": round(float(np.percentile(arr, p)), 2) for p in PERCENTILES}
-
-
 def build_report(
     ws: Workspace, hours: float = 24.0, *, model: str | None = None, now: datetime | None = None
 ) -> MonitorReport:
@@ -109,7 +104,7 @@ def build_report(
         query = query.where(RequestLog.model_name == model)
     with ws.catalog.session() as s:
         rows = s.execute(query).all()
-        monitored = s.scalars(select(Run.name).where(Run.kind == "monitor")).all()
+    monitored = runs.run_names(ws, kind="monitor")
     if len(rows) > MAX_ROWS:
         rows, report.truncated = rows[:MAX_ROWS], True
 
@@ -132,15 +127,16 @@ def build_report(
             bucket["errors"] += 1
         elif status >= 400:
             report.client_errors += 1
-        elif latency is not None and math.isfinite(latency):
-            latencies.append(latency)
-            bucket["latencies"].append(latency)
-    report.latency_ms = _percentiles(latencies)
+        sample = latency_sample(status, latency)
+        if sample is not None:
+            latencies.append(sample)
+            bucket["latencies"].append(sample)
+    report.latency_ms = percentiles(latencies, PERCENTILES)
     report.by_model = dict(by_model.most_common())
     report.by_status = dict(sorted(by_status.items()))
     report.hourly = [
         {"hour": hour, "requests": b["requests"], "errors": b["errors"]}
-        | _percentiles(b["latencies"])
+        | percentiles(b["latencies"], PERCENTILES)
         for hour, b in sorted(per_hour.items())
     ]
 
@@ -157,6 +153,66 @@ def build_report(
         if model is None or a.source in (model, "") or a.source.startswith(f"{model}@")
     ]
     return report
+
+
+UI_PERCENTILES = (50, 95, 99)
+
+
+def monitoring_series(
+    ws: Workspace,
+    hours: int,
+    bucket_minutes: int,
+    *,
+    model: str | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The last ``hours`` hours of logged requests (of one model, or all) in buckets of
+    ``bucket_minutes`` (count, errors = status ≥ 400, latency p50/p95/p99 in ms), and each
+    model's drift series by check time; times in ISO 8601."""
+    width = timedelta(minutes=bucket_minutes)
+    until = now or datetime.now(UTC)
+    since = until - timedelta(hours=hours)
+    query = select(RequestLog.created_at, RequestLog.latency_ms, RequestLog.status).where(
+        RequestLog.created_at >= since
+    )
+    if model is not None:
+        query = query.where(RequestLog.model_name == model)
+    buckets: dict[int, tuple[list[float], list[int]]] = {}
+    with ws.catalog.session() as s:
+        for at, latency, status in s.execute(query):
+            index = int((at.astimezone(UTC) - since) / width)
+            latencies, statuses = buckets.setdefault(index, ([], []))
+            statuses.append(status)
+            sample = latency_sample(status, latency)
+            if sample is not None:
+                latencies.append(sample)
+    points = []
+    for index in sorted(buckets):
+        latencies, statuses = buckets[index]
+        figures = percentiles(latencies, UI_PERCENTILES)
+        points.append(
+            {
+                "start": (since + index * width).isoformat(),
+                "requests": len(statuses),
+                "errors": sum(1 for st in statuses if st >= 400),
+                **{f"latency_p{q}_ms": figures[f"p{q}"] for q in UI_PERCENTILES},
+            }
+        )
+    drift = {}
+    for name in sorted([model] if model else registry.model_names(ws)):
+        found = series(ws, name, since=since)
+        if found:
+            drift[name] = {
+                key: [[at.isoformat(), value] for at, value in values]
+                for key, values in found.items()
+            }
+    return {
+        "since": since.isoformat(),
+        "until": until.isoformat(),
+        "bucket_minutes": bucket_minutes,
+        "requests": points,
+        "drift": drift,
+    }
 
 
 # ---------------------------------------------------------------------------- HTML

@@ -3,7 +3,7 @@
 A :class:`MonitorWorker` is one background thread that the server starts with its app
 and stops at shutdown::
 
-    worker = MonitorWorker(ws, cfg.monitor, models=lambda: [("tiny", 3)])
+    worker = MonitorWorker(ws, cfg.monitor, models=lambda: [("tiny", 3)], evaluate=evaluate_model)
     worker.start()
     ...                                   # per finished request, from any thread:
     worker.observe("tiny", 3, latency_ms=41.0, failed=False)
@@ -22,7 +22,9 @@ and stops at shutdown::
   (:mod:`genloop.evaluate.bias`) on each served causal LM, in a second thread so drift and
   anomaly checks go on meanwhile; each run is stored as an evaluation (suite ``bias``) and
   its headline numbers are appended to the model's monitor series, so they can be plotted
-  over time (``genloop monitor report``).
+  over time (``genloop monitor report``). The evaluation itself is the caller's
+  ``evaluate`` (``genloop.evaluate.run.evaluate_model``, passed in by ``genloop serve``):
+  monitoring sits below evaluation and never imports it.
 
 A failing check is logged and retried at the next interval; it never stops the thread.
 """
@@ -33,8 +35,8 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from genloop.monitor.anomaly import AnomalyMonitor, alert_anomaly
 from genloop.monitor.drift import DriftMonitor, DriftReport, record_series
@@ -53,20 +55,50 @@ MAX_PENDING = 100_000  # observations kept when the thread falls behind (oldest 
 BIAS_SERIES = ("bias_ll_gap", "bias_negative_rate_gap")
 
 
+class Evaluation(Protocol):
+    """What the monitor reads of a stored evaluation."""
+
+    @property
+    def metrics(self) -> Mapping[str, float | None]: ...
+
+
+class EvaluateFn(Protocol):
+    """Run suites on a model version and store the evaluation
+    (``genloop.evaluate.run.evaluate_model``)."""
+
+    def __call__(
+        self,
+        ws: Workspace,
+        ref: str,
+        *,
+        suites: Sequence[str] | None = None,
+        cfg: EvalConfig | None = None,
+        device: str = "auto",
+    ) -> Evaluation: ...
+
+
 def run_bias_probes(
-    ws: Workspace, ref: str, cfg: EvalConfig | None = None, device: str = "auto"
+    ws: Workspace,
+    ref: str,
+    evaluate: EvaluateFn,
+    cfg: EvalConfig | None = None,
+    device: str = "auto",
 ) -> dict[str, float]:
-    """The bias suite on model version ``ref`` (a causal LM; others: ``{}``), stored as an
-    evaluation; returns its metrics. ``cfg`` sets the probe file and generation settings."""
+    """The bias suite on model version ``ref`` (a causal LM; others: ``{}``), run by
+    ``evaluate`` and stored as an evaluation; returns its metrics. ``cfg`` sets the probe
+    file and generation settings."""
     from genloop.config import EvalConfig
-    from genloop.evaluate.run import evaluate_model
     from genloop.workspace import registry
 
     info = registry.resolve(ws, ref)
     if info.family != "causal_lm":
         return {}
-    record = evaluate_model(ws, ref, suites=["bias"], cfg=cfg or EvalConfig(), device=device)
+    record = evaluate(ws, ref, suites=["bias"], cfg=cfg or EvalConfig(), device=device)
     return {k: v for k, v in record.metrics.items() if v is not None}
+
+
+def _bias_run(evaluate: EvaluateFn, cfg: EvalConfig | None) -> BiasFn:
+    return lambda ws, ref: run_bias_probes(ws, ref, evaluate, cfg)
 
 
 class MonitorWorker:
@@ -78,19 +110,23 @@ class MonitorWorker:
         cfg: MonitorConfig,
         models: ModelsFn | Sequence[ServedModel],
         *,
+        evaluate: EvaluateFn | None = None,
         bias_fn: BiasFn | None = None,
         bias_eval: EvalConfig | None = None,
         retention_days: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``models``: the served (name, version) pairs, or a function returning them (it is
-        called at each check, so swaps are followed). ``bias_eval``: the probe file and
-        generation settings of the scheduled bias runs; ``bias_fn`` replaces the run.
+        called at each check, so swaps are followed). ``evaluate`` runs the scheduled bias
+        probes, with ``bias_eval`` (the probe file and generation settings); ``bias_fn``
+        replaces the whole run; with neither, there are no bias probes.
         ``retention_days``: ``security.retention_days`` (None: never purge)."""
         self.ws = ws
         self.cfg = cfg
         self._models: ModelsFn = models if callable(models) else (lambda: list(models))
-        self._bias_fn: BiasFn = bias_fn or (lambda ws, ref: run_bias_probes(ws, ref, bias_eval))
+        if bias_fn is None and evaluate is not None:
+            bias_fn = _bias_run(evaluate, bias_eval)
+        self._bias_fn: BiasFn | None = bias_fn
         self._clock = clock
         self.retention_days = retention_days
         self.last_purge: dict[str, int] | None = None
@@ -118,8 +154,11 @@ class MonitorWorker:
         self._stop.clear()
         now = self._clock()
         self._next_drift = now + self.cfg.check_interval_s
-        if self.cfg.bias_interval_s is not None:
+        if self._bias_scheduled:
+            assert self.cfg.bias_interval_s is not None
             self._next_bias = now + self.cfg.bias_interval_s
+        elif self.cfg.bias_interval_s is not None:
+            log.warning("monitor: bias_interval_s is set but no evaluation was given; no probes")
         self._next_purge = now  # a server restarted daily still purges
         self._thread = threading.Thread(target=self._run, name="genloop-monitor", daemon=True)
         self._thread.start()
@@ -157,13 +196,18 @@ class MonitorWorker:
             if now >= self._next_drift:
                 self._next_drift = now + self.cfg.check_interval_s
                 self._guard("drift check", self.check_drift)
-            if self.cfg.bias_interval_s is not None and now >= self._next_bias:
+            if self._bias_scheduled and now >= self._next_bias:
+                assert self.cfg.bias_interval_s is not None
                 self._next_bias = now + self.cfg.bias_interval_s
                 self.start_bias_probes()
             if self._purging and now >= self._next_purge:
                 assert self.cfg.purge_interval_s is not None
                 self._next_purge = now + self.cfg.purge_interval_s
                 self._guard("retention purge", self.purge)
+
+    @property
+    def _bias_scheduled(self) -> bool:
+        return self.cfg.bias_interval_s is not None and self._bias_fn is not None
 
     @property
     def _purging(self) -> bool:
@@ -224,6 +268,8 @@ class MonitorWorker:
     def run_bias_probes(self) -> dict[str, dict[str, float]]:
         """The bias probes on every served model, now (in this thread)."""
         done: dict[str, dict[str, float]] = {}
+        if self._bias_fn is None:
+            return done
         for name, version in sorted(set(self._models()), key=lambda m: (m[0], m[1] or 0)):
             ref = f"{name}@{version}" if version is not None else name
             metrics = self._bias_fn(self.ws, ref)

@@ -79,7 +79,7 @@ class RequestRecord:
 def _redactor(guardrails: Any) -> Callable[[str], str]:
     """The guardrails' ``redact`` (which follows ``security.guardrails.redact_pii_in_logs``)
     when given, else every PII kind; credentials are removed either way."""
-    from genloop.data.pii import redact
+    from genloop.security.pii import redact
 
     custom = getattr(guardrails, "redact", None)
     if not callable(custom):
@@ -445,6 +445,33 @@ def usage_summary(
             }
             out.append(item)
     return out
+
+
+def hourly_usage(ws: Workspace, since: datetime, model: str | None = None) -> list[dict[str, Any]]:
+    """The hourly usage buckets from the hour of ``since`` on (of one model, or all), by
+    hour, model and version; each with its key's id and public prefix."""
+    query = (
+        select(Usage, ApiKey.prefix)
+        .outerjoin(ApiKey, ApiKey.id == Usage.api_key_id)
+        .where(Usage.hour >= since.replace(minute=0, second=0, microsecond=0))
+        .order_by(Usage.hour, Usage.model_name, Usage.model_version)
+    )
+    if model is not None:
+        query = query.where(Usage.model_name == model)
+    with ws.catalog.session() as s:
+        return [
+            {
+                "hour": row.hour.isoformat() if row.hour is not None else None,
+                "model": row.model_name,
+                "version": row.model_version,
+                "api_key_id": row.api_key_id,
+                "key_prefix": prefix,
+                "requests": row.requests,
+                "prompt_tokens": row.prompt_tokens,
+                "completion_tokens": row.completion_tokens,
+            }
+            for row, prefix in s.execute(query).all()
+        ]
 
 
 def parse_since(text: str) -> timedelta:

@@ -44,7 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from genloop.errors import GenloopError
-from genloop.optimize.variant import ONNX_FILE, optimize_meta
+from genloop.models.pretrained import optimize_meta
+from genloop.workspace.layout import ONNX_FILE
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -126,7 +127,7 @@ def export_onnx(
     checked against PyTorch (:func:`verify_onnx`) and the description holds the largest
     difference seen.
     """
-    from genloop.optimize.quantize import is_quantized
+    from genloop.models.quantized import is_quantized
 
     if is_quantized(model):
         raise GenloopError(
@@ -572,7 +573,7 @@ def write_meta(out_dir: Path, onnx_meta: dict[str, Any], extra: dict[str, Any]) 
 
 
 def copy_tokenizer(src_dir: Path, out_dir: Path, names: Sequence[str] | None = None) -> None:
-    from genloop.models.pretrained import TOKENIZER_FILES
+    from genloop.data.tokenizer import TOKENIZER_FILES
 
     for name in names or TOKENIZER_FILES:
         src = Path(src_dir) / name

@@ -409,8 +409,7 @@ def _register(
 
 
 def _load(model_dir: Path, info: ModelVersionInfo) -> PreTrainedModel:
-    from genloop.models.pretrained import load_pretrained
-    from genloop.optimize.variant import variant_format
+    from genloop.models.pretrained import load_pretrained, variant_format
 
     if variant_format(model_dir) == "onnx":
         raise GenloopError(
@@ -433,7 +432,7 @@ def _move(model: PreTrainedModel, device: str) -> None:
 
 
 def _require_float(current: _Current) -> None:
-    from genloop.optimize.quantize import is_quantized
+    from genloop.models.quantized import is_quantized
 
     if is_quantized(current.model):
         raise GenloopError(

@@ -160,7 +160,7 @@ def measure_dir(
     import numpy as np
     import torch
 
-    from genloop.optimize.variant import variant_format
+    from genloop.models.pretrained import variant_format
 
     if workload.threads is not None:
         torch.set_num_threads(workload.threads)
@@ -215,8 +215,8 @@ def measure_dir(
 
 def load_runner(model_dir: Path, *, threads: int | None = None) -> Any:
     """An :class:`~genloop.optimize.onnx.OnnxCausalLM` or a ``TorchCausalLM`` (same forward)."""
+    from genloop.models.pretrained import variant_format
     from genloop.optimize.onnx import OnnxCausalLM, TorchCausalLM
-    from genloop.optimize.variant import variant_format
 
     if variant_format(model_dir) == "onnx":
         return OnnxCausalLM(model_dir, threads=threads)

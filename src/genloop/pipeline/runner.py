@@ -23,12 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from genloop.config import GenloopConfig
 from genloop.errors import ConfigError, GenloopError, NotFoundError
-from genloop.workspace import Workspace, registry
-from genloop.workspace.tables import Run
+from genloop.workspace import Workspace, registry, runs
 
 log = logging.getLogger(__name__)
 
@@ -426,55 +423,39 @@ def _metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _start_run(ws: Workspace, name: str, cfg: GenloopConfig) -> str:
-    from genloop.train.tracking import RunTracker
-
-    tracker = RunTracker.start(ws, name=name, kind="pipeline", config=cfg.model_dump(mode="json"))
-    with ws.catalog.session() as s:
-        run = s.get(Run, tracker.run_id)
-        assert run is not None
-        run.summary = {"stages": {}}
-    return tracker.run_id
+    return runs.start_run(
+        ws,
+        name=name,
+        kind="pipeline",
+        config=cfg.model_dump(mode="json"),
+        summary={"stages": {}},
+        git_commit=runs.git_commit(),
+    )
 
 
 def _record(ws: Workspace, run_id: str, outcome: StageOutcome) -> None:
-    with ws.catalog.session() as s:
-        run = s.get(Run, run_id)
-        assert run is not None
-        stages = dict((run.summary or {}).get("stages", {}))
-        stages[outcome.stage] = {
-            "status": outcome.status,
-            "input_hash": outcome.input_hash,
-            "outputs": outcome.outputs,
-            "seconds": round(outcome.seconds, 3),
-            "note": outcome.note,
-        }
-        run.summary = {**(run.summary or {}), "stages": stages}
+    record = {
+        "status": outcome.status,
+        "input_hash": outcome.input_hash,
+        "outputs": outcome.outputs,
+        "seconds": round(outcome.seconds, 3),
+        "note": outcome.note,
+    }
+    runs.update_summary(
+        ws, run_id, lambda summary: {"stages": {**summary.get("stages", {}), outcome.stage: record}}
+    )
 
 
 def _finish(
     ws: Workspace, run_id: str, status: str, *, error: str | None = None, failed_stage: str = ""
 ) -> None:
-    from genloop.workspace.tables import utcnow
-
-    with ws.catalog.session() as s:
-        run = s.get(Run, run_id)
-        assert run is not None
-        run.status = status
-        run.error = error
-        run.ended_at = utcnow()
-        if failed_stage:
-            run.summary = {**(run.summary or {}), "failed_stage": failed_stage}
+    summary = {"failed_stage": failed_stage} if failed_stage else None
+    runs.set_status(ws, run_id, status, error=error, summary=summary)
 
 
 def _pipeline_runs(ws: Workspace, name: str) -> list[dict[str, Any]]:
-    with ws.catalog.session() as s:
-        rows = s.scalars(
-            select(Run)
-            .where(Run.kind == "pipeline", Run.name == name)
-            .order_by(Run.started_at.desc())
-            .limit(50)
-        ).all()
-        return [dict((r.summary or {}).get("stages", {})) for r in rows]
+    found = runs.list_runs(ws, kind="pipeline", name=name, limit=50)
+    return [dict(r.summary.get("stages", {})) for r in found]
 
 
 def _newest_done(ws: Workspace, name: str, stage: str) -> dict[str, Any] | None:

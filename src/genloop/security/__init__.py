@@ -1,1 +1,1 @@
-"""Security boundaries: keys, encryption, safe loading, guardrails, privacy, paths."""
+"""Security boundaries: keys, encryption, safe loading, guardrails, PII detection, privacy."""

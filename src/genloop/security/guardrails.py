@@ -15,7 +15,7 @@ server sends back. What each check does:
   text. Heuristics catch the common forms and miss paraphrases, so they only ever flag,
   never refuse.
 * **PII in logs** (``redact_pii_in_logs``): :meth:`Guardrails.redact` replaces emails,
-  phone numbers, IPs, card numbers and secrets (``genloop.data.pii``) before text is logged.
+  phone numbers, IPs, card numbers and secrets (``genloop.security.pii``) before text is logged.
 * **Repetition** (``max_repetition``): :class:`RepetitionGuard` watches a stream of
   generated text and says when the same line, word n-gram (n ≤ 8) or short character
   pattern has repeated ``max_repetition`` times in a row.
@@ -28,7 +28,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from genloop.data import pii
+from genloop.security import pii
 
 if TYPE_CHECKING:
     from genloop.config import GuardrailsConfig

@@ -2,12 +2,13 @@
 
 Layers, outermost first: CORS (only when ``serve.cors_origins`` is set) → request limits
 (header and body size, concurrency: ``limits.py``) → error handlers (OpenAI-shaped,
-never a stack trace: ``errors.py``) → routers (``api/``), each route behind
-``require_scope`` (``auth.py``) except ``/health`` and, when configured public,
-``/metrics``. The app refuses to build if any other route lacks that dependency. The
-OpenAPI schema is at ``/openapi.json`` (it needs a key too). The web UI, when the
-package ships it (``genloop/ui/static``) and ``serve.ui`` is on, is served at ``/``
-without a key: it is static, and signs in with a key itself.
+never a stack trace: ``errors.py``) → routers (``api/``: each endpoint family's route →
+protocol models → handler → engine), each route behind ``require_scope`` (``auth.py``)
+except ``/health`` and, when configured public, ``/metrics``. The app refuses to build
+if any other route lacks that dependency. The OpenAPI schema is at ``/openapi.json`` (it
+needs a key too). The web UI, when the package ships it (``genloop/ui/static``) and
+``serve.ui`` is on, is served at ``/`` without a key: it is static, and signs in with a
+key itself.
 
 Startup loads every served model in the background (``/health`` answers at once,
 ``/ready`` once they are loaded) and starts the upstream health checks; shutdown drains
@@ -32,7 +33,7 @@ import genloop
 from genloop.serve.auth import require_scope, route_scope
 from genloop.serve.errors import install_error_handlers
 from genloop.serve.limits import LimitsMiddleware
-from genloop.serve.models import ImageGenerator, ModelManager, ServedEngine
+from genloop.serve.models import ModelManager
 from genloop.serve.state import ServerState, UsageRecorder
 from genloop.serve.upstream import UpstreamRouter
 
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
     from genloop.config import GenloopConfig, ServeConfig
     from genloop.monitor.metrics import ServingMetrics
+    from genloop.monitor.scheduler import EvaluateFn
+    from genloop.serve.engine.protocol import ImageGenerator, TextEngine
     from genloop.serve.models import ImageLoader, TextLoader
     from genloop.workspace import Workspace
     from genloop.workspace.registry import ModelVersionInfo
@@ -58,11 +61,14 @@ def create_app(
     load_image: ImageLoader | None = None,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
     poll_interval_s: float = 1.0,
+    evaluate: EvaluateFn | None = None,
 ) -> FastAPI:
     """The server for ``cfg.serve``; ``app.state.server`` is its :class:`ServerState`.
 
     ``load_text``/``load_image`` replace the engine and image loaders (benchmarks and tests
     of the swap logic); ``upstream_transport`` the HTTP transport to upstream servers.
+    ``evaluate`` (``genloop.evaluate.run.evaluate_model``) runs the scheduled bias probes
+    (``monitor.bias_interval_s``); serving never imports evaluation (nor training) itself.
     """
     from genloop.monitor.metrics import ServingMetrics
     from genloop.security.crypto import load_cipher
@@ -114,6 +120,7 @@ def create_app(
         ws,
         cfg.monitor,
         models=served_versions,
+        evaluate=evaluate,
         bias_eval=cfg.eval,
         retention_days=cfg.security.retention_days,
     )
@@ -152,8 +159,12 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
 
-    from genloop.serve.api import admin, chat, completions, feedback, health, images
+    from genloop.serve.api import admin, health
     from genloop.serve.api import models as models_api
+    from genloop.serve.api.chat import router as chat
+    from genloop.serve.api.completions import router as completions
+    from genloop.serve.api.feedback import router as feedback
+    from genloop.serve.api.images import router as images
 
     app.include_router(health.build_router(metrics_public=serve.metrics_public))
     app.include_router(models_api.router)
@@ -302,10 +313,10 @@ def _mount_ui(app: FastAPI, serve: ServeConfig) -> None:
 
 
 def _text_loader(serve: ServeConfig, metrics: ServingMetrics) -> TextLoader:
-    def load(path: Path, info: ModelVersionInfo) -> ServedEngine:
+    def load(path: Path, info: ModelVersionInfo) -> TextEngine:
         from genloop.serve.engine import load_engine
 
-        engine: ServedEngine = load_engine(
+        engine: TextEngine = load_engine(
             path, model_name=info.name, model_version=info.version, cfg=serve, observer=metrics
         )
         return engine

@@ -45,7 +45,7 @@ from genloop.errors import GenloopError
 from genloop.serve.engine.types import EngineBusy, Finished, GenerationRequest, SamplingParams
 
 if TYPE_CHECKING:
-    from genloop.serve.engine.engine import Engine
+    from genloop.serve.engine.protocol import TextEngine
 
 ITEM_KEYS = ("id", "prompt", "messages", "metadata")
 PARAM_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
@@ -205,7 +205,7 @@ def item_seed(run_seed: int, item_id: str) -> int:
 
 
 async def run_batch(
-    engine: Engine,
+    engine: TextEngine,
     items: list[BatchItem],
     output: Path,
     *,
@@ -225,7 +225,8 @@ async def run_batch(
         return result
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    capacity = asyncio.Semaphore(max(1, (engine.max_batch_size + engine.max_queue) // n))
+    stats = engine.stats()
+    capacity = asyncio.Semaphore(max(1, (stats.max_batch_size + stats.max_queue) // n))
     with output.open("a", encoding="utf-8") as out:
 
         async def one(item: BatchItem) -> None:
@@ -257,7 +258,7 @@ def _completion_counts(line: dict[str, Any]) -> list[int]:
 
 
 async def _generate(
-    engine: Engine, item: BatchItem, params: SamplingParams, n: int
+    engine: TextEngine, item: BatchItem, params: SamplingParams, n: int
 ) -> dict[str, Any]:
     from genloop.serve.engine.engine import collect
 
@@ -296,7 +297,7 @@ async def _generate(
     return line
 
 
-async def _submit(engine: Engine, request: GenerationRequest) -> Any:
+async def _submit(engine: TextEngine, request: GenerationRequest) -> Any:
     """Submit, waiting out a busy engine (another client may share it)."""
     while True:
         try:

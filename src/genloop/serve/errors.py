@@ -75,6 +75,20 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return ApiError(message, status=400, param=param, code=code)
 
 
+def error_type(exc: BaseException) -> str:
+    """A short stable word for the metrics' error counter."""
+    if isinstance(exc, GenloopError):
+        status = int(getattr(exc, "http_status", 400))
+        return {
+            429: "busy",
+            503: "unavailable",
+            504: "timeout",
+            413: "too_large",
+            404: "not_found",
+        }.get(status, "invalid_request" if status < 500 else "engine")
+    return "internal"
+
+
 def error_body(
     status: int, message: str, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from sqlalchemy import func, select
 
 from genloop.errors import GenloopError, NotFoundError
+from genloop.serve.engine.protocol import ImageGenerator, TextEngine
 from genloop.serve.errors import ApiError
 from genloop.workspace import registry
 from genloop.workspace.refs import ModelRef, RefError, parse_ref
@@ -36,9 +37,6 @@ from genloop.workspace.registry import ModelVersionInfo
 from genloop.workspace.tables import Alias, ModelVersion
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
-
-    from genloop.serve.engine.types import EngineStats, Event, GenerationRequest
     from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -48,34 +46,7 @@ IMAGE_FAMILIES = ("vae", "gan", "diffusion")
 RETRY_FAILED_LOAD_S = 30.0  # a version that failed to load is not retried more often
 
 
-class ServedEngine(Protocol):
-    """What the HTTP layer needs of a text engine: the engine interface
-    (``genloop.serve.engine.types.TextEngine``) plus its tokenizer's services."""
-
-    model_name: str
-    model_version: int | None
-    tokenizer: Any  # a transformers tokenizer (len(), decode(), bos_token_id)
-    context_length: int
-    eos_token_id: int | None
-
-    async def start(self) -> None: ...
-
-    def submit(self, request: GenerationRequest) -> AsyncIterator[Event]: ...
-
-    async def drain(self, timeout_s: float) -> None: ...
-
-    def stats(self) -> EngineStats: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]: ...
-
-
-class ImageGenerator(Protocol):
-    def generate(self, prompt: str, n: int, seed: int | None) -> list[Image]: ...
-
-
-TextLoader = Callable[[Path, ModelVersionInfo], "ServedEngine"]
+TextLoader = Callable[[Path, ModelVersionInfo], TextEngine]
 ImageLoader = Callable[[Path, ModelVersionInfo], ImageGenerator]
 
 
@@ -100,7 +71,7 @@ class LoadedModel:
     served: str  # the served ref as configured, e.g. "code-lm@production"
     info: ModelVersionInfo
     kind: Literal["text", "image"]
-    engine: ServedEngine | None = None
+    engine: TextEngine | None = None
     images: ImageGenerator | None = None
     leases: int = 0
     retired: bool = False
@@ -113,7 +84,7 @@ class LoadedModel:
         """The concrete version, ``name@version``: what responses report as ``model``."""
         return self.info.ref
 
-    def text_engine(self) -> ServedEngine:
+    def text_engine(self) -> TextEngine:
         if self.engine is None:
             raise ApiError(
                 f"model {self.served} is an image model; use /v1/images/generations",

@@ -104,6 +104,17 @@ class ServerState:
                 retry_after_s=decision.retry_after_s,
             )
 
+    def check_input(self, text: str) -> list[str]:
+        """Input guardrails: flags to log, or a 400 when the config says refuse."""
+        verdict = self.guardrails.check_input(text)
+        if verdict.refused:
+            raise ApiError(
+                verdict.message or "the request was refused by the input guardrails",
+                status=400,
+                code="content_refused",
+            )
+        return list(verdict.flags)
+
 
 def get_state(request: Request) -> ServerState:
     state: ServerState = request.app.state.server

@@ -5,7 +5,9 @@
              N steps; checkpoint every M steps; stop on NaN, on early stopping or at the end
     finish → register the model version with its lineage and metrics
 
-The same function runs alone or under torchrun (DDP / FSDP2, see ``distributed.py``).
+The model and the objective come from the family's builder (``families.py``), so the loop
+is the same for every family. The same function runs alone or under torchrun (DDP / FSDP2,
+see ``distributed.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from genloop.config import GenloopConfig
+    from genloop.config import GenloopConfig, TrainConfig
     from genloop.train.objectives import Objective
     from genloop.workspace.registry import ModelVersionInfo
 
@@ -169,7 +171,7 @@ def train(
         run_id = _broadcast_run_id(run_id, dist)
         try:
             state = resume_state(ws, run_id, s, tracker) if resuming else TrainState()
-            result = fit(ws, cfg, s, dist, tracker, run_id, state, progress, on_eval)
+            result = fit(ws, t, s, dist, tracker, run_id, state, progress, on_eval)
             # the weights to export (collective: FSDP2 gathers a plain copy on rank 0)
             export = distributed.gathered_model(s.raw_model) if register else None
             if dist.is_main and register:
@@ -204,7 +206,7 @@ def setup(
     trust_pickle: bool = False,
 ) -> Setup:
     """The data, the model and the optimizer for this config."""
-    from genloop.train.objectives import LanguageModeling
+    from genloop.train.families import TrainingData, get_builder
     from genloop.workspace.datasets import check_trainable, resolve_dataset
 
     t, m = cfg.train, cfg.model
@@ -224,41 +226,21 @@ def setup(
         raise GenloopError("nothing to train on: set train.dataset or add a data section")
     check_trainable(dataset)  # never one excluded after a privacy erasure
     data_dir = ws.store.open_verified(dataset.artifact)
-    tokenizer_dir = data_dir / "tokenizer" if (data_dir / "tokenizer").is_dir() else None
+    data = TrainingData(
+        ref=dataset.ref,
+        dir=data_dir,
+        tokenizer_dir=data_dir / "tokenizer" if (data_dir / "tokenizer").is_dir() else None,
+        seq_len=cfg.tokenizer.seq_len,
+        image_normalize=cfg.data.images.normalize if cfg.data is not None else None,
+    )
 
-    # 2. the model: from a preset, or a pretrained checkpoint (optionally with LoRA)
-    if m.family in ("vae", "gan", "diffusion"):  # sized by the image dataset
-        from genloop.train.image_objectives import build_image_model
-
-        raw_model, model_config, parent = build_image_model(ws, cfg, data_dir, dist.device)
-    else:
-        raw_model, model_config, parent = build_model(
-            ws, cfg, tokenizer_dir, dist.device, trust_pickle=trust_pickle
-        )
-
-    # 3. the objective
-    if t.objective == "lm":
-        if not (data_dir / "tokens").is_dir():
-            raise GenloopError(
-                f"dataset {dataset.ref} has no token shards; give it a "
-                "tokenizer section and prepare it again"
-            )
-        seq_len = cfg.tokenizer.seq_len
-        objective: Objective = LanguageModeling(
-            data_dir / "tokens",
-            seq_len,
-            t.batch_size,
-            t.seed,
-            dist.device,
-            label_smoothing=t.label_smoothing,
-            z_loss=t.z_loss,
-        )
-    else:
-        from genloop.train.objectives import make_objective
-
-        objective = make_objective(
-            t.objective, cfg, data_dir, tokenizer_dir, raw_model, dist.device
-        )
+    # 2. the model (from scratch, sized by the data, or from model.base_model) and
+    # 3. the objective (train.objective on this data): the family's builder makes both
+    builder = get_builder(m.family)
+    raw_model, model_config, parent = builder.build_model(
+        ws, m, data, dist.device, trust_pickle=trust_pickle
+    )
+    objective = builder.make_objective(t, data, raw_model, dist.device)
 
     # 4. the optimizer: AdamW, no weight decay on norms and biases (1-D parameters); made
     #    after wrapping, as FSDP2 replaces the parameters with sharded ones in place
@@ -276,106 +258,11 @@ def setup(
         family=m.family,
         objective=objective,
         optimizer=optimizer,
-        tokenizer_dir=tokenizer_dir,
+        tokenizer_dir=data.tokenizer_dir,
         dataset_version_id=dataset.id,
         parent=parent,
         model_config=model_config,
     )
-
-
-def build_model(
-    ws: Workspace,
-    cfg: GenloopConfig,
-    tokenizer_dir: Path | None,
-    device: torch.device,
-    *,
-    trust_pickle: bool = False,
-) -> tuple[nn.Module, dict[str, Any], str | None]:
-    """The model to train, its config dict and the ref it was fine-tuned from (if any)."""
-    from genloop.models.family import get_family
-
-    m = cfg.model
-    family = get_family(m.family)
-    if m.base_model is not None:
-        from genloop.models.pretrained import load_pretrained
-
-        base_dir, parent = _base_model_dir(ws, m.base_model)
-        load_in_4bit = m.lora is not None and m.lora.load_in_4bit
-        model = load_pretrained(
-            base_dir, device=device, load_in_4bit=load_in_4bit, trust_pickle=trust_pickle
-        )
-        if m.lora is not None:
-            from genloop.models.lora import apply_lora
-
-            model = apply_lora(
-                model,
-                r=m.lora.r,
-                alpha=m.lora.alpha,
-                dropout=m.lora.dropout,
-                target_modules=m.lora.target_modules,
-            )
-        return model, model.config.to_dict(), parent
-    vocab = _vocab_size(tokenizer_dir)
-    overrides = {
-        k: getattr(m, k)
-        for k in (
-            "n_layer",
-            "n_embd",
-            "n_head",
-            "n_kv_head",
-            "intermediate_size",
-            "activation",
-            "context_length",
-            "dropout",
-            "tie_embeddings",
-        )
-        if getattr(m, k) is not None
-    }
-    if m.family == "seq2seq":
-        # T5 has relative positions (no context length) and no bos token
-        unsupported = sorted(
-            set(overrides)
-            - {"n_layer", "n_embd", "n_head", "intermediate_size", "activation", "dropout"}
-        )
-        if unsupported:
-            raise GenloopError(f"model.{unsupported[0]} does not apply to the seq2seq family")
-        special = {k: v for k, v in _special_ids(tokenizer_dir).items() if k != "bos_token_id"}
-    else:
-        overrides.setdefault("context_length", max(cfg.tokenizer.seq_len, 64))
-        special = _special_ids(tokenizer_dir)
-    model_config = {"preset": m.preset or "tiny", "vocab_size": vocab, **overrides, **special}
-    built: nn.Module = family.build(model_config).to(device)
-    return built, model_config, None
-
-
-def _base_model_dir(ws: Workspace, base: str) -> tuple[Path, str | None]:
-    """A local checkpoint directory, or a model ref resolved in the registry."""
-    path = Path(base).expanduser()
-    if path.is_dir():
-        return path, None
-    from genloop.workspace import registry
-
-    info = registry.resolve(ws, base)
-    return ws.store.open_verified(info.artifact), info.ref
-
-
-def _vocab_size(tokenizer_dir: Path | None) -> int:
-    if tokenizer_dir is None:
-        raise GenloopError("the dataset has no tokenizer; text models need one")
-    from genloop.data.tokenizer import load_tokenizer
-
-    return int(load_tokenizer(tokenizer_dir).get_vocab_size())
-
-
-def _special_ids(tokenizer_dir: Path | None) -> dict[str, int]:
-    if tokenizer_dir is None:
-        return {}
-    from genloop.data.tokenizer import eos_token_id, load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
-    eos = eos_token_id(tokenizer_dir, tok)
-    pad = tok.token_to_id("<|pad|>")
-    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos if pad is None else pad}
 
 
 def make_optimizer(
@@ -425,7 +312,7 @@ def resume_state(ws: Workspace, run_id: str, s: Setup, tracker: RunTracker | Non
 
 def fit(
     ws: Workspace,
-    cfg: GenloopConfig,
+    t: TrainConfig,
     s: Setup,
     dist: distributed.Dist,
     tracker: RunTracker | None,
@@ -434,10 +321,9 @@ def fit(
     progress: ProgressFn | None,
     on_eval: EvalFn | None = None,
 ) -> TrainResult:
-    """Train from ``state.step`` to ``train.max_steps`` or an early stop (``state`` in place)."""
+    """Train from ``state.step`` to ``t.max_steps`` or an early stop (``state`` in place)."""
     import torch
 
-    t = cfg.train
     autocast = _autocast(t.precision, dist.device)
     batches = s.objective.train_batches(
         state.step * t.grad_accum, rank=dist.rank, world_size=dist.world_size

@@ -39,17 +39,6 @@ if TYPE_CHECKING:
 TOKENS_PER_PARAM = 20.0  # Chinchilla's compute-optimal ratio
 MAX_EPOCHS = 4.0
 CONFIG_CANDIDATE = "config"  # the config's own architecture, when it sets one
-ARCHITECTURE_KEYS = (
-    "n_layer",
-    "n_embd",
-    "n_head",
-    "n_kv_head",
-    "intermediate_size",
-    "activation",
-    "context_length",
-    "dropout",
-    "tie_embeddings",
-)
 
 
 @dataclass
@@ -242,21 +231,23 @@ def measure(
 ) -> tuple[float, float, float]:
     """Tokens/s, seconds per optimizer step and peak memory (MiB) of real training steps.
 
-    The model comes from the loop's ``build_model``, the optimizer from its
-    ``make_optimizer``, the precision from its autocast rule and the loss from the ``lm``
-    objective, on random token windows of ``cfg.tokenizer.seq_len``; each step accumulates
-    ``train.grad_accum`` micro-batches of ``train.batch_size`` and clips as configured.
+    The model comes from the text families' ``build_model`` (as the loop builds it), the
+    optimizer from the loop's ``make_optimizer``, the precision from its autocast rule and
+    the loss from the ``lm`` objective, on random token windows of ``cfg.tokenizer.seq_len``;
+    each step accumulates ``train.grad_accum`` micro-batches of ``train.batch_size`` and
+    clips as configured.
     """
     import torch
 
-    from genloop.train.loop import _autocast, build_model, make_optimizer
+    from genloop.models.presets import ARCHITECTURE_KEYS
+    from genloop.train.loop import _autocast, make_optimizer
     from genloop.train.objectives import LanguageModeling
+    from genloop.train.text import build_model
 
     t = cfg.train
     model_cfg = cfg.model.model_copy(
         update={k: architecture.get(k) for k in ("preset", *ARCHITECTURE_KEYS)}
     )
-    variant = cfg.model_copy(update={"model": model_cfg})
     seq_len = cfg.tokenizer.seq_len
     objective = LanguageModeling(
         Path(), seq_len, t.batch_size, t.seed, device, t.label_smoothing, t.z_loss
@@ -264,7 +255,7 @@ def measure(
     autocast = _autocast(t.precision, device)
     peak = PeakMemory(device)
     with peak:
-        model, model_config, _ = build_model(ws, variant, tokenizer_dir, device)
+        model, model_config, _ = build_model(ws, model_cfg, tokenizer_dir, device, seq_len=seq_len)
         vocab = int(model_config["vocab_size"])
         optimizer = make_optimizer(
             model, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, device=device
@@ -307,10 +298,11 @@ def measure(
 def default_candidates(cfg: GenloopConfig) -> dict[str, dict[str, Any]]:
     """Every preset, plus ``config`` when the model section overrides the architecture."""
     from genloop.models.presets import PRESETS
+    from genloop.train.text import architecture
 
     out: dict[str, dict[str, Any]] = {name: {"preset": name} for name in PRESETS}
     m = cfg.model
-    overrides = {k: getattr(m, k) for k in ARCHITECTURE_KEYS if getattr(m, k) is not None}
+    overrides = architecture(m)
     if overrides:
         out[CONFIG_CANDIDATE] = {"preset": m.preset or "tiny", **overrides}
     return out
@@ -389,7 +381,7 @@ def _candidates(
     tokens: int,
     tokens_per_param: float,
 ) -> list[Candidate]:
-    from genloop.models.presets import spec_from_config
+    from genloop.models.presets import ARCHITECTURE_KEYS, spec_from_config
 
     pool = {k: dict(v) for k, v in (given or default_candidates(cfg)).items()}
     if keep is not None:

@@ -8,41 +8,24 @@ from __future__ import annotations
 
 import logging
 import math
-import subprocess
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 
-from genloop.workspace.tables import Run, RunMetric, utcnow
+from genloop.workspace import runs
 from genloop.workspace.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 
-def git_commit(cwd: Path | None = None) -> str | None:
-    """The current commit of the working directory's git repository, if any."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 class RunTracker:
+    """One run's metric series (:mod:`genloop.workspace.runs`), its sinks and its alerts."""
+
     def __init__(
         self, ws: Workspace, run_id: str, sinks: list[str] | None = None, flush_every_s: float = 5.0
     ) -> None:
         self.ws = ws
         self.run_id = run_id
-        self._buffer: list[RunMetric] = []
+        self._buffer: list[runs.Point] = []
         self._last_flush = time.monotonic()
         self._flush_every_s = flush_every_s
         self._sinks = [_open_sink(s, ws, run_id) for s in sinks or []]
@@ -63,22 +46,16 @@ class RunTracker:
         sinks: list[str] | None = None,
         parent_run_id: str | None = None,
     ) -> RunTracker:
-        run_id = uuid.uuid4().hex
-        with ws.catalog.session() as s:
-            s.add(
-                Run(
-                    id=run_id,
-                    name=name,
-                    kind=kind,
-                    status="running",
-                    config=config,
-                    dataset_version_id=dataset_version_id,
-                    parent_model_version_id=parent_model_version_id,
-                    parent_run_id=parent_run_id,
-                    git_commit=git_commit(),
-                    heartbeat_at=utcnow(),
-                )
-            )
+        run_id = runs.start_run(
+            ws,
+            name=name,
+            kind=kind,
+            config=config,
+            dataset_version_id=dataset_version_id,
+            parent_model_version_id=parent_model_version_id,
+            parent_run_id=parent_run_id,
+            git_commit=runs.git_commit(),
+        )
         return cls(ws, run_id, sinks)
 
     def log(self, step: int, **values: float) -> None:
@@ -88,8 +65,7 @@ class RunTracker:
                 "run %s: %s is %s at step %d; not recorded", self.run_id, key, values[key], step
             )
         self.watch.observe(step, values)
-        for key, value in finite.items():
-            self._buffer.append(RunMetric(run_id=self.run_id, key=key, step=step, value=value))
+        self._buffer.extend((key, step, value) for key, value in finite.items())
         for sink in self._sinks:
             sink.log(step, finite)
         if time.monotonic() - self._last_flush >= self._flush_every_s:
@@ -100,45 +76,22 @@ class RunTracker:
         self.watch.nan(message)
 
     def flush(self) -> None:
-        with self.ws.catalog.session() as s:
-            s.add_all(self._buffer)
-            run = s.get(Run, self.run_id)
-            if run is not None:
-                run.heartbeat_at = utcnow()
+        runs.log_metrics(self.ws, self.run_id, self._buffer)
         self._buffer = []
         self._last_flush = time.monotonic()
 
     def reopen(self, *, after_step: int) -> None:
         """Mark a resumed run running again and drop the points it logged after
         ``after_step``, its checkpoint: those steps are trained and logged again."""
-        from sqlalchemy import delete
-
-        self._buffer = [p for p in self._buffer if p.step <= after_step]
+        self._buffer = [p for p in self._buffer if p[1] <= after_step]
         self.flush()
-        with self.ws.catalog.session() as s:
-            s.execute(
-                delete(RunMetric).where(
-                    RunMetric.run_id == self.run_id, RunMetric.step > after_step
-                )
-            )
-            run = s.get(Run, self.run_id)
-            assert run is not None
-            run.status, run.error, run.ended_at = "running", None, None
+        runs.reopen(self.ws, self.run_id, after_step=after_step)
 
     def set_status(
         self, status: str, *, summary: dict[str, Any] | None = None, error: str | None = None
     ) -> None:
         self.flush()
-        with self.ws.catalog.session() as s:
-            run = s.get(Run, self.run_id)
-            assert run is not None
-            run.status = status
-            if summary is not None:
-                run.summary = {**(run.summary or {}), **summary}
-            if error is not None:
-                run.error = error
-            if status != "running":
-                run.ended_at = utcnow()
+        runs.set_status(self.ws, self.run_id, status, summary=summary, error=error)
         for sink in self._sinks:
             sink.close()
 

@@ -2,66 +2,56 @@
 
     open   → the study in the catalog database: created, joined (the same command on
              another machine) or resumed; a run of kind "tune" stands for it in the catalog
-    work   → W worker processes, each in a loop: claim the next trial under the study's
-             lock (so the total is exactly the budget, whatever the number of workers and
-             machines) → train the config with the sampled values, reporting each
-             validation to the pruner → record it complete, pruned or failed
+    work   → W workers, each claiming trials until the budget is reached (``trial.py``:
+             claim under the study's lock → train with the sampled values, reporting each
+             validation to the pruner → record it complete, pruned or failed)
     finish → register the best trial's model from its checkpoint; store the report
 
 Each trial is a run of kind "trial" (``runs.study``, ``runs.trial``, parent: the study's
-run). A trial that diverges, runs out of memory or raises is marked failed and the study
-goes on; Ctrl-C marks the running trials interrupted, and ``--resume`` runs them again
-before going on. A worker that dies without a word (SIGKILL, a lost machine) stops its
-trial's heartbeat; the next claim fails that trial and queues it again.
+run). Ctrl-C marks the running trials interrupted, and ``--resume`` runs them again before
+going on.
 
-The worker processes (several on one machine, and Ctrl-C across them) are in
-``workers.py``; the report's plots in ``report.py``.
-
-Optuna keeps its tables in the catalog's database, apart from genloop's so the two
-schema migrations never meet: PostgreSQL schema ``optuna`` (workers on other machines
-share it), or for a SQLite catalog the file ``<catalog>.studies.db`` beside it (both
-use a table named ``alembic_version``, which one SQLite file cannot hold twice).
+The search space, sampler and pruner are in ``space.py``; the Optuna storage, heartbeats
+and the study's lock in ``storage.py``; several worker processes on one machine (and
+Ctrl-C across them) in ``workers.py``; the report's plots in ``report.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import gc
 import hashlib
-import importlib.util
-import itertools
 import json
 import logging
 import math
 import os
 import random
 import re
-import signal
-import socket
-import threading
 import time
-import uuid
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from genloop.config import (
-    NAME_PATTERN,
-    CategoricalParam,
-    FloatParam,
-    GenloopConfig,
-    IntParam,
-    ParamSpec,
-    TuneConfig,
-    parse_config,
+from genloop.config import NAME_PATTERN, GenloopConfig, TuneConfig
+from genloop.errors import ConfigError, ConflictError, GenloopError, NotFoundError
+from genloop.tune.space import check_space, grid_points, grid_size
+from genloop.tune.storage import (
+    CLAIM_LEASE_S,
+    FINISH_LEASE_S,
+    load_study,
+    open_storage,
+    study_lock,
+    study_meta,
 )
-from genloop.errors import ConfigError, ConflictError, GenloopError, NotFoundError, WorkspaceError
-from genloop.workspace.tables import Lock, Run, utcnow
+from genloop.tune.trial import (
+    Plan,
+    ProgressFn,
+    counted,
+    run_worker,
+    trial_config,
+)
+from genloop.workspace import runs
 from genloop.workspace.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -70,30 +60,6 @@ if TYPE_CHECKING:
     from genloop.workspace.registry import ModelVersionInfo
 
 log = logging.getLogger(__name__)
-
-OPTUNA_SCHEMA = "optuna"  # PostgreSQL schema holding Optuna's tables
-HEARTBEAT_S = 10  # a running trial's worker says it is alive this often …
-GRACE_S = 120  # … and its trial is failed (and queued again) after this long without
-CLAIM_LEASE_S = 120.0  # the study lock while claiming a trial (a crashed holder frees it)
-FINISH_LEASE_S = 1800.0  # … while registering the best model and writing the report
-# keys a trial may not change: the dataset is prepared once and pinned for the study
-FROZEN_PREFIXES = ("data.", "workspace.", "tune.", "name")
-
-TrialEnd = Literal["complete", "pruned", "failed", "interrupted"]
-
-
-@dataclass
-class TrialOutcome:
-    """How one trial ended (what ``progress`` receives)."""
-
-    number: int
-    state: TrialEnd
-    params: dict[str, Any]
-    value: float | None = None  # the metric; for a pruned trial its last reported value
-    steps: int = 0  # optimizer steps trained
-    run_id: str | None = None
-    error: str | None = None
-    worker: int = 0
 
 
 @dataclass
@@ -117,24 +83,6 @@ class TuneResult:
         d = asdict(self)
         d["model"] = self.model.ref if self.model else None
         return d
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What every worker needs to run trials; plain data, so it crosses process spawns."""
-
-    study: str
-    run_id: str
-    base: dict[str, Any]  # the config each trial starts from (dataset pinned, no tune)
-    tune: TuneConfig
-    model_name: str
-    root: str | None  # where relative paths in the config start
-    deadline: float | None  # time.time() after which no trial starts
-    dataset_version_id: int | None
-    git_commit: str | None
-
-
-ProgressFn = Callable[[TrialOutcome], None]
 
 
 def tune(
@@ -175,7 +123,7 @@ def tune(
         raise GenloopError(
             "genloop tune runs its own worker processes; don't start it with torchrun"
         )
-    _check_space(t, enqueue)
+    check_space(t, enqueue)
     from genloop.workspace.refs import check_name
 
     model = check_name(model_name or cfg.name or name)
@@ -195,10 +143,10 @@ def tune(
 
             run_workers(ws, plan, n_workers, progress or (lambda _: None))
     except KeyboardInterrupt:
-        _set_run(ws, plan.run_id, "interrupted", error="interrupted by the user")
+        runs.set_status(ws, plan.run_id, "interrupted", error="interrupted by the user")
         raise
     except GenloopError as exc:  # one that every trial would meet (the metric is missing …)
-        _set_run(ws, plan.run_id, "failed", error=str(exc))
+        runs.set_status(ws, plan.run_id, "failed", error=str(exc))
         raise
 
     # 3. the best model and the report
@@ -224,12 +172,10 @@ def open_study(
     """Create, join or resume the study ``name``; returns the workers' plan and its budget."""
     import optuna
 
-    from genloop.train.tracking import git_commit
-
     storage = open_storage(ws)
     given = cfg.model_dump(mode="json")
     signature = _signature(given)
-    existing = _load(storage, name)
+    existing = load_study(storage, name)
     base: dict[str, Any] | None = None
     dataset_version_id: int | None = None
     if existing is None:
@@ -237,12 +183,12 @@ def open_study(
             raise NotFoundError(f"no study named {name!r} to resume")
         base, dataset_version_id = pin_dataset(ws, cfg, root)
     with study_lock(ws, name, lease_s=CLAIM_LEASE_S):
-        study = _load(storage, name)  # another machine may have created it meanwhile
+        study = load_study(storage, name)  # another machine may have created it meanwhile
         if study is None:
             assert base is not None
-            budget = min(trials or t.trials, _grid_size(t) or math.inf)
+            budget = min(trials or t.trials, grid_size(t) or math.inf)
             study = optuna.create_study(storage=storage, study_name=name, direction=t.direction)
-            run_id = _start_run(
+            run_id = runs.start_run(
                 ws,
                 name=name,
                 kind="tune",
@@ -255,12 +201,12 @@ def open_study(
                 {"signature": signature, "run_id": run_id, "budget": int(budget)},
             )
             if t.sampler == "grid":  # every point queued once, in a seeded random order
-                points = _grid_points(t)
+                points = grid_points(t)
                 random.Random(cfg.train.seed).shuffle(points)  # noqa: S311 (not a secret)
                 for point in points:
                     study.enqueue_trial(point)
         else:
-            meta = _meta(study, name)
+            meta = study_meta(study, name)
             if meta["signature"] != signature:
                 raise ConfigError(
                     f"study {name!r} was started from a different config (search space, "
@@ -268,24 +214,24 @@ def open_study(
                     "another name with --study-name or tune.study_name"
                 )
             run_id = meta["run_id"]
-            with ws.catalog.session() as s:
-                row = s.get(Run, run_id)
-                if row is None:
-                    raise NotFoundError(f"the run {run_id} of study {name!r} is gone")
-                base = {k: v for k, v in row.config.items() if k != "tune"}
-                dataset_version_id = row.dataset_version_id
+            try:
+                run = runs.get_run(ws, run_id)
+            except NotFoundError:
+                raise NotFoundError(f"the run {run_id} of study {name!r} is gone") from None
+            base = {k: v for k, v in run.config.items() if k != "tune"}
+            dataset_version_id = run.dataset_version_id
             budget = trials or meta["budget"]
-            budget = int(min(budget, _grid_size(t) or math.inf))
+            budget = int(min(budget, grid_size(t) or math.inf))
             trials_now = study.get_trials(deepcopy=False)
             if resume:
                 _requeue_interrupted(study, trials_now)
-            elif _counted(trials_now) >= budget:
+            elif counted(trials_now) >= budget:
                 raise ConflictError(
                     f"study {name!r} already ran its {budget} trials; --resume with a larger "
                     "--trials extends it, --study-name starts another"
                 )
             study.set_user_attr("genloop", {**meta, "budget": budget})
-            _set_run(ws, run_id, "running")
+            runs.set_status(ws, run_id, "running")
         for params in enqueue:
             study.enqueue_trial(dict(params))
     plan = Plan(
@@ -297,55 +243,9 @@ def open_study(
         root=str(root) if root is not None else None,
         deadline=None,
         dataset_version_id=dataset_version_id,
-        git_commit=git_commit(),
+        git_commit=runs.git_commit(),
     )
     return plan, int(budget)
-
-
-def open_storage(ws: Workspace, *, heartbeat: bool = False) -> optuna.storages.RDBStorage:
-    """Optuna's storage for this workspace's catalog (see the module docstring for where)."""
-    import optuna
-    from sqlalchemy import text
-    from sqlalchemy.engine import make_url
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = make_url(ws.catalog.url)
-    engine_kwargs: dict[str, Any]
-    if url.get_backend_name() == "sqlite":
-        if not url.database or url.database == ":memory:":
-            raise WorkspaceError("tuning needs a catalog in a file or in PostgreSQL")
-        catalog = Path(url.database)
-        studies = catalog.with_name(f"{catalog.stem}.studies.db")
-        storage_url = f"sqlite:///{studies}"
-        engine_kwargs = {"connect_args": {"timeout": 60, "check_same_thread": False}}
-    elif url.get_backend_name() == "postgresql":
-        with contextlib.suppress(Exception), ws.catalog.engine.begin() as conn:
-            # two machines creating it at once: one of them loses the race, harmlessly
-            conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {OPTUNA_SCHEMA}"))
-        storage_url = url.render_as_string(hide_password=False)
-        engine_kwargs = {
-            "connect_args": {"options": f"-c search_path={OPTUNA_SCHEMA}"},
-            "pool_pre_ping": True,
-        }
-    else:
-        raise WorkspaceError(
-            f"tuning needs a SQLite or PostgreSQL catalog, not {url.get_backend_name()}"
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            storage_url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_S if heartbeat else None,
-            grace_period=GRACE_S if heartbeat else None,
-            heartbeat_stale_trial_callback=(
-                functools.partial(_retry_stale, ws) if heartbeat else None
-            ),
-        )
-    if url.get_backend_name() == "sqlite":  # readers never block the workers' writes
-        with storage.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-    return storage
 
 
 def pin_dataset(
@@ -378,29 +278,6 @@ def _tune_section(cfg: GenloopConfig) -> TuneConfig:
     return cfg.tune
 
 
-def _check_space(t: TuneConfig, enqueue: Sequence[Mapping[str, Any]]) -> None:
-    for key in t.space:
-        frozen = key.startswith(FROZEN_PREFIXES) or (
-            key.startswith("tokenizer.") and key != "tokenizer.seq_len"
-        )
-        if frozen:
-            raise ConfigError(
-                f"tune.space key {key!r} cannot vary between trials: the dataset (data, "
-                "tokenizer) is prepared once for the whole study"
-            )
-    if t.sampler == "grid":
-        _grid(t)  # a float without a step is an error there
-    if t.sampler == "cmaes" and importlib.util.find_spec("cmaes") is None:
-        raise GenloopError("tune.sampler 'cmaes' needs the cmaes package (pip install cmaes)")
-    for params in enqueue:
-        unknown = sorted(set(params) - set(t.space))
-        if unknown:
-            raise ConfigError(
-                f"enqueued parameter {unknown[0]!r} is not in tune.space "
-                f"(keys: {', '.join(t.space)})"
-            )
-
-
 def _signature(given: dict[str, Any]) -> str:
     """What must match for a command to join a study: the config as given, less what may
     differ between the commands of one study (budget, workers, timeout, workspace)."""
@@ -411,419 +288,11 @@ def _signature(given: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _load(storage: optuna.storages.RDBStorage, name: str) -> optuna.Study | None:
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return None
-
-
-def _meta(study: optuna.Study, name: str) -> dict[str, Any]:
-    meta = study.user_attrs.get("genloop")
-    if not isinstance(meta, dict):
-        raise ConflictError(f"study {name!r} exists but was not made by genloop tune")
-    return meta
-
-
-# ---------------------------------------------------------------------------------------
-# 2. the workers
-# ---------------------------------------------------------------------------------------
-
-
-def run_worker(ws: Workspace, plan: Plan, worker: int, progress: ProgressFn) -> None:
-    """Claim and run trials until the budget is reached or the deadline has passed."""
-    import optuna
-
-    storage = open_storage(ws, heartbeat=True)
-    probe = optuna.load_study(study_name=plan.study, storage=storage)
-    budget = _meta(probe, plan.study)["budget"]
-    cfg = GenloopConfig.model_validate(plan.base)
-    # a different seed per worker and per start, so no two draw the same points
-    seed = (cfg.train.seed * 1_000_003 + worker * 7_919 + len(probe.trials)) % 2**31
-    study = optuna.load_study(
-        study_name=plan.study,
-        storage=storage,
-        sampler=make_sampler(plan.tune, seed, budget),
-        pruner=make_pruner(plan.tune, cfg, budget),
-    )
-    distributions = make_distributions(plan.tune.space)
-    while True:
-        trial: optuna.Trial | None = None
-        try:
-            # Ctrl-C waits until the claimed trial is in hand, so it is never left running
-            with _sigint_deferred(), study_lock(ws, plan.study, lease_s=CLAIM_LEASE_S):
-                trial = claim_trial(study, storage, plan, distributions)
-            if trial is None:
-                return
-            with _heartbeat(storage, trial):
-                outcome = run_trial(ws, plan, study, trial, worker)
-        except KeyboardInterrupt:
-            pass  # recorded below, once the interrupted frames are gone
-        else:
-            progress(outcome)
-            continue
-        # Ctrl-C. The frames it cut short may hold a database statement open (and with it a
-        # lock that our own writes would wait on): free them before recording the trial.
-        with sigint_ignored():  # and a second Ctrl-C must not cut the bookkeeping short
-            gc.collect()
-            if trial is not None:
-                _interrupted(ws, study, trial)
-        raise KeyboardInterrupt
-
-
-def claim_trial(
-    study: optuna.Study,
-    storage: optuna.storages.RDBStorage,
-    plan: Plan,
-    distributions: dict[str, optuna.distributions.BaseDistribution],
-) -> optuna.Trial | None:
-    """The next trial of the study, its parameters sampled; None once the budget is reached.
-
-    Called under the study's lock: counting the trials and creating one is then a single
-    step for every worker on every machine, so none is lost and none is one too many.
-    """
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # heartbeats outside study.optimize; experimental APIs
-        optuna.storages.fail_stale_trials(study)  # crashed workers' trials: failed, queued again
-        trials = study.get_trials(deepcopy=False)
-        budget = _meta(study, plan.study)["budget"]
-        if _counted(trials) >= budget:
-            return None
-        if plan.deadline is not None and time.time() >= plan.deadline:
-            return None
-        trial = study.ask(distributions)  # a queued trial first (resume, retry), else a new one
-    storage.record_heartbeat(trial._trial_id)  # from now on, a silent death is seen
-    return trial
-
-
-def run_trial(
-    ws: Workspace, plan: Plan, study: optuna.Study, trial: optuna.Trial, worker: int
-) -> TrialOutcome:
-    """Train one trial's config and tell the study how it ended (KeyboardInterrupt passes)."""
-    import optuna
-
-    from genloop.train.loop import StopRun, train
-
-    metric = plan.tune.metric
-    params = dict(trial.params)
-    out = TrialOutcome(number=trial.number, state="failed", params=params, worker=worker)
-    last_value: list[float] = []
-
-    def on_step(step: int, total: int, metrics: dict[str, float]) -> None:
-        out.steps = step
-
-    def on_eval(step: int, metrics: dict[str, float]) -> None:
-        if metric not in metrics:
-            return  # the metric is not measured during training: no pruning
-        last_value.append(metrics[metric])
-        trial.report(metrics[metric], step)
-        if step < max_steps and trial.should_prune():  # at the end, nothing left to save
-            raise StopRun("pruned", f"pruned at step {step}: {metric} {metrics[metric]:.4g}")
-
-    try:
-        cfg = trial_config(plan.base, params, trial.number)
-    except ConfigError as exc:  # values that do not fit together (n_embd % n_head …)
-        cfg, out.error = None, f"invalid combination: {exc}"
-    max_steps = cfg.train.max_steps if cfg is not None else 0  # on_eval reads it
-    config = cfg.model_dump(mode="json") if cfg is not None else plan.base
-    out.run_id = _start_trial_run(ws, plan, trial.number, config, error=out.error)
-    trial.set_user_attr("run_id", out.run_id)
-    result = None
-    if cfg is not None:
-        try:
-            result = train(
-                ws,
-                cfg,
-                resume=out.run_id,  # the run made above, linked to the study
-                register=False,
-                progress=on_step,
-                on_eval=on_eval,
-                root=Path(plan.root) if plan.root else None,
-            )
-        except StopRun as stop:
-            out.state, out.error = "pruned", str(stop)
-            out.value = last_value[-1] if last_value else None
-        except Exception as exc:  # diverged, out of memory, a bug in a trial's config …
-            if _after_ctrl_c(exc):  # train() could not record a Ctrl-C: still a Ctrl-C
-                raise KeyboardInterrupt from None
-            out.error = _describe(exc)
-            log.warning("trial %d failed: %s", trial.number, out.error)
-    # The outcome is known (and the run recorded as such): a Ctrl-C from here waits until
-    # the study has it too, so a trial that finished is never marked interrupted.
-    with _sigint_deferred():
-        if result is not None:
-            out.value = result.metrics.get(metric)
-            if out.value is None:  # the same for every trial: stop the study
-                trial.set_user_attr("error", f"no metric {metric!r}")
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                hint = ""
-                if "val_loss" not in result.metrics:
-                    hint = "; no validation ran: is the dataset's validation split empty?"
-                raise ConfigError(
-                    f"tune.metric {metric!r} is not among the runs' metrics "
-                    f"({', '.join(sorted(result.metrics))}){hint}"
-                )
-            if math.isfinite(out.value):
-                out.state = "complete"
-                trial.set_user_attr("checkpoint", _weights_checkpoint(ws, out.run_id))
-            else:
-                out.error = f"{metric} is {out.value}"
-        _tell(ws, study, trial, out)
-    return out
-
-
-def _tell(ws: Workspace, study: optuna.Study, trial: optuna.Trial, out: TrialOutcome) -> None:
-    """Record a finished trial's outcome in the study; drop the weights of one that failed."""
-    import optuna
-
-    from genloop.train import checkpoint as ckpt
-
-    trial.set_user_attr("steps", out.steps)
-    if out.error:
-        trial.set_user_attr("error", out.error[:1000])
-    if out.state == "complete":
-        study.tell(trial, out.value)
-    elif out.state == "pruned":
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    else:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    if out.state != "complete" and out.run_id is not None:
-        for _, key in ckpt.list_checkpoints(ws.store, out.run_id):
-            ws.store.delete(key)  # no use for a pruned or failed trial's weights
-
-
-def trial_config(base: dict[str, Any], params: Mapping[str, Any], number: int) -> GenloopConfig:
-    """The study's config with one trial's values set (a ConfigError if they don't fit)."""
-    overrides = [f"{key}={json.dumps(value)}" for key, value in params.items()]
-    return parse_config(base, overrides, cls=GenloopConfig, source=f"trial {number}")
-
-
-def _describe(exc: BaseException) -> str:
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):
-        gc.collect()
-        torch.cuda.empty_cache()
-        return "out of memory: " + str(exc).splitlines()[0]
-    if isinstance(exc, GenloopError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _after_ctrl_c(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised while handling a Ctrl-C."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, KeyboardInterrupt):
-            return True
-        seen = seen.__context__
-    return False
-
-
-def _interrupted(ws: Workspace, study: optuna.Study, trial: optuna.Trial) -> None:
-    """Ctrl-C during a trial: failed, marked interrupted (it does not count; --resume runs
-    it again), its run marked interrupted if train() had not done so yet."""
-    import optuna
-
-    from genloop.train import checkpoint as ckpt
-
-    try:
-        trial.set_user_attr("interrupted", True)
-    except optuna.exceptions.UpdateFinishedTrialError:  # it ended just before Ctrl-C
-        return
-    study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-    run_id = trial.user_attrs.get("run_id")
-    if run_id:
-        with ws.catalog.session() as s:
-            row = s.get(Run, run_id)
-            # the trial was not told yet, so however train() left the run (still running,
-            # failed while handling the Ctrl-C, completed a moment before it), the trial
-            # runs again: its run is the interrupted attempt
-            if row is not None and row.status != "interrupted":
-                row.status, row.error, row.ended_at = "interrupted", "interrupted", utcnow()
-        for _, key in ckpt.list_checkpoints(ws.store, run_id):
-            ws.store.delete(key)  # the trial starts over when it runs again
-
-
-def _retry_stale(ws: Workspace, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A trial whose worker died (no heartbeat): its run failed, the trial queued again."""
-    from genloop.train import checkpoint as ckpt
-
-    log.warning("trial %d lost its worker (no heartbeat); it runs again", trial.number)
-    run_id = trial.user_attrs.get("run_id")
-    if run_id:
-        with ws.catalog.session() as s:
-            row = s.get(Run, run_id)
-            if row is not None and row.status == "running":
-                row.status, row.ended_at = "failed", utcnow()
-                row.error = "its worker stopped without a word (no heartbeat)"
-        for _, key in ckpt.list_checkpoints(ws.store, run_id):
-            ws.store.delete(key)
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-
-
 def _requeue_interrupted(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for t in trials:
         if t.user_attrs.get("interrupted") and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-
-
-def _counted(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
-    """Trials that use up the budget: running and finished, less those that were
-    interrupted or lost with their worker (they run again)."""
-    from optuna.trial import TrialState
-
-    retried = {t.user_attrs.get("retry_of") for t in trials}
-    return sum(
-        1
-        for t in trials
-        if t.state != TrialState.WAITING
-        and not (
-            t.state == TrialState.FAIL and (t.user_attrs.get("interrupted") or t.number in retried)
-        )
-    )
-
-
-@contextlib.contextmanager
-def _heartbeat(storage: optuna.storages.RDBStorage, trial: optuna.Trial) -> Iterator[None]:
-    """Record the trial's heartbeat every HEARTBEAT_S seconds while the block runs."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(Exception):  # a missed beat is retried at the next
-                storage.record_heartbeat(trial._trial_id)
-
-    thread = threading.Thread(target=beat, name=f"tune-heartbeat-{trial.number}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C that arrives in the block until its end."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def sigint_ignored() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-# ---------------------------------------------------------------------------------------
-# samplers, pruners and the search space
-# ---------------------------------------------------------------------------------------
-
-
-def make_sampler(t: TuneConfig, seed: int, budget: int) -> optuna.samplers.BaseSampler:
-    import optuna
-
-    if t.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if t.sampler == "grid":  # the points are queued when the study is made (_grid_points)
-        return optuna.samplers.RandomSampler(seed=seed)
-    if t.sampler == "cmaes":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    # TPE: a few random trials first (a quarter of the budget, 2 to 10), then the model;
-    # the constant liar keeps parallel workers from sampling the same point
-    startup = min(10, max(2, budget // 4))
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
-
-
-def make_pruner(t: TuneConfig, cfg: GenloopConfig, budget: int) -> optuna.pruners.BasePruner:
-    """The pruner, in the unit the trials report: optimizer steps (one report per
-    validation, every ``train.eval_every`` steps)."""
-    import optuna
-
-    every, steps = cfg.train.eval_every, cfg.train.max_steps
-    if t.pruner == "none":
-        return optuna.pruners.NopPruner()
-    if t.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=3)
-    if t.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=every, max_resource=max(steps, every), reduction_factor=3
-        )
-    # median: once a few trials have finished (a quarter of the budget, 1 to 5), stop a
-    # trial whose value at a validation is worse than the median of the others' there
-    return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, budget // 4)))
-
-
-def make_distributions(
-    space: Mapping[str, ParamSpec],
-) -> dict[str, optuna.distributions.BaseDistribution]:
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
-
-    out: dict[str, optuna.distributions.BaseDistribution] = {}
-    for key, spec in space.items():
-        if isinstance(spec, FloatParam):
-            out[key] = FloatDistribution(spec.low, spec.high, log=spec.log, step=spec.step)
-        elif isinstance(spec, IntParam):
-            out[key] = IntDistribution(spec.low, spec.high, log=spec.log, step=spec.step)
-        else:
-            out[key] = CategoricalDistribution(spec.choices)
-    return out
-
-
-def _grid(t: TuneConfig) -> dict[str, list[Any]]:
-    grid: dict[str, list[Any]] = {}
-    for key, spec in t.space.items():
-        if isinstance(spec, CategoricalParam):
-            grid[key] = list(spec.choices)
-        elif isinstance(spec, IntParam):
-            grid[key] = list(range(spec.low, spec.high + 1, spec.step))
-        elif spec.step is not None:
-            n = math.floor((spec.high - spec.low) / spec.step + 1e-9) + 1
-            grid[key] = [round(spec.low + i * spec.step, 12) for i in range(n)]
-        else:
-            raise ConfigError(
-                f"the grid sampler needs a step for float parameter {key!r} "
-                "(or make it categorical)"
-            )
-    return grid
-
-
-def _grid_points(t: TuneConfig) -> list[dict[str, Any]]:
-    grid = _grid(t)
-    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-
-
-def _grid_size(t: TuneConfig) -> int | None:
-    if t.sampler != "grid":
-        return None
-    return math.prod(len(v) for v in _grid(t).values())
 
 
 # ---------------------------------------------------------------------------------------
@@ -841,10 +310,10 @@ def finish(ws: Workspace, plan: Plan) -> TuneResult:
 
     study = optuna.load_study(study_name=plan.study, storage=open_storage(ws))
     with study_lock(ws, plan.study, lease_s=FINISH_LEASE_S):
-        meta = _meta(study, plan.study)
+        meta = study_meta(study, plan.study)
         trials = study.get_trials(deepcopy=False)
         counts = _counts(trials)
-        finished = _counted(trials) >= meta["budget"] and counts["running"] == 0
+        finished = counted(trials) >= meta["budget"] and counts["running"] == 0
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best = study.best_trial if complete else None
         model: ModelVersionInfo | None = None
@@ -887,13 +356,13 @@ def finish(ws: Workspace, plan: Plan) -> TuneResult:
             "steps": steps,
         }
         if counts["running"]:
-            _set_run(ws, plan.run_id, "running", summary=summary)  # other workers go on
+            runs.set_status(ws, plan.run_id, "running", summary=summary)  # other workers go on
         elif finished and best is None:
-            _set_run(ws, plan.run_id, "failed", summary=summary, error="no trial completed")
+            runs.set_status(ws, plan.run_id, "failed", summary=summary, error="no trial completed")
         elif finished:
-            _set_run(ws, plan.run_id, "completed", summary=summary)
+            runs.set_status(ws, plan.run_id, "completed", summary=summary)
         else:
-            _set_run(ws, plan.run_id, "stopped", summary=summary, error="timeout")
+            runs.set_status(ws, plan.run_id, "stopped", summary=summary, error="timeout")
     if finished and best is None:
         errors = [t.user_attrs["error"] for t in trials if t.user_attrs.get("error")]
         first = f" (first error: {errors[0]})" if errors else ""
@@ -915,9 +384,10 @@ def register_trial(ws: Workspace, plan: Plan, trial: optuna.trial.FrozenTrial) -
         raise GenloopError(f"trial {trial.number} kept no checkpoint to register")
     found = ckpt.load_checkpoint(ws.store, key)
     cfg = trial_config(plan.base, trial.params, trial.number)
-    with ws.catalog.session() as s:
-        row = s.get(Run, run_id)
-        summary = dict(row.summary or {}) if row is not None else {}
+    try:
+        summary = runs.get_run(ws, run_id).summary
+    except NotFoundError:
+        summary = {}
     metrics = {k: float(v) for k, v in summary.items() if isinstance(v, int | float)}
     dist = distributed.setup(cfg.train.device)
     try:
@@ -927,24 +397,6 @@ def register_trial(ws: Workspace, plan: Plan, trial: optuna.trial.FrozenTrial) -
         return loop.finish(ws, cfg, setup, plan.model_name, run_id, result)
     finally:
         distributed.teardown(dist)
-
-
-def _weights_checkpoint(ws: Workspace, run_id: str) -> str | None:
-    """The checkpoint holding the weights a finished run ended with: its last, or the best
-    one when early stopping restored it (as fit() does); the others are dropped."""
-    from genloop.train import checkpoint as ckpt
-
-    latest = ckpt.load_latest(ws.store, run_id)
-    if latest is None:
-        return None
-    best = int(latest.state.get("best_step", -1))
-    keep = latest.key
-    if latest.state.get("stopped_early") and best not in (-1, latest.step):
-        keep = ckpt.checkpoint_key(run_id, best)
-    for _, key in ckpt.list_checkpoints(ws.store, run_id):
-        if key != keep:
-            ws.store.delete(key)
-    return keep
 
 
 def _drop_other_weights(
@@ -975,124 +427,3 @@ def _counts(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[str, int]:
         else:
             counts[names[t.state]] += 1
     return counts
-
-
-# ---------------------------------------------------------------------------------------
-# catalog rows and the study lock
-# ---------------------------------------------------------------------------------------
-
-
-def _start_run(
-    ws: Workspace,
-    *,
-    name: str,
-    kind: str,
-    config: dict[str, Any],
-    dataset_version_id: int | None,
-    study: str,
-    trial: int | None = None,
-    parent_run_id: str | None = None,
-    git_commit: str | None = None,
-    error: str | None = None,
-) -> str:
-    run_id = uuid.uuid4().hex
-    now = utcnow()
-    with ws.catalog.session() as s:
-        s.add(
-            Run(
-                id=run_id,
-                name=name,
-                kind=kind,
-                status="failed" if error else "running",
-                config=config,
-                dataset_version_id=dataset_version_id,
-                parent_run_id=parent_run_id,
-                study=study,
-                trial=trial,
-                git_commit=git_commit,
-                error=error,
-                started_at=now,
-                heartbeat_at=now,
-                ended_at=now if error else None,
-            )
-        )
-    return run_id
-
-
-def _start_trial_run(
-    ws: Workspace, plan: Plan, number: int, config: dict[str, Any], error: str | None = None
-) -> str:
-    """The trial's run, linked to the study; train() continues it (it has no checkpoint,
-    so it starts at step 0)."""
-    return _start_run(
-        ws,
-        name=plan.study,
-        kind="trial",
-        config=config,
-        dataset_version_id=plan.dataset_version_id,
-        study=plan.study,
-        trial=number,
-        parent_run_id=plan.run_id,
-        git_commit=plan.git_commit,
-        error=error,
-    )
-
-
-def _set_run(
-    ws: Workspace,
-    run_id: str,
-    status: str,
-    *,
-    summary: dict[str, Any] | None = None,
-    error: str | None = None,
-) -> None:
-    with ws.catalog.session() as s:
-        row = s.get(Run, run_id)
-        if row is None:
-            return
-        row.status, row.error = status, error
-        row.ended_at = None if status == "running" else utcnow()
-        if summary is not None:
-            row.summary = summary
-
-
-@contextlib.contextmanager
-def study_lock(ws: Workspace, study: str, *, lease_s: float) -> Iterator[None]:
-    """The study's lock in the catalog (a ``locks`` row), shared by every worker on every
-    machine; a holder that dies frees it when its lease runs out."""
-    from sqlalchemy import delete
-    from sqlalchemy.exc import IntegrityError as DBIntegrityError
-
-    name = (
-        f"tune:{study}"
-        if len(study) <= 120
-        else f"tune:{hashlib.sha256(study.encode()).hexdigest()}"
-    )
-    owner = f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    waited = time.monotonic()
-    while True:
-        now = utcnow()
-        try:
-            with ws.catalog.session() as s:
-                s.execute(delete(Lock).where(Lock.name == name, Lock.expires_at < now))
-                s.add(
-                    Lock(
-                        name=name,
-                        owner=owner,
-                        acquired_at=now,
-                        expires_at=now + timedelta(seconds=lease_s),
-                    )
-                )
-            break
-        except DBIntegrityError:
-            if time.monotonic() - waited > FINISH_LEASE_S:
-                raise ConflictError(
-                    f"study {study!r} stays locked by another worker; if none is running, "
-                    "wait for its lease to run out"
-                ) from None
-            time.sleep(random.uniform(0.02, 0.1))  # noqa: S311 (jitter, not a secret)
-    try:
-        yield
-    finally:
-        with ws.catalog.session() as s:
-            s.execute(delete(Lock).where(Lock.name == name, Lock.owner == owner))

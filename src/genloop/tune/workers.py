@@ -1,6 +1,6 @@
 """W tuning worker processes on one machine, and Ctrl-C across them.
 
-Each worker opens its own workspace and runs :func:`genloop.tune.study.run_worker` (claim a
+Each worker opens its own workspace and runs :func:`genloop.tune.trial.run_worker` (claim a
 trial, train it, record it, until the budget is reached); finished trials and errors come
 back through a queue, and the calling process reports them. Workers fork from a fresh
 server process (``forkserver``) that has imported torch, transformers' model modules and
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from genloop.errors import GenloopError
-from genloop.tune.study import Plan, ProgressFn, run_worker, sigint_ignored
+from genloop.tune.trial import Plan, ProgressFn, run_worker, sigint_ignored
 from genloop.workspace.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ def _worker_main(
 
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    signal.signal(signal.SIGINT, _first_ctrl_c)
     import torch
 
     torch.set_num_threads(threads)
@@ -160,6 +161,18 @@ def _worker_main(
     except BaseException:
         events.put(("error", f"tuning worker {index} crashed:\n{traceback.format_exc()}"))
         sys.exit(1)
+
+
+def _first_ctrl_c(signum: int, frame: object) -> None:
+    """A worker's Ctrl-C: stop, and ignore any other while the trial is recorded.
+
+    A worker gets the terminal's Ctrl-C with its process group, and the parent passes one
+    on to each worker still alive after a grace period (for a signal sent to the parent
+    alone). On a busy machine both can reach the same worker: the second must not cut its
+    bookkeeping short, however long that takes.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _visible_gpus() -> list[str]:

@@ -7,9 +7,11 @@ hash under the same name is the same version, which is how re-runs are recognise
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +200,31 @@ def register_dataset_version(
         except DBIntegrityError:
             ws.store.delete(key)
     raise ConflictError(f"could not register a new version of dataset {name}: too many writers")
+
+
+# ---------------------------------------------------------------- what a version holds
+
+
+def dataset_files(ws: Workspace, info: DatasetVersionInfo) -> list[str]:
+    """The files of a dataset version's artifact, as paths relative to it, sorted."""
+    if not ws.store.exists(info.artifact):
+        return []
+    root = ws.store.path(info.artifact)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def dataset_card(ws: Workspace, info: DatasetVersionInfo) -> str:
+    """The dataset card (Markdown) written when the version was prepared."""
+    path = ws.store.file(info.artifact, "card.md")
+    if not path.is_file():
+        raise NotFoundError(f"dataset {info.ref} has no card")
+    return path.read_text(encoding="utf-8")
+
+
+def dataset_samples(ws: Workspace, info: DatasetVersionInfo, limit: int) -> list[Any]:
+    """Up to ``limit`` of the sample records stored with the version (none: ``[]``)."""
+    path = ws.store.file(info.artifact, "samples.jsonl")
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in islice(f, limit) if line.strip()]

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 import genloop
 from genloop.errors import ConflictError, GenloopError, NotFoundError
 from genloop.workspace import audit
+from genloop.workspace.layout import GENLOOP_JSON
 from genloop.workspace.refs import ModelRef, check_alias, check_name, parse_ref
 from genloop.workspace.tables import (
     Alias,
@@ -34,7 +35,6 @@ from genloop.workspace.tables import (
 from genloop.workspace.workspace import Workspace
 
 FAMILIES = ("causal_lm", "seq2seq", "vae", "gan", "diffusion")
-GENLOOP_JSON = "genloop.json"
 
 
 @dataclass
@@ -147,6 +147,12 @@ def list_models(ws: Workspace, name: str | None = None) -> list[ModelVersionInfo
         if name is not None:
             query = query.where(ModelVersion.name == check_name(name))
         return [_info(s, row) for row in s.scalars(query)]
+
+
+def model_names(ws: Workspace) -> list[str]:
+    """The names that have at least one version."""
+    with ws.catalog.session() as s:
+        return list(s.scalars(select(ModelVersion.name).distinct()))
 
 
 def register_model(
@@ -315,6 +321,32 @@ def rollback(
         audit.record(s, actor, "rollback", f"{name}@{alias}", version=row.version, reason=reason)
         s.flush()
         return _info(s, row)
+
+
+def alias_history(ws: Workspace, name: str) -> list[dict[str, Any]]:
+    """Every promotion and rollback of ``name``'s aliases, newest first."""
+    with ws.catalog.session() as s:
+        rows = s.execute(
+            select(AliasHistory, ModelVersion.version)
+            .join(ModelVersion, ModelVersion.id == AliasHistory.model_version_id)
+            .where(AliasHistory.name == name)
+            .order_by(AliasHistory.id.desc())
+        ).all()
+        return [
+            {
+                "alias": h.alias,
+                "version": version,
+                "actor": h.actor,
+                "reason": h.reason,
+                "at": _iso(h.at),
+                "rolled_back_at": _iso(h.rolled_back_at),
+            }
+            for h, version in rows
+        ]
+
+
+def _iso(d: datetime | None) -> str | None:
+    return d.isoformat() if d is not None else None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from genloop.errors import ConflictError, NotFoundError
-from genloop.security.paths import ensure_within, safe_join, split_key
 from genloop.workspace.manifest import fsync_dir, verify_manifest, write_manifest
+from genloop.workspace.paths import ensure_within, safe_join, split_key
 
 _TMP = ".tmp"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from genloop.errors import GenloopError, UnsafePathError
-from genloop.security.paths import ensure_within
+from genloop.workspace.paths import ensure_within
 
 _WILDCARDS = frozenset("*?[")
 

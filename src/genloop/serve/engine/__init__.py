@@ -1,8 +1,9 @@
 """The serving engine: continuous batching over a slot KV cache.
 
-``load_engine`` builds one from a model directory; ``engine.py`` explains how it runs;
-``types.py`` is the contract with the HTTP layer. Importing this package stays light (no
-torch), so ``genloop.serve.engine.types`` can be used without a model.
+``load_engine`` builds one from a model directory (``loader.py`` picks the backend);
+``engine.py`` explains how it runs; ``protocol.py`` is the interface the HTTP layer and the
+batch runner use, ``types.py`` the data that crosses it. Importing this package stays light
+(no torch), so ``protocol`` and ``types`` can be used without a model.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class _State:
 
 
 class Engine:
-    """A continuous-batching engine for one text model version (``TextEngine``)."""
+    """A continuous-batching engine for one text model version (``protocol.TextEngine``)."""
 
     def __init__(
         self,

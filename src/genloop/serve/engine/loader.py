@@ -1,11 +1,17 @@
-"""Build an :class:`~genloop.serve.engine.engine.Engine` from a model directory.
+"""Build the engine for a model directory: the one place that picks the backend.
 
 The directory is a genloop model version or any local Hugging Face checkpoint of a text
 model (``genloop.models.pretrained``: safetensors only, nothing downloaded, no remote
-code). Llama-style decoders get the fast runner; every other causal or seq2seq model the
-generic one (``runner.py``). An ONNX variant (``genloop optimize --export onnx``) runs in
-onnxruntime (``onnx_runner.py``), on the CPU unless ``serve.device`` is ``cuda``; it has
-no PyTorch model, so no beam search.
+code). The native batched engine (``engine.py``) runs it over one of three runners:
+
+- ``onnx``: an ONNX variant (``genloop optimize --export onnx``) in onnxruntime
+  (``onnx_runner.py``), on the device ``genloop.optimize.variant.onnx_device`` names (the
+  decision evaluation shares); it has no PyTorch model, so no beam search;
+- ``llama``: Llama-style decoders, the fast path (``runner.LlamaRunner``);
+- ``hf``: every other causal or seq2seq model (``runner.HFRunner``).
+
+Another backend (a managed vLLM process, say) is one more branch here returning an object
+that satisfies ``protocol.TextEngine``.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def load_engine(
     from transformers.utils import logging as hf_logging
 
     from genloop.data.tokenizer import load_hf_tokenizer
-    from genloop.optimize.variant import variant_format
+    from genloop.optimize.variant import onnx_device
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no tqdm in server logs
     model_dir = Path(model_dir)
@@ -59,35 +65,32 @@ def load_engine(
             f"model {model_name} is an image model ({family}); the text engine serves "
             "causal_lm and seq2seq models"
         )
-    onnx = variant_format(model_dir) == "onnx"
-    if onnx and runner not in ("auto", "onnx"):
+    on_onnx = onnx_device(model_dir, cfg.device)  # None: the model runs in PyTorch
+    if on_onnx is not None and runner not in ("auto", "onnx"):
         raise GenloopError(f"model {model_name} is an ONNX variant: it runs on the onnx runner")
-    if runner == "onnx" and not onnx:
+    if runner == "onnx" and on_onnx is None:
         raise GenloopError(f"the onnx runner needs an ONNX variant; {model_dir} is not one")
+    tokenizer = load_hf_tokenizer(model_dir)
+    longest = cfg.max_prompt_tokens + cfg.max_tokens
     model: PreTrainedModel | None = None
-    if onnx:  # a graph for onnxruntime beside the model's config files
+    built: Runner
+    if on_onnx is not None:  # a graph for onnxruntime beside the model's config files
         from transformers import AutoConfig
+
+        from genloop.optimize.onnx import load_onnx_lm
+        from genloop.serve.engine.onnx_runner import OnnxRunner
 
         config: Any = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         generation = generation_config(model_dir)
+        context = min(model_context(config, tokenizer), longest)
+        lm = load_onnx_lm(model_dir, device=on_onnx, threads=torch.get_num_threads())
+        built = OnnxRunner(lm, n_slots=cfg.max_batch_size, max_len=context)
     else:
         from genloop.models.pretrained import load_pretrained
 
         model = load_pretrained(model_dir, device=resolve_device(cfg.device))
         config, generation = model.config, getattr(model, "generation_config", None)
-    tokenizer = load_hf_tokenizer(model_dir)
-    context = min(model_context(config, tokenizer), cfg.max_prompt_tokens + cfg.max_tokens)
-    built: Runner
-    if model is None:
-        from genloop.optimize.onnx import load_onnx_lm
-        from genloop.serve.engine.onnx_runner import OnnxRunner
-
-        # the CPU unless CUDA is asked for by name: "auto" picks a GPU when torch sees one,
-        # but onnxruntime's CUDA build is a separate install (onnxruntime-gpu)
-        device = "cuda" if cfg.device == "cuda" else "cpu"
-        lm = load_onnx_lm(model_dir, device=device, threads=torch.get_num_threads())
-        built = OnnxRunner(lm, n_slots=cfg.max_batch_size, max_len=context)
-    else:
+        context = min(model_context(config, tokenizer), longest)
         built = build_runner(model, n_slots=cfg.max_batch_size, max_len=context, kind=runner)
     return Engine(
         built,

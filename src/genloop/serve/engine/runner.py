@@ -109,7 +109,7 @@ class _Layer:
 
 
 def _is_int8(module: Any) -> bool:
-    from genloop.optimize.quantize import Int8Linear
+    from genloop.models.quantized import Int8Linear
 
     return isinstance(module, Int8Linear)
 
@@ -144,7 +144,7 @@ def _fuse(linears: Sequence[Any]) -> Proj:
     fused ones, so the model, still used for beam search, shares the memory.
     """
     if all(_is_int8(m) for m in linears):
-        from genloop.optimize.quantize import Int8Linear
+        from genloop.models.quantized import Int8Linear
 
         fused: Proj = Int8Linear.fused(linears)
         return fused

@@ -1,19 +1,19 @@
 """The plain data that crosses the engine's boundary.
 
 Handlers (``serve/api``) and the batch runner talk to an engine through one small
-interface: ``engine.submit(request)`` returns an async iterator of :data:`Event` values
-(zero or more :class:`TokenDelta`, then exactly one :class:`Finished`). Closing the
-iterator (``aclose()``, or the consuming task being cancelled, as when a client
-disconnects) cancels the request; the engine frees its slot within one decode step.
+interface (``protocol.TextEngine``): ``engine.submit(request)`` returns an async iterator
+of :data:`Event` values (zero or more :class:`TokenDelta`, then exactly one
+:class:`Finished`). Closing the iterator (``aclose()``, or the consuming task being
+cancelled, as when a client disconnects) cancels the request; the engine frees its slot
+within one decode step.
 
 Nothing here imports torch, so the scheduler and the API can be tested without a model.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol
 
 from genloop.errors import GenloopError
 
@@ -109,23 +109,3 @@ class EngineObserver(Protocol):
     def on_finished(
         self, model: str, version: int | None, finished: Finished, e2e_s: float
     ) -> None: ...
-
-
-@runtime_checkable
-class TextEngine(Protocol):
-    """One loaded text model version, decoding many requests together."""
-
-    model_name: str
-    model_version: int | None
-
-    async def start(self) -> None: ...
-
-    def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        """Queue ``request``; raises :class:`EngineBusy` or :class:`EngineStopped`."""
-        ...
-
-    async def drain(self, timeout_s: float) -> None:
-        """Stop admitting; let running requests finish, abort what is left at the deadline."""
-        ...
-
-    def stats(self) -> EngineStats: ...

@@ -1,4 +1,5 @@
-"""Text generation behind ``/v1/completions`` and ``/v1/chat/completions``.
+"""One text request on the engine: the run behind ``/v1/completions`` and
+``/v1/chat/completions``.
 
 One API request becomes one engine request per choice (each prompt × ``n``), all on the
 model version the request resolved to. :class:`TextRun` submits them, merges their
@@ -11,26 +12,22 @@ generated tokens charged to the key's tokens-per-minute budget.
 
 Closing the engine's iterators is what frees their batch slots, so every path out of
 here closes them: the end of the response, an error, a cut, a client disconnect (the
-stream is cancelled; for a non-streamed request :func:`until_disconnected` notices).
+stream is cancelled; for a non-streamed request ``streaming.until_disconnected``
+notices).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from starlette.requests import Request
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
-from genloop.errors import GenloopError
 from genloop.serve.engine.types import (
     Event,
     Finished,
@@ -38,7 +35,7 @@ from genloop.serve.engine.types import (
     SamplingParams,
     TokenDelta,
 )
-from genloop.serve.errors import ApiError, error_body
+from genloop.serve.errors import ApiError
 
 if TYPE_CHECKING:
     from genloop.security.keys import Principal
@@ -47,9 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 SEED_MOD = 2**64
-CLIENT_CLOSED = 499  # nginx's code for "client closed the request": logged, never sent
 
 
 @dataclass
@@ -237,8 +232,8 @@ class TextRun:
 
     def token_text(self, token: TokenDelta) -> str:
         """The token's own text (a delta's text is "" while a character is incomplete)."""
-        fn = getattr(self.job.loaded.engine, "token_text", None)
-        return str(fn(token.token_id)) if fn is not None else token.text
+        engine = self.job.loaded.engine  # None once an aborted version is unloaded
+        return engine.token_text(token.token_id) if engine is not None else token.text
 
     async def collect(self) -> list[ChoiceResult]:
         async for _ in self.pieces():
@@ -324,131 +319,3 @@ class TextRun:
                     await state.limiter.charge(f"key:{job.principal.key_id}", completion)
         except Exception:
             log.exception("could not record request %s", job.response_id)
-
-
-def error_type(exc: BaseException) -> str:
-    """A short stable word for the metrics' error counter."""
-    if isinstance(exc, GenloopError):
-        status = int(getattr(exc, "http_status", 400))
-        return {
-            429: "busy",
-            503: "unavailable",
-            504: "timeout",
-            413: "too_large",
-            404: "not_found",
-        }.get(status, "invalid_request" if status < 500 else "engine")
-    return "internal"
-
-
-def sse(data: dict[str, Any]) -> bytes:
-    return (
-        b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-    )
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events that always clean up: ``on_close`` runs however the stream ends
-    (finished, failed, or the client gone before the first byte)."""
-
-    def __init__(
-        self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]
-    ) -> None:
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._content = content
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                aclose = getattr(self._content, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                await self._on_close()
-
-
-def stream_run(
-    run: TextRun,
-    *,
-    head: list[dict[str, Any]],
-    chunk: Callable[[Piece], dict[str, Any] | None],
-    usage_chunk: Callable[[], dict[str, Any]] | None,
-    on_close: Callable[[], None],
-) -> EventStream:
-    """The SSE response of a submitted run: ``head`` chunks, one chunk per piece, the
-    usage chunk (``stream_options.include_usage``), then ``[DONE]``. An error after the
-    first byte is sent as an ``{"error": ...}`` event (the status line is gone by then)."""
-    outcome: dict[str, Any] = {"status": CLIENT_CLOSED, "error": "disconnected"}
-
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            for c in head:
-                yield sse(c)
-            async for piece in run.pieces():
-                out = chunk(piece)
-                if out is not None:
-                    yield sse(out)
-            if usage_chunk is not None:
-                yield sse(usage_chunk())
-            outcome.update(status=200, error=None)
-            yield SSE_DONE
-        except GenloopError as exc:
-            status = int(getattr(exc, "http_status", 400))
-            outcome.update(status=status, error=error_type(exc))
-            body = error_body(
-                status, str(exc), param=getattr(exc, "param", None), code=getattr(exc, "code", None)
-            )
-            yield sse(body)
-            yield SSE_DONE
-        except Exception:
-            log.exception("stream %s failed", run.job.response_id)
-            outcome.update(status=500, error="internal")
-            yield sse(error_body(500, "internal server error", code="internal_error"))
-            yield SSE_DONE
-
-    async def close() -> None:
-        try:
-            await run.close()
-            await run.finish(outcome["status"], outcome["error"])
-        finally:
-            on_close()
-
-    return EventStream(events(), close)
-
-
-async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
-    """Run ``work``; cancel it (freeing its engine slots) if the client goes away first.
-
-    Returns None when the client left: there is nobody to answer.
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        watcher.cancel()
-        raise
-    if task in done:
-        watcher.cancel()
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return None
-
-
-async def _disconnected(request: Request) -> None:
-    receive = request.receive
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -1,19 +1,26 @@
-"""Named leases in the catalog (the ``locks`` table): one retrain of a model at a time.
+"""Named leases in the catalog (the ``locks`` table): one retrain of a model at a time, one
+tuning worker claiming a study's next trial at a time.
 
-A lease has an owner and an expiry. Its holder renews it from a background thread while it
-works; a worker that crashes stops renewing, so its lease expires and the next worker
-takes it over (and knows it did: ``taken_over``). A holder whose lease was taken over
-meanwhile (it stalled past the expiry) finds ``lost`` set and must not publish anything.
-Every worker shares the catalog, so this works across processes and machines
-(PostgreSQL) as well as on one (SQLite).
+A lease has an owner (``host:pid:random``) and an expiry. A holder that dies without
+releasing it frees it when the expiry passes: the next worker takes it over (and knows it
+did: ``taken_over``). Every worker shares the catalog, so this works across processes and
+machines (PostgreSQL) as well as on one (SQLite). Two ways to hold one:
+
+- :func:`hold`: take it now or fail (:class:`LeaseBusy`), renewed from a background thread
+  while the block works; a holder whose lease was taken over meanwhile (it stalled past
+  the expiry) finds ``lost`` set and must not publish anything;
+- :func:`wait_for`: wait until it is free, hold it for a short block, no renewal.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import random
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +36,8 @@ from genloop.workspace.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
+MAX_KEY = 120  # longer keys are hashed: a lock's name holds 128 characters
+
 
 class LeaseBusy(ConflictError):
     """Another live worker holds the lease."""
@@ -36,6 +45,13 @@ class LeaseBusy(ConflictError):
 
 class LeaseLost(GenloopError):
     """The lease expired and another worker took it over while this one still worked."""
+
+
+def lease_name(kind: str, key: str) -> str:
+    """``kind:key``, with a key too long for the table replaced by its SHA-256."""
+    if len(key) > MAX_KEY:
+        key = hashlib.sha256(key.encode()).hexdigest()
+    return f"{kind}:{key}"
 
 
 def new_owner() -> str:
@@ -128,3 +144,26 @@ def hold(ws: Workspace, name: str, *, lease_s: float, owner: str | None = None) 
         thread.join()
         if not lease.lost.is_set():
             release(ws, name, owner)
+
+
+@contextmanager
+def wait_for(
+    ws: Workspace, name: str, *, lease_s: float, wait_s: float, busy: str | None = None
+) -> Iterator[None]:
+    """Hold the lease ``name`` for the block (which should end within ``lease_s``: it is
+    not renewed), waiting up to ``wait_s`` seconds for it to be free; then
+    :class:`LeaseBusy` (with the message ``busy``, when given)."""
+    owner = new_owner()
+    waited = time.monotonic()
+    while True:
+        try:
+            acquire(ws, name, owner, lease_s)
+            break
+        except LeaseBusy as exc:
+            if time.monotonic() - waited > wait_s:
+                raise LeaseBusy(busy or str(exc)) from None
+            time.sleep(random.uniform(0.02, 0.1))  # noqa: S311 (jitter, not a secret)
+    try:
+        yield
+    finally:
+        release(ws, name, owner)

@@ -1,8 +1,10 @@
-"""The image objectives (``vae``, ``gan``, ``diffusion``): image batches for the one loop.
+"""The image families (``vae``, ``gan``, ``diffusion``) for the training loop: the model,
+sized by the dataset, and the objective, image batches for the one loop.
 
 An image dataset version holds ``images/<split>/images.safetensors`` (uint8 N×C×H×W and
 int64 labels) and ``classes.json`` (see ``genloop.data.images``). The model is sized by the
-dataset: its image side, channels and (for ``model.num_classes``) its class list.
+dataset: its image side, channels and (for ``model.num_classes``) its class list. A
+trained model is sampled by ``genloop.models.image_generation.load_image_generator``.
 
 A training batch is a dict of tensors on the device::
 
@@ -26,24 +28,25 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from genloop.errors import ConfigError, GenloopError
+from genloop.train.families import BuiltModel, TrainingData, base_model_dir, wrong_family
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor, nn
 
-    from genloop.config import GenloopConfig
+    from genloop.config import ModelConfig, TrainConfig
     from genloop.workspace.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-IMAGE_OBJECTIVES = ("vae", "gan", "diffusion")
 VAL_STREAM = 1 << 20  # the "rank" of validation batches' generators: apart from training's
 Batch = dict[str, "Tensor"]
 Draw = Callable[[int, "torch.Generator"], dict[str, "Tensor"]]
+# a family's network from the model section, the sizes the data gives and the training images
+Network = Callable[["Workspace", "ModelConfig", dict[str, Any], "Tensor"], "nn.Module"]
 
 
 def batch_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -55,51 +58,31 @@ def batch_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def image_split(data_dir: Path, split: str) -> tuple[Tensor, Tensor, list[str]] | None:
-    """(images uint8, labels, class names) of a split of an image dataset, None if absent."""
-    from genloop.data.images import IMAGES_FILE, load_image_dataset
-
-    directory = data_dir / "images" / split
-    if not (directory / IMAGES_FILE).is_file():
-        return None
-    return load_image_dataset(directory)
-
-
-def require_images(data_dir: Path, ref: str = "the dataset") -> tuple[Tensor, Tensor, list[str]]:
-    """The training split of an image dataset, or a clear error."""
-    found = image_split(data_dir, "train")
-    if found is None:
-        raise GenloopError(
-            f"{ref} has no images (images/train is missing): image models train on a dataset "
-            "prepared with data.kind: images"
-        )
-    if found[0].shape[0] == 0:
-        raise GenloopError(f"{ref} has no training images")
-    return found
-
-
 # ------------------------------------------------------------------------------ model
 
 
-def build_image_model(
-    ws: Workspace, cfg: GenloopConfig, data_dir: Path, device: torch.device
-) -> tuple[nn.Module, dict[str, Any], str | None]:
+def build_model(
+    ws: Workspace,
+    m: ModelConfig,
+    data: TrainingData,
+    device: torch.device,
+    network: Network,
+) -> BuiltModel:
     """The image model to train, its config dict and the ref it continues from (if any).
 
     Sizes come from the dataset; ``model.image_size``/``channels``, when set, must agree
     with it; ``model.num_classes`` asks for a class-conditional model and must equal the
-    dataset's number of classes.
+    dataset's number of classes. ``network`` builds the family's model from the sizes.
     """
-
+    from genloop.data.images import require_images
     from genloop.models.family import get_family
 
-    m, family = cfg.model, cfg.model.family
-    if cfg.data is not None and cfg.data.images.normalize != "minus_one_one":
+    if data.image_normalize not in (None, "minus_one_one"):
         raise ConfigError(
             "the image families train on pixels in [-1, 1] (tanh outputs, the diffusion "
             "schedule's range): leave data.images.normalize at minus_one_one"
         )
-    images, labels, classes = require_images(data_dir)
+    images, labels, classes = require_images(data.dir)
     _, channels, height, width = images.shape
     if height != width:
         raise GenloopError(f"image models need square images; the dataset's are {width}×{height}")
@@ -126,12 +109,10 @@ def build_image_model(
                 "has unlabelled images (put them in class sub-folders)"
             )
     if m.base_model is not None:  # continue training an image model version
-        from genloop.train.loop import _base_model_dir
-
-        base_dir, parent = _base_model_dir(ws, m.base_model)
-        loaded = get_family(family).load(base_dir, device=device)
+        base_dir, parent = base_model_dir(ws, m.base_model)
+        loaded = get_family(m.family).load(base_dir, device=device)
         loaded.train()
-        return loaded, dict(getattr(loaded, "config", {})), parent
+        return BuiltModel(loaded, dict(getattr(loaded, "config", {})), parent)
 
     config: dict[str, Any] = {
         "image_size": int(height),
@@ -140,35 +121,53 @@ def build_image_model(
         "num_classes": m.num_classes,
         "class_names": classes if m.num_classes is not None else [],
     }
-    if family == "vae":
-        config |= {"latent_dim": m.latent_dim, "beta": m.vae.beta}
-        model: nn.Module = get_family("vae").build(config)
-    elif family == "gan":
-        g = m.gan
-        config |= {"latent_dim": m.latent_dim, "loss": g.loss, "spectral_norm": g.spectral_norm}
-        config["ema_decay"] = g.ema_decay
-        model = get_family("gan").build(config)
-    elif family == "diffusion":
-        from genloop.models.diffusion import DiffusionModel
+    model = network(ws, m, config, images)
+    return BuiltModel(model.to(device), dict(getattr(model, "config", config)), None)
 
-        d = m.diffusion
-        config |= {
-            "timesteps": d.timesteps,
-            "beta_schedule": d.beta_schedule,
-            "sampler": d.sampler,
-            "sample_steps": d.sample_steps,
-            "guidance_scale": d.guidance_scale,
-            "cond_drop_prob": d.cond_drop_prob,
+
+def vae_network(ws: Workspace, m: ModelConfig, config: dict[str, Any], images: Tensor) -> nn.Module:
+    from genloop.models.family import get_family
+
+    return get_family("vae").build({**config, "latent_dim": m.latent_dim, "beta": m.vae.beta})
+
+
+def gan_network(ws: Workspace, m: ModelConfig, config: dict[str, Any], images: Tensor) -> nn.Module:
+    from genloop.models.family import get_family
+
+    g = m.gan
+    return get_family("gan").build(
+        {
+            **config,
+            "latent_dim": m.latent_dim,
+            "loss": g.loss,
+            "spectral_norm": g.spectral_norm,
+            "ema_decay": g.ema_decay,
         }
-        vae = None
-        if d.latent_vae is not None:
-            vae, vae_ref = _latent_vae(ws, d.latent_vae)
-            config["latent_vae"] = vae_ref
-            config["latent_scale"] = latent_scale(vae, images)
-        model = DiffusionModel(config, vae)
-    else:
-        raise GenloopError(f"model.family {family!r} is not an image family")
-    return model.to(device), dict(getattr(model, "config", config)), None
+    )
+
+
+def diffusion_network(
+    ws: Workspace, m: ModelConfig, config: dict[str, Any], images: Tensor
+) -> nn.Module:
+    """A pixel-space UNet, or a latent one in the space of ``model.diffusion.latent_vae``."""
+    from genloop.models.diffusion import DiffusionModel
+
+    d = m.diffusion
+    config = {
+        **config,
+        "timesteps": d.timesteps,
+        "beta_schedule": d.beta_schedule,
+        "sampler": d.sampler,
+        "sample_steps": d.sample_steps,
+        "guidance_scale": d.guidance_scale,
+        "cond_drop_prob": d.cond_drop_prob,
+    }
+    vae = None
+    if d.latent_vae is not None:
+        vae, vae_ref = _latent_vae(ws, d.latent_vae)
+        config["latent_vae"] = vae_ref
+        config["latent_scale"] = latent_scale(vae, images)
+    return DiffusionModel(config, vae)
 
 
 def _latent_vae(ws: Workspace, ref: str) -> tuple[Any, str]:
@@ -269,20 +268,20 @@ class ImageObjective:
             self.ema()
 
 
-def make_image_objective(
-    name: str, cfg: GenloopConfig, data_dir: Path, model: nn.Module, device: torch.device
+def make_objective(
+    family: str, t: TrainConfig, data: TrainingData, model: nn.Module, device: torch.device
 ) -> ImageObjective:
-    """The ``vae``, ``gan`` or ``diffusion`` objective on the image dataset in ``data_dir``."""
+    """The ``family`` objective (``vae``, ``gan`` or ``diffusion``) on the image dataset."""
     import torch
 
+    from genloop.data.images import image_split, require_images
     from genloop.models.family import get_family
 
-    if name not in IMAGE_OBJECTIVES:
-        raise GenloopError(f"{name!r} is not an image objective ({', '.join(IMAGE_OBJECTIVES)})")
-    if cfg.model.family != name:
-        raise ConfigError(f"train.objective {name} needs model.family {name}")
-    images, labels, _ = require_images(data_dir)
-    val = image_split(data_dir, "val")
+    name = t.objective
+    if name != family:
+        raise wrong_family(name)
+    images, labels, _ = require_images(data.dir)
+    val = image_split(data.dir, "val")
     if val is None:
         val_images, val_labels = images[:0], labels[:0]
     else:
@@ -290,7 +289,7 @@ def make_image_objective(
     draw = getattr(model, "draw", None)
     if draw is None:
         raise GenloopError(f"{type(model).__name__} is not a genloop {name} model")
-    a = cfg.train.augment
+    a = t.augment
     ema = getattr(model, "update_ema", None) if name == "gan" else None
     return ImageObjective(
         name=name,
@@ -298,8 +297,8 @@ def make_image_objective(
         labels=labels,
         val_images=val_images,
         val_labels=val_labels,
-        batch_size=cfg.train.batch_size,
-        seed=cfg.train.seed,
+        batch_size=t.batch_size,
+        seed=t.seed,
         device=torch.device(device),
         draw=draw,
         family_loss=get_family(name).loss,
@@ -308,3 +307,38 @@ def make_image_objective(
         jitter=a.jitter,
         ema=ema,
     )
+
+
+@dataclass(frozen=True)
+class ImageBuilder:
+    """An image family as the loop builds it (see ``families.Builder``)."""
+
+    family: str
+    network: Network
+    sampler: str = "genloop.models.image_generation:load_image_generator"
+
+    def build_model(
+        self,
+        ws: Workspace,
+        m: ModelConfig,
+        data: TrainingData,
+        device: torch.device,
+        *,
+        trust_pickle: bool = False,  # image models are read from safetensors only
+    ) -> BuiltModel:
+        return build_model(ws, m, data, device, self.network)
+
+    def make_objective(
+        self, t: TrainConfig, data: TrainingData, model: nn.Module, device: torch.device
+    ) -> ImageObjective:
+        return make_objective(self.family, t, data, model, device)
+
+
+BUILDERS = {
+    b.family: b
+    for b in (
+        ImageBuilder("vae", vae_network),
+        ImageBuilder("gan", gan_network),
+        ImageBuilder("diffusion", diffusion_network),
+    )
+}

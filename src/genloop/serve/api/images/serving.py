@@ -1,4 +1,4 @@
-"""``POST /v1/images/generations``: images from an image model (VAE, GAN, diffusion).
+"""The handler of ``POST /v1/images/generations``.
 
 The prompt is the model's condition (a class label for class-conditional models; ignored
 by unconditional ones). Images come back as base64 PNG (``response_format: b64_json``),
@@ -12,63 +12,36 @@ import asyncio
 import base64
 import io
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from genloop.security.keys import Principal
-from genloop.serve.api.common import SEED_MAX, SEED_MIN, check_input, new_id
-from genloop.serve.auth import require_scope
-from genloop.serve.errors import ApiError, invalid
-from genloop.serve.generation import error_type, until_disconnected
-from genloop.serve.state import get_state
+from genloop.serve.api.protocol import new_id
+from genloop.serve.api.streaming import CLIENT_CLOSED, until_disconnected
+from genloop.serve.errors import ApiError, error_type, invalid
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+    from starlette.requests import Request
 
+    from genloop.security.keys import Principal
+    from genloop.serve.api.images.protocol import ImageRequest
     from genloop.serve.models import LoadedModel
     from genloop.serve.state import ServerState
 
 MAX_SIDE = 1024
 
 
-class ImageRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1, max_length=200, description="An image model from /v1/models.")
-    prompt: str = Field(
-        "", max_length=4000, description="The condition: a class label for conditional models."
-    )
-    n: int = Field(1, ge=1, le=128, description="Images to generate (at most serve.max_n).")
-    size: str | None = Field(
-        None, pattern=r"^[0-9]{1,4}x[0-9]{1,4}$", description="WIDTHxHEIGHT to resize to."
-    )
-    response_format: Literal["b64_json", "url"] = Field(
-        "b64_json", description="Only b64_json is supported."
-    )
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Same seed, same images.")
-    user: str | None = Field(None, min_length=1, max_length=128)
-
-
-router = APIRouter(tags=["generation"])
-
-
-@router.post("/v1/images/generations", summary="Generate images (base64 PNG)")
-async def create_images(
-    body: ImageRequest,
-    request: Request,
-    principal: Principal = Depends(require_scope("generate")),  # noqa: B008
+async def serve_images(
+    state: ServerState, request: Request, body: ImageRequest, principal: Principal
 ) -> Response:
-    state = get_state(request)
     cfg = state.cfg.serve
     if body.response_format != "b64_json":
         raise invalid("only response_format b64_json is supported", "response_format")
     if body.n > cfg.max_n:
         raise invalid(f"n is {body.n}; this server allows at most {cfg.max_n}", "n")
     size = _size(body.size)
-    flags = check_input(state, body.prompt) if body.prompt else []
+    flags = state.check_input(body.prompt) if body.prompt else []
     started = time.monotonic()
     loaded = await state.models.acquire(body.model)
     response_id = new_id("img")
@@ -79,8 +52,8 @@ async def create_images(
         work = _generate(state, loaded, lambda: generator.generate(body.prompt, body.n, seed))
         result = await until_disconnected(request, work)
         if result is None:
-            status = 499
-            return Response(status_code=499)
+            status = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
         images = result
         data = [{"b64_json": _png(img, size)} for img in images]
         status = 200

@@ -1,0 +1,63 @@
+"""``/v1/admin/keys``: API keys: list, create (shown once), revoke."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from genloop.security.keys import Principal
+from genloop.serve.api.admin.common import Admin, Page, id_param
+from genloop.serve.state import get_state
+
+router = APIRouter()
+
+
+@router.get("/keys", summary="API keys (never the keys themselves)", response_model=Page)
+def list_keys(
+    request: Request,
+    _: Principal = Admin,
+    user_id: str | None = Query(None, max_length=128),
+) -> Page:
+    from genloop.security.keys import list_keys as _list
+
+    return Page(data=[k.to_dict() for k in _list(get_state(request).ws.catalog, user_id=user_id)])
+
+
+class CreateKeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+    scopes: list[Literal["generate", "feedback", "admin"]] = Field(min_length=1, max_length=3)
+    expires_in: str | None = Field(
+        None, max_length=16, description="Lifetime, e.g. 30d, 12h, 2w; unset: no expiry."
+    )
+    user_id: str | None = Field(None, min_length=1, max_length=128)
+
+
+@router.post("/keys", summary="Create a key; the response is the only time it is shown")
+def create_key(
+    request: Request, body: CreateKeyRequest, principal: Principal = Admin
+) -> dict[str, Any]:
+    from genloop.security.keys import create_key as _create
+    from genloop.security.keys import parse_duration
+
+    expires = parse_duration(body.expires_in) if body.expires_in else None
+    created = _create(
+        get_state(request).ws.catalog,
+        name=body.name,
+        scopes=list(body.scopes),
+        expires_in=expires,
+        user_id=body.user_id,
+        actor=principal.actor,
+    )
+    return created.info.to_dict() | {"key": created.plaintext}
+
+
+@router.delete("/keys/{key_id}", summary="Revoke a key")
+def revoke_key(
+    request: Request, key_id: int = id_param(), principal: Principal = Admin
+) -> dict[str, Any]:
+    from genloop.security.keys import revoke_key as _revoke
+
+    return _revoke(get_state(request).ws.catalog, key_id, actor=principal.actor).to_dict()

@@ -1,0 +1,269 @@
+"""The text families (``causal_lm``, ``seq2seq``) for the training loop: model and objective.
+
+The model is a preset with the model section's architecture overrides, sized to the
+dataset's tokenizer (vocabulary and special tokens), or a pretrained checkpoint
+(``model.base_model``: a model ref or a local Hugging Face directory), optionally with
+LoRA adapters. The objective is ``lm`` on the dataset's token shards, or ``sft`` / ``dpo``
+on a pairs dataset (``genloop.data.pairs``). A trained model is sampled by the serving
+engine (``genloop.serve.engine.loader.load_engine``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from genloop.errors import ConfigError, GenloopError
+from genloop.train.families import BuiltModel, TrainingData, base_model_dir, wrong_family
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from genloop.config import ModelConfig, TrainConfig
+    from genloop.train.objectives import Objective
+    from genloop.workspace.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+TEXT_OBJECTIVES = ("lm", "sft", "dpo")
+T = TypeVar("T")
+
+
+def architecture(m: ModelConfig) -> dict[str, Any]:
+    """The architecture overrides the model section sets (``presets.ARCHITECTURE_KEYS``)."""
+    from genloop.models.presets import ARCHITECTURE_KEYS
+
+    return {k: v for k in ARCHITECTURE_KEYS if (v := getattr(m, k)) is not None}
+
+
+def build_model(
+    ws: Workspace,
+    m: ModelConfig,
+    tokenizer_dir: Path | None,
+    device: torch.device,
+    *,
+    seq_len: int | None = None,
+    trust_pickle: bool = False,
+) -> BuiltModel:
+    """The text model ``m`` describes, its config dict and the ref it was fine-tuned from.
+
+    From scratch, the vocabulary and special tokens come from ``tokenizer_dir``, and a
+    causal LM's context is at least ``seq_len`` (the training windows; default: the
+    preset's context) unless ``m.context_length`` sets it.
+    """
+    from genloop.models.family import get_family
+
+    family = get_family(m.family)
+    if m.base_model is not None:
+        from genloop.models.pretrained import load_pretrained
+
+        base_dir, parent = base_model_dir(ws, m.base_model)
+        load_in_4bit = m.lora is not None and m.lora.load_in_4bit
+        model = load_pretrained(
+            base_dir, device=device, load_in_4bit=load_in_4bit, trust_pickle=trust_pickle
+        )
+        if m.lora is not None:
+            from genloop.models.lora import apply_lora
+
+            model = apply_lora(
+                model,
+                r=m.lora.r,
+                alpha=m.lora.alpha,
+                dropout=m.lora.dropout,
+                target_modules=m.lora.target_modules,
+            )
+        return BuiltModel(model, model.config.to_dict(), parent)
+    vocab = _vocab_size(tokenizer_dir)
+    overrides = architecture(m)
+    if m.family == "seq2seq":
+        from genloop.models.seq2seq import OVERRIDES as SEQ2SEQ_OVERRIDES
+
+        # T5 has relative positions (no context length) and no bos token
+        unsupported = sorted(set(overrides) - set(SEQ2SEQ_OVERRIDES))
+        if unsupported:
+            raise GenloopError(f"model.{unsupported[0]} does not apply to the seq2seq family")
+        special = {k: v for k, v in _special_ids(tokenizer_dir).items() if k != "bos_token_id"}
+    else:
+        if seq_len is not None:
+            overrides.setdefault("context_length", max(seq_len, 64))
+        special = _special_ids(tokenizer_dir)
+    model_config = {"preset": m.preset or "tiny", "vocab_size": vocab, **overrides, **special}
+    built: nn.Module = family.build(model_config).to(device)
+    return BuiltModel(built, model_config, None)
+
+
+def _vocab_size(tokenizer_dir: Path | None) -> int:
+    if tokenizer_dir is None:
+        raise GenloopError("the dataset has no tokenizer; text models need one")
+    from genloop.data.tokenizer import load_tokenizer
+
+    return int(load_tokenizer(tokenizer_dir).get_vocab_size())
+
+
+def _special_ids(tokenizer_dir: Path | None) -> dict[str, int]:
+    if tokenizer_dir is None:
+        return {}
+    from genloop.data.tokenizer import eos_token_id, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    eos = eos_token_id(tokenizer_dir, tok)
+    pad = tok.token_to_id("<|pad|>")
+    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos if pad is None else pad}
+
+
+def make_objective(
+    t: TrainConfig, data: TrainingData, model: nn.Module, device: torch.device
+) -> Objective:
+    """The objective ``t.objective`` names: ``lm``, ``sft`` or ``dpo``.
+
+    ``lm`` reads the dataset's token shards in windows of ``data.seq_len``. SFT and DPO
+    read a pairs dataset of their kind. Sequences are truncated to the model's context
+    length (``data.seq_len`` for seq2seq, on both sides); an example with no response
+    token left is left out, with a warning.
+    """
+    name = t.objective
+    if name not in TEXT_OBJECTIVES:
+        raise wrong_family(name)
+    if name == "lm":
+        from genloop.train.objectives import LanguageModeling
+
+        if not (data.dir / "tokens").is_dir():
+            raise GenloopError(
+                f"dataset {data.ref} has no token shards; give it a "
+                "tokenizer section and prepare it again"
+            )
+        return LanguageModeling(
+            data.dir / "tokens",
+            data.seq_len,
+            t.batch_size,
+            t.seed,
+            device,
+            label_smoothing=t.label_smoothing,
+            z_loss=t.z_loss,
+        )
+    return _pairs_objective(name, t, data, model, device)
+
+
+def _pairs_objective(
+    name: str, t: TrainConfig, data: TrainingData, model: nn.Module, device: torch.device
+) -> Objective:
+    """SFT or DPO on the pairs dataset in ``data.dir``."""
+    from genloop.data.pairs import pairs_kind, read_pairs
+    from genloop.data.tokenizer import load_hf_tokenizer
+    from genloop.models.lora import is_lora
+    from genloop.train.examples import Example, dpo_example, sft_example
+    from genloop.train.objectives import (
+        DirectPreference,
+        SupervisedFineTuning,
+        adapter_free_reference,
+        frozen_reference,
+    )
+
+    kind = pairs_kind(data.dir)
+    if kind != name:
+        raise GenloopError(f"train.objective is {name}, but the dataset holds {kind} pairs")
+    if data.tokenizer_dir is None:
+        raise GenloopError("the pairs dataset has no tokenizer/; write it again with one")
+    tokenizer = load_hf_tokenizer(data.tokenizer_dir)
+    model_config = getattr(model, "config", None)
+    vocab = getattr(model_config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise GenloopError(
+            f"the dataset's tokenizer has {len(tokenizer)} tokens but the model only {vocab}: "
+            "write the pairs with the model's own tokenizer"
+        )
+    encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
+    context = getattr(model_config, "max_position_embeddings", None)
+    max_len = data.seq_len if encoder_decoder or not isinstance(context, int) else context
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    if not isinstance(pad_id, int):
+        raise GenloopError("the tokenizer has neither a pad nor an eos token to pad batches with")
+
+    def encode(split: str, one: Callable[[dict[str, Any]], T | None]) -> list[T]:
+        rows = read_pairs(data.dir, split, kind)
+        out = [e for e in map(one, rows) if e is not None]
+        if len(out) < len(rows):
+            log.warning(
+                "%d of %d %s rows leave no response token within %d tokens; left out",
+                len(rows) - len(out),
+                len(rows),
+                split,
+                max_len,
+            )
+        if split == "train" and not out:
+            raise GenloopError(f"no {kind} training examples fit in {max_len} tokens")
+        return out
+
+    if name == "sft":
+
+        def one_sft(row: dict[str, Any]) -> Example | None:
+            return sft_example(tokenizer, row, max_len, encoder_decoder=encoder_decoder)
+
+        return SupervisedFineTuning(
+            encode("train", one_sft),
+            encode("val", one_sft),
+            t.batch_size,
+            t.seed,
+            device,
+            pad_id,
+            encoder_decoder=encoder_decoder,
+            label_smoothing=t.label_smoothing,
+            z_loss=t.z_loss,
+        )
+    if encoder_decoder:
+        raise ConfigError("dpo trains causal language models only")
+    if t.z_loss:
+        raise ConfigError("train.z_loss does not apply to dpo; leave it at 0")
+
+    def one_dpo(row: dict[str, Any]) -> tuple[Example, Example] | None:
+        return dpo_example(tokenizer, row, max_len)
+
+    # The reference is the model as training starts: the base with its adapters off, or a
+    # frozen copy (taken before the loop wraps the model or restores a checkpoint).
+    reference = adapter_free_reference(model) if is_lora(model) else frozen_reference(model)
+    return DirectPreference(
+        encode("train", one_dpo),
+        encode("val", one_dpo),
+        t.batch_size,
+        t.seed,
+        device,
+        pad_id,
+        reference,
+        beta=t.dpo_beta,
+        label_smoothing=t.label_smoothing,
+    )
+
+
+@dataclass(frozen=True)
+class TextBuilder:
+    """``causal_lm`` or ``seq2seq``, as the loop builds them (see ``families.Builder``)."""
+
+    family: str
+    sampler: str = "genloop.serve.engine.loader:load_engine"
+
+    def build_model(
+        self,
+        ws: Workspace,
+        m: ModelConfig,
+        data: TrainingData,
+        device: torch.device,
+        *,
+        trust_pickle: bool = False,
+    ) -> BuiltModel:
+        return build_model(
+            ws, m, data.tokenizer_dir, device, seq_len=data.seq_len, trust_pickle=trust_pickle
+        )
+
+    def make_objective(
+        self, t: TrainConfig, data: TrainingData, model: nn.Module, device: torch.device
+    ) -> Objective:
+        return make_objective(t, data, model, device)
+
+
+BUILDERS = {name: TextBuilder(name) for name in ("causal_lm", "seq2seq")}

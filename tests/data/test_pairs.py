@@ -1,0 +1,81 @@
+"""The pairs dataset contract: rows, splits, the tokenizer, refused rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from genloop.data.pairs import write_pairs_dataset
+from genloop.data.tokenizer import train_bpe
+from genloop.errors import GenloopError
+from genloop.workspace import Workspace
+
+WORDS = ["red", "green", "blue", "cyan", "black", "white", "amber", "olive", "pink", "gold"]
+SFT_ROWS = [{"prompt": f"colour of {w}?", "response": f"{w} is {w}"} for w in WORDS]
+DPO_ROWS = [
+    {"prompt": f"colour of {w}?", "chosen": f"{w} is {w}", "rejected": f"{w} is {v}"}
+    for w, v in zip(WORDS, WORDS[1:] + WORDS[:1], strict=True)
+]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    texts = [f"{r['prompt']} {r['response']}" for r in SFT_ROWS] * 4
+    return train_bpe(texts, tmp_path_factory.mktemp("tok"), vocab_size=320, min_frequency=1)
+
+
+# ------------------------------------------------------------------------ the dataset
+
+
+def test_a_pairs_dataset_holds_its_rows_splits_and_tokenizer(
+    workspace: Workspace, tok_dir: Path
+) -> None:
+    info = write_pairs_dataset(
+        workspace, "prefs", "dpo", iter(DPO_ROWS), tokenizer_dir=tok_dir, val_fraction=0.25
+    )
+    assert (info.kind, info.ref) == ("dpo", "prefs@1")
+    root = workspace.store.open_verified(info.artifact)
+    train = [json.loads(x) for x in (root / "pairs/train.jsonl").read_text().splitlines()]
+    val = [json.loads(x) for x in (root / "pairs/val.jsonl").read_text().splitlines()]
+    assert train and val and sorted(train + val, key=str) == sorted(DPO_ROWS, key=str)
+    assert info.stats["splits"] == {"train": {"rows": len(train)}, "val": {"rows": len(val)}}
+    assert (root / "tokenizer/tokenizer.json").read_bytes() == (
+        tok_dir / "tokenizer.json"
+    ).read_bytes()
+    assert json.loads((root / "config.json").read_text())["kind"] == "dpo"
+
+    # the same rows again are the same version; another split is another version
+    again = write_pairs_dataset(
+        workspace, "prefs", "dpo", DPO_ROWS, tokenizer_dir=tok_dir, val_fraction=0.25
+    )
+    assert again.id == info.id
+    other = write_pairs_dataset(
+        workspace, "prefs", "dpo", DPO_ROWS, tokenizer_dir=tok_dir, val_fraction=0.0
+    )
+    assert other.version == 2 and other.stats["splits"]["val"] == {"rows": 0}
+    assert not (workspace.store.open_verified(other.artifact) / "pairs/val.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "row", "message"),
+    [
+        ("sft", {"prompt": "p"}, "row 1: missing response"),
+        ("sft", {"prompt": "p", "response": 3}, "response must be a string"),
+        ("sft", {"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+        ("sft", {"messages": [{"role": "user"}]}, "messages[0] must be an object"),
+        ("dpo", {"prompt": "p", "chosen": "a"}, "missing rejected"),
+        ("dpo", {"prompt": "p", "chosen": "a", "rejected": "a"}, "the same text"),
+        ("sft", ["p", "r"], "expected a JSON object"),
+        ("sft", {"prompt": "p", "response": "r", "meta": {1j}}, "not JSON-serializable"),
+    ],
+)
+def test_a_bad_row_is_refused_by_its_index(
+    workspace: Workspace, tok_dir: Path, kind: Any, row: Any, message: str
+) -> None:
+    good = SFT_ROWS[0] if kind == "sft" else DPO_ROWS[0]
+    with pytest.raises(GenloopError, match=message.replace("[", r"\[")):
+        write_pairs_dataset(workspace, "bad", kind, [good, row], tokenizer_dir=tok_dir)
+    assert workspace.store.keys("datasets") == []
