@@ -49,6 +49,15 @@ DTYPES = {
 }
 
 
+class UnsupportedArchitectureError(GenloopError):
+    """A checkpoint whose ``model_type`` is not a causal or seq2seq LM that this version of
+    transformers builds offline (``model_type`` None: the config names none)."""
+
+    def __init__(self, message: str, model_type: str | None) -> None:
+        super().__init__(message)
+        self.model_type = model_type
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What a checkpoint directory holds, as far as loading it is concerned."""
@@ -74,8 +83,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     config = _read_config(path)
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        raise GenloopError(
-            f"{path / 'config.json'}: no model_type, so it is not a transformers config"
+        raise UnsupportedArchitectureError(
+            f"{path / 'config.json'}: no model_type, so it is not a transformers config", None
         )
     family, architecture = _family_of(model_type, config, path)
     weight_format, weights = _weight_files(path, config)
@@ -280,10 +289,11 @@ def _family_of(model_type: str, config: Mapping[str, Any], path: Path) -> tuple[
         if "auto_map" in config
         else ""
     )
-    raise GenloopError(
+    raise UnsupportedArchitectureError(
         f"{path}: model_type {model_type!r} is not a causal or seq2seq language model this "
         f"version of transformers can build{custom}; supported include llama, gpt2, mistral, "
-        "qwen2, phi3, gemma, t5, bart"
+        "qwen2, phi3, gemma, t5, bart",
+        model_type,
     )
 
 
