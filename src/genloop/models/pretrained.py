@@ -107,7 +107,9 @@ def load_pretrained(
     ``load_in_4bit`` loads the base in NF4 for QLoRA (needs CUDA and bitsandbytes).
     """
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no tqdm in our output
     # a quantized variant (genloop optimize) rebuilds its modules; an ONNX one is refused
     optimized = _load_optimized(Path(path), device=device, dtype=_dtype(dtype))
     if optimized is not None:
