@@ -197,6 +197,7 @@ def test_import_prints_the_ref_and_how_to_serve_it(
         ("Qwen2.5 0.5B Instruct", "Qwen2.5-0.5B-Instruct"),
         ("_llama-3 (copy)", "llama-3-copy"),
         ("model.", "model"),
+        ("models--Qwen--Qwen2.5-0.5B/snapshots/0123abcd", "Qwen2.5-0.5B"),
     ],
 )
 def test_default_name_is_the_directory_name_made_valid(
@@ -217,6 +218,25 @@ def test_sharded_checkpoint_imports_whole(ws: Workspace, checkpoints: dict[str, 
     assert all(torch.equal(imported[k], original[k]) for k in original)
     lineage = registry.resolve(ws, "sharded@1").config["import"]
     assert lineage["parameters"] == sum(t.numel() for t in original.values())
+
+
+def test_a_hub_cache_snapshot_of_links_imports_as_files(
+    ws: Workspace, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """The hub cache keeps each file once, in blobs/; a snapshot folder links to them."""
+    repo = tmp_path / "hub" / "models--acme--tiny-chat"
+    snapshot = repo / "snapshots" / "4f1c2e"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in checkpoints["qwen_sharded"].iterdir():
+        blob = repo / "blobs" / sha256(file)
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(Path("../..") / "blobs" / blob.name)
+    ran = run_genloop(ws, "models", "import", snapshot)
+    assert ran.returncode == 0, ran.stderr
+    artifact = registry.artifact_path(ws, "tiny-chat@1")
+    assert not [p for p in artifact.iterdir() if p.is_symlink()]
+    assert weights(artifact).keys() == weights(checkpoints["qwen"]).keys()
 
 
 def test_pickle_weights_are_refused_or_converted_with_trust_pickle(

@@ -76,7 +76,7 @@ def import_(
             "torch.load(weights_only=True) and stored as safetensors.",
         ),
     ] = False,
-    json: JsonOpt = False,
+    json: Annotated[bool, typer.Option("--json", help="Print the new version as JSON.")] = False,
 ) -> None:
     """Import a local Hugging Face checkpoint as the next version of a model.
 

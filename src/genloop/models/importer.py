@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import struct
@@ -71,9 +72,13 @@ def default_name(path: Path) -> str:
 
     Characters a name cannot hold become ``-`` (``Qwen2.5 0.5B Instruct`` →
     ``Qwen2.5-0.5B-Instruct``); a name with nothing usable left is an error asking for
-    ``--name``.
+    ``--name``. A Hugging Face hub cache snapshot
+    (``models--Qwen--Qwen2.5-0.5B/snapshots/<commit>``) is named for its repository.
     """
-    raw = path.resolve().name
+    path = Path(os.path.abspath(path))  # not resolve(): a snapshot may be reached by a link
+    raw = path.name
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        raw = path.parent.parent.name.split("--")[-1]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw)
     name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:128].rstrip(".-_")
     if not name or not NAME_RE.fullmatch(name):
@@ -97,8 +102,8 @@ def plan_import(
     source = Path(path).expanduser()
     if not source.is_dir():
         raise NotFoundError(f"checkpoint directory {source} does not exist")
-    source = source.resolve()
     name = check_name(name) if name is not None else default_name(source)
+    source = source.resolve()
     config = _read_json(source / "config.json", missing="so it is not a Hugging Face checkpoint")
     _refuse_custom_code(source, config)
     info = inspect_checkpoint(source)  # UnsupportedArchitectureError for a model type

@@ -310,8 +310,8 @@ def _weight_files(path: Path, config: Mapping[str, Any]) -> tuple[WeightFormat, 
                 f"{path / 'config.json'}: transformers_weights={explicit!r} is not a safetensors "
                 "file; genloop loads weights from safetensors only"
             )
-        target = (path / explicit).resolve()
-        if not target.is_relative_to(path.resolve()) or not target.is_file():
+        target = _member(path, explicit)
+        if target is None:
             raise GenloopError(f"{path}: transformers_weights={explicit!r} is not a file in it")
         index = explicit if explicit.endswith(".index.json") else None
         return "safetensors", _shards(path, index) if index else (target,)
@@ -336,13 +336,27 @@ def _shards(path: Path, index_name: str) -> tuple[Path, ...]:
         raise GenloopError(f"{index_path} is not a valid weight index: {exc}") from None
     shards = []
     for name in names:
-        shard = (path / str(name)).resolve()
-        if not shard.is_relative_to(path.resolve()) or not shard.is_file():
+        shard = _member(path, str(name))
+        if shard is None:
             raise GenloopError(f"{index_path} lists {name!r}, which is not a file in {path}")
         if shard.suffix != ".safetensors":
             raise GenloopError(f"{index_path} lists {name!r}, which is not a safetensors file")
         shards.append(shard)
     return (index_path, *shards)
+
+
+def _member(path: Path, name: str) -> Path | None:
+    """``path / name`` when ``name`` is a file in the checkpoint directory ``path``, else None.
+
+    The name is judged as written: it may not leave the directory (no absolute path, no
+    ``..``). The file itself may be a symbolic link, as in a Hugging Face hub cache
+    snapshot, where every file links to a blob outside the snapshot's folder.
+    """
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        return None
+    member = path / relative
+    return member if member.is_file() else None
 
 
 def _read_pickle_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
