@@ -310,6 +310,12 @@ def _unknown_model_type(d: Path) -> None:
     (d / "config.json").write_text(json.dumps(config))
 
 
+def _other_model_type(d: Path) -> None:
+    config = json.loads((d / "config.json").read_text())
+    config["model_type"] = "gpt2"  # a causal LM transformers builds, but not these weights
+    (d / "config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize(
     ("break_it", "named", "says"),
     [
@@ -321,6 +327,7 @@ def _unknown_model_type(d: Path) -> None:
         (_without_tokenizer, "tokenizer.json", "needs the fast tokenizer file"),
         (_custom_code, "auto_map", "never runs code"),
         (_unknown_model_type, "frobnicator", "serve.engine: vllm"),
+        (_other_model_type, "GPT2LMHeadModel", "the weights do not fit"),
     ],
 )
 def test_a_broken_checkpoint_is_refused_by_file_and_nothing_is_registered(

@@ -239,6 +239,7 @@ def _check_safetensors(source: Path, info: CheckpointInfo) -> int:
                     f"{index} says tensor {tensor!r} is in {shard}, but {source / shard} "
                     "does not hold it: the shard is corrupt or from another checkpoint"
                 )
+    _check_weights_fit(info, {name for header in headers.values() for name in header})
     total = 0
     for header in headers.values():
         for entry in header.values():
@@ -247,6 +248,49 @@ def _check_safetensors(source: Path, info: CheckpointInfo) -> int:
                 count *= int(dim)
             total += count
     return total
+
+
+def _check_weights_fit(info: CheckpointInfo, names: set[str]) -> None:
+    """Refuse weights that are not this architecture's: a config whose ``model_type`` does
+    not match its weights would load with most tensors left at random initialisation
+    (transformers only warns), and then be served as if it were the model.
+
+    The architecture is built on the meta device (no memory, no weights) for the names of
+    the tensors it expects. Tied weights are stored once and may be absent; a checkpoint of
+    the bare base model lacks the head's prefix. transformers also renames some tensors as
+    it loads (older names; fused experts in mixture-of-experts models), so only a gross
+    mismatch (most expected tensors absent) is refused. Quantized checkpoints
+    (``quantization_config``) store other tensors and are not compared.
+    """
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(
+        info.path, local_files_only=True, trust_remote_code=False
+    )
+    if getattr(config, "quantization_config", None) is not None:
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # its advice is for model authors
+    try:
+        with torch.device("meta"):
+            model = getattr(transformers, info.architecture)(config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    expected = [k for k in model.state_dict() if k not in tied]
+    missing = [k for k in expected if k not in names and k.removeprefix(prefix) not in names]
+    if expected and len(missing) * 2 > len(expected):
+        shown = ", ".join(missing[:3])
+        raise GenloopError(
+            f"{info.path}: the weights do not fit {info.architecture}, the architecture "
+            f"config.json names (model_type {info.model_type!r}): {len(missing)} of its "
+            f"{len(expected)} tensors are in no weight file (e.g. {shown}). The config and "
+            "the weights come from different models"
+        )
 
 
 def _header(path: Path) -> dict[str, dict[str, Any]]:
