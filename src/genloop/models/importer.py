@@ -39,16 +39,18 @@ from genloop.models.pretrained import (
 )
 from genloop.workspace.layout import GENLOOP_JSON, SAFETENSORS
 from genloop.workspace.manifest import MANIFEST
-from genloop.workspace.refs import NAME_RE
+from genloop.workspace.refs import NAME_RE, check_name
 from genloop.workspace.registry import ModelVersionInfo, register_model
 from genloop.workspace.workspace import Workspace
 
 MODEL_CARD = "README.md"
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING")
 MAX_CARD_CHARS = 32_768  # the card is kept in the catalog row: bounded
+MAX_CONFIG_BYTES = 16 * 2**20  # config.json is a few kilobytes; anything near this is not one
 REQUIRED_TOKENIZER = "tokenizer.json"
 # Weights for other frameworks and runtimes: large, and nothing genloop loads.
 FOREIGN_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".tflite")
+PICKLE_INDEX_SUFFIXES = tuple(f"{suffix}.index.json" for suffix in PICKLE_SUFFIXES)
 CHUNK = 8 * 2**20
 
 Progress = Callable[[int], None]  # called with the bytes just copied
@@ -97,8 +99,6 @@ def plan_import(
     :class:`~genloop.models.pretrained.UnsupportedArchitectureError` for a model type
     transformers cannot build as a causal or seq2seq LM.
     """
-    from genloop.workspace.refs import check_name
-
     source = Path(path).expanduser()
     if not source.is_dir():
         raise NotFoundError(f"checkpoint directory {source} does not exist")
@@ -188,6 +188,8 @@ def register_plan(
 def _read_json(path: Path, *, missing: str) -> dict[str, Any]:
     if not path.is_file():
         raise GenloopError(f"{path} is missing, {missing}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise GenloopError(f"{path} is over {MAX_CONFIG_BYTES // 2**20} MiB: not a model config")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -339,6 +341,8 @@ def _files_to_copy(source: Path, info: CheckpointInfo) -> tuple[tuple[Path, ...]
             skipped.append(f"{p.name} (written by genloop for the new version)")
         elif info.weight_format == "pickle" and p.name in (SAFETENSORS, SAFETENSORS_INDEX):
             skipped.append(f"{p.name} (replaced by the converted weights)")
+        elif p.name.endswith(PICKLE_INDEX_SUFFIXES):  # names pickle shards, never imported
+            skipped.append(f"{p.name} (index of pickle weights)")
         else:
             copy.append(p)
     return tuple(copy), tuple(skipped)
@@ -368,12 +372,20 @@ def _convert_pickle(info: CheckpointInfo, staged: Path) -> tuple[int, list[Path]
     weights (a plain ``save_file`` of the state dict refuses shared tensors). Only the
     weight files are taken from its output: the source's own config is kept as it is.
     """
+    import transformers
     from transformers.utils import logging as hf_logging
 
-    from genloop.models.pretrained import load_pretrained
+    from genloop.models.pretrained import read_pickle_weights
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    model = load_pretrained(info.path, trust_pickle=True)
+    state = read_pickle_weights(info.weights)
+    _check_weights_fit(info, set(state))
+    config = transformers.AutoConfig.from_pretrained(
+        info.path, local_files_only=True, trust_remote_code=False
+    )
+    model = getattr(transformers, info.architecture).from_pretrained(
+        None, config=config, state_dict=state, dtype="auto", trust_remote_code=False
+    )
     parameters = sum(p.numel() for p in model.parameters())
     out = staged.parent / "converted"
     model.save_pretrained(out, max_shard_size="5GB")

@@ -145,7 +145,7 @@ def load_pretrained(
         config = transformers.AutoConfig.from_pretrained(
             info.path, local_files_only=True, trust_remote_code=False
         )
-        state_dict = _read_pickle_weights(info.weights)
+        state_dict = read_pickle_weights(info.weights)
         loaded = model_cls.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
     else:
         from genloop.security.safe_load import check_safetensors
@@ -359,7 +359,7 @@ def _member(path: Path, name: str) -> Path | None:
     return member if member.is_file() else None
 
 
-def _read_pickle_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
+def read_pickle_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
     """Merge the state dicts in ``files``, read with ``torch.load(weights_only=True)``."""
     hf_names = [p for p in files if p.name.startswith("pytorch_model")]
     chosen = hf_names or list(files)
