@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from genloop.models.importer import default_name
+from genloop.models.importer import default_name, import_checkpoint
 from genloop.workspace import Workspace, init_workspace, registry
 
 from ..conftest import CliResult, run_genloop, write_corpus
@@ -349,6 +349,18 @@ def test_a_broken_checkpoint_is_refused_by_file_and_nothing_is_registered(
     assert message.startswith("error: ") and len(message.splitlines()) == 1
     assert named in message and says in message
     assert state(ws) == before  # no row, no artifact, nothing left in the store's scratch
+
+
+def test_an_interrupted_copy_leaves_nothing_behind(
+    ws: Workspace, checkpoints: dict[str, Path]
+) -> None:
+    def interrupt(copied: int) -> None:  # Ctrl-C as the first chunk lands
+        raise KeyboardInterrupt
+
+    before = state(ws)
+    with pytest.raises(KeyboardInterrupt):
+        import_checkpoint(ws, checkpoints["qwen_sharded"], name="cut", progress=interrupt)
+    assert state(ws) == before
 
 
 def test_unknown_architecture_names_what_the_native_engine_batches(
