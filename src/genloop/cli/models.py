@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from genloop.cli.context import console, err_console, open_workspace, print_json, print_table
+
+if TYPE_CHECKING:
+    from genloop.models.pretrained import UnsupportedArchitectureError
 
 app = typer.Typer(
     help="Model versions, lineage and aliases (NAME, NAME@3, NAME@production).",
@@ -137,7 +141,7 @@ def import_(
     console.print(f"serve it:  genloop serve -m {info.ref}", highlight=False)
 
 
-def _unsupported(exc: Any) -> str:
+def _unsupported(exc: UnsupportedArchitectureError) -> str:
     """The import error for an architecture transformers cannot build, with what can run.
 
     The CLI composes it: the list of batched architectures lives in the serving layer,
@@ -180,7 +184,7 @@ def show(
             from genloop.errors import NotFoundError
 
             raise NotFoundError(f"{info.ref} has no model card (only imported versions have one)")
-        console.print(imported["model_card"], markup=False, highlight=False)
+        sys.stdout.write(imported["model_card"].rstrip("\n") + "\n")  # as written, unwrapped
         return
     if json:
         print_json(data)
