@@ -100,8 +100,10 @@ def plan_import(
     transformers cannot build as a causal or seq2seq LM.
     """
     source = Path(path).expanduser()
-    if not source.is_dir():
+    if not source.exists():
         raise NotFoundError(f"checkpoint directory {source} does not exist")
+    if not source.is_dir():
+        raise GenloopError(f"{source} is a file; give the checkpoint's directory")
     name = check_name(name) if name is not None else default_name(source)
     source = source.resolve()
     config = _read_json(source / "config.json", missing="so it is not a Hugging Face checkpoint")
@@ -351,12 +353,15 @@ def _files_to_copy(source: Path, info: CheckpointInfo) -> tuple[tuple[Path, ...]
 def _copy_hashing(src: Path, dst: Path, progress: Progress | None) -> str:
     """Copy ``src`` to ``dst``, returning the SHA-256 of the bytes copied."""
     digest = hashlib.sha256()
-    with src.open("rb") as fin, dst.open("wb") as fout:
-        while chunk := fin.read(CHUNK):
-            digest.update(chunk)
-            fout.write(chunk)
-            if progress is not None:
-                progress(len(chunk))
+    try:
+        with src.open("rb") as fin, dst.open("wb") as fout:
+            while chunk := fin.read(CHUNK):
+                digest.update(chunk)
+                fout.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+    except OSError as exc:  # unreadable source, full disk: say which file, not a traceback
+        raise GenloopError(f"copying {src} into the workspace failed: {exc.strerror}") from None
     return digest.hexdigest()
 
 
