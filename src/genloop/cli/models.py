@@ -299,10 +299,19 @@ def diff(
         ]
         print_table("metrics", ["metric", d["a"], d["b"], "delta"], rows)
     if d["config"]:
-        rows = [[k, v["a"], v["b"]] for k, v in d["config"].items()]
+        rows = [[k, _short(v["a"]), _short(v["b"])] for k, v in d["config"].items()]
         print_table("config", ["key", d["a"], d["b"]], rows)
     if d["lineage"]:
         rows = [[k, v["a"], v["b"]] for k, v in d["lineage"].items()]
         print_table("lineage", ["field", d["a"], d["b"]], rows)
     if not (d["metrics"] or d["config"] or d["lineage"]):
         console.print("no differences in config, metrics or lineage")
+
+
+def _short(value: object, limit: int = 120) -> object:
+    """A long text value (an imported model card) cut to one line for a table; --json has
+    it whole."""
+    if not isinstance(value, str) or (len(value) <= limit and "\n" not in value):
+        return value
+    first = value.strip().splitlines()[0] if value.strip() else ""
+    return f"{first[: limit - 1]}… ({len(value):,} characters)"
