@@ -270,6 +270,37 @@ def test_pickle_weights_are_refused_or_converted_with_trust_pickle(
     assert lineage["files"]["model.safetensors"] == sha256(artifact / "model.safetensors")
 
 
+def test_a_slow_tokenizer_gets_its_tokenizer_json_made(
+    ws: Workspace, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """Older GPT-2-class checkpoints ship vocab.json and merges.txt, no tokenizer.json."""
+    from genloop.data.tokenizer import load_hf_tokenizer
+
+    source = tmp_path / "gpt2-slow"
+    shutil.copytree(checkpoints["gpt2"], source)
+    fast = json.loads((source / "tokenizer.json").read_text())
+    vocab = dict(fast["model"]["vocab"]) | {t["content"]: t["id"] for t in fast["added_tokens"]}
+    (source / "vocab.json").write_text(json.dumps(vocab))
+    merges = [" ".join(pair) for pair in fast["model"]["merges"]]
+    (source / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(
+        json.dumps(config | {"tokenizer_class": "GPT2Tokenizer"})
+    )
+    (source / "tokenizer.json").unlink()
+
+    ran = run_genloop(ws, "models", "import", source)
+    assert ran.returncode == 0, ran.stderr
+    assert "made tokenizer.json from vocab.json, merges.txt" in ran.stdout
+    artifact = registry.artifact_path(ws, "gpt2-slow@1")
+    text = "The cat sat on the mat. Hello there!"
+    original = load_hf_tokenizer(checkpoints["gpt2"])
+    assert load_hf_tokenizer(artifact)(text).input_ids == original(text).input_ids
+    lineage = registry.resolve(ws, "gpt2-slow@1").config["import"]
+    assert lineage["tokenizer_converted_from"] == ["vocab.json", "merges.txt"]
+    assert lineage["files"]["tokenizer.json"] == sha256(artifact / "tokenizer.json")
+
+
 def _without_config(d: Path) -> None:
     (d / "config.json").unlink()
 

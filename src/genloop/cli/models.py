@@ -136,6 +136,9 @@ def import_(
             f"converted {', '.join(lineage['converted_from_pickle'])} to safetensors",
             highlight=False,
         )
+    if lineage["tokenizer_converted_from"]:
+        made_from = ", ".join(lineage["tokenizer_converted_from"])
+        console.print(f"made tokenizer.json from {made_from}", highlight=False)
     for item in lineage["skipped"]:
         console.print(f"left out: {item}", highlight=False)
     console.print(f"serve it:  genloop serve -m {info.ref}", highlight=False)

@@ -48,6 +48,15 @@ LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING")
 MAX_CARD_CHARS = 32_768  # the card is kept in the catalog row: bounded
 MAX_CONFIG_BYTES = 16 * 2**20  # config.json is a few kilobytes; anything near this is not one
 REQUIRED_TOKENIZER = "tokenizer.json"
+# A slow tokenizer's files, from which transformers can make tokenizer.json.
+SLOW_TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 # Weights for other frameworks and runtimes: large, and nothing genloop loads.
 FOREIGN_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".tflite")
 PICKLE_INDEX_SUFFIXES = tuple(f"{suffix}.index.json" for suffix in PICKLE_SUFFIXES)
@@ -66,6 +75,7 @@ class ImportPlan:
     skipped: tuple[str, ...]  # files left behind, each with the reason
     parameters: int  # from the safetensors headers; 0 until pickles are converted
     total_bytes: int
+    tokenizer_from: tuple[str, ...]  # slow tokenizer files tokenizer.json is made from
     lineage: dict[str, Any] = field(default_factory=dict)
 
 
@@ -118,7 +128,7 @@ def plan_import(
             "to safetensors, so the catalog holds safetensors only"
         )
     parameters = _check_safetensors(source, info) if info.weight_format == "safetensors" else 0
-    _check_tokenizer(source)
+    tokenizer_from = _check_tokenizer(source)
     copy, skipped = _files_to_copy(source, info)
     total = sum(p.stat().st_size for p in copy)
     if info.weight_format == "pickle":
@@ -131,7 +141,7 @@ def plan_import(
         "license": _license(source),
         "model_card": _model_card(source),
     }
-    return ImportPlan(info, name, copy, skipped, parameters, total, lineage)
+    return ImportPlan(info, name, copy, skipped, parameters, total, tokenizer_from, lineage)
 
 
 def import_checkpoint(
@@ -169,10 +179,14 @@ def register_plan(
             converted = [p.name for p in info.weights]
             for file in written:
                 hashes[file.name] = _sha256(file)
+        if plan.tokenizer_from:
+            made = _write_tokenizer_json(info.path, staged)
+            hashes[made.name] = _sha256(made)
         lineage = plan.lineage | {
             "files": dict(sorted(hashes.items())),
             "parameters": parameters,
             "converted_from_pickle": converted,
+            "tokenizer_converted_from": list(plan.tokenizer_from),
             "skipped": list(plan.skipped),
         }
         return register_model(
@@ -305,22 +319,57 @@ def _header(path: Path) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
 
 
-def _check_tokenizer(source: Path) -> None:
-    """genloop tokenizes with the fast tokenizer file, ``tokenizer.json``."""
+def _check_tokenizer(source: Path) -> tuple[str, ...]:
+    """genloop tokenizes with the fast tokenizer file, ``tokenizer.json``.
+
+    A checkpoint that has only the files of a slow tokenizer (GPT-2's ``vocab.json`` and
+    ``merges.txt``, a SentencePiece model) gets one made from them by transformers' own
+    conversion; the files it is made from are returned (none: nothing to convert).
+    """
     if (source / REQUIRED_TOKENIZER).is_file():
         try:
             json.loads((source / REQUIRED_TOKENIZER).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise GenloopError(f"{source / REQUIRED_TOKENIZER} is not valid JSON: {exc}") from None
-        return
-    present = [n for n in TOKENIZER_FILES if (source / n).is_file()]
+        return ()
+    present = tuple(n for n in TOKENIZER_FILES if (source / n).is_file())
+    slow = tuple(n for n in present if n in SLOW_TOKENIZER_FILES)
+    why = ""
+    if slow:
+        try:
+            _fast_tokenizer(source)
+            return slow
+        except Exception as exc:  # transformers raises many kinds; the message says which
+            why = f"; making it from {', '.join(slow)} failed ({str(exc).strip()[:200]})"
     found = f" (it has {', '.join(present)})" if present else ""
     raise GenloopError(
-        f"{source} has no {REQUIRED_TOKENIZER}{found}: genloop needs the fast tokenizer file "
-        f"{REQUIRED_TOKENIZER}, with tokenizer_config.json beside it for the special tokens and "
-        "chat template. Write them with transformers: "
+        f"{source} has no {REQUIRED_TOKENIZER}{found}{why}: genloop needs the fast tokenizer "
+        f"file {REQUIRED_TOKENIZER}, with tokenizer_config.json beside it for the special "
+        "tokens and chat template. Write them with transformers: "
         "AutoTokenizer.from_pretrained(PATH).save_pretrained(PATH)"
     )
+
+
+def _fast_tokenizer(source: Path) -> Any:
+    """The checkpoint's tokenizer, converted to a fast one by transformers (no remote code)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, local_files_only=True, trust_remote_code=False
+    )
+    if not getattr(tokenizer, "is_fast", False):
+        raise GenloopError(f"transformers has no fast version of {type(tokenizer).__name__}")
+    return tokenizer
+
+
+def _write_tokenizer_json(source: Path, staged: Path) -> Path:
+    """Write ``tokenizer.json`` made from the slow tokenizer's files into ``staged``; the
+    checkpoint's own tokenizer files are copied as they are."""
+    out = staged.parent / "tokenizer"
+    _fast_tokenizer(source).save_pretrained(out)
+    target = staged / REQUIRED_TOKENIZER
+    shutil.move(out / REQUIRED_TOKENIZER, target)
+    return target
 
 
 def _files_to_copy(source: Path, info: CheckpointInfo) -> tuple[tuple[Path, ...], tuple[str, ...]]:
