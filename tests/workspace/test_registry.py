@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +105,25 @@ def test_register_and_resolve(workspace: Workspace, model_dir: Path) -> None:
     manifest = (path / "MANIFEST.sha256").read_text()
     assert "stale" not in manifest
     assert "genloop.json" in manifest
+
+
+def test_register_links_files_from_a_scratch_directory(
+    workspace: Workspace, model_dir: Path
+) -> None:
+    """Big imports are not copied twice: the store hard-links the staged files, and the
+    staged directory stays as it was (a retry after a lost version race reuses it)."""
+    with workspace.store.scratch() as scratch:
+        staged = scratch / "model"
+        shutil.copytree(model_dir, staged)
+        (staged / "genloop.json").write_text('{"from": "the staged copy"}')
+        info = _register(workspace, staged, link_files=True)
+        path = registry.artifact_path(workspace, info.ref)  # the manifest verifies
+        weights = path / "model.safetensors"
+        assert weights.stat().st_ino == (staged / "model.safetensors").stat().st_ino
+        assert json.loads((staged / "genloop.json").read_text()) == {"from": "the staged copy"}
+        assert json.loads((path / "genloop.json").read_text())["name"] == "m"
+        again = _register(workspace, staged, link_files=True)
+    assert again.version == 2 and weights.read_bytes() == bytes(range(256)) * 8
 
 
 def test_resolve_errors_name_what_exists(workspace: Workspace, model_dir: Path) -> None:

@@ -49,6 +49,15 @@ DTYPES = {
 }
 
 
+class UnsupportedArchitectureError(GenloopError):
+    """A checkpoint whose ``model_type`` is not a causal or seq2seq LM that this version of
+    transformers builds offline (``model_type`` None: the config names none)."""
+
+    def __init__(self, message: str, model_type: str | None) -> None:
+        super().__init__(message)
+        self.model_type = model_type
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What a checkpoint directory holds, as far as loading it is concerned."""
@@ -74,8 +83,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     config = _read_config(path)
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        raise GenloopError(
-            f"{path / 'config.json'}: no model_type, so it is not a transformers config"
+        raise UnsupportedArchitectureError(
+            f"{path / 'config.json'}: no model_type, so it is not a transformers config", None
         )
     family, architecture = _family_of(model_type, config, path)
     weight_format, weights = _weight_files(path, config)
@@ -98,7 +107,9 @@ def load_pretrained(
     ``load_in_4bit`` loads the base in NF4 for QLoRA (needs CUDA and bitsandbytes).
     """
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no tqdm in our output
     # a quantized variant (genloop optimize) rebuilds its modules; an ONNX one is refused
     optimized = _load_optimized(Path(path), device=device, dtype=_dtype(dtype))
     if optimized is not None:
@@ -134,7 +145,7 @@ def load_pretrained(
         config = transformers.AutoConfig.from_pretrained(
             info.path, local_files_only=True, trust_remote_code=False
         )
-        state_dict = _read_pickle_weights(info.weights)
+        state_dict = read_pickle_weights(info.weights)
         loaded = model_cls.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
     else:
         from genloop.security.safe_load import check_safetensors
@@ -280,10 +291,11 @@ def _family_of(model_type: str, config: Mapping[str, Any], path: Path) -> tuple[
         if "auto_map" in config
         else ""
     )
-    raise GenloopError(
+    raise UnsupportedArchitectureError(
         f"{path}: model_type {model_type!r} is not a causal or seq2seq language model this "
         f"version of transformers can build{custom}; supported include llama, gpt2, mistral, "
-        "qwen2, phi3, gemma, t5, bart"
+        "qwen2, phi3, gemma, t5, bart",
+        model_type,
     )
 
 
@@ -298,8 +310,8 @@ def _weight_files(path: Path, config: Mapping[str, Any]) -> tuple[WeightFormat, 
                 f"{path / 'config.json'}: transformers_weights={explicit!r} is not a safetensors "
                 "file; genloop loads weights from safetensors only"
             )
-        target = (path / explicit).resolve()
-        if not target.is_relative_to(path.resolve()) or not target.is_file():
+        target = _member(path, explicit)
+        if target is None:
             raise GenloopError(f"{path}: transformers_weights={explicit!r} is not a file in it")
         index = explicit if explicit.endswith(".index.json") else None
         return "safetensors", _shards(path, index) if index else (target,)
@@ -324,8 +336,8 @@ def _shards(path: Path, index_name: str) -> tuple[Path, ...]:
         raise GenloopError(f"{index_path} is not a valid weight index: {exc}") from None
     shards = []
     for name in names:
-        shard = (path / str(name)).resolve()
-        if not shard.is_relative_to(path.resolve()) or not shard.is_file():
+        shard = _member(path, str(name))
+        if shard is None:
             raise GenloopError(f"{index_path} lists {name!r}, which is not a file in {path}")
         if shard.suffix != ".safetensors":
             raise GenloopError(f"{index_path} lists {name!r}, which is not a safetensors file")
@@ -333,7 +345,21 @@ def _shards(path: Path, index_name: str) -> tuple[Path, ...]:
     return (index_path, *shards)
 
 
-def _read_pickle_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
+def _member(path: Path, name: str) -> Path | None:
+    """``path / name`` when ``name`` is a file in the checkpoint directory ``path``, else None.
+
+    The name is judged as written: it may not leave the directory (no absolute path, no
+    ``..``). The file itself may be a symbolic link, as in a Hugging Face hub cache
+    snapshot, where every file links to a blob outside the snapshot's folder.
+    """
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        return None
+    member = path / relative
+    return member if member.is_file() else None
+
+
+def read_pickle_weights(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
     """Merge the state dicts in ``files``, read with ``torch.load(weights_only=True)``."""
     hf_names = [p for p in files if p.name.startswith("pytorch_model")]
     chosen = hf_names or list(files)

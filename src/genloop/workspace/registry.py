@@ -9,6 +9,7 @@ A model version is an artifact directory ``models/<name>/<version>`` (weights, c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -168,8 +169,15 @@ def register_model(
     metrics: dict[str, Any] | None = None,
     tags: dict[str, Any] | None = None,
     description: str = "",
+    link_files: bool = False,
 ) -> ModelVersionInfo:
-    """Copy ``source`` (a model directory) into the store as the next version of ``name``."""
+    """Copy ``source`` (a model directory) into the store as the next version of ``name``.
+
+    ``link_files``: ``source`` is a scratch directory on the store's filesystem
+    (``ws.store.scratch()``), so its files are hard-linked rather than copied again, which
+    matters for a checkpoint of many gigabytes. ``source`` stays intact either way, so a
+    retry after a lost race for the version number starts from the same files.
+    """
     check_name(name)
     if family not in FAMILIES:
         raise GenloopError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
@@ -205,8 +213,15 @@ def register_model(
         }
         try:
             with ws.store.writer(key) as staging:
-                shutil.copytree(source, staging, dirs_exist_ok=True, symlinks=False)
+                shutil.copytree(
+                    source,
+                    staging,
+                    dirs_exist_ok=True,
+                    symlinks=False,
+                    copy_function=_link_or_copy if link_files else shutil.copy2,
+                )
                 (staging / "MANIFEST.sha256").unlink(missing_ok=True)
+                (staging / GENLOOP_JSON).unlink(missing_ok=True)  # never write through a link
                 (staging / GENLOOP_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         except ConflictError:
             taken = version  # another writer published this number first: try the next
@@ -237,6 +252,14 @@ def register_model(
                     raise  # not a lost race for the number: a real error
             taken = version
     raise ConflictError(f"could not register a new version of {name}: too many concurrent writers")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the filesystem allows one, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def promote(
