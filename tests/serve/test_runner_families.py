@@ -279,6 +279,26 @@ def test_greedy_equals_hf_generate_inside_a_busy_batch(family: Any) -> None:
     assert eng.steps - steps_before > GREEDY.max_tokens  # they shared steps
 
 
+def test_logits_equal_hf_forward(family: Any) -> None:
+    """The runner's next-token logits, after a chunked prefill and over decode steps, are
+    the model's own (what greedy text cannot show: soft-capping the output logits keeps
+    their order, and sampling reads their values)."""
+    from genloop.models.pretrained import load_pretrained
+    from genloop.serve.engine.runner import Chunk, DecoderRunner
+
+    model_type, path, eng, _ = family
+    ids = eng.encode(PROMPTS[3])[:20]
+    runner = DecoderRunner(load_pretrained(path), n_slots=2, max_len=32)
+    runner.step([Chunk(1, ids[:12], 0, False)], [], [], [])
+    got = [runner.step([Chunk(1, ids[12:], 12, True)], [], [], [])]
+    for i, token in enumerate([5, 77, 200]):
+        got.append(runner.step([], [1], [token], [len(ids) + i]))
+    with torch.inference_mode():
+        full = hf_model(path)(torch.tensor([[*ids, 5, 77, 200]])).logits[0].float()
+    want = full[len(ids) - 1 :]
+    torch.testing.assert_close(torch.cat(got), want, rtol=1e-4, atol=1e-4, msg=model_type)
+
+
 # ------------------------------------------------------------------ int8 and configs
 
 
