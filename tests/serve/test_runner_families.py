@@ -299,6 +299,26 @@ def test_logits_equal_hf_forward(family: Any) -> None:
     torch.testing.assert_close(torch.cat(got), want, rtol=1e-4, atol=1e-4, msg=model_type)
 
 
+def test_bf16_logits_follow_the_model_rounding(family: Any) -> None:
+    """In bf16 the runner rounds where each family's forward does (norms in fp32 then cast
+    before or after the weight, OLMo 2's fp32 rotary), so its logits stay the model's."""
+    from genloop.models.pretrained import load_pretrained
+    from genloop.serve.engine.runner import Chunk, DecoderRunner
+
+    model_type, path, eng, _ = family
+    ids = eng.encode(PROMPTS[3])[:16]
+    model = load_pretrained(path, dtype="bf16")
+    with torch.inference_mode():
+        want = model(torch.tensor([ids])).logits[0, -1].float()
+    runner = DecoderRunner(model, n_slots=1, max_len=16)
+    assert runner.dtype == torch.bfloat16
+    got = runner.step([Chunk(0, ids, 0, True)], [], [], [])
+    assert got is not None
+    # equal here; the margin allows a matmul kernel that sums in another order, and is far
+    # below a misplaced rounding (OLMo 2's rotary in bf16 instead of fp32: 0.025)
+    torch.testing.assert_close(got[0], want, rtol=0.0, atol=5e-3, msg=model_type)
+
+
 # ------------------------------------------------------------------ int8 and configs
 
 

@@ -87,6 +87,7 @@ class DecoderWeights:
     attn_softcap: float | None  # Gemma 2: tanh soft-capping of attention logits
     final_softcap: float | None  # Gemma 2/3: of the output logits
     rotary: list[tuple[Tensor, float]]  # (inv_freq (R/2,), attention scaling) per table
+    rotary_fp32: bool = False  # OLMo 2: q, k roped in fp32 (its tables stay fp32), then cast
 
 
 def is_int8(module: Any) -> bool:
@@ -334,6 +335,7 @@ def _read_llama_like(model: Any) -> DecoderWeights:
         else None,
         final_softcap=getattr(config, "final_logit_softcapping", None) if gemma else None,
         rotary=rotary,
+        rotary_fp32=olmo,
     )
 
 

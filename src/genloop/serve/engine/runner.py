@@ -134,12 +134,13 @@ class DecoderRunner:
         # (the rotary dims) is Q, or less for a partial rotary (GPT-NeoX, Phi-3).
         self.rotary_dim = 2 * len(w.rotary[0][0]) if w.rotary else 0
         positions = torch.arange(max_len, device=self.device, dtype=torch.float32)
+        table_dtype = torch.float32 if w.rotary_fp32 else self.dtype
         self.tables: list[tuple[Tensor, Tensor]] = []
         for inv_freq, scaling in w.rotary:
             freqs = positions[:, None] * inv_freq.to(self.device, torch.float32)  # (T, R/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (T, R)
-            cos = (emb.cos() * scaling).to(self.dtype)
-            sin = (emb.sin() * scaling).to(self.dtype)
+            cos = (emb.cos() * scaling).to(table_dtype)
+            sin = (emb.sin() * scaling).to(table_dtype)
             half = self.rotary_dim // 2
             self.tables.append((cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)))
         self.cache = KVCache(
@@ -207,7 +208,7 @@ class DecoderRunner:
                 qk = torch.cat((q_part, self._norm(qk[:, split:], layer.k_norm)), dim=-1)
         qk = qk.view(n, h_ + k_, q_)
         if rope is not None:
-            qk = self._rope(qk, *rope)
+            qk = self._rope(qk, *rope).to(self.dtype)  # a no-op but for fp32 tables
         return qk[:, :h_], qk[:, h_:], qkv[:, width:].view(n, k_, q_)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
