@@ -585,8 +585,9 @@ def family_configs(vocab_size: int, tok: Any) -> dict[str, Any]:
 def bench_families(args: argparse.Namespace) -> dict[str, Any]:
     """Tokens/s of the engine alone (no HTTP) on every batched family: 16 concurrent
     sequences (prompts of ``--prompt-tokens``) × ``--max-tokens`` new tokens each, sampled,
-    EOS ignored; the families take turns, ``--repeat`` rounds, the best round counting; the
-    ratio is to Llama's in the same run."""
+    EOS ignored. A run takes about a second, so the families take turns for 3 × ``--repeat``
+    rounds, each family's best round counting (a shared machine's load comes and goes);
+    the ratio is to Llama's in the same run."""
     import torch
     import transformers as tf
 
@@ -599,7 +600,7 @@ def bench_families(args: argparse.Namespace) -> dict[str, Any]:
     from genloop.serve.engine.types import GenerationRequest, SamplingParams
 
     torch.set_num_threads(args.threads)
-    concurrent = 16
+    concurrent, rounds = 16, 3 * args.repeat
     with tempfile.TemporaryDirectory(prefix="bench_families_") as tmp_name:
         tmp = Path(tmp_name)
         tok_dir = build_checkpoint(tmp / "tok", "tiny", args.vocab_size, 0.5)
@@ -630,7 +631,7 @@ def bench_families(args: argparse.Namespace) -> dict[str, Any]:
             for engine in engines.values():
                 await engine.start()
                 await one_run(engine)  # warm-up
-            for _ in range(args.repeat):
+            for _ in range(rounds):
                 for name, engine in engines.items():
                     best[name] = max(best.get(name, 0.0), await one_run(engine))
             for engine in engines.values():
@@ -642,7 +643,7 @@ def bench_families(args: argparse.Namespace) -> dict[str, Any]:
     llama = best["llama"]
     print(
         f"native engine, {concurrent} sequences × {args.max_tokens} new tokens, "
-        f"{args.threads} torch thread(s), best of {args.repeat}:",
+        f"{args.threads} torch thread(s), best of {rounds} rounds:",
         file=sys.stderr,
     )
     for name, value in best.items():
@@ -660,7 +661,7 @@ def bench_families(args: argparse.Namespace) -> dict[str, Any]:
         "concurrent": concurrent,
         "max_tokens": args.max_tokens,
         "threads": args.threads,
-        "repeat": args.repeat,
+        "rounds": rounds,
     }
 
 

@@ -161,9 +161,12 @@ class DecoderRunner:
         width = (x.shape[-1],)
         if norm.kind == "layer":
             return F.layer_norm(x, width, norm.weight, norm.bias, norm.eps)
-        if x.dtype == torch.float32 and norm.weight.dim() == 1:
-            # one fused op, bit for bit the models' RMSNorm in fp32 (every kind agrees there)
-            return F.rms_norm(x, width, norm.weight.float(), norm.eps)
+        if x.dtype == torch.float32:
+            # one fused op, bit for bit the models' RMSNorm in fp32 (every kind agrees there);
+            # per-head q/k norms' stacked (heads, Q) weight multiplies after it
+            if norm.weight.dim() == 1:
+                return F.rms_norm(x, width, norm.weight.float(), norm.eps)
+            return F.rms_norm(x, width, None, norm.eps) * norm.weight
         # step for step: fp32 statistics; Llama's kind casts back before the weight,
         # OLMo 2's and Gemma's multiply in fp32 and cast after
         h = x.to(torch.float32)
