@@ -137,21 +137,36 @@ def _configs(tok: Any) -> dict[str, Any]:
         "olmo2": tf.Olmo2Config(  # q/k norms over the whole projection, post-norms only
             **LLAMA_LIKE, **ids, tie_word_embeddings=False
         ),
+        "phi3_longrope": tf.Phi3Config(  # Phi-3.5's rope: short table up to 64 positions
+            **LLAMA_LIKE,
+            **ids,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "original_max_position_embeddings": 64,
+                "short_factor": [1.0, 1.5, 2.0, 3.0],
+                "long_factor": [4.0, 6.0, 8.0, 12.0],
+            },
+            original_max_position_embeddings=64,
+            tie_word_embeddings=False,
+        ),
     }
 
 
-def build_family(model_type: str, out: Path, tokenizer_dir: Path) -> Path:
-    """A tiny ``model_type`` checkpoint at ``out``: matrices drawn wide (std 0.15), norm
-    weights and biases moved off 1 and 0 (std 0.1), seed 3."""
+def build_family(name: str, out: Path, tokenizer_dir: Path) -> Path:
+    """A tiny checkpoint of config ``name`` (a model type, or a variant) at ``out``:
+    matrices drawn wide (std 0.15), norm weights and biases moved off 1 and 0 (std 0.1),
+    seed 3."""
     import transformers as tf
 
     from genloop.data.tokenizer import load_hf_tokenizer
     from genloop.models.pretrained import save_hf_dir
     from genloop.serve.engine.architectures import CAUSAL_LM_CLASSES
 
-    config = _configs(load_hf_tokenizer(tokenizer_dir))[model_type]
+    config = _configs(load_hf_tokenizer(tokenizer_dir))[name]
     torch.manual_seed(3)
-    model = getattr(tf, CAUSAL_LM_CLASSES[model_type])(config).eval()
+    model = getattr(tf, CAUSAL_LM_CLASSES[config.model_type])(config).eval()
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 2:
@@ -350,6 +365,32 @@ def test_int8_weight_only_qwen2_takes_the_batched_runner_exactly(
         assert tokens == hf_greedy(path, prompt, tok.eos_token_id, tok.pad_token_id)
 
 
+def test_longrope_is_batched_within_its_original_context(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """Phi-3.5's longrope uses its short table while sequences stay within the original
+    context: a server whose longest sequence fits (64 positions here) batches it exactly;
+    one allowing longer sequences runs it on the generic runner."""
+    path = build_family("phi3_longrope", tmp_path / "m", tokenizer_dir)
+    config = hf_model(path).config
+    assert supports_batching(config, max_len=64) and not supports_batching(config)
+    assert engine_for(path, max_prompt_tokens=128, max_tokens=64).runner.kind == "hf"
+    eng = engine_for(path, max_prompt_tokens=40, max_tokens=24)
+    assert eng.runner.kind == "native" and eng.runner.max_len == 64
+    tok = eng.tokenizer
+    ids = [eng.encode(p) for p in PROMPTS]
+
+    async def main() -> list[list[int]]:
+        await eng.start()
+        streams = [eng.submit(GenerationRequest(f"l{i}", p, GREEDY)) for i, p in enumerate(ids)]
+        out = [[d.token_id for d in (await collect(s))[0]] for s in streams]
+        await eng.close()
+        return out
+
+    for prompt, tokens in zip(ids, asyncio.run(main()), strict=True):
+        assert tokens == hf_greedy(path, prompt, tok.eos_token_id, tok.pad_token_id)
+
+
 @pytest.mark.parametrize(
     ("config", "batched"),
     [
@@ -357,6 +398,16 @@ def test_int8_weight_only_qwen2_takes_the_batched_runner_exactly(
         ({"model_type": "qwen2", "rope_scaling": {"type": "yarn", "factor": 4.0}}, True),
         ({"model_type": "llama", "rope_parameters": {"rope_type": "dynamic"}}, False),
         ({"model_type": "phi3", "rope_parameters": {"rope_type": "longrope"}}, False),
+        (
+            {
+                "model_type": "phi3",
+                "rope_parameters": {
+                    "rope_type": "longrope",
+                    "original_max_position_embeddings": 4096,
+                },
+            },
+            False,  # no max_len given: a sequence may outgrow the original context
+        ),
         (
             {
                 "model_type": "gemma3_text",

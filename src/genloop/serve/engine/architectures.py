@@ -46,8 +46,10 @@ CAUSAL_LM_CLASSES: dict[str, str] = {
 }
 
 # Rope variants whose frequency table does not change with the sequence length (the runner
-# computes it once for every position). "dynamic" grows its table with the sequence and
-# "longrope" switches tables past the original context: both change keys already cached.
+# computes it once for every position). "dynamic" grows its table with the sequence: not
+# batched. "longrope" (Phi-3.5, Phi-4-mini) switches from its short to its long table once a
+# forward passes the original context: batched when no sequence gets that long (the serving
+# limits say), since then the short table is the one transformers uses throughout.
 STATIC_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
 
 # families whose every layer has the one ``config.sliding_window`` (None: off)
@@ -56,18 +58,20 @@ _WHOLE_MODEL_WINDOW = ("mistral", "phi3")
 _LAYER_TYPED_WINDOW = ("qwen2", "qwen3", "gemma2", "gemma3_text")
 
 
-def supports_batching(config: Any) -> bool:
+def supports_batching(config: Any, *, max_len: int | None = None) -> bool:
     """Whether the native engine batches a model with this transformers ``config`` exactly.
 
-    ``config`` is a ``PretrainedConfig`` or its ``config.json`` as a dict. False for a
-    family not in :data:`BATCHED_MODEL_TYPES` and for a listed one that uses what the
-    runner does not compute (a rope table that changes with the length, bidirectional
-    attention, cross-attention).
+    ``config`` is a ``PretrainedConfig`` or its ``config.json`` as a dict; ``max_len``, when
+    known, the longest sequence (prompt + completion) it will serve. False for a family not
+    in :data:`BATCHED_MODEL_TYPES` and for a listed one that uses what the runner does not
+    compute (a rope table that changes with the length, bidirectional attention,
+    cross-attention). A ``longrope`` model is batched only given a ``max_len`` within its
+    original context.
     """
-    return unsupported_reason(config) is None
+    return unsupported_reason(config, max_len=max_len) is None
 
 
-def unsupported_reason(config: Any) -> str | None:
+def unsupported_reason(config: Any, *, max_len: int | None = None) -> str | None:
     """Why the native engine does not batch ``config`` (None when it does)."""
     get = _getter(config)
     model_type = get("model_type")
@@ -80,6 +84,16 @@ def unsupported_reason(config: Any) -> str | None:
         return "an encoder-decoder model"
     for rope in _rope_parameter_sets(get("rope_parameters") or get("rope_scaling")):
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "longrope":
+            original = rope.get("original_max_position_embeddings") or get(
+                "original_max_position_embeddings"
+            )
+            if isinstance(original, int) and max_len is not None and max_len <= original:
+                continue
+            return (
+                f"rope type 'longrope' changes its table past {original} positions "
+                "(batched when sequences stay within them)"
+            )
         if rope_type not in STATIC_ROPE_TYPES:
             return f"rope type {rope_type!r} changes its table with the sequence length"
     if get("use_bidirectional_attention"):

@@ -97,11 +97,11 @@ class Runner(Protocol):
 # ------------------------------------------------------------------------ native path
 
 
-def supports_native(model: Any) -> bool:
-    """Whether :class:`DecoderRunner` computes ``model`` exactly: one of
-    ``architectures.BATCHED_MODEL_TYPES`` with a config it supports, its linear layers
-    float or int8 (``decoder_weights.supports_model``)."""
-    return supports_model(model)
+def supports_native(model: Any, max_len: int | None = None) -> bool:
+    """Whether :class:`DecoderRunner` computes ``model`` exactly (for sequences up to
+    ``max_len``): one of ``architectures.BATCHED_MODEL_TYPES`` with a config it supports,
+    its linear layers float or int8 (``decoder_weights.supports_model``)."""
+    return supports_model(model, max_len)
 
 
 class DecoderRunner:
@@ -113,7 +113,7 @@ class DecoderRunner:
     def __init__(
         self, model: PreTrainedModel, *, n_slots: int, max_len: int, prefill_chunk: int = 512
     ) -> None:
-        w = read_decoder(model)  # a GenloopError naming the reason for an unsupported model
+        w = read_decoder(model, max_len)  # a GenloopError naming why, for one it cannot run
         self.weights = w
         config: Any = model.config
         self.n_slots = n_slots
@@ -547,6 +547,6 @@ def build_runner(
     kind = "native" if kind == "llama" else kind
     if kind not in RUNNER_KINDS:
         raise GenloopError(f"unknown runner {kind!r} (runners: {', '.join(RUNNER_KINDS)})")
-    if kind == "native" or (kind == "auto" and supports_native(model)):
+    if kind == "native" or (kind == "auto" and supports_native(model, max_len)):
         return DecoderRunner(model, n_slots=n_slots, max_len=max_len)
     return HFRunner(model, n_slots=n_slots, max_len=max_len)
