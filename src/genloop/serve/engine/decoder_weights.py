@@ -100,13 +100,14 @@ def _is_conv1d(module: Any) -> bool:
     return type(module).__name__ == "Conv1D"  # GPT-2's linear: weight stored (in, out)
 
 
-def supports_model(model: Any) -> bool:
-    """Whether :func:`read_decoder` takes ``model`` and the runner computes it exactly: a
-    batched architecture (``architectures.supports_batching``) built by its causal LM
-    class, its linear layers plain float ones, or int8 (``genloop optimize --quantize
-    int8``; other replacements, such as int4, run through the model's own forward)."""
+def supports_model(model: Any, max_len: int | None = None) -> bool:
+    """Whether :func:`read_decoder` takes ``model`` and the runner computes it exactly, for
+    sequences up to ``max_len``: a batched architecture (``architectures.supports_batching``)
+    built by its causal LM class, its linear layers plain float ones, or int8 (``genloop
+    optimize --quantize int8``; other replacements, such as int4, run through the model's
+    own forward)."""
     config = getattr(model, "config", None)
-    if config is None or unsupported_reason(config) is not None:
+    if config is None or unsupported_reason(config, max_len=max_len) is not None:
         return False
     if type(model).__name__ != CAUSAL_LM_CLASSES.get(config.model_type):
         return False
@@ -217,11 +218,11 @@ def _stacked(q: Norm, k: Norm, n_heads: int, n_kv_heads: int) -> tuple[Norm, Nor
 # --------------------------------------------------------------------------- adapters
 
 
-def read_decoder(model: Any) -> DecoderWeights:
+def read_decoder(model: Any, max_len: int | None = None) -> DecoderWeights:
     """The weights of a batched-architecture causal LM (see :func:`supports_model`)."""
-    if not supports_model(model):
+    if not supports_model(model, max_len):
         config = getattr(model, "config", None)
-        reason = unsupported_reason(config) if config is not None else None
+        reason = unsupported_reason(config, max_len=max_len) if config is not None else None
         raise GenloopError(
             f"{type(model).__name__} does not run on the native batched runner"
             + (f": {reason}" if reason else "")
@@ -250,12 +251,14 @@ def _head(model: Any, embed: Tensor) -> tuple[Proj, Tensor]:
 
 
 def _rotary(module: Any, layer_type: str | None = None) -> tuple[Tensor, float]:
-    if layer_type is None:
-        return module.inv_freq.detach(), float(module.attention_scaling)
-    return (
-        getattr(module, f"{layer_type}_inv_freq").detach(),
-        float(getattr(module, f"{layer_type}_attention_scaling")),
-    )
+    """A rotary embedding's frequencies and scaling. The *original* frequencies: a longrope
+    module overwrites ``inv_freq`` with its long table after a long forward, and the
+    runner takes longrope only where the original (short) one applies."""
+    prefix = "" if layer_type is None else f"{layer_type}_"
+    inv_freq = getattr(module, f"{prefix}original_inv_freq", None)
+    if inv_freq is None:
+        inv_freq = getattr(module, f"{prefix}inv_freq")
+    return inv_freq.detach(), float(getattr(module, f"{prefix}attention_scaling"))
 
 
 def _read_llama_like(model: Any) -> DecoderWeights:
