@@ -221,8 +221,8 @@ def _stacked(q: Norm, k: Norm, n_heads: int, n_kv_heads: int) -> tuple[Norm, Nor
 def read_decoder(model: Any, max_len: int | None = None) -> DecoderWeights:
     """The weights of a batched-architecture causal LM (see :func:`supports_model`)."""
     if not supports_model(model, max_len):
-        config = getattr(model, "config", None)
-        reason = unsupported_reason(config, max_len=max_len) if config is not None else None
+        found = getattr(model, "config", None)
+        reason = unsupported_reason(found, max_len=max_len) if found is not None else None
         raise GenloopError(
             f"{type(model).__name__} does not run on the native batched runner"
             + (f": {reason}" if reason else "")
@@ -275,7 +275,9 @@ def _read_llama_like(model: Any) -> DecoderWeights:
     norm: Callable[[Any], Norm] = _gemma_rms if gemma else _rms_fp32 if olmo else _rms
     windows = layer_windows(config)
     types: list[str] = list(getattr(config, "layer_types", None) or [])
-    rotary_types = sorted(set(types)) if model_type == "gemma3_text" else [None]
+    rotary_types: list[str | None] = [None]
+    if model_type == "gemma3_text":  # a table per layer type: local and global
+        rotary_types = list(sorted(set(types)))
     rotary = [_rotary(inner.rotary_emb, t) for t in rotary_types]
     lm_head, embed = _head(model, inner.embed_tokens.weight)
     first_mlp = inner.layers[0].mlp
