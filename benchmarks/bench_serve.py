@@ -616,47 +616,58 @@ def bench_families(args: argparse.Namespace) -> dict[str, Any]:
             path = save_hf_dir(model, tmp / name, family="causal_lm", tokenizer_dir=tok_dir)
             engines[name] = load_engine(path, model_name=name, model_version=1, cfg=cfg)
 
-        async def one_run(engine: Any) -> float:
+        async def one_run(engine: Any) -> tuple[float, float]:
             params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, ignore_eos=True)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             streams = [
                 engine.submit(GenerationRequest(f"r{i}", p, params)) for i, p in enumerate(prompts)
             ]
             done = await asyncio.gather(*(collect(s) for s in streams))
             tokens = sum(finished.completion_tokens for _, finished in done)
-            return tokens / (time.perf_counter() - started)
+            wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+            return tokens / wall, tokens / cpu
 
-        async def main() -> dict[str, float]:
-            best: dict[str, float] = {}
+        async def main() -> tuple[dict[str, float], dict[str, float]]:
+            wall: dict[str, float] = {}
+            cpu: dict[str, float] = {}
             for engine in engines.values():
                 await engine.start()
                 await one_run(engine)  # warm-up
             for _ in range(rounds):
                 for name, engine in engines.items():
-                    best[name] = max(best.get(name, 0.0), await one_run(engine))
+                    per_s, per_cpu_s = await one_run(engine)
+                    wall[name] = max(wall.get(name, 0.0), per_s)
+                    cpu[name] = max(cpu.get(name, 0.0), per_cpu_s)
             for engine in engines.values():
                 await engine.close()
-            return best
+            return wall, cpu
 
-        best = asyncio.run(main())
+        best, per_cpu = asyncio.run(main())
         runners = {name: engine.runner.kind for name, engine in engines.items()}
-    llama = best["llama"]
+    llama, llama_cpu = best["llama"], per_cpu["llama"]
     print(
         f"native engine, {concurrent} sequences × {args.max_tokens} new tokens, "
-        f"{args.threads} torch thread(s), best of {rounds} rounds:",
+        f"{args.threads} torch thread(s), best of {rounds} rounds (tokens per second of wall "
+        "time, and per second of this process's CPU time, which other processes on a shared "
+        "machine disturb far less; the target is read on the latter):",
         file=sys.stderr,
     )
     for name, value in best.items():
-        ratio = value / llama
-        met = "met" if ratio >= FAMILY_TARGET_RATIO else "NOT met"
+        ratio, cpu_ratio = value / llama, per_cpu[name] / llama_cpu
+        met = "met" if cpu_ratio >= FAMILY_TARGET_RATIO else "NOT met"
         print(
-            f"  {name:12s} {value:8.1f} tokens/s  {ratio:5.2f}× llama  ({runners[name]} runner; "
+            f"  {name:12s} {value:8.1f} tokens/s {ratio:5.2f}× llama | {per_cpu[name]:8.1f} "
+            f"tokens/CPU-s {cpu_ratio:5.2f}× llama  ({runners[name]} runner; "
             f"target >= {FAMILY_TARGET_RATIO}: {met})",
             file=sys.stderr,
         )
     return {
         "tokens_per_s": {name: round(value, 1) for name, value in best.items()},
         "ratio_to_llama": {name: round(value / llama, 2) for name, value in best.items()},
+        "tokens_per_cpu_s": {name: round(value, 1) for name, value in per_cpu.items()},
+        "cpu_ratio_to_llama": {
+            name: round(value / llama_cpu, 2) for name, value in per_cpu.items()
+        },
         "runner": runners,
         "concurrent": concurrent,
         "max_tokens": args.max_tokens,
