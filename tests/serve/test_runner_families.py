@@ -371,9 +371,18 @@ def test_longrope_is_batched_within_its_original_context(
     """Phi-3.5's longrope uses its short table while sequences stay within the original
     context: a server whose longest sequence fits (64 positions here) batches it exactly;
     one allowing longer sequences runs it on the generic runner."""
+    from genloop.errors import GenloopError
+    from genloop.serve.engine.runner import build_runner
+
     path = build_family("phi3_longrope", tmp_path / "m", tokenizer_dir)
     config = hf_model(path).config
     assert supports_batching(config, max_len=64) and not supports_batching(config)
+    with pytest.raises(GenloopError, match="longrope"):  # forced, it says why not
+        build_runner(hf_model(path), n_slots=1, max_len=128, kind="native")
+    with pytest.raises(GenloopError, match="unknown runner 'fast'"):
+        build_runner(hf_model(path), n_slots=1, max_len=64, kind="fast")
+    # "llama", the native runner's former name, still picks it
+    assert build_runner(hf_model(path), n_slots=1, max_len=64, kind="llama").kind == "native"
     assert engine_for(path, max_prompt_tokens=128, max_tokens=64).runner.kind == "hf"
     eng = engine_for(path, max_prompt_tokens=40, max_tokens=24)
     assert eng.runner.kind == "native" and eng.runner.max_len == 64
