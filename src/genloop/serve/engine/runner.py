@@ -224,19 +224,21 @@ class DecoderRunner:
                 q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=self.gqa
             )
         # Gemma 2's eager attention (SDPA cannot soft-cap): scores·scale, tanh-capped,
-        # masked, softmax in fp32
-        if self.gqa:
-            groups = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)) * scale
-        scores = torch.tanh(scores / softcap) * softcap
+        # masked, softmax in fp32, in place where the values allow. With grouped-query
+        # attention each key/value head's query heads go through one matmul against it
+        # (B, K, G·Tq, Q), instead of copying the keys and values G times as repeat_kv does.
+        b, h, t, d = q.shape
+        kv_heads, keys = k.shape[1], k.shape[2]
+        grouped = q.reshape(b, kv_heads, (h // kv_heads) * t, d)
+        scores = torch.matmul(grouped, k.transpose(2, 3)).view(b, h, t, keys)
+        scores.mul_(scale).div_(softcap).tanh_().mul_(softcap)
         if causal:
-            t = q.shape[2]
             mask = self._additive(self._positions[:t][None, :] > self._positions[:t][:, None])
         if mask is not None:
-            scores = scores + mask
+            scores.add_(mask)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v)
+        out = torch.matmul(probs.view(b, kv_heads, -1, keys), v)  # (B, K, G·Tq, Q)
+        return out.view(b, h, t, d)
 
     def _additive(self, hidden: Tensor) -> Tensor:
         """An additive mask (0 where seen, -inf where ``hidden``) in the model's dtype."""
@@ -252,8 +254,8 @@ class DecoderRunner:
     def _logits(self, x: Tensor) -> Tensor:
         logits = self.weights.lm_head(self._norm(x, self.weights.final_norm))
         cap = self.weights.final_softcap
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+        if cap is not None:  # in place: the same values, no (rows, V) temporaries
+            logits = logits.div_(cap).tanh_().mul_(cap)
         return logits.float()
 
     def _masks(
