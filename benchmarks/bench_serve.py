@@ -35,6 +35,11 @@ slower and noisier). Timings on a shared machine are noisy.
 
     python benchmarks/bench_serve.py [--quick] [--threads N] [--repeat N] [--max-tokens 64]
                                      [--subject app|engine] [--skip-transformers-serve]
+                                     [--families]
+
+``--families`` measures the native engine alone (no HTTP) on every architecture it batches
+(``bench_families``), each the size of the ``tiny`` preset: tokens/s on 16 concurrent
+sequences and the ratio to Llama's in the same run (the quick run prints it too).
 """
 
 from __future__ import annotations
@@ -541,6 +546,136 @@ def bs1_latency(
     return best
 
 
+# ------------------------------------------------ the native engine on every family
+
+FAMILY_TARGET_RATIO = 0.8  # each batched family's tokens/s at least this × Llama's
+
+
+def family_configs(vocab_size: int, tok: Any) -> dict[str, Any]:
+    """One config per batched family, all the size of the ``tiny`` preset (4 layers, 256
+    wide, 4 heads, a 704-wide gated MLP or a 1024-wide plain one, 512 positions), each
+    with its family's defaults otherwise (Gemma 2's soft-capping, Gemma 3's local layers,
+    NeoX's partial rotary and parallel residual, Qwen 3's and OLMo 2's q/k norms)."""
+    import transformers as tf
+
+    ids = {
+        "vocab_size": vocab_size,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    size = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4}
+    gated = size | ids | {"intermediate_size": 704, "max_position_embeddings": 512}
+    return {
+        "llama": tf.LlamaConfig(**gated, num_key_value_heads=4),
+        "mistral": tf.MistralConfig(**gated, num_key_value_heads=4),
+        "qwen2": tf.Qwen2Config(**gated, num_key_value_heads=4),
+        "qwen3": tf.Qwen3Config(**gated, num_key_value_heads=4, head_dim=64),
+        "gemma2": tf.Gemma2Config(**gated, num_key_value_heads=4, head_dim=64),
+        "gemma3_text": tf.Gemma3TextConfig(**gated, num_key_value_heads=4, head_dim=64),
+        "phi3": tf.Phi3Config(**gated, num_key_value_heads=4),
+        "gpt2": tf.GPT2Config(n_embd=256, n_layer=4, n_head=4, n_positions=512, **ids),
+        "gpt_neox": tf.GPTNeoXConfig(
+            **size, **ids, intermediate_size=1024, max_position_embeddings=512
+        ),
+        "olmo2": tf.Olmo2Config(**gated, num_key_value_heads=4),
+    }
+
+
+def bench_families(args: argparse.Namespace) -> dict[str, Any]:
+    """Tokens/s of the engine alone (no HTTP) on every batched family: 16 concurrent
+    sequences (prompts of ``--prompt-tokens``) × ``--max-tokens`` new tokens each, sampled,
+    EOS ignored. A run takes about a second, so the families take turns for 3 × ``--repeat``
+    rounds, each family's best round counting (a shared machine's load comes and goes);
+    the ratio is to Llama's in the same run."""
+    import torch
+    import transformers as tf
+
+    from genloop.config import ServeConfig
+    from genloop.data.tokenizer import load_hf_tokenizer
+    from genloop.models.pretrained import save_hf_dir
+    from genloop.serve.engine import load_engine
+    from genloop.serve.engine.architectures import CAUSAL_LM_CLASSES
+    from genloop.serve.engine.engine import collect
+    from genloop.serve.engine.types import GenerationRequest, SamplingParams
+
+    torch.set_num_threads(args.threads)
+    concurrent, rounds = 16, 3 * args.repeat
+    with tempfile.TemporaryDirectory(prefix="bench_families_") as tmp_name:
+        tmp = Path(tmp_name)
+        tok_dir = build_checkpoint(tmp / "tok", "tiny", args.vocab_size, 0.5)
+        tok = load_hf_tokenizer(tok_dir)
+        prompts = [
+            tok(p)["input_ids"] for p in make_prompts(tok_dir, concurrent, args.prompt_tokens)
+        ]
+        engines = {}
+        cfg = ServeConfig(device="cpu", max_batch_size=concurrent, max_queue=4 * concurrent)
+        for name, config in family_configs(args.vocab_size, tok).items():
+            torch.manual_seed(0)
+            model = getattr(tf, CAUSAL_LM_CLASSES[name])(config)
+            path = save_hf_dir(model, tmp / name, family="causal_lm", tokenizer_dir=tok_dir)
+            engines[name] = load_engine(path, model_name=name, model_version=1, cfg=cfg)
+
+        async def one_run(engine: Any) -> tuple[float, float]:
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, ignore_eos=True)
+            started, cpu = time.perf_counter(), time.process_time()
+            streams = [
+                engine.submit(GenerationRequest(f"r{i}", p, params)) for i, p in enumerate(prompts)
+            ]
+            done = await asyncio.gather(*(collect(s) for s in streams))
+            tokens = sum(finished.completion_tokens for _, finished in done)
+            wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+            return tokens / wall, tokens / cpu
+
+        async def main() -> tuple[dict[str, float], dict[str, float]]:
+            wall: dict[str, float] = {}
+            cpu: dict[str, float] = {}
+            for engine in engines.values():
+                await engine.start()
+                await one_run(engine)  # warm-up
+            for _ in range(rounds):
+                for name, engine in engines.items():
+                    per_s, per_cpu_s = await one_run(engine)
+                    wall[name] = max(wall.get(name, 0.0), per_s)
+                    cpu[name] = max(cpu.get(name, 0.0), per_cpu_s)
+            for engine in engines.values():
+                await engine.close()
+            return wall, cpu
+
+        best, per_cpu = asyncio.run(main())
+        runners = {name: engine.runner.kind for name, engine in engines.items()}
+    llama, llama_cpu = best["llama"], per_cpu["llama"]
+    print(
+        f"native engine, {concurrent} sequences × {args.max_tokens} new tokens, "
+        f"{args.threads} torch thread(s), best of {rounds} rounds (tokens per second of wall "
+        "time, and per second of this process's CPU time, which other processes on a shared "
+        "machine disturb far less; the target is read on the latter):",
+        file=sys.stderr,
+    )
+    for name, value in best.items():
+        ratio, cpu_ratio = value / llama, per_cpu[name] / llama_cpu
+        met = "met" if cpu_ratio >= FAMILY_TARGET_RATIO else "NOT met"
+        print(
+            f"  {name:12s} {value:8.1f} tokens/s {ratio:5.2f}× llama | {per_cpu[name]:8.1f} "
+            f"tokens/CPU-s {cpu_ratio:5.2f}× llama  ({runners[name]} runner; "
+            f"target >= {FAMILY_TARGET_RATIO}: {met})",
+            file=sys.stderr,
+        )
+    return {
+        "tokens_per_s": {name: round(value, 1) for name, value in best.items()},
+        "ratio_to_llama": {name: round(value / llama, 2) for name, value in best.items()},
+        "tokens_per_cpu_s": {name: round(value, 1) for name, value in per_cpu.items()},
+        "cpu_ratio_to_llama": {
+            name: round(value / llama_cpu, 2) for name, value in per_cpu.items()
+        },
+        "runner": runners,
+        "concurrent": concurrent,
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "rounds": rounds,
+    }
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -566,6 +701,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="genloop's full server (app) or the engine behind a minimal endpoint",
     )
     p.add_argument("--skip-transformers-serve", action="store_true")
+    p.add_argument(
+        "--families",
+        action="store_true",
+        help="only the native engine on every batched family (tokens/s, ratio to Llama)",
+    )
     # internal: run one server in this process
     p.add_argument("--serve", choices=("engine", "hf", "app"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -598,6 +738,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.serve:
         serve_main(args)
         return {}
+    if args.families or args.quick:  # the quick run prints the families' table too
+        families = bench_families(args)
+        if args.families:
+            print(json.dumps(families))
+            return families
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp_name:
         tmp = Path(tmp_name)

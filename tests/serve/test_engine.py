@@ -116,7 +116,7 @@ def engine(gqa_llama: Path) -> Iterator[Engine]:
 def test_greedy_equals_hf_generate_alone(which: str, request: pytest.FixtureRequest) -> None:
     path: Path = request.getfixturevalue(which)
     eng = engine_for(path)
-    assert eng.runner.kind == "llama" and isinstance(eng, TextEngine)
+    assert eng.runner.kind == "native" and isinstance(eng, TextEngine)
 
     async def main() -> list[list[int]]:
         await eng.start()
@@ -211,7 +211,7 @@ def test_int8_variants_take_the_fast_path_and_equal_hf_generate(
     kernel), so there a batch may round differently and only the shape is checked."""
     path = int8_llamas[mode]
     eng = engine_for(path, max_batch_size=4, max_queue=16)
-    assert eng.runner.kind == "llama"
+    assert eng.runner.kind == "native"
     ids = [eng.encode(p) for p in PROMPTS]
 
     async def alone() -> list[list[int]]:

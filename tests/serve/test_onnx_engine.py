@@ -86,7 +86,7 @@ async def greedy_one_by_one(eng: Engine, prompts: list[list[int]]) -> list[Any]:
 def reference(ws: Workspace) -> list[Any]:
     """The PyTorch engine's greedy (token ids, Finished) for each prompt, on the parent."""
     eng = engine_for(artifact(ws, "wide@1"))
-    assert eng.runner.kind == "llama"
+    assert eng.runner.kind == "native"
     prompts = [eng.encode(p) for p in PROMPTS]
     return list(asyncio.run(greedy_one_by_one(eng, prompts)))
 
@@ -187,7 +187,7 @@ def test_forcing_the_wrong_runner_is_a_clear_error(ws: Workspace) -> None:
             model_name="wide",
             model_version=2,
             cfg=ServeConfig(device="cpu"),
-            runner="llama",
+            runner="native",
         )
     with pytest.raises(GenloopError, match="needs an ONNX variant"):
         load_engine(

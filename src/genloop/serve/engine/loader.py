@@ -7,7 +7,8 @@ code). The native batched engine (``engine.py``) runs it over one of three runne
 - ``onnx``: an ONNX variant (``genloop optimize --export onnx``) in onnxruntime
   (``onnx_runner.py``), on the device ``genloop.optimize.variant.onnx_device`` names (the
   decision evaluation shares); it has no PyTorch model, so no beam search;
-- ``llama``: Llama-style decoders, the fast path (``runner.LlamaRunner``);
+- ``native``: the decoder families of ``architectures.BATCHED_MODEL_TYPES``, batched
+  (``runner.DecoderRunner``);
 - ``hf``: every other causal or seq2seq model (``runner.HFRunner``).
 
 Another backend (a managed vLLM process, say) is one more branch here returning an object
@@ -50,7 +51,7 @@ def load_engine(
     ``cfg`` gives the device, batch size, queue length, timeouts and the longest prompt and
     completion (they bound the cache: each of ``max_batch_size`` slots holds
     ``min(context, max_prompt_tokens + max_tokens)`` positions). ``runner`` forces
-    ``"llama"`` or ``"hf"`` (tests, benchmarks); an ONNX variant always gets ``"onnx"``.
+    ``"native"`` or ``"hf"`` (tests, benchmarks); an ONNX variant always gets ``"onnx"``.
     """
     from transformers.utils import logging as hf_logging
 

@@ -8,7 +8,7 @@ tokenize with it (``encode``, ``chat_prompt_ids``), hand it a
 task reading it being cancelled, as when a client disconnects) cancels the request.
 
 ``loader.load_engine`` is the one place that picks the backend for a model directory: the
-native batched engine (``engine.Engine``) over the Llama fast runner, the generic Hugging
+native batched engine (``engine.Engine``) over the native decoder runner, the generic Hugging
 Face runner or, for an ONNX variant, the onnxruntime runner. A managed vLLM process fits
 behind the same interface as one more backend (prompt token ids in through its
 ``/v1/completions``, its streamed tokens out as events), so the gateway in front of it —

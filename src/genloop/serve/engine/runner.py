@@ -4,21 +4,23 @@ Two PyTorch runners share one small interface (:class:`Runner`, whose ``step`` t
 prompt chunks to prefill and the sequences to decode one token each, and returns their
 logits):
 
-- :class:`LlamaRunner`, the fast path for Llama-style decoders (genloop's own ``causal_lm``
-  family): it reads the Hugging Face modules' weights and runs its own forward over a
-  preallocated slot cache (``kv_cache.KVCache``). A step is one forward over every token
-  of the step: the projections and MLPs see them all at once, the decode rows attend
-  (batched, each at its own position with its own mask) to their slots, each prompt chunk
-  attends causally to itself and its cached prefix. The arithmetic is the same as
-  transformers' ``LlamaForCausalLM`` (RMSNorm in fp32, the same rotary tables, SDPA), so
-  greedy decoding in fp32 gives Hugging Face ``generate``'s tokens (``tests/serve`` checks
-  it, alone and inside a busy batch). Per step it launches a few dozen tensor ops per layer
-  instead of the HF forward's hundreds, which is what matters for small models on a CPU.
-  int8 variants (``genloop optimize --quantize int8``) take it too, their q/k/v and
-  gate/up int8 layers fused the same way (exactly: each output channel keeps its own row
-  and scale). With int8 *dynamic* the activations are quantized per call over the whole
-  step, so a sequence's rounding may depend on what shares its batch; weight-only int8
-  does not.
+- :class:`DecoderRunner` (kind ``native``), the batched path for every decoder family in
+  ``architectures.BATCHED_MODEL_TYPES`` (Llama, Mistral, Qwen 2/3, Gemma 2/3, Phi-3,
+  GPT-2, GPT-NeoX, OLMo 2): ``decoder_weights`` reads the Hugging Face modules' weights
+  into one structure and the runner computes its own forward over a preallocated slot
+  cache (``kv_cache.KVCache``). A step is one forward over every token of the step: the
+  projections and MLPs see them all at once, the decode rows attend (batched, each at its
+  own position with its own mask) to their slots, each prompt chunk attends causally to
+  itself and its cached prefix. The arithmetic is the same as transformers' (norms in
+  fp32 as each family rounds them, the same rotary tables, SDPA, or Gemma 2's soft-capped
+  eager attention), so greedy decoding in fp32 gives Hugging Face ``generate``'s tokens
+  (``tests/serve`` checks it for every family, alone and inside a busy batch). Per step
+  it launches a few dozen tensor ops per layer instead of the HF forward's hundreds, which
+  is what matters for small models on a CPU. int8 variants (``genloop optimize
+  --quantize int8``) take it too, their q/k/v and gate/up int8 layers fused the same way
+  (exactly: each output channel keeps its own row and scale). With int8 *dynamic* the
+  activations are quantized per call over the whole step, so a sequence's rounding may
+  depend on what shares its batch; weight-only int8 does not.
 - :class:`HFRunner`, the generic fallback for every other architecture transformers
   builds (and int4 variants), causal or encoder-decoder (T5): each sequence keeps its own
   ``DynamicCache`` and a step calls the model once per sequence. Correct everywhere,
@@ -42,13 +44,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from genloop.errors import GenloopError
+from genloop.serve.engine.decoder_weights import (
+    DecoderLayer,
+    Norm,
+    read_decoder,
+    supports_model,
+)
 from genloop.serve.engine.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-# Rope variants whose frequency table does not change with the sequence length.
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class Chunk:
 class Runner(Protocol):
     """What the engine needs from a model: one forward per step over a mixed batch."""
 
-    kind: str  # "llama", "hf" or "onnx"
+    kind: str  # "native", "hf" or "onnx"
     n_slots: int
     max_len: int  # longest sequence (prompt + completion) a slot holds
     vocab_size: int
@@ -89,154 +94,55 @@ class Runner(Protocol):
     def release(self, slot: int) -> None: ...
 
 
-# ------------------------------------------------------------------------- fast path
+# ------------------------------------------------------------------------ native path
 
 
-Proj = Callable[[Tensor], Tensor]  # a projection: (N, in) → (N, out)
+def supports_native(model: Any, max_len: int | None = None) -> bool:
+    """Whether :class:`DecoderRunner` computes ``model`` exactly (for sequences up to
+    ``max_len``): one of ``architectures.BATCHED_MODEL_TYPES`` with a config it supports,
+    its linear layers float or int8 (``decoder_weights.supports_model``)."""
+    return supports_model(model, max_len)
 
 
-@dataclass
-class _Layer:
-    """One decoder layer: its norms' weights and its projections, fused where they share
-    an input (see :func:`_fuse`)."""
+class DecoderRunner:
+    """Batched decode and chunked prefill over a slot cache, for every decoder family in
+    ``architectures.BATCHED_MODEL_TYPES`` (their weights read by ``decoder_weights``)."""
 
-    ln_in: Tensor  # (d,)
-    qkv: Proj  # d → (H + 2K)·Q: q, k and v projections side by side
-    o: Proj  # H·Q → d
-    ln_post: Tensor  # (d,)
-    gate_up: Proj  # d → 2I: gate and up projections side by side
-    down: Proj  # I → d
-
-
-def _is_int8(module: Any) -> bool:
-    from genloop.models.quantized import Int8Linear
-
-    return isinstance(module, Int8Linear)
-
-
-def supports_fast_path(model: Any) -> bool:
-    """Whether ``model`` is a Llama decoder :class:`LlamaRunner` computes exactly: its
-    linear layers plain float ones, or all int8 (``genloop optimize --quantize int8``)."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) != "llama":
-        return False
-    if type(model).__name__ != "LlamaForCausalLM":
-        return False
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in STATIC_ROPE_TYPES:
-        return False
-    # plain float linears, or int8 ones (every layer); another replacement (int4) runs
-    # through the model's own forward instead
-    linears = [
-        m for m in model.modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__
-    ]
-    return all(type(m) is torch.nn.Linear for m in linears) or all(
-        type(m) is torch.nn.Linear or _is_int8(m) for m in linears
-    )
-
-
-def _fuse(linears: Sequence[Any]) -> Proj:
-    """One projection for linears over the same input, their outputs side by side.
-
-    Float linears: one (in, out) weight (x @ w is one plain matmul, which MKL runs 10-20%
-    faster than x @ wᵀ for the wide ones). Int8 linears: one ``Int8Linear`` with their rows
-    and scales stacked (exact). Either way the layers' own tensors become views of the
-    fused ones, so the model, still used for beam search, shares the memory.
-    """
-    if all(_is_int8(m) for m in linears):
-        from genloop.models.quantized import Int8Linear
-
-        fused: Proj = Int8Linear.fused(linears)
-        return fused
-    if not all(type(m) is torch.nn.Linear for m in linears):
-        raise GenloopError("a fused projection needs all float or all int8 linears")
-    weight, bias = _stack(linears)
-    return lambda x: _linear(x, weight, bias)
-
-
-def _stack(linears: Sequence[Any]) -> tuple[Tensor, Tensor | None]:
-    """One (in, out) weight (and bias) for linears over the same input, their outputs side
-    by side. The linears' own parameters become views of it (``weight = w[:, cols].T``)."""
-    weight = torch.cat([m.weight.detach() for m in linears]).t().contiguous()
-    biases = [m.bias for m in linears]
-    bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
-    col = 0
-    for m in linears:
-        n = m.weight.shape[0]
-        m.weight.data = weight[:, col : col + n].t()
-        if bias is not None:
-            m.bias.data = bias[col : col + n]
-        col += n
-    return weight, bias
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x @ weight (+ bias) for a 2-D x and an (in, out) weight."""
-    return x @ weight if bias is None else torch.addmm(bias, x, weight)
-
-
-class LlamaRunner:
-    """Batched decode and per-sequence prefill for ``LlamaForCausalLM`` over a slot cache."""
-
-    kind = "llama"
+    kind = "native"
 
     def __init__(
         self, model: PreTrainedModel, *, n_slots: int, max_len: int, prefill_chunk: int = 512
     ) -> None:
-        if not supports_fast_path(model):
-            raise GenloopError(f"{type(model).__name__} is not a Llama decoder with static rope")
+        w = read_decoder(model, max_len)  # a GenloopError naming why, for one it cannot run
+        self.weights = w
         config: Any = model.config
-        inner: Any = model.model
         self.n_slots = n_slots
         self.max_len = max_len
         self.prefill_chunk: int | None = prefill_chunk
         self.vocab_size = int(config.vocab_size)
-        self.n_heads = int(config.num_attention_heads)
-        self.n_kv_heads = int(config.num_key_value_heads or self.n_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
-        self.eps = float(config.rms_norm_eps)
-        self.scale = self.head_dim**-0.5
+        self.n_heads, self.n_kv_heads, self.head_dim = w.n_heads, w.n_kv_heads, w.head_dim
         self.gqa = self.n_kv_heads != self.n_heads
-        first = inner.embed_tokens.weight  # float in every variant (int8 keeps it)
-        self.device, self.dtype = first.device, first.dtype
-
-        embed = inner.embed_tokens.weight
-        if _is_int8(model.lm_head):  # a quantized head: the embedding table stays float
-            self.lm_head: Proj = _fuse([model.lm_head])
-        else:
-            head = model.lm_head.weight
-            tied = embed is head or embed.data_ptr() == head.data_ptr()
-            # the head as (d, V); with tied embeddings the table itself becomes its
-            # transposed view (a row lookup reads it just as well), so nothing is held twice
-            self.lm_head = _fuse([model.lm_head])
-            if tied:
-                embed.data = head.data
-        self.embed: Tensor = embed.detach()  # (V, d), maybe a view of the head
-        self.norm: Tensor = inner.norm.weight.detach()
-        self.act: Callable[[Tensor], Tensor] = inner.layers[0].mlp.act_fn
-        self.layers: list[_Layer] = []
-        for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(
-                _Layer(
-                    ln_in=layer.input_layernorm.weight.detach(),
-                    qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
-                    o=_fuse([attn.o_proj]),
-                    ln_post=layer.post_attention_layernorm.weight.detach(),
-                    gate_up=_fuse([mlp.gate_proj, mlp.up_proj]),
-                    down=_fuse([mlp.down_proj]),
-                )
+        self.device, self.dtype = w.embed.device, w.embed.dtype  # float in every variant
+        if w.positions is not None and max_len > w.positions.shape[0]:
+            raise GenloopError(
+                f"sequences of {max_len} positions exceed the model's {w.positions.shape[0]}"
             )
-        # The rotary tables for every position, computed as LlamaRotaryEmbedding does:
-        # fp32 position × inv_freq, duplicated, cos/sin times the attention scaling.
-        rotary = inner.rotary_emb
+        self.layers: list[DecoderLayer] = w.layers
+        self.act: Callable[[Tensor], Tensor] = w.act
+        # The rotary tables for every position, computed as the models' rotary embeddings
+        # do: fp32 position × inv_freq, duplicated, cos/sin times the attention scaling. R
+        # (the rotary dims) is Q, or less for a partial rotary (GPT-NeoX, Phi-3).
+        self.rotary_dim = 2 * len(w.rotary[0][0]) if w.rotary else 0
         positions = torch.arange(max_len, device=self.device, dtype=torch.float32)
-        freqs = positions[:, None] * rotary.inv_freq.to(self.device, torch.float32)  # (T, Q/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, Q)
-        self.cos = (emb.cos() * rotary.attention_scaling).to(self.dtype)
-        sin = (emb.sin() * rotary.attention_scaling).to(self.dtype)
-        half = self.head_dim // 2
-        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # signed, see _rope
+        table_dtype = torch.float32 if w.rotary_fp32 else self.dtype
+        self.tables: list[tuple[Tensor, Tensor]] = []
+        for inv_freq, scaling in w.rotary:
+            freqs = positions[:, None] * inv_freq.to(self.device, torch.float32)  # (T, R/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (T, R)
+            cos = (emb.cos() * scaling).to(table_dtype)
+            sin = (emb.sin() * scaling).to(table_dtype)
+            half = self.rotary_dim // 2
+            self.tables.append((cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)))
         self.cache = KVCache(
             n_layers=len(self.layers),
             n_slots=n_slots,
@@ -247,29 +153,140 @@ class LlamaRunner:
             device=self.device,
         )
         self._positions = torch.arange(max_len, device=self.device)
+        self._windows = sorted({layer.window for layer in self.layers}, key=lambda v: v or 0)
 
     # ---------------------------------------------------------------- building blocks
 
-    def _rms(self, x: Tensor, weight: Tensor) -> Tensor:
-        if x.dtype == torch.float32:  # one fused op, bit for bit LlamaRMSNorm's result
-            return F.rms_norm(x, weight.shape, weight, self.eps)
-        # LlamaRMSNorm, step for step: fp32 statistics, then the weight in the input dtype.
+    def _norm(self, x: Tensor, norm: Norm) -> Tensor:
+        width = (x.shape[-1],)
+        if norm.kind == "layer":
+            return F.layer_norm(x, width, norm.weight, norm.bias, norm.eps)
+        if x.dtype == torch.float32:
+            # one fused op, bit for bit the models' RMSNorm in fp32 (every kind agrees there);
+            # per-head q/k norms' stacked (heads, Q) weight multiplies after it
+            if norm.weight.dim() == 1:
+                return F.rms_norm(x, width, norm.weight.float(), norm.eps)
+            return F.rms_norm(x, width, None, norm.eps) * norm.weight
+        # step for step: fp32 statistics; Llama's kind casts back before the weight,
+        # OLMo 2's and Gemma's multiply in fp32 and cast after
         h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
+        if norm.kind == "rms":
+            return norm.weight * h.to(x.dtype)
+        return (h * norm.weight).to(x.dtype)
 
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         # x·cos + rotate_half(x)·sin, where rotate_half(x) = (-x2, x1): rolling x by half the
-        # head dim gives (x2, x1), and the sign lives in the sin table (-sin, sin). Negation
-        # is exact, so the values are those of apply_rotary_pos_emb, in 4 ops instead of 7.
-        return (x * cos) + (x.roll(self.head_dim // 2, dims=-1) * sin)
+        # rotary dims gives (x2, x1), and the sign lives in the sin table (-sin, sin).
+        # Negation is exact, so the values are those of apply_rotary_pos_emb, in 4 ops
+        # instead of 7. A partial rotary turns the first R dims and passes the rest.
+        r = self.rotary_dim
+        if r == self.head_dim:
+            return (x * cos) + (x.roll(r // 2, dims=-1) * sin)
+        turned = x[..., :r]
+        turned = (turned * cos) + (turned.roll(r // 2, dims=-1) * sin)
+        return torch.cat((turned, x[..., r:]), dim=-1)
 
-    def _mlp(self, x: Tensor, layer: _Layer) -> Tensor:
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)
-        return layer.down(self.act(gate) * up)
+    def _qkv(
+        self, qkv: Tensor, layer: DecoderLayer, rope: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (N, H, Q), keys and values (N, K, Q) from the fused projection's output:
+        q/k normed where the family norms them, then roped (q and k together)."""
+        n = qkv.shape[0]
+        h_, k_, q_ = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.weights.qkv_per_head:  # GPT-NeoX: (N, H, 3, Q), each head's q, k, v
+            heads = qkv.view(n, h_, 3, q_)
+            qk = heads[:, :, :2]
+            if rope is not None:
+                qk = self._rope(qk, rope[0][:, None], rope[1][:, None])
+            return qk[:, :, 0], qk[:, :, 1], heads[:, :, 2]
+        width = (h_ + k_) * q_
+        qk = qkv[:, :width]
+        if layer.q_norm is not None and layer.k_norm is not None:
+            if self.weights.qk_norm_per_head:  # one op over (N, H + K, Q), weights stacked
+                qk = self._norm(qk.reshape(n, h_ + k_, q_), layer.q_norm)
+            else:  # OLMo 2: over the whole q and the whole k projection
+                split = h_ * q_
+                q_part = self._norm(qk[:, :split], layer.q_norm)
+                qk = torch.cat((q_part, self._norm(qk[:, split:], layer.k_norm)), dim=-1)
+        qk = qk.view(n, h_ + k_, q_)
+        if rope is not None:
+            qk = self._rope(qk, *rope).to(self.dtype)  # a no-op but for fp32 tables
+        return qk[:, :h_], qk[:, h_:], qkv[:, width:].view(n, k_, q_)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+        """Attention of q (B, H, Tq, Q) over k, v (B, K, Tk, Q); ``mask`` additive, None:
+        causal when Tq > 1 (a whole first chunk), else every key."""
+        softcap = self.weights.attn_softcap
+        causal = mask is None and q.shape[2] > 1
+        if softcap is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=self.gqa
+            )
+        # Gemma 2's eager attention (SDPA cannot soft-cap): scores·scale, tanh-capped,
+        # masked, softmax in fp32, in place where the values allow. With grouped-query
+        # attention each key/value head's query heads go through one matmul against it
+        # (B, K, G·Tq, Q), instead of copying the keys and values G times as repeat_kv does.
+        b, h, t, d = q.shape
+        kv_heads, keys = k.shape[1], k.shape[2]
+        grouped = q.reshape(b, kv_heads, (h // kv_heads) * t, d)
+        scores = torch.matmul(grouped, k.transpose(2, 3)).view(b, h, t, keys)
+        scores.mul_(scale).div_(softcap).tanh_().mul_(softcap)
+        if causal:
+            mask = self._additive(self._positions[:t][None, :] > self._positions[:t][:, None])
+        if mask is not None:
+            scores.add_(mask)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs.view(b, kv_heads, -1, keys), v)  # (B, K, G·Tq, Q)
+        return out.view(b, h, t, d)
+
+    def _additive(self, hidden: Tensor) -> Tensor:
+        """An additive mask (0 where seen, -inf where ``hidden``) in the model's dtype."""
+        mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(hidden, float("-inf"))
+
+    def _mlp(self, x: Tensor, layer: DecoderLayer) -> Tensor:
+        if self.weights.gated:
+            gate, up = layer.up(x).chunk(2, dim=-1)
+            return layer.down(self.act(gate) * up)
+        return layer.down(self.act(layer.up(x)))
 
     def _logits(self, x: Tensor) -> Tensor:
-        return self.lm_head(self._rms(x, self.norm)).float()
+        logits = self.weights.lm_head(self._norm(x, self.weights.final_norm))
+        cap = self.weights.final_softcap
+        if cap is not None:  # in place: the same values, no (rows, V) temporaries
+            logits = logits.div_(cap).tanh_().mul_(cap)
+        return logits.float()
+
+    def _masks(
+        self, window: int | None, positions: Sequence[int], pos: Tensor, spans: list[Any]
+    ) -> tuple[Tensor | None, list[Tensor | None]]:
+        """The decode rows' mask (B, 1, 1, T) and each chunk's (t, end), additive, for
+        layers with this attention window; None where nothing is hidden (a decode row
+        alone, a first chunk within the window: causal)."""
+        b = len(positions)
+        decode = None
+        if b and (b > 1 or (window is not None and max(positions) >= window)):
+            longest = max(positions) + 1
+            keys = self._positions[:longest][None, :]
+            rows = pos[:b, None]
+            hidden = keys > rows  # each row sees its own positions 0..pos
+            if window is not None:
+                hidden = hidden | (keys <= rows - window)
+            decode = self._additive(hidden)[:, None, None, :]
+        chunks: list[Tensor | None] = []
+        for _, chunk in spans:
+            t, start = len(chunk.token_ids), chunk.start
+            if start == 0 and (window is None or t <= window):
+                chunks.append(None)
+                continue
+            keys = self._positions[: start + t][None, :]
+            rows = self._positions[start : start + t][:, None]
+            hidden = keys > rows
+            if window is not None:
+                hidden = hidden | (keys <= rows - window)
+            chunks.append(self._additive(hidden))
+        return decode, chunks
 
     # ------------------------------------------------------------------------- step
 
@@ -286,8 +303,10 @@ class LlamaRunner:
         The projections and the MLP see all N tokens at once (one matrix multiply each);
         only attention differs: the decode rows attend, batched, to their slots' cache
         (B, H, 1, T) with a per-row mask; each chunk attends causally to itself (a first
-        chunk, exactly as the Hugging Face forward does) or to its cached prefix.
+        chunk, exactly as the Hugging Face forward does) or to its cached prefix. Layers
+        with a sliding window hide the keys that fell out of it.
         """
+        w = self.weights
         b = len(slots)
         h_, k_, q_ = self.n_heads, self.n_kv_heads, self.head_dim
         dev = self.device
@@ -317,34 +336,24 @@ class LlamaRunner:
         heads = torch.arange(k_, device=dev)
         rows = ((slot_t[:, None] * k_ + heads[None, :]) * self.max_len + pos[:, None]).reshape(-1)
         n_rows = self.n_slots * k_ * self.max_len
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (N, 1, Q)
-        x = F.embedding(torch.tensor(all_tokens, device=dev), self.embed)  # (N, d)
-        qk = h_ + k_  # q and k heads, adjacent in the qkv projection: roped together
+        ropes = [(cos[pos][:, None], sin[pos][:, None]) for cos, sin in self.tables]  # (N, 1, R)
+        x = F.embedding(torch.tensor(all_tokens, device=dev), w.embed)  # (N, d)
+        if w.embed_scale is not None:
+            x = x * w.embed_scale
+        if w.positions is not None:
+            x = x + F.embedding(pos, w.positions)
 
         longest = max(positions) + 1 if b else 0
         compact = all(s == i for i, s in enumerate(slots))  # slots 0..B-1: read views
         index = slot_t[:b]
-        mask = None  # (B, 1, 1, T), additive: each row sees its own positions 0..pos
-        if b > 1:
-            later = self._positions[:longest][None, :] > pos[:b, None]
-            mask = torch.zeros(later.shape, dtype=self.dtype, device=dev)
-            mask = mask.masked_fill_(later, float("-inf"))[:, None, None, :]
-        chunk_masks = [
-            None
-            if c.start == 0
-            else self._positions[: c.start + len(c.token_ids)][None, :]
-            <= self._positions[c.start : c.start + len(c.token_ids)][:, None]
-            for _, c in spans
-        ]
+        masks = {window: self._masks(window, positions, pos, spans) for window in self._windows}
         for i, layer in enumerate(self.layers):
-            h = self._rms(x, layer.ln_in)
-            qkv = layer.qkv(h)  # (N, (H + 2K)·Q)
-            roped = self._rope(qkv[:, : qk * q_].view(n, qk, q_), cos, sin)  # (N, H + K, Q)
-            q, k = roped[:, :h_], roped[:, h_:]  # (N, H, Q), (N, K, Q)
-            v = qkv[:, qk * q_ :].view(n, k_, q_)
+            h = self._norm(x, layer.attn_norm) if layer.attn_norm is not None else x
+            q, k, v = self._qkv(layer.qkv(h), layer, ropes[layer.rope] if ropes else None)
             layer_k, layer_v = self.cache.k[i], self.cache.v[i]  # (S, K, T, Q)
             layer_k.view(n_rows, q_).index_copy_(0, rows, k.reshape(n * k_, q_))
             layer_v.view(n_rows, q_).index_copy_(0, rows, v.reshape(n * k_, q_))
+            decode_mask, chunk_masks = masks[layer.window]
             outs = []
             if b:
                 if compact:
@@ -352,35 +361,32 @@ class LlamaRunner:
                 else:
                     keys = layer_k[:, :, :longest].index_select(0, index)
                     values = layer_v[:, :, :longest].index_select(0, index)
-                out = F.scaled_dot_product_attention(
-                    q[:b, :, None],
-                    keys,
-                    values,
-                    attn_mask=mask,
-                    scale=self.scale,
-                    enable_gqa=self.gqa,
-                )  # (B, H, 1, Q)
-                outs.append(out.reshape(b, h_ * q_))
+                out = self._attend(q[:b, :, None], keys, values, decode_mask, layer.scale)
+                outs.append(out.reshape(b, h_ * q_))  # (B, H, 1, Q) → (B, H·Q)
             for (offset, chunk), cmask in zip(spans, chunk_masks, strict=True):
                 t = len(chunk.token_ids)
-                qc = q[offset : offset + t].transpose(0, 1)[None]  # (1, H, T, Q)
+                qc = q[offset : offset + t].transpose(0, 1)[None]  # (1, H, t, Q)
                 if cmask is None:  # a whole prompt or its first chunk: as HF computes it
                     kc = k[offset : offset + t].transpose(0, 1)[None]
                     vc = v[offset : offset + t].transpose(0, 1)[None]
-                    out = F.scaled_dot_product_attention(
-                        qc, kc, vc, is_causal=True, scale=self.scale, enable_gqa=self.gqa
-                    )
-                else:  # a later chunk: the cached prefix, and itself causally
+                else:  # a later chunk (or past the window): the cache up to its end
                     end = chunk.start + t
                     kc = layer_k[chunk.slot : chunk.slot + 1, :, :end]  # (1, K, end, Q)
                     vc = layer_v[chunk.slot : chunk.slot + 1, :, :end]
-                    out = F.scaled_dot_product_attention(
-                        qc, kc, vc, attn_mask=cmask, scale=self.scale, enable_gqa=self.gqa
-                    )
+                out = self._attend(qc, kc, vc, cmask, layer.scale)
                 outs.append(out[0].transpose(0, 1).reshape(t, h_ * q_))
-            attn = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H·Q)
-            x = x + layer.o(attn)
-            x = x + self._mlp(self._rms(x, layer.ln_post), layer)
+            attn = layer.o(outs[0] if len(outs) == 1 else torch.cat(outs))  # (N, d)
+            if w.parallel_residual:  # GPT-NeoX: mlp(ln2(x)) + attn + x, in that order
+                x = self._mlp(self._norm(x, layer.mlp_norm), layer) + attn + x  # type: ignore[arg-type]
+                continue
+            if layer.attn_out_norm is not None:
+                attn = self._norm(attn, layer.attn_out_norm)
+            x = x + attn
+            h = self._norm(x, layer.mlp_norm) if layer.mlp_norm is not None else x
+            mlp = self._mlp(h, layer)
+            if layer.mlp_out_norm is not None:
+                mlp = self._norm(mlp, layer.mlp_out_norm)
+            x = x + mlp
         # logits only where a token is sampled: every decode row, each finished prompt's last
         wanted = list(range(b)) + [o + len(c.token_ids) - 1 for o, c in spans if c.want_logits]
         if not wanted:
@@ -531,12 +537,18 @@ def decode_then_prefill(
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
+RUNNER_KINDS = ("auto", "native", "hf")
+
+
 def build_runner(
     model: PreTrainedModel, *, n_slots: int, max_len: int, kind: str = "auto"
-) -> LlamaRunner | HFRunner:
-    """The fast runner when the architecture allows it (``kind="auto"``), else the fallback."""
-    if kind not in ("auto", "llama", "hf"):
-        raise GenloopError(f"unknown runner {kind!r} (runners: auto, llama, hf)")
-    if kind == "llama" or (kind == "auto" and supports_fast_path(model)):
-        return LlamaRunner(model, n_slots=n_slots, max_len=max_len)
+) -> DecoderRunner | HFRunner:
+    """The native batched runner when the architecture allows it (``kind="auto"``), else
+    the fallback. ``kind`` forces one ("llama", the native runner's former name, is read
+    as "native")."""
+    kind = "native" if kind == "llama" else kind
+    if kind not in RUNNER_KINDS:
+        raise GenloopError(f"unknown runner {kind!r} (runners: {', '.join(RUNNER_KINDS)})")
+    if kind == "native" or (kind == "auto" and supports_native(model, max_len)):
+        return DecoderRunner(model, n_slots=n_slots, max_len=max_len)
     return HFRunner(model, n_slots=n_slots, max_len=max_len)
