@@ -278,9 +278,23 @@ class VllmProcess:
             _signal_group(proc, signal.SIGKILL)  # whatever of its group is left
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace_s)
+            _wait_group_gone(proc.pid, grace_s)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait until no process of the group is left (its engine core, orphaned by the
+    server's death, is reaped by init a moment later)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
+    log.warning("processes of vLLM's group %d are still there after %gs", pgid, timeout_s)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -560,8 +574,9 @@ class VllmEngine:
         last_token = started
         try:
             timeout = httpx.Timeout(10.0, read=max(0.001, deadline - started))
+            url = f"{self.process.base_url}/v1/completions"  # the port changes on restarts
             async with client.stream(
-                "POST", "/v1/completions", json=self._payload(request), timeout=timeout
+                "POST", url, json=self._payload(request), timeout=timeout
             ) as response:
                 if response.status_code != 200:
                     raise self._error(response.status_code, await response.aread())
@@ -615,7 +630,8 @@ class VllmEngine:
             if time.monotonic() < deadline:
                 raise self._down() from None
             reason = "timeout"
-        except httpx.TransportError:
+        except httpx.TransportError as exc:
+            log.warning("vLLM for %s: %r", self.process.served_name, exc)
             raise self._down() from None
         if reason is None:
             raise self._down()
