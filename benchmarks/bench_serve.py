@@ -35,6 +35,7 @@ slower and noisier). Timings on a shared machine are noisy.
 
     python benchmarks/bench_serve.py [--quick] [--threads N] [--repeat N] [--max-tokens 64]
                                      [--subject app|engine] [--skip-transformers-serve]
+    python benchmarks/bench_serve.py --vllm-gateway [--quick]   (needs make vllm)
 """
 
 from __future__ import annotations
@@ -541,6 +542,171 @@ def bs1_latency(
     return best
 
 
+# ------------------------------------------------- genloop's gateway over managed vLLM
+#
+# ``--vllm-gateway``: a section of its own. genloop's server with ``serve.engine: vllm``
+# (keys, limits, metrics, request records off as above) runs in a subprocess and starts
+# one vLLM process; the client loads that vLLM process through the gateway and directly
+# (its internal address and key, which the gateway process writes to a file), in turns,
+# at 16 and 64 streaming clients. Same process, same checkpoint, same run: the ratio is
+# the gateway's cost. Figures: ``vllm_gateway_tokens_per_s_cN``,
+# ``bare_vllm_tokens_per_s_cN``, ``vllm_gateway_ratio_cN`` (N = 16, 64).
+
+VLLM_GATEWAY_CONCURRENCY = (16, 64)
+TARGET_VLLM_GATEWAY_RATIO = 0.95
+
+
+def serve_vllm_gateway(model_dir: Path, port: int, batch: int, root: Path) -> None:
+    """genloop's server over a managed vLLM process; writes vLLM's own address and key to
+    ``root/vllm.json`` once it is up, for the bare-vLLM side of the comparison."""
+    import threading
+
+    import uvicorn
+
+    from genloop.config import parse_config
+    from genloop.security.keys import create_key
+    from genloop.serve.app import create_app
+    from genloop.workspace import init_workspace, registry
+
+    ws = init_workspace(root / "ws")
+    registry.register_model(ws, "bench", "causal_lm", model_dir)
+    key = create_key(ws.catalog, name="bench", scopes=["generate"]).plaintext
+    cfg = parse_config(
+        {
+            "serve": {
+                "models": ["bench"],
+                "port": port,
+                "device": "cpu",
+                "engine": "vllm",
+                "max_batch_size": batch,
+                "max_queue": 256,
+                "store_requests": False,
+                "ui": False,
+                "rate_limit": {"requests_per_min": None, "tokens_per_min": None},
+            },
+            "security": {"guardrails": {"max_repetition": None}},
+        }
+    )
+    app = create_app(ws, cfg)
+
+    def publish() -> None:
+        while True:
+            current = app.state.server.models.served[0].current
+            if current is not None and current.engine is not None:
+                process = current.engine.process
+                (root / "vllm.json").write_text(
+                    json.dumps(
+                        {
+                            "url": process.base_url,
+                            "key": process.api_key,
+                            "model": process.served_name,
+                            "gateway_key": key,
+                        }
+                    )
+                )
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=publish, daemon=True).start()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def vllm_gateway_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Gateway over managed vLLM vs that vLLM bare, at 16 and 64 clients (section above)."""
+    from genloop.serve.engine.vllm import require_vllm_python
+
+    require_vllm_python()  # a clear error naming `make vllm` when it is missing
+    started = time.perf_counter()
+    batch = max(VLLM_GATEWAY_CONCURRENCY)
+    with tempfile.TemporaryDirectory(prefix="bench_vllm_gateway_") as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = build_checkpoint(tmp, args.preset, args.vocab_size, 0.5 if args.quick else 1.0)
+        params = json.loads((model_dir / "bench.json").read_text())["parameters"]
+        prompts = make_prompts(model_dir, 32, args.prompt_tokens)
+        print(
+            f"vLLM gateway: {args.preset} ({params / 1e6:.2f}M parameters), {args.max_tokens} "
+            f"new tokens per request, streamed, best of {args.repeat}",
+            file=sys.stderr,
+        )
+        port = free_port()
+        log = tmp / "vllm-gateway.log"
+        cmd = [sys.executable, __file__, "--serve", "vllm-gateway", "--model-dir", str(model_dir)]
+        cmd += ["--port", str(port), "--batch", str(batch), "--state-dir", str(tmp)]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=thread_env(args.threads)
+            )
+        gateway = Server("vllm-gateway", f"http://127.0.0.1:{port}", "bench", proc, log)
+        try:
+            deadline = time.monotonic() + args.start_timeout + 600  # vLLM starts in minutes
+            while not (tmp / "vllm.json").is_file():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"the vLLM gateway did not start: {tail}")
+                time.sleep(0.5)
+            inner = json.loads((tmp / "vllm.json").read_text())
+            gateway.headers = {"Authorization": f"Bearer {inner['gateway_key']}"}
+            gateway.ready_path = "/ready"
+            wait_ready(gateway, tmp, timeout=args.start_timeout)
+            bare = Server("bare-vllm", inner["url"], inner["model"], proc, log)
+            bare.headers = {"Authorization": f"Bearer {inner['key']}"}
+            sides = {"gateway": gateway, "bare": bare}
+            for server in sides.values():
+                warm_up(server, prompts)
+            best: dict[str, dict[int, RunFigures]] = {side: {} for side in sides}
+            for c in VLLM_GATEWAY_CONCURRENCY:
+                requests = max(args.requests_per_client * c, args.min_requests)
+                for _ in range(args.repeat):
+                    for side, server in sides.items():
+                        f = asyncio.run(
+                            load_run(
+                                server,
+                                prompts,
+                                c,
+                                requests=requests,
+                                time_budget=args.time_budget,
+                                max_tokens=args.max_tokens,
+                                stream=True,
+                            )
+                        )
+                        print(
+                            f"  {server.name:>12} c={c:<2} {f.tokens_per_s:8.1f} tok/s  "
+                            f"({f.requests} requests, {f.tokens} tokens, {f.seconds:.1f} s)  "
+                            f"ttft p50 {ms(pct(f.ttft, 50))} ms  itl p50 {ms(pct(f.gaps, 50))} ms",
+                            file=sys.stderr,
+                        )
+                        if c not in best[side] or f.tokens_per_s > best[side][c].tokens_per_s:
+                            best[side][c] = f
+        finally:
+            stop(gateway)
+    figures: dict[str, Any] = {}
+    for c in VLLM_GATEWAY_CONCURRENCY:
+        ours, theirs = best["gateway"][c].tokens_per_s, best["bare"][c].tokens_per_s
+        figures[f"vllm_gateway_tokens_per_s_c{c}"] = round(ours, 1)
+        figures[f"bare_vllm_tokens_per_s_c{c}"] = round(theirs, 1)
+        figures[f"vllm_gateway_ratio_c{c}"] = round(ours / theirs, 3)
+        figures[f"vllm_gateway_ttft_p50_ms_c{c}"] = ms(pct(best["gateway"][c].ttft, 50))
+        figures[f"bare_vllm_ttft_p50_ms_c{c}"] = ms(pct(best["bare"][c].ttft, 50))
+    figures |= {
+        "preset": args.preset,
+        "parameters": params,
+        "max_tokens": args.max_tokens,
+        "repeat": args.repeat,
+        "quick": args.quick,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    for c in VLLM_GATEWAY_CONCURRENCY:
+        value = figures[f"vllm_gateway_ratio_c{c}"]
+        met = value >= TARGET_VLLM_GATEWAY_RATIO
+        print(
+            f"vllm_gateway_ratio_c{c} = {value} "
+            f"(target >= {TARGET_VLLM_GATEWAY_RATIO}: {'met' if met else 'NOT met'})",
+            file=sys.stderr,
+        )
+    print(json.dumps(figures))
+    return figures
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -566,8 +732,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="genloop's full server (app) or the engine behind a minimal endpoint",
     )
     p.add_argument("--skip-transformers-serve", action="store_true")
+    p.add_argument(
+        "--vllm-gateway",
+        action="store_true",
+        help="instead: genloop's gateway over managed vLLM vs bare vLLM (make vllm)",
+    )
     # internal: run one server in this process
-    p.add_argument("--serve", choices=("engine", "hf", "app"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--serve", choices=("engine", "hf", "app", "vllm-gateway"), help=argparse.SUPPRESS
+    )
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
@@ -589,6 +762,8 @@ def serve_main(args: argparse.Namespace) -> None:
         serve_engine(args.model_dir, args.port, args.batch)
     elif args.serve == "hf":
         serve_hf(args.model_dir, args.port)
+    elif args.serve == "vllm-gateway":
+        serve_vllm_gateway(args.model_dir, args.port, args.batch, args.state_dir)
     else:
         serve_app(args.model_dir, args.port, args.batch, args.state_dir)
 
@@ -598,6 +773,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.serve:
         serve_main(args)
         return {}
+    if args.vllm_gateway:
+        return vllm_gateway_main(args)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp_name:
         tmp = Path(tmp_name)
