@@ -608,7 +608,15 @@ def serve_vllm_gateway(model_dir: Path, port: int, batch: int, root: Path) -> No
             time.sleep(0.5)
 
     threading.Thread(target=publish, daemon=True).start()
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    profile_to = os.environ.get("BENCH_PROFILE")  # where the gateway's time goes
+    if not profile_to:
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+        return
+    import cProfile
+
+    with cProfile.Profile() as prof:
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    prof.dump_stats(profile_to)
 
 
 def vllm_gateway_main(args: argparse.Namespace) -> dict[str, Any]:

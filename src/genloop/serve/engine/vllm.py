@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 INSTALL_COMMAND = "make vllm"
 PYTHON_ENV = "GENLOOP_VLLM_PYTHON"
 VENV_DIR = ".venv-vllm"
+CONNECT_TIMEOUT_S = 10.0
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
 HEALTH_INTERVAL_S = 2.0  # between health checks of a running process
 HEALTH_FAILURES = 3  # consecutive failed checks before a live process is restarted
@@ -398,11 +399,9 @@ class VllmEngine:
         not wait); a GenloopError quoting vLLM's output if it cannot start."""
         if self._client is not None:
             return
-        slots = self.max_batch_size + self.max_queue + 8
+        # for health checks only; requests go through post_sse
         self._client = httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {self.process.api_key}"},
-            limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
-            timeout=httpx.Timeout(10.0, read=None),
+            timeout=httpx.Timeout(10.0),
             trust_env=False,  # loopback: never through a proxy from the environment
         )
         try:
@@ -511,7 +510,7 @@ class VllmEngine:
         self._inflight += 1  # released when the stream ends, however it ends
         if self.observer is not None:
             self.observer.on_queued(self.model_name, self.model_version)
-        return _RequestStream(self, self._events(request, self._client))
+        return _RequestStream(self, self._events(request))
 
     def _release(self) -> None:
         self._inflight -= 1
@@ -561,9 +560,7 @@ class VllmEngine:
             payload["ignore_eos"] = True
         return payload
 
-    async def _events(
-        self, request: GenerationRequest, client: httpx.AsyncClient
-    ) -> AsyncGenerator[Event, None]:
+    async def _events(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:
         """POST the request to vLLM and turn its server-sent chunks into events."""
         started = time.monotonic()
         deadline = request.deadline or started + self.request_timeout_s
@@ -572,26 +569,18 @@ class VllmEngine:
         completion_tokens = 0
         reason: FinishReason | None = None
         last_token = started
+        body = json.dumps(self._payload(request)).encode()
+        process = self.process
         try:
-            timeout = httpx.Timeout(10.0, read=max(0.001, deadline - started))
-            url = f"{self.process.base_url}/v1/completions"  # the port changes on restarts
-            async with client.stream(
-                "POST", url, json=self._payload(request), timeout=timeout
-            ) as response:
-                if response.status_code != 200:
-                    raise self._error(response.status_code, await response.aread())
-                if self.observer is not None:
-                    self.observer.on_scheduled(self.model_name, self.model_version, 0.0)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
+            events = post_sse(process.port, "/v1/completions", process.api_key, body, deadline)
+            try:
+                async for data in events:
+                    if data == b"[DONE]":
                         break
                     chunk = json.loads(data)
                     if "error" in chunk:
                         error = chunk["error"]
-                        raise self._error(int(error.get("code") or 500), data.encode())
+                        raise self._error(int(error.get("code") or 500), data)
                     usage = chunk.get("usage")
                     if usage:
                         completion_tokens = int(usage.get("completion_tokens", completion_tokens))
@@ -623,16 +612,15 @@ class VllmEngine:
                                     code="engine_error",
                                     retry_after_s=1.0,
                                 )
-                    if time.monotonic() > deadline and reason is None:
-                        reason = "timeout"
-                        break
-        except httpx.TimeoutException:
+            finally:
+                await events.aclose()  # closes the connection: vLLM aborts the request
+        except UpstreamStatus as exc:
+            raise self._error(exc.status, exc.body) from None
+        except (OSError, EOFError, ValueError) as exc:  # TimeoutError is an OSError
             if time.monotonic() < deadline:
+                log.warning("vLLM for %s: %r", process.served_name, exc)
                 raise self._down() from None
-            reason = "timeout"
-        except httpx.TransportError as exc:
-            log.warning("vLLM for %s: %r", self.process.served_name, exc)
-            raise self._down() from None
+            reason = "timeout"  # post_sse cut the connection at the deadline
         if reason is None:
             raise self._down()
         finished = Finished(
@@ -676,6 +664,97 @@ class VllmEngine:
             code="engine_error",
             retry_after_s=1.0,
         )
+
+
+# ------------------------------------------------------------------ the vLLM connection
+
+
+class UpstreamStatus(Exception):
+    """vLLM answered with a status other than 200; ``body`` is its error document."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+async def post_sse(
+    port: int, path: str, api_key: str, body: bytes, deadline: float
+) -> AsyncGenerator[bytes, None]:
+    """POST ``body`` (JSON) to ``127.0.0.1:port`` and yield the ``data:`` payload of every
+    server-sent event in the answer; :class:`UpstreamStatus` when it is not a 200.
+
+    Plain HTTP/1.1 on an asyncio stream rather than httpx: the gateway reads one event per
+    generated token of every running request, and httpx's pure-Python HTTP machinery per
+    event cost the gateway more CPU than the rest of the request path at 64 streams
+    (``benchmarks/bench_serve.py --vllm-gateway``). One connection per request
+    (``Connection: close``): closing it is how vLLM learns that a request is cancelled. At
+    ``deadline`` (``time.monotonic()``) the connection is cut, and reads fail.
+    """
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port), timeout=CONNECT_TIMEOUT_S
+    )
+    loop = asyncio.get_running_loop()
+    cut = loop.call_later(max(0.0, deadline - time.monotonic()), writer.transport.abort)
+    try:
+        writer.write(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n"
+                f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            + body
+        )
+        status_line = await reader.readline()
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+            raise EOFError("vLLM closed the connection before answering")
+        status = int(parts[1])
+        chunked, length = False, None
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"content-length":
+                length = int(value)
+        if status != 200:
+            raise UpstreamStatus(
+                status, b"".join([p async for p in _body(reader, chunked, length)])
+            )
+        pending = b""
+        async for part in _body(reader, chunked, length):
+            pending += part
+            while (end := pending.find(b"\n\n")) >= 0:
+                event, pending = pending[:end], pending[end + 2 :]
+                for field in event.split(b"\n"):
+                    if field.startswith(b"data: "):
+                        yield field[6:].rstrip(b"\r")
+    finally:
+        cut.cancel()
+        writer.transport.abort()
+
+
+async def _body(
+    reader: asyncio.StreamReader, chunked: bool, length: int | None
+) -> AsyncGenerator[bytes, None]:
+    """The parts of an HTTP/1.1 body as they arrive: chunked, sized, or up to EOF."""
+    if chunked:
+        while True:
+            size_line = await reader.readline()
+            if not size_line:
+                raise EOFError("vLLM closed the connection mid-answer")
+            size = int(size_line.split(b";", 1)[0], 16)
+            if size == 0:
+                return
+            data = await reader.readexactly(size + 2)  # the chunk and its CRLF
+            yield data[:-2]
+    elif length is not None:
+        yield await reader.readexactly(length)
+    else:
+        while data := await reader.read(1 << 16):
+            yield data
 
 
 class _RequestStream:
