@@ -614,9 +614,10 @@ def serve_vllm_gateway(model_dir: Path, port: int, batch: int, root: Path) -> No
         return
     import cProfile
 
-    with cProfile.Profile() as prof:
-        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
-    prof.dump_stats(profile_to)
+    prof = cProfile.Profile()
+    signal.signal(signal.SIGUSR1, lambda *_: prof.dump_stats(profile_to))  # dump on demand
+    prof.enable()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 def vllm_gateway_main(args: argparse.Namespace) -> dict[str, Any]:

@@ -795,7 +795,10 @@ def _deltas(choice: dict[str, Any]) -> list[TokenDelta]:
     if not ids:
         return []
     text: str = choice.get("text") or ""
-    logprobs = choice.get("logprobs") or {}
+    logprobs = choice.get("logprobs")
+    if logprobs is None and len(ids) == 1:  # the common case: one token, no logprobs
+        return [TokenDelta(token_id=int(ids[0]), text=text)]
+    logprobs = logprobs or {}
     chosen: list[float | None] = logprobs.get("token_logprobs") or []
     tops: list[dict[str, float] | None] = logprobs.get("top_logprobs") or []
     last = len(ids) - 1
