@@ -75,7 +75,7 @@ def test_vllm_without_its_environment_names_the_install_command(
 
 def test_vllm_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     t5 = checkpoint(tmp_path / "t5", "t5", family="seq2seq")
-    with pytest.raises(GenloopError, match="serve.engine native"):
+    with pytest.raises(GenloopError, match=r"serve\.engine native"):
         select_backend(t5, model_name="m", cfg=cfg("vllm", Path(sys.executable)))
 
 
