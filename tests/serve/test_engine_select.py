@@ -97,3 +97,17 @@ def test_serve_cli_refuses_a_missing_vllm_environment_in_one_line(
     assert result.returncode != 0
     assert INSTALL_COMMAND in result.output and str(MISSING) in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_python_without_vllm_fails_to_start_cleanly(model_dirs: tuple[Path, Path]) -> None:
+    """An environment without vLLM in it: start() says so and leaves no process behind."""
+    import asyncio
+
+    from genloop.serve.engine.loader import load_vllm_engine
+
+    engine = load_vllm_engine(
+        model_dirs[0], model_name="tiny", model_version=1, cfg=cfg("vllm", Path(sys.executable))
+    )
+    with pytest.raises(GenloopError, match="vLLM exited with status 1 while starting tiny@1"):
+        asyncio.run(engine.start())
+    assert engine.process.pid is None

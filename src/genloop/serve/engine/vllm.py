@@ -123,8 +123,8 @@ def free_port() -> int:
 
 class VllmProcess:
     """One vLLM OpenAI server process: spawn, health check, stop. Its output goes to a
-    log file in its own temporary folder (removed on stop); the tail is quoted when it
-    fails to start."""
+    log file in its own temporary folder (removed on stop); its tail goes to the server log
+    when it fails to start or dies."""
 
     def __init__(
         self,
@@ -247,24 +247,25 @@ class VllmProcess:
         return response.status_code == 200
 
     async def wait_healthy(self, client: httpx.AsyncClient, timeout_s: float) -> None:
-        """Return once the server answers its health check; a GenloopError quoting vLLM's
-        output if it exits or does not answer in time."""
+        """Return once the server answers its health check; a GenloopError if it exits or
+        does not answer in time (vLLM's output goes to the server log, not to clients)."""
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.exited()
             if status is not None:
-                raise GenloopError(
-                    f"vLLM exited with status {status} while starting {self.served_name}:\n"
-                    + self.log_tail()
-                )
+                problem = f"vLLM exited with status {status} while starting {self.served_name}"
+                break
             if await self.healthy(client):
                 return
             if time.monotonic() > deadline:
-                raise GenloopError(
+                problem = (
                     f"vLLM did not answer within {timeout_s:g}s while starting "
-                    f"{self.served_name} (serve.vllm.startup_timeout_s):\n" + self.log_tail()
+                    f"{self.served_name} (serve.vllm.startup_timeout_s)"
                 )
+                break
             await asyncio.sleep(0.5)
+        log.error("%s; its last lines:\n%s", problem, self.log_tail())
+        raise GenloopError(f"{problem} (its output is in the server log)")
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM to the process group, SIGKILL after ``grace_s``; removes the log folder.
@@ -405,8 +406,7 @@ class VllmEngine:
             trust_env=False,  # loopback: never through a proxy from the environment
         )
         try:
-            await asyncio.to_thread(self.process.spawn)
-            await self.process.wait_healthy(self._client, self.cfg.startup_timeout_s)
+            await self._launch()
         except BaseException:
             await asyncio.to_thread(self.process.stop)
             await self._client.aclose()
@@ -414,6 +414,20 @@ class VllmEngine:
             raise
         self._up = True
         self._watch = asyncio.create_task(self._watch_loop(), name=f"vllm-watch-{self.model_name}")
+
+    async def _launch(self) -> None:
+        """Spawn the process and wait for its health check. The free port is picked before
+        vLLM binds it, so another process may take it first: then once more, elsewhere."""
+        assert self._client is not None
+        for attempt in (1, 2):
+            await asyncio.to_thread(self.process.spawn)
+            try:
+                await self.process.wait_healthy(self._client, self.cfg.startup_timeout_s)
+                return
+            except GenloopError:
+                if attempt == 2 or "address already in use" not in self.process.log_tail().lower():
+                    raise
+                await asyncio.to_thread(self.process.stop)
 
     async def _watch_loop(self) -> None:
         """Restart the process when it exits or stops answering (doubling backoff)."""
@@ -449,8 +463,7 @@ class VllmEngine:
             if not self._accepting:
                 return
             try:
-                await asyncio.to_thread(self.process.spawn)
-                await self.process.wait_healthy(self._client, self.cfg.startup_timeout_s)
+                await self._launch()
             except GenloopError as exc:
                 log.error("restarting vLLM for %s failed: %s", self.process.served_name, exc)
                 await asyncio.sleep(backoff)
