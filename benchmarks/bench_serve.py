@@ -550,7 +550,9 @@ def bs1_latency(
 # (its internal address and key, which the gateway process writes to a file), in turns,
 # at 16 and 64 streaming clients. Same process, same checkpoint, same run: the ratio is
 # the gateway's cost. Figures: ``vllm_gateway_tokens_per_s_cN``,
-# ``bare_vllm_tokens_per_s_cN``, ``vllm_gateway_ratio_cN`` (N = 16, 64).
+# ``bare_vllm_tokens_per_s_cN``, ``vllm_gateway_ratio_cN`` (N = 16, 64), and the CPU time
+# per generated token of the gateway process and of vLLM's process group (from /proc).
+# ``BENCH_PROFILE=FILE`` profiles the gateway process (cProfile; ``kill -USR1`` dumps it).
 
 VLLM_GATEWAY_CONCURRENCY = (16, 64)
 TARGET_VLLM_GATEWAY_RATIO = 0.95
@@ -600,6 +602,7 @@ def serve_vllm_gateway(model_dir: Path, port: int, batch: int, root: Path) -> No
                             "url": process.base_url,
                             "key": process.api_key,
                             "model": process.served_name,
+                            "pid": process.pid,
                             "gateway_key": key,
                         }
                     )
@@ -618,6 +621,21 @@ def serve_vllm_gateway(model_dir: Path, port: int, batch: int, root: Path) -> No
     signal.signal(signal.SIGUSR1, lambda *_: prof.dump_stats(profile_to))  # dump on demand
     prof.enable()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def cpu_seconds(pid: int, *, group: bool = False) -> float:
+    """User + system CPU seconds of process ``pid`` (``group``: of every process in its
+    process group, as vLLM's API server and its engine core), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat") if group else [Path(f"/proc/{pid}/stat")]:
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if not group or int(fields[2]) == pid:  # fields[2]: the process group id
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
 
 
 def vllm_gateway_main(args: argparse.Namespace) -> dict[str, Any]:
@@ -663,10 +681,12 @@ def vllm_gateway_main(args: argparse.Namespace) -> dict[str, Any]:
             for server in sides.values():
                 warm_up(server, prompts)
             best: dict[str, dict[int, RunFigures]] = {side: {} for side in sides}
+            cpu: dict[str, dict[int, tuple[float, float]]] = {side: {} for side in sides}
             for c in VLLM_GATEWAY_CONCURRENCY:
                 requests = max(args.requests_per_client * c, args.min_requests)
                 for _ in range(args.repeat):
                     for side, server in sides.items():
+                        before = cpu_seconds(proc.pid), cpu_seconds(inner["pid"], group=True)
                         f = asyncio.run(
                             load_run(
                                 server,
@@ -678,10 +698,16 @@ def vllm_gateway_main(args: argparse.Namespace) -> dict[str, Any]:
                                 stream=True,
                             )
                         )
+                        gw_cpu = cpu_seconds(proc.pid) - before[0]
+                        vllm_cpu = cpu_seconds(inner["pid"], group=True) - before[1]
+                        per_token = 1e6 / max(1, f.tokens)
+                        cpu[side][c] = (gw_cpu * per_token, vllm_cpu * per_token)
                         print(
                             f"  {server.name:>12} c={c:<2} {f.tokens_per_s:8.1f} tok/s  "
                             f"({f.requests} requests, {f.tokens} tokens, {f.seconds:.1f} s)  "
-                            f"ttft p50 {ms(pct(f.ttft, 50))} ms  itl p50 {ms(pct(f.gaps, 50))} ms",
+                            f"ttft p50 {ms(pct(f.ttft, 50))} ms  itl p50 {ms(pct(f.gaps, 50))} ms"
+                            f"  CPU per token: gateway {gw_cpu * per_token:.0f} µs, "
+                            f"vLLM {vllm_cpu * per_token:.0f} µs",
                             file=sys.stderr,
                         )
                         if c not in best[side] or f.tokens_per_s > best[side][c].tokens_per_s:
@@ -696,6 +722,9 @@ def vllm_gateway_main(args: argparse.Namespace) -> dict[str, Any]:
         figures[f"vllm_gateway_ratio_c{c}"] = round(ours / theirs, 3)
         figures[f"vllm_gateway_ttft_p50_ms_c{c}"] = ms(pct(best["gateway"][c].ttft, 50))
         figures[f"bare_vllm_ttft_p50_ms_c{c}"] = ms(pct(best["bare"][c].ttft, 50))
+        # CPU time per generated token (last round): what the gateway adds to vLLM's own
+        figures[f"gateway_cpu_us_per_token_c{c}"] = round(cpu["gateway"][c][0])
+        figures[f"vllm_cpu_us_per_token_c{c}"] = round(cpu["bare"][c][1])
     figures |= {
         "preset": args.preset,
         "parameters": params,
