@@ -269,11 +269,35 @@ def test_killed_process_is_restarted(gateway: SlowLiveServer) -> None:
 
 
 def test_closing_the_server_stops_vllm(gateway: SlowLiveServer) -> None:
-    """Runs last: stopping the server (drain, then close) leaves no vLLM process."""
+    """Runs last: stopping the server lets a running request finish, then stops vLLM and
+    leaves no process of it behind."""
+    import threading
+
     engine = engine_of(gateway)
     pid = engine.process.pid
     assert pid is not None
+    started, lines = threading.Event(), []
+
+    def stream() -> None:
+        body = {"model": "wide", "prompt": "The dog", "max_tokens": 40, "stream": True}
+        body |= {"stream_options": {"include_usage": True}}
+        with (
+            gateway.client(gateway.keys["generate"]) as c,
+            c.stream("POST", "/v1/completions", json=body) as r,
+        ):
+            for line in r.iter_lines():
+                started.set()
+                if line:
+                    lines.append(line)
+
+    running = threading.Thread(target=stream)
+    running.start()
+    assert started.wait(60)
     gateway.__exit__(None, None, None)
+    running.join(60)
+    assert lines[-1] == "data: [DONE]"  # the running request finished
+    usage = [json.loads(x[6:]) for x in lines if x.startswith("data: {")][-1]["usage"]
+    assert usage["completion_tokens"] == 40
     assert engine.process.pid is None  # stopped by the server's shutdown
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # and nothing of its process group is left
