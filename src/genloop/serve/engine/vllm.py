@@ -826,11 +826,6 @@ def _deltas(choice: dict[str, Any]) -> list[TokenDelta]:
     ]
 
 
-def vllm_available() -> bool:
-    """Whether a vLLM environment can be found (``serve.engine: auto`` asks)."""
-    return find_vllm_python() is not None
-
-
 __all__ = [
     "INSTALL_COMMAND",
     "VllmEngine",
@@ -838,5 +833,4 @@ __all__ = [
     "VllmProcess",
     "find_vllm_python",
     "require_vllm_python",
-    "vllm_available",
 ]
