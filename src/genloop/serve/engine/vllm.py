@@ -79,8 +79,9 @@ class VllmNotInstalled(GenloopError):
 
 def find_vllm_python(configured: Path | None = None) -> Path | None:
     """The Python of the vLLM environment: ``serve.vllm.python``, else
-    ``$GENLOOP_VLLM_PYTHON``, else ``.venv-vllm/bin/python`` in the working directory or in
-    the source checkout genloop runs from (``make vllm`` makes it there). None: not found."""
+    ``$GENLOOP_VLLM_PYTHON``, else ``.venv-vllm/bin/python`` in the source checkout genloop
+    runs from (``make vllm`` makes it there; never the working directory, whose files
+    genloop does not run). None: not found."""
     if configured is not None:
         return configured if configured.is_file() else None
     from_env = os.environ.get(PYTHON_ENV)
@@ -88,11 +89,8 @@ def find_vllm_python(configured: Path | None = None) -> Path | None:
         path = Path(from_env)
         return path if path.is_file() else None
     checkout = Path(__file__).resolve().parents[4]  # src/genloop/serve/engine/vllm.py
-    for root in (Path.cwd(), checkout):
-        candidate = root / VENV_DIR / "bin" / "python"
-        if candidate.is_file():
-            return candidate
-    return None
+    candidate = checkout / VENV_DIR / "bin" / "python"
+    return candidate if candidate.is_file() else None
 
 
 def require_vllm_python(configured: Path | None = None) -> Path:
@@ -105,7 +103,7 @@ def require_vllm_python(configured: Path | None = None) -> Path:
         if configured is not None
         else f"${PYTHON_ENV} is {os.environ[PYTHON_ENV]}, which does not exist"
         if os.environ.get(PYTHON_ENV)
-        else f"no {VENV_DIR}/bin/python here and {PYTHON_ENV} is not set"
+        else f"no {VENV_DIR}/bin/python in genloop's checkout and {PYTHON_ENV} is not set"
     )
     raise VllmNotInstalled(
         f"serve.engine vllm needs a vLLM environment: {where}. Create it with "
