@@ -66,6 +66,9 @@ def vllm_ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
 def gateway(vllm_ws: Workspace) -> Iterator[SlowLiveServer]:
     """genloop's server over one managed vLLM process, for the whole session."""
     from genloop.serve.app import create_app
+    from genloop.serve.engine.vllm import require_vllm_python
+
+    require_vllm_python()  # $GENLOOP_REQUIRE_VLLM without an environment: fail now, clearly
 
     cfg = parse_config(
         {
