@@ -40,6 +40,8 @@ slower and noisier). Timings on a shared machine are noisy.
 ``--families`` measures the native engine alone (no HTTP) on every architecture it batches
 (``bench_families``), each the size of the ``tiny`` preset: tokens/s on 16 concurrent
 sequences and the ratio to Llama's in the same run (the quick run prints it too).
+
+    python benchmarks/bench_serve.py --vllm-gateway [--quick]   (needs make vllm)
 """
 
 from __future__ import annotations
@@ -676,6 +678,209 @@ def bench_families(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------- genloop's gateway over managed vLLM
+#
+# ``--vllm-gateway``: a section of its own. genloop's server with ``serve.engine: vllm``
+# (keys, limits, metrics, request records off as above) runs in a subprocess and starts
+# one vLLM process; the client loads that vLLM process through the gateway and directly
+# (its internal address and key, which the gateway process writes to a file), in turns,
+# at 16 and 64 streaming clients. Same process, same checkpoint, same run: the ratio is
+# the gateway's cost. Figures: ``vllm_gateway_tokens_per_s_cN``,
+# ``bare_vllm_tokens_per_s_cN``, ``vllm_gateway_ratio_cN`` (N = 16, 64), and the CPU time
+# per generated token of the gateway process and of vLLM's process group (from /proc).
+# ``BENCH_PROFILE=FILE`` profiles the gateway process (cProfile; ``kill -USR1`` dumps it).
+
+VLLM_GATEWAY_CONCURRENCY = (16, 64)
+TARGET_VLLM_GATEWAY_RATIO = 0.95
+
+
+def serve_vllm_gateway(model_dir: Path, port: int, batch: int, root: Path) -> None:
+    """genloop's server over a managed vLLM process; writes vLLM's own address and key to
+    ``root/vllm.json`` once it is up, for the bare-vLLM side of the comparison."""
+    import threading
+
+    import uvicorn
+
+    from genloop.config import parse_config
+    from genloop.security.keys import create_key
+    from genloop.serve.app import create_app
+    from genloop.workspace import init_workspace, registry
+
+    ws = init_workspace(root / "ws")
+    registry.register_model(ws, "bench", "causal_lm", model_dir)
+    key = create_key(ws.catalog, name="bench", scopes=["generate"]).plaintext
+    cfg = parse_config(
+        {
+            "serve": {
+                "models": ["bench"],
+                "port": port,
+                "device": "cpu",
+                "engine": "vllm",
+                "max_batch_size": batch,
+                "max_queue": 256,
+                "store_requests": False,
+                "ui": False,
+                "rate_limit": {"requests_per_min": None, "tokens_per_min": None},
+            },
+            "security": {"guardrails": {"max_repetition": None}},
+        }
+    )
+    app = create_app(ws, cfg)
+
+    def publish() -> None:
+        while True:
+            current = app.state.server.models.served[0].current
+            if current is not None and current.engine is not None:
+                process = current.engine.process
+                (root / "vllm.json").write_text(
+                    json.dumps(
+                        {
+                            "url": process.base_url,
+                            "key": process.api_key,
+                            "model": process.served_name,
+                            "pid": process.pid,
+                            "gateway_key": key,
+                        }
+                    )
+                )
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=publish, daemon=True).start()
+    profile_to = os.environ.get("BENCH_PROFILE")  # where the gateway's time goes
+    if not profile_to:
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    signal.signal(signal.SIGUSR1, lambda *_: prof.dump_stats(profile_to))  # dump on demand
+    prof.enable()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def cpu_seconds(pid: int, *, group: bool = False) -> float:
+    """User + system CPU seconds of process ``pid`` (``group``: of every process in its
+    process group, as vLLM's API server and its engine core), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat") if group else [Path(f"/proc/{pid}/stat")]:
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if not group or int(fields[2]) == pid:  # fields[2]: the process group id
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def vllm_gateway_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Gateway over managed vLLM vs that vLLM bare, at 16 and 64 clients (section above)."""
+    from genloop.serve.engine.vllm import require_vllm_python
+
+    require_vllm_python()  # a clear error naming `make vllm` when it is missing
+    started = time.perf_counter()
+    batch = max(VLLM_GATEWAY_CONCURRENCY)
+    with tempfile.TemporaryDirectory(prefix="bench_vllm_gateway_") as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = build_checkpoint(tmp, args.preset, args.vocab_size, 0.5 if args.quick else 1.0)
+        params = json.loads((model_dir / "bench.json").read_text())["parameters"]
+        prompts = make_prompts(model_dir, 32, args.prompt_tokens)
+        print(
+            f"vLLM gateway: {args.preset} ({params / 1e6:.2f}M parameters), {args.max_tokens} "
+            f"new tokens per request, streamed, best of {args.repeat}",
+            file=sys.stderr,
+        )
+        port = free_port()
+        log = tmp / "vllm-gateway.log"
+        cmd = [sys.executable, __file__, "--serve", "vllm-gateway", "--model-dir", str(model_dir)]
+        cmd += ["--port", str(port), "--batch", str(batch), "--state-dir", str(tmp)]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=thread_env(args.threads)
+            )
+        gateway = Server("vllm-gateway", f"http://127.0.0.1:{port}", "bench", proc, log)
+        try:
+            deadline = time.monotonic() + args.start_timeout + 600  # vLLM starts in minutes
+            while not (tmp / "vllm.json").is_file():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"the vLLM gateway did not start: {tail}")
+                time.sleep(0.5)
+            inner = json.loads((tmp / "vllm.json").read_text())
+            gateway.headers = {"Authorization": f"Bearer {inner['gateway_key']}"}
+            gateway.ready_path = "/ready"
+            wait_ready(gateway, tmp, timeout=args.start_timeout)
+            bare = Server("bare-vllm", inner["url"], inner["model"], proc, log)
+            bare.headers = {"Authorization": f"Bearer {inner['key']}"}
+            sides = {"gateway": gateway, "bare": bare}
+            for server in sides.values():
+                warm_up(server, prompts)
+            best: dict[str, dict[int, RunFigures]] = {side: {} for side in sides}
+            cpu: dict[str, dict[int, tuple[float, float]]] = {side: {} for side in sides}
+            for c in VLLM_GATEWAY_CONCURRENCY:
+                requests = max(args.requests_per_client * c, args.min_requests)
+                for _ in range(args.repeat):
+                    for side, server in sides.items():
+                        before = cpu_seconds(proc.pid), cpu_seconds(inner["pid"], group=True)
+                        f = asyncio.run(
+                            load_run(
+                                server,
+                                prompts,
+                                c,
+                                requests=requests,
+                                time_budget=args.time_budget,
+                                max_tokens=args.max_tokens,
+                                stream=True,
+                            )
+                        )
+                        gw_cpu = cpu_seconds(proc.pid) - before[0]
+                        vllm_cpu = cpu_seconds(inner["pid"], group=True) - before[1]
+                        per_token = 1e6 / max(1, f.tokens)
+                        cpu[side][c] = (gw_cpu * per_token, vllm_cpu * per_token)
+                        print(
+                            f"  {server.name:>12} c={c:<2} {f.tokens_per_s:8.1f} tok/s  "
+                            f"({f.requests} requests, {f.tokens} tokens, {f.seconds:.1f} s)  "
+                            f"ttft p50 {ms(pct(f.ttft, 50))} ms  itl p50 {ms(pct(f.gaps, 50))} ms"
+                            f"  CPU per token: gateway {gw_cpu * per_token:.0f} µs, "
+                            f"vLLM {vllm_cpu * per_token:.0f} µs",
+                            file=sys.stderr,
+                        )
+                        if c not in best[side] or f.tokens_per_s > best[side][c].tokens_per_s:
+                            best[side][c] = f
+        finally:
+            stop(gateway)
+    figures: dict[str, Any] = {}
+    for c in VLLM_GATEWAY_CONCURRENCY:
+        ours, theirs = best["gateway"][c].tokens_per_s, best["bare"][c].tokens_per_s
+        figures[f"vllm_gateway_tokens_per_s_c{c}"] = round(ours, 1)
+        figures[f"bare_vllm_tokens_per_s_c{c}"] = round(theirs, 1)
+        figures[f"vllm_gateway_ratio_c{c}"] = round(ours / theirs, 3)
+        figures[f"vllm_gateway_ttft_p50_ms_c{c}"] = ms(pct(best["gateway"][c].ttft, 50))
+        figures[f"bare_vllm_ttft_p50_ms_c{c}"] = ms(pct(best["bare"][c].ttft, 50))
+        # CPU time per generated token (last round): what the gateway adds to vLLM's own
+        figures[f"gateway_cpu_us_per_token_c{c}"] = round(cpu["gateway"][c][0])
+        figures[f"vllm_cpu_us_per_token_c{c}"] = round(cpu["bare"][c][1])
+    figures |= {
+        "preset": args.preset,
+        "parameters": params,
+        "max_tokens": args.max_tokens,
+        "repeat": args.repeat,
+        "quick": args.quick,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    for c in VLLM_GATEWAY_CONCURRENCY:
+        value = figures[f"vllm_gateway_ratio_c{c}"]
+        met = value >= TARGET_VLLM_GATEWAY_RATIO
+        print(
+            f"vllm_gateway_ratio_c{c} = {value} "
+            f"(target >= {TARGET_VLLM_GATEWAY_RATIO}: {'met' if met else 'NOT met'})",
+            file=sys.stderr,
+        )
+    print(json.dumps(figures))
+    return figures
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -706,8 +911,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only the native engine on every batched family (tokens/s, ratio to Llama)",
     )
+    p.add_argument(
+        "--vllm-gateway",
+        action="store_true",
+        help="instead: genloop's gateway over managed vLLM vs bare vLLM (make vllm)",
+    )
     # internal: run one server in this process
-    p.add_argument("--serve", choices=("engine", "hf", "app"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--serve", choices=("engine", "hf", "app", "vllm-gateway"), help=argparse.SUPPRESS
+    )
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
@@ -729,6 +941,8 @@ def serve_main(args: argparse.Namespace) -> None:
         serve_engine(args.model_dir, args.port, args.batch)
     elif args.serve == "hf":
         serve_hf(args.model_dir, args.port)
+    elif args.serve == "vllm-gateway":
+        serve_vllm_gateway(args.model_dir, args.port, args.batch, args.state_dir)
     else:
         serve_app(args.model_dir, args.port, args.batch, args.state_dir)
 
@@ -738,6 +952,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.serve:
         serve_main(args)
         return {}
+    if args.vllm_gateway:
+        return vllm_gateway_main(args)
     if args.families or args.quick:  # the quick run prints the families' table too
         families = bench_families(args)
         if args.families:

@@ -897,6 +897,36 @@ class RateLimitConfig(BaseModel):
     )
 
 
+class VllmConfig(BaseModel):
+    """The managed vLLM process (``serve.engine: vllm``): where it lives and how it runs.
+
+    vLLM pins versions of transformers and fastapi that differ from genloop's, so it lives
+    in its own virtual environment (``make vllm``) and genloop runs it as a process.
+    """
+
+    model_config = _STRICT
+
+    python: Path | None = Field(
+        None,
+        description=(
+            "Python of the vLLM environment; unset: $GENLOOP_VLLM_PYTHON, else "
+            ".venv-vllm/bin/python (make vllm)."
+        ),
+    )
+    startup_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for a vLLM process to answer its health check."
+    )
+    kv_cache_gib: float = Field(
+        1.0, gt=0, description="KV cache per vLLM process on CPU (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of GPU memory a vLLM process may take (CUDA)."
+    )
+    max_restart_backoff_s: float = Field(
+        60.0, gt=0, description="Longest wait between restarts of a vLLM process that died."
+    )
+
+
 class ServeConfig(BaseModel):
     """The HTTP server, its engine and its limits (safe by default)."""
 
@@ -908,6 +938,15 @@ class ServeConfig(BaseModel):
         default_factory=list, description="Model refs to serve, e.g. code-lm@production."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
+    engine: Literal["native", "vllm", "auto"] = Field(
+        "native",
+        description=(
+            "Text backend: native (in process), vllm (a managed vLLM process per model "
+            "version) or auto (native where the architecture is batched natively, else vLLM "
+            "when its environment exists)."
+        ),
+    )
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="The managed vLLM process.")
     max_batch_size: int = Field(16, ge=1, description="Sequences decoded together.")
     max_queue: int = Field(64, ge=0, description="Waiting requests before 429/503.")
     request_timeout_s: float = Field(60.0, gt=0, description="Limit per request.")

@@ -97,6 +97,10 @@ def serve(
         raise ConfigError(
             "nothing to serve: pass --model NAME@ALIAS (or set serve.models / serve.upstreams)"
         )
+    if serve_cfg.engine == "vllm":  # before anything loads: name the install command now
+        from genloop.serve.engine.vllm import require_vllm_python
+
+        require_vllm_python(serve_cfg.vllm.python)
     cfg = cfg.model_copy(update={"serve": serve_cfg})
     ws = open_workspace()
     try:

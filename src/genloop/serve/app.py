@@ -314,12 +314,11 @@ def _mount_ui(app: FastAPI, serve: ServeConfig) -> None:
 
 def _text_loader(serve: ServeConfig, metrics: ServingMetrics) -> TextLoader:
     def load(path: Path, info: ModelVersionInfo) -> TextEngine:
-        from genloop.serve.engine import load_engine
+        from genloop.serve.engine.loader import load_text_engine
 
-        engine: TextEngine = load_engine(
+        return load_text_engine(
             path, model_name=info.name, model_version=info.version, cfg=serve, observer=metrics
         )
-        return engine
 
     return load
 

@@ -1,6 +1,7 @@
 """The serving engine: continuous batching over a slot KV cache.
 
-``load_engine`` builds one from a model directory (``loader.py`` picks the backend);
+``load_engine`` builds one from a model directory (``loader.py`` picks the backend; the
+server's ``loader.load_text_engine`` may pick a managed vLLM process, ``vllm.py``, instead);
 ``engine.py`` explains how it runs; ``protocol.py`` is the interface the HTTP layer and the
 batch runner use, ``types.py`` the data that crosses it. Importing this package stays light
 (no torch), so ``protocol`` and ``types`` can be used without a model.

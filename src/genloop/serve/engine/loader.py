@@ -11,15 +11,18 @@ code). The native batched engine (``engine.py``) runs it over one of three runne
   (``runner.DecoderRunner``);
 - ``hf``: every other causal or seq2seq model (``runner.HFRunner``).
 
-Another backend (a managed vLLM process, say) is one more branch here returning an object
-that satisfies ``protocol.TextEngine``.
+The server asks :func:`load_text_engine`, which first picks the backend
+(``serve.engine``, :func:`select_backend`): the native engine above, or a managed vLLM
+process (``vllm.py``) for architectures the native engine does not batch. Both satisfy
+``protocol.TextEngine``, so the gateway in front of them is the same.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -31,10 +34,122 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from genloop.config import ServeConfig
+    from genloop.serve.engine.protocol import TextEngine
     from genloop.serve.engine.types import EngineObserver
+    from genloop.serve.engine.vllm import VllmEngine
+
+log = logging.getLogger(__name__)
 
 IMAGE_FAMILIES = ("vae", "gan", "diffusion")
 DEFAULT_CONTEXT = 2048  # for models whose config states no limit (T5's relative positions)
+
+
+Backend = Literal["native", "vllm"]
+
+
+def load_text_engine(
+    model_dir: Path,
+    *,
+    model_name: str,
+    model_version: int | None,
+    cfg: ServeConfig,
+    observer: EngineObserver | None = None,
+) -> TextEngine:
+    """The engine the server runs ``model_dir`` on: the backend ``cfg.engine`` picks
+    (:func:`select_backend`), not started (``await engine.start()``)."""
+    model_dir = Path(model_dir)
+    if select_backend(model_dir, model_name=model_name, cfg=cfg) == "vllm":
+        return load_vllm_engine(
+            model_dir,
+            model_name=model_name,
+            model_version=model_version,
+            cfg=cfg,
+            observer=observer,
+        )
+    return load_engine(
+        model_dir, model_name=model_name, model_version=model_version, cfg=cfg, observer=observer
+    )
+
+
+def select_backend(model_dir: Path, *, model_name: str, cfg: ServeConfig) -> Backend:
+    """``serve.engine`` for this model: ``native`` and ``vllm`` as they say; ``auto`` the
+    native engine for the architectures it batches itself
+    (``architectures.supports_batching``), vLLM for a causal LM of any other architecture
+    when a vLLM environment exists, else native with a warning naming the install command.
+    An ONNX variant and a seq2seq model always run natively (vLLM runs neither)."""
+    from genloop.optimize.variant import onnx_device
+    from genloop.serve.engine.vllm import INSTALL_COMMAND, find_vllm_python, require_vllm_python
+
+    if cfg.engine == "native":
+        return "native"
+    family = model_family(model_dir)
+    onnx = onnx_device(model_dir, cfg.device) is not None
+    if cfg.engine == "vllm":
+        if family != "causal_lm" or onnx:
+            what = "an ONNX variant" if onnx else f"a {family} model"
+            raise GenloopError(
+                f"model {model_name} is {what}, which vLLM does not run; serve it with "
+                "serve.engine native (or auto)"
+            )
+        require_vllm_python(cfg.vllm.python)
+        return "vllm"
+    if family != "causal_lm" or onnx:
+        return "native"
+    from transformers import AutoConfig
+
+    from genloop.serve.engine.architectures import supports_batching
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if supports_batching(config):
+        return "native"
+    if find_vllm_python(cfg.vllm.python) is not None:
+        return "vllm"
+    log.warning(
+        "model %s (%s) is not batched by the native engine and no vLLM environment was "
+        "found: serving it natively, one request at a time per slot. Install vLLM with "
+        "'%s' for continuous batching.",
+        model_name,
+        getattr(config, "model_type", "unknown architecture"),
+        INSTALL_COMMAND,
+    )
+    return "native"
+
+
+def load_vllm_engine(
+    model_dir: Path,
+    *,
+    model_name: str,
+    model_version: int | None,
+    cfg: ServeConfig,
+    observer: EngineObserver | None = None,
+) -> VllmEngine:
+    """A managed vLLM process for ``model_dir`` (not started). Only the tokenizer and the
+    config are read here; the weights load in vLLM's process."""
+    from transformers import AutoConfig
+
+    from genloop.data.tokenizer import load_hf_tokenizer
+    from genloop.serve.engine.vllm import VllmEngine, require_vllm_python
+
+    python = require_vllm_python(cfg.vllm.python)
+    tokenizer = load_hf_tokenizer(model_dir)
+    config: Any = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    context = min(model_context(config, tokenizer), cfg.max_prompt_tokens + cfg.max_tokens)
+    return VllmEngine(
+        model_dir,
+        tokenizer,
+        python=python,
+        model_name=model_name,
+        model_version=model_version,
+        context_length=context,
+        vocab_size=int(getattr(config, "vocab_size", None) or len(tokenizer)),
+        eos_token_ids=eos_ids(config, generation_config(model_dir), tokenizer),
+        device=resolve_device(cfg.device),
+        max_batch_size=cfg.max_batch_size,
+        max_queue=cfg.max_queue,
+        request_timeout_s=cfg.request_timeout_s,
+        cfg=cfg.vllm,
+        observer=observer,
+    )
 
 
 def load_engine(
