@@ -7,8 +7,9 @@ no CPU) and take turns under the same load, ``--repeat`` rounds, the best round 
 counting, so that a shared machine's drifting load touches every side alike:
 
 - genloop: ``genloop serve``'s own app (``genloop.serve.app.create_app``: API key, limits,
-  metrics, rate limits off, request records off) on the continuous-batching engine, batch
-  16, streaming each token as a server-sent event; ``--subject engine`` puts the engine
+  metrics, request records without their text, rate limits off) on the continuous-batching
+  engine with ``serve.max_batch_size``'s default (``--batch`` sets another), streaming each
+  token as a server-sent event; ``--subject engine`` puts the engine
   behind a minimal FastAPI endpoint instead, to see the engine alone;
 - per-request baseline: FastAPI + uvicorn calling Hugging Face ``model.generate`` once per
   request (sync endpoint, so concurrent requests run in uvicorn's thread pool);
