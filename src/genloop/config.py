@@ -99,6 +99,7 @@ _STRICT = ConfigDict(extra="forbid")
 # The names datasets, pipelines and models may take (the same rule as model refs).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
 Preset = Literal["tiny", "small", "base"]
@@ -947,7 +948,24 @@ class ServeConfig(BaseModel):
         ),
     )
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="The managed vLLM process.")
-    max_batch_size: int = Field(16, ge=1, description="Sequences decoded together.")
+    max_batch_size: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Most sequences decoded together per model: the engine's KV cache slots. Each "
+            "slot holds min(context, max_prompt_tokens + max_tokens) positions of layers × 2 "
+            "× kv_heads × head_dim × dtype bytes; fewer slots are made when this many do "
+            "not fit in kv_cache_bytes (printed at startup)."
+        ),
+    )
+    kv_cache_bytes: int = Field(
+        4 * GiB,
+        ge=MiB,
+        description=(
+            "Memory budget of each model's KV cache (allocated, and resident, at load); "
+            "it caps max_batch_size."
+        ),
+    )
     max_queue: int = Field(64, ge=0, description="Waiting requests before 429/503.")
     request_timeout_s: float = Field(60.0, gt=0, description="Limit per request.")
     drain_timeout_s: float = Field(30.0, ge=0, description="Grace period on SIGTERM.")

@@ -17,6 +17,7 @@ from genloop.security.keys import (
     list_keys,
     parse_duration,
     revoke_key,
+    verify_cached_key,
     verify_key,
 )
 from genloop.workspace import Workspace
@@ -106,6 +107,18 @@ def test_a_revocation_elsewhere_takes_effect_within_the_cache_ttl(
     time.sleep(0.35)
     with pytest.raises(AuthError, match="invalid API key"):
         verify_key(workspace.catalog, key)
+
+
+def test_the_cached_check_answers_only_what_verify_key_checked(workspace: Workspace) -> None:
+    """What the server's event loop relies on: no catalog query, the same answers."""
+    key = create_key(workspace.catalog, name="a", scopes="generate").plaintext
+    assert verify_cached_key(workspace.catalog, key) is None  # never checked here: ask
+    principal = verify_key(workspace.catalog, key)
+    assert verify_cached_key(workspace.catalog, key) == principal
+    with pytest.raises(AuthError, match="malformed"):
+        verify_cached_key(workspace.catalog, key[:-1])
+    revoke_key(workspace.catalog, principal.prefix)
+    assert verify_cached_key(workspace.catalog, key) is None  # revoked here: forgotten
 
 
 def test_scopes_are_enforced_and_admin_implies_the_others(workspace: Workspace) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from genloop.config import ServeConfig
 from genloop.workspace import Workspace
 
 from .conftest import LiveServer, make_keys, running_server, serve_config, wait_for_request_row
@@ -194,6 +195,6 @@ def test_privacy_export_then_erase(
 def test_status_and_overview(admin: httpx.Client) -> None:
     status = admin.get("/v1/admin/status").json()
     assert status["ready"] and status["models"][0]["ref"] == "tiny@1"
-    assert status["models"][0]["engine"]["max_batch_size"] == 16
+    assert status["models"][0]["engine"]["max_batch_size"] == ServeConfig().max_batch_size
     overview = admin.get("/v1/admin/overview").json()
     assert overview["model_versions"] == 2 and overview["keys"] >= 4

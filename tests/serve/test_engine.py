@@ -645,3 +645,23 @@ def test_load_engine_refuses_image_models_and_missing_dirs(tmp_path: Path) -> No
         load_engine(tmp_path / "img", model_name="img", model_version=1, cfg=cfg)
     with pytest.raises(GenloopError, match="not a model directory"):
         load_engine(tmp_path / "nothing", model_name="x", model_version=None, cfg=cfg)
+
+
+def test_the_kv_cache_is_sized_within_its_budget(gqa_llama: Path) -> None:
+    """serve.kv_cache_bytes caps the slots, and the cache the runner allocates is the size
+    the plan states; a budget under one sequence is a clear error naming the settings."""
+    from genloop.serve.engine.kv_cache import plan_cache
+
+    # 2 layers × 2 (keys, values) × 2 kv heads × head dim 16 × 4 bytes, 128 positions a slot
+    per_slot = 2 * 2 * 2 * 16 * 4 * 128
+    roomy = engine_for(gqa_llama, max_batch_size=4)
+    assert roomy.cache_plan is not None and roomy.cache_plan.slots == 4
+    assert roomy.runner.cache.nbytes == roomy.cache_plan.nbytes == 4 * per_slot  # type: ignore[attr-defined]
+
+    capped = engine_for(gqa_llama, max_batch_size=64, kv_cache_bytes=2**20)
+    assert capped.cache_plan is not None
+    assert capped.max_batch_size == capped.runner.n_slots == 2**20 // per_slot == 16
+    assert "serve.max_batch_size 64 would need 4.0 MiB" in capped.cache_plan.describe()
+
+    with pytest.raises(GenloopError, match=r"raise serve\.kv_cache_bytes"):
+        plan_cache(position_bytes=512, positions=128, max_batch_size=4, budget=per_slot - 1)

@@ -211,6 +211,10 @@ def _announce(server: Any, app: FastAPI, serve_cfg: ServeConfig) -> None:
         missing = [s.spec for s in state.models.served if s.current is None]
         if loaded:
             console.print(f"ready: {', '.join(loaded)}", highlight=False)
+        for served in state.models.served:
+            plan = getattr(served.current and served.current.engine, "cache_plan", None)
+            if plan is not None:  # the native engine: how its batch and cache were sized
+                console.print(f"{served.spec}: {plan.describe()}", highlight=False)
         if missing:
             err_console.print(f"[red]not loaded:[/] {', '.join(missing)} (see the log)")
         sys.stdout.flush()

@@ -248,6 +248,24 @@ def clear_cache() -> None:
 def verify_key(catalog: Catalog, plaintext: str | None) -> Principal:
     """The principal for ``plaintext``; :class:`AuthError` for a missing, malformed,
     unknown, revoked or expired key."""
+    digest = _digest(plaintext)
+    principal = _cache_get(catalog.url, digest)
+    if principal is None:
+        assert plaintext is not None  # _digest refused a missing key
+        principal = _lookup(catalog, plaintext[:PREFIX_LENGTH], digest)
+        _cache_put(catalog.url, digest, principal)
+    return _unexpired(principal)
+
+
+def verify_cached_key(catalog: Catalog, plaintext: str | None) -> Principal | None:
+    """:func:`verify_key`'s answer when this process checked the key within
+    :data:`CACHE_TTL_S`, without touching the catalog (cheap enough to run on an event
+    loop); None when only the catalog can tell. The same errors as ``verify_key``."""
+    principal = _cache_get(catalog.url, _digest(plaintext))
+    return None if principal is None else _unexpired(principal)
+
+
+def _digest(plaintext: str | None) -> str:
     if not plaintext:
         raise AuthError("missing API key: send 'Authorization: Bearer gl_…'")
     if (
@@ -256,11 +274,10 @@ def verify_key(catalog: Catalog, plaintext: str | None) -> Principal:
         or not _KEY_CHARS.issuperset(plaintext[len(KEY_PREFIX) :])
     ):
         raise AuthError("malformed API key: genloop keys read gl_ and 43 more characters")
-    digest = hash_key(plaintext)
-    principal = _cache_get(catalog.url, digest)
-    if principal is None:
-        principal = _lookup(catalog, plaintext[:PREFIX_LENGTH], digest)
-        _cache_put(catalog.url, digest, principal)
+    return hash_key(plaintext)
+
+
+def _unexpired(principal: Principal) -> Principal:
     if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
         raise AuthError(f"API key {principal.prefix}… has expired")
     return principal

@@ -42,7 +42,7 @@ def require_scope(scope: Scope | None) -> AuthDependency:
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
     ) -> Principal:
-        from genloop.security.keys import verify_key
+        from genloop.security.keys import verify_cached_key, verify_key
 
         state = get_state(request)
         if credentials is None or not credentials.credentials:
@@ -51,7 +51,13 @@ def require_scope(scope: Scope | None) -> AuthDependency:
                 "(create one with 'genloop keys create')",
                 status=401,
             )
-        principal = await run_in_threadpool(verify_key, state.ws.catalog, credentials.credentials)
+        # a key checked in the last few seconds needs no catalog query, so no thread hop
+        # (a hop costs a scheduler round trip per request on a busy machine)
+        principal = verify_cached_key(state.ws.catalog, credentials.credentials)
+        if principal is None:
+            principal = await run_in_threadpool(
+                verify_key, state.ws.catalog, credentials.credentials
+            )
         if scope is not None:
             principal.require(scope)
         request.state.principal = principal

@@ -111,6 +111,9 @@ class ServedModel:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     failed: dict[int, float] = field(default_factory=dict)  # version id → when it failed
     error: str | None = None
+    # the catalog lookup that requests arriving now will share (see ModelManager._version_id)
+    next_lookup: asyncio.Future[int] | None = None
+    last_lookup: asyncio.Task[None] | None = None
 
 
 class ModelManager:
@@ -309,11 +312,43 @@ class ModelManager:
             raise NotFoundError(f"model ref {ref} names no version in the catalog")
         return int(found)
 
+    async def _version_id(self, served: ServedModel) -> int:
+        """The version id ``served.ref`` names now, from a lookup that started after this
+        call: requests arriving together share one query (one thread hop and one catalog
+        round trip for many requests, which under load is GIL time the engine thread
+        would otherwise wait for), and none is answered by a lookup that may predate a
+        promotion it must see.
+
+        While a lookup runs, callers join the next one, which starts when it is done.
+        """
+        future = served.next_lookup
+        if future is None:
+            future = served.next_lookup = asyncio.get_running_loop().create_future()
+            previous = served.last_lookup
+
+            async def lookup(done: asyncio.Future[int]) -> None:
+                try:
+                    if previous is not None:
+                        await asyncio.wait([previous])
+                    served.next_lookup = None  # callers from now on need a later lookup
+                    done.set_result(await asyncio.to_thread(self._current_id, served.ref))
+                except Exception as exc:
+                    done.set_exception(exc)
+                    done.exception()  # marked retrieved: the callers (if any left) raise it
+                finally:  # cancelled (the loop is closing): nobody may wait on it forever
+                    if served.next_lookup is done:
+                        served.next_lookup = None
+                    if not done.done():
+                        done.cancel()
+
+            served.last_lookup = asyncio.create_task(lookup(future))
+        return await asyncio.shield(future)
+
     async def _refresh(self, served: ServedModel, *, on_request: bool = False) -> None:
         """Load the version ``served`` names now, if it is not the one loaded."""
         cur = served.current
         try:
-            version_id = await asyncio.to_thread(self._current_id, served.ref)
+            version_id = await self._version_id(served)
         except Exception as exc:
             if cur is None:
                 raise

@@ -3,9 +3,7 @@ security and monitoring parts every route uses. ``app.state.server`` is a Server
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class UsageRecorder:
-    """Writes request records off the event loop, one at a time, in submission order.
+    """Writes request records off the event loop, in batches (``monitor.usage.RequestRecorder``).
+
+    One transaction per batch instead of one per request: besides the commits it saves,
+    the ORM work holds the GIL, which the engine thread needs back after every tensor op,
+    so writing each request on its own slows decoding itself under load.
 
     Feedback can follow a response within milliseconds, so the feedback route calls
     :meth:`flush` first: the ``requests`` row it links to is then written.
@@ -38,39 +40,20 @@ class UsageRecorder:
     def __init__(
         self, ws: Workspace, cipher: Cipher, *, store_text: bool, guardrails: Guardrails
     ) -> None:
-        self.ws = ws
-        self.cipher = cipher
-        self.store_text = store_text
-        self.guardrails = guardrails
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genloop-usage")
-        self._pending: set[Future[None]] = set()
+        from genloop.monitor.usage import RequestRecorder
+
+        self._recorder = RequestRecorder(ws, cipher, store_text=store_text, guardrails=guardrails)
+        self._recorder.start()
 
     def submit(self, record: RequestRecord) -> None:
-        future = self._pool.submit(self._write, record)
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
-
-    def _write(self, record: RequestRecord) -> None:
-        from genloop.monitor.usage import record_request
-
-        try:
-            record_request(
-                self.ws,
-                self.cipher,
-                record,
-                store_text=self.store_text,
-                guardrails=self.guardrails,
-            )
-        except Exception:  # a lost usage row must not take the server down
-            log.exception("could not record request %s", record.request_id)
+        self._recorder.submit(record)
 
     async def flush(self) -> None:
-        pending = [asyncio.wrap_future(f) for f in list(self._pending)]
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._recorder.aflush()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Write what is queued, then stop the writer thread."""
+        self._recorder.stop()
 
 
 @dataclass

@@ -30,6 +30,7 @@ from genloop.serve.api.streaming import (
     CLIENT_CLOSED,
     SSE_DONE,
     EventStream,
+    json_bytes,
     sse,
     until_disconnected,
 )
@@ -157,13 +158,19 @@ def _stream(run: TextRun, handler: TextHandler, *, on_close: Callable[[], None])
     head = [_chunk(run, handler, [choice]) for choice in handler.head(run)]
     include_usage = _include_usage(handler.body)
     outcome: dict[str, Any] = {"status": CLIENT_CLOSED, "error": "disconnected"}
+    # Every token's chunk is the same envelope around one choice: encode the envelope
+    # once, then each chunk costs one small json.dumps (the event loop, and with it the
+    # GIL the engine thread needs, does this once per token of every stream).
+    before, after = sse(_chunk(run, handler, [{}])).split(b'"choices":[{}]')
+    before += b'"choices":['
+    after = b"]" + after
 
     async def events() -> AsyncIterator[bytes]:
         try:
             for c in head:
                 yield sse(c)
             async for piece in run.pieces():
-                yield sse(_chunk(run, handler, [handler.delta(run, piece)]))
+                yield before + json_bytes(handler.delta(run, piece)) + after
             if include_usage:
                 yield sse(_chunk(run, handler, []) | {"usage": run.usage()})
             outcome.update(status=200, error=None)

@@ -17,12 +17,16 @@ from starlette.types import Receive, Scope, Send
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request": logged, never sent
 SSE_DONE = b"data: [DONE]\n\n"
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one, not one per call
+
+
+def json_bytes(data: Any) -> bytes:
+    """Compact JSON, UTF-8 (what every event and chunk is written as)."""
+    return _ENCODER.encode(data).encode()
 
 
 def sse(data: dict[str, Any]) -> bytes:
-    return (
-        b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-    )
+    return b"data: " + json_bytes(data) + b"\n\n"
 
 
 class EventStream(StreamingResponse):

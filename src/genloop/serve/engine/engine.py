@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from genloop.errors import ConflictError, GenloopError
+from genloop.serve.engine.kv_cache import CachePlan
 from genloop.serve.engine.runner import Chunk, Runner
 from genloop.serve.engine.sampling import (
     IncrementalDetokenizer,
@@ -199,6 +200,7 @@ class Engine:
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Event]]] = {}
         self._beam_outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Event]]] = {}
         self.steps = 0
+        self.cache_plan: CachePlan | None = None  # how the loader sized the cache, if it did
 
     # ------------------------------------------------------------ tokenizer side
 

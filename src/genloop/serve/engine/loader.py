@@ -28,6 +28,7 @@ import torch
 
 from genloop.errors import GenloopError
 from genloop.serve.engine.engine import Engine
+from genloop.serve.engine.kv_cache import CachePlan, bytes_per_position, plan_cache
 from genloop.serve.engine.runner import Runner, build_runner
 
 if TYPE_CHECKING:
@@ -165,7 +166,9 @@ def load_engine(
 
     ``cfg`` gives the device, batch size, queue length, timeouts and the longest prompt and
     completion (they bound the cache: each of ``max_batch_size`` slots holds
-    ``min(context, max_prompt_tokens + max_tokens)`` positions). ``runner`` forces
+    ``min(context, max_prompt_tokens + max_tokens)`` positions, and there are fewer slots
+    when that many exceed ``kv_cache_bytes``: ``kv_cache.plan_cache``; the engine's
+    ``cache_plan`` says what was decided). ``runner`` forces
     ``"native"`` or ``"hf"`` (tests, benchmarks); an ONNX variant always gets ``"onnx"``.
     """
     from transformers.utils import logging as hf_logging
@@ -199,28 +202,44 @@ def load_engine(
         config: Any = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         generation = generation_config(model_dir)
         context = min(model_context(config, tokenizer), longest)
+        plan = _plan(config, 4, context, cfg)  # the ONNX export is fp32
         lm = load_onnx_lm(model_dir, device=on_onnx, threads=torch.get_num_threads())
-        built = OnnxRunner(lm, n_slots=cfg.max_batch_size, max_len=context)
+        built = OnnxRunner(lm, n_slots=plan.slots, max_len=context)
     else:
         from genloop.models.pretrained import load_pretrained
 
         model = load_pretrained(model_dir, device=resolve_device(cfg.device))
         config, generation = model.config, getattr(model, "generation_config", None)
         context = min(model_context(config, tokenizer), longest)
-        built = build_runner(model, n_slots=cfg.max_batch_size, max_len=context, kind=runner)
-    return Engine(
+        plan = _plan(config, model.dtype.itemsize, context, cfg)
+        built = build_runner(model, n_slots=plan.slots, max_len=context, kind=runner)
+    engine = Engine(
         built,
         tokenizer,
         model_name=model_name,
         model_version=model_version,
         model=model,
         eos_token_ids=eos_ids(config, generation, tokenizer),
-        max_batch_size=cfg.max_batch_size,
+        max_batch_size=plan.slots,
         max_queue=cfg.max_queue,
         request_timeout_s=cfg.request_timeout_s,
         observer=observer,
         family=family,
     )
+    engine.cache_plan = plan
+    return engine
+
+
+def _plan(config: Any, dtype_bytes: int, context: int, cfg: ServeConfig) -> CachePlan:
+    plan = plan_cache(
+        position_bytes=bytes_per_position(config, dtype_bytes),
+        positions=context,
+        max_batch_size=cfg.max_batch_size,
+        budget=cfg.kv_cache_bytes,
+    )
+    level = logging.WARNING if plan.slots < plan.requested else logging.INFO
+    log.log(level, "engine cache: %s", plan.describe())
+    return plan
 
 
 def resolve_device(device: str) -> str:
