@@ -47,8 +47,10 @@ def test_auto_keeps_natively_batched_architectures_in_process(tmp_path: Path) ->
 
 
 def test_auto_sends_other_architectures_to_vllm_when_it_is_installed(tmp_path: Path) -> None:
-    gpt2 = checkpoint(tmp_path / "gpt2", "gpt2")
-    assert select_backend(gpt2, model_name="m", cfg=cfg("auto", Path(sys.executable))) == "vllm"
+    opt = checkpoint(tmp_path / "opt", "opt")  # a causal LM the native engine does not batch
+    assert select_backend(opt, model_name="m", cfg=cfg("auto", Path(sys.executable))) == "vllm"
+    gpt2 = checkpoint(tmp_path / "gpt2", "gpt2")  # batched natively: stays in process
+    assert select_backend(gpt2, model_name="m", cfg=cfg("auto", Path(sys.executable))) == "native"
     t5 = checkpoint(tmp_path / "t5", "t5", family="seq2seq")  # vLLM runs no seq2seq model
     assert select_backend(t5, model_name="m", cfg=cfg("auto", Path(sys.executable))) == "native"
 
@@ -56,10 +58,10 @@ def test_auto_sends_other_architectures_to_vllm_when_it_is_installed(tmp_path: P
 def test_auto_without_vllm_serves_natively_and_says_how_to_install_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    gpt2 = checkpoint(tmp_path / "gpt2", "gpt2")
+    opt = checkpoint(tmp_path / "opt", "opt")
     with caplog.at_level(logging.WARNING, logger="genloop.serve.engine.loader"):
-        assert select_backend(gpt2, model_name="m", cfg=cfg("auto")) == "native"
-    assert INSTALL_COMMAND in caplog.text and "gpt2" in caplog.text
+        assert select_backend(opt, model_name="m", cfg=cfg("auto")) == "native"
+    assert INSTALL_COMMAND in caplog.text and "opt" in caplog.text
 
 
 def test_vllm_without_its_environment_names_the_install_command(
