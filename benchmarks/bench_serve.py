@@ -263,10 +263,10 @@ def serve_hf(model_dir: Path, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def serve_app(model_dir: Path, port: int, batch: int | None, root: Path) -> None:
-    """genloop's own server (``genloop serve``): auth, limits, metrics, request records."""
-    import uvicorn
-
+def bench_app(model_dir: Path, port: int, root: Path, **serve: Any) -> tuple[Any, str]:
+    """genloop's app (``genloop serve``) on a workspace in ``root`` where the checkpoint is
+    ``bench``, and a generate key: per-key rate limits, request records and the repetition
+    guard off (the benchmark's own load must not meet them); ``serve`` overrides the rest."""
     from genloop.config import parse_config
     from genloop.security.keys import create_key
     from genloop.serve.app import create_app
@@ -275,27 +275,32 @@ def serve_app(model_dir: Path, port: int, batch: int | None, root: Path) -> None
     ws = init_workspace(root / "ws")
     registry.register_model(ws, "bench", "causal_lm", model_dir)
     key = create_key(ws.catalog, name="bench", scopes=["generate"]).plaintext
-    (root / "key").write_text(key)
-    serve: dict[str, Any] = {}
-    if batch is not None:  # else serve.max_batch_size's default, as `genloop serve` has it
-        serve["max_batch_size"] = batch
+    defaults = {
+        "models": ["bench"],
+        "port": port,
+        "device": "cpu",
+        "max_queue": 256,
+        "store_requests": False,
+        "ui": False,
+        "rate_limit": {"requests_per_min": None, "tokens_per_min": None},
+    }
     cfg = parse_config(
         {
-            "serve": serve
-            | {
-                "models": ["bench"],
-                "port": port,
-                "device": "cpu",
-                "max_queue": 256,
-                "store_requests": False,
-                "ui": False,
-                # the benchmark's own load must not meet the per-key rate limits
-                "rate_limit": {"requests_per_min": None, "tokens_per_min": None},
-            },
+            "serve": defaults | serve,
             "security": {"guardrails": {"max_repetition": None}},
         }
     )
-    app = create_app(ws, cfg)
+    return create_app(ws, cfg), key
+
+
+def serve_app(model_dir: Path, port: int, batch: int | None, root: Path) -> None:
+    """genloop's own server (``genloop serve``): auth, limits, metrics, request records."""
+    import uvicorn
+
+    # without --batch: serve.max_batch_size's default, as `genloop serve` has it
+    serve = {} if batch is None else {"max_batch_size": batch}
+    app, key = bench_app(model_dir, port, root, **serve)
+    (root / "key").write_text(key)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -737,31 +742,7 @@ def serve_vllm_gateway(model_dir: Path, port: int, batch: int, root: Path) -> No
 
     import uvicorn
 
-    from genloop.config import parse_config
-    from genloop.security.keys import create_key
-    from genloop.serve.app import create_app
-    from genloop.workspace import init_workspace, registry
-
-    ws = init_workspace(root / "ws")
-    registry.register_model(ws, "bench", "causal_lm", model_dir)
-    key = create_key(ws.catalog, name="bench", scopes=["generate"]).plaintext
-    cfg = parse_config(
-        {
-            "serve": {
-                "models": ["bench"],
-                "port": port,
-                "device": "cpu",
-                "engine": "vllm",
-                "max_batch_size": batch,
-                "max_queue": 256,
-                "store_requests": False,
-                "ui": False,
-                "rate_limit": {"requests_per_min": None, "tokens_per_min": None},
-            },
-            "security": {"guardrails": {"max_repetition": None}},
-        }
-    )
-    app = create_app(ws, cfg)
+    app, key = bench_app(model_dir, port, root, engine="vllm", max_batch_size=batch)
 
     def publish() -> None:
         while True:

@@ -38,7 +38,7 @@ from genloop.models.pretrained import (
     inspect_checkpoint,
 )
 from genloop.workspace.layout import GENLOOP_JSON, SAFETENSORS
-from genloop.workspace.manifest import MANIFEST
+from genloop.workspace.manifest import MANIFEST, file_sha256
 from genloop.workspace.refs import NAME_RE, check_name
 from genloop.workspace.registry import ModelVersionInfo, register_model
 from genloop.workspace.workspace import Workspace
@@ -178,10 +178,10 @@ def register_plan(
                 progress(sum(p.stat().st_size for p in info.weights))
             converted = [p.name for p in info.weights]
             for file in written:
-                hashes[file.name] = _sha256(file)
+                hashes[file.name] = file_sha256(file)
         if plan.tokenizer_from:
             made = _write_tokenizer_json(info.path, staged)
-            hashes[made.name] = _sha256(made)
+            hashes[made.name] = file_sha256(made)
         lineage = plan.lineage | {
             "files": dict(sorted(hashes.items())),
             "parameters": parameters,
@@ -412,11 +412,6 @@ def _copy_hashing(src: Path, dst: Path, progress: Progress | None) -> str:
     except OSError as exc:  # unreadable source, full disk: say which file, not a traceback
         raise GenloopError(f"copying {src} into the workspace failed: {exc.strerror}") from None
     return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _convert_pickle(info: CheckpointInfo, staged: Path) -> tuple[int, list[Path]]:

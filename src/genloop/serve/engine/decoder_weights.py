@@ -18,7 +18,7 @@ V vocabulary, I the MLP's intermediate width.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -49,44 +49,45 @@ class Norm:
     bias: Tensor | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DecoderLayer:
     """One decoder layer. Norms that a family lacks are None."""
 
     attn_norm: Norm | None  # before attention (every family but OLMo 2)
     qkv: Proj  # d → (H + 2K)·Q: q, k, v side by side (GPT-NeoX: per head, see below)
-    q_norm: Norm | None  # on the queries: per head (Qwen 3, Gemma 3) or the whole (OLMo 2)
-    k_norm: Norm | None
+    q_norm: Norm | None = None  # on the queries: per head (Qwen 3, Gemma 3) or the whole (OLMo 2)
+    k_norm: Norm | None = None
     o: Proj  # H·Q → d
-    attn_out_norm: Norm | None  # on the attention output (Gemma 2/3, OLMo 2)
+    attn_out_norm: Norm | None = None  # on the attention output (Gemma 2/3, OLMo 2)
     mlp_norm: Norm | None  # before the MLP
     up: Proj  # d → 2I (gate and up side by side) or d → I (no gate)
     down: Proj  # I → d
-    mlp_out_norm: Norm | None  # on the MLP output (Gemma 2/3, OLMo 2)
+    mlp_out_norm: Norm | None = None  # on the MLP output (Gemma 2/3, OLMo 2)
     scale: float  # attention logits' scale
-    window: int | None  # sliding attention window, None: every position
-    rope: int  # which rotary table (Gemma 3: local and global)
+    window: int | None = None  # sliding attention window, None: every position
+    rope: int = 0  # which rotary table (Gemma 3: local and global)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DecoderWeights:
     n_heads: int
     n_kv_heads: int
     head_dim: int
     embed: Tensor  # (V, d)
-    embed_scale: Tensor | None  # Gemma: x · √d, the scale in the weights' dtype
-    positions: Tensor | None  # learned absolute positions (GPT-2), (P, d)
+    embed_scale: Tensor | None = None  # Gemma: x · √d, the scale in the weights' dtype
+    positions: Tensor | None = None  # learned absolute positions (GPT-2), (P, d)
     layers: list[DecoderLayer]
     final_norm: Norm
     lm_head: Proj  # d → V
     act: Callable[[Tensor], Tensor]
     gated: bool  # MLP: down(act(gate) · up); else down(act(up))
-    parallel_residual: bool  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-    qkv_per_head: bool  # GPT-NeoX: the projection is (H, 3, Q): each head's q, k, v
-    qk_norm_per_head: bool
-    attn_softcap: float | None  # Gemma 2: tanh soft-capping of attention logits
-    final_softcap: float | None  # Gemma 2/3: of the output logits
-    rotary: list[tuple[Tensor, float]]  # (inv_freq (R/2,), attention scaling) per table
+    parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    qkv_per_head: bool = False  # GPT-NeoX: the projection is (H, 3, Q): each head's q, k, v
+    qk_norm_per_head: bool = False
+    attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention logits
+    final_softcap: float | None = None  # Gemma 2/3: of the output logits
+    # (inv_freq (R/2,), attention scaling) per rotary table; none: learned positions
+    rotary: list[tuple[Tensor, float]] = field(default_factory=list)
     rotary_fp32: bool = False  # OLMo 2: q, k roped in fp32 (its tables stay fp32), then cast
 
 
@@ -326,14 +327,11 @@ def _read_llama_like(model: Any) -> DecoderWeights:
         head_dim=head_dim,
         embed=embed,
         embed_scale=embed_scale,
-        positions=None,
         layers=layers,
         final_norm=norm(inner.norm),
         lm_head=lm_head,
         act=getattr(first_mlp, "act_fn", None) or first_mlp.activation_fn,
         gated=True,
-        parallel_residual=False,
-        qkv_per_head=False,
         qk_norm_per_head=not olmo,
         attn_softcap=getattr(config, "attn_logit_softcapping", None)
         if model_type == "gemma2"  # Gemma 3's forward does not apply it
@@ -355,17 +353,11 @@ def _read_gpt2(model: Any) -> DecoderWeights:
         DecoderLayer(
             attn_norm=_layer_norm(block.ln_1),
             qkv=fuse([block.attn.c_attn]),
-            q_norm=None,
-            k_norm=None,
             o=fuse([block.attn.c_proj]),
-            attn_out_norm=None,
             mlp_norm=_layer_norm(block.ln_2),
             up=fuse([block.mlp.c_fc]),
             down=fuse([block.mlp.c_proj]),
-            mlp_out_norm=None,
             scale=float(block.attn.scaling),
-            window=None,
-            rope=0,
         )
         for block in inner.h
     ]
@@ -374,19 +366,12 @@ def _read_gpt2(model: Any) -> DecoderWeights:
         n_kv_heads=n_heads,
         head_dim=int(config.hidden_size) // n_heads,
         embed=embed,
-        embed_scale=None,
         positions=inner.wpe.weight.detach(),
         layers=layers,
         final_norm=_layer_norm(inner.ln_f),
         lm_head=lm_head,
         act=inner.h[0].mlp.act,
         gated=False,
-        parallel_residual=False,
-        qkv_per_head=False,
-        qk_norm_per_head=False,
-        attn_softcap=None,
-        final_softcap=None,
-        rotary=[],
     )
 
 
@@ -401,17 +386,11 @@ def _read_gpt_neox(model: Any) -> DecoderWeights:
         DecoderLayer(
             attn_norm=_layer_norm(layer.input_layernorm),
             qkv=fuse([layer.attention.query_key_value]),
-            q_norm=None,
-            k_norm=None,
             o=fuse([layer.attention.dense]),
-            attn_out_norm=None,
             mlp_norm=_layer_norm(layer.post_attention_layernorm),
             up=fuse([layer.mlp.dense_h_to_4h]),
             down=fuse([layer.mlp.dense_4h_to_h]),
-            mlp_out_norm=None,
             scale=float(layer.attention.scaling),
-            window=None,
-            rope=0,
         )
         for layer in inner.layers
     ]
@@ -420,8 +399,6 @@ def _read_gpt_neox(model: Any) -> DecoderWeights:
         n_kv_heads=n_heads,
         head_dim=int(config.hidden_size) // n_heads,
         embed=embed,
-        embed_scale=None,
-        positions=None,
         layers=layers,
         final_norm=_layer_norm(inner.final_layer_norm),
         lm_head=lm_head,
@@ -429,8 +406,5 @@ def _read_gpt_neox(model: Any) -> DecoderWeights:
         gated=False,
         parallel_residual=bool(config.use_parallel_residual),
         qkv_per_head=True,
-        qk_norm_per_head=False,
-        attn_softcap=None,
-        final_softcap=None,
         rotary=[_rotary(inner.rotary_emb)],
     )

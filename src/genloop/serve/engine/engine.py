@@ -44,6 +44,7 @@ import torch
 
 from genloop.errors import ConflictError, GenloopError
 from genloop.serve.engine.kv_cache import CachePlan
+from genloop.serve.engine.prompts import PromptTokenizer
 from genloop.serve.engine.runner import Chunk, Runner
 from genloop.serve.engine.sampling import (
     IncrementalDetokenizer,
@@ -164,10 +165,10 @@ class Engine:
         self.context_length = runner.max_len
         self.vocab_size = runner.vocab_size
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
-        tok_eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_token_id: int | None = (
-            tok_eos if isinstance(tok_eos, int) else min(self.eos_token_ids, default=None)
+        self.prompts = PromptTokenizer(
+            tokenizer, model_name=model_name, eos_token_ids=self.eos_token_ids
         )
+        self.eos_token_id = self.prompts.eos_token_id
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
@@ -179,7 +180,6 @@ class Engine:
             prefill_budget=prefill_budget,
         )
         self._decode = make_decode(tokenizer)
-        self._token_texts: dict[int, str] = {}
         # shared with the asyncio side, under _lock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -205,41 +205,13 @@ class Engine:
     # ------------------------------------------------------------ tokenizer side
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a completion prompt; an empty one starts from the BOS (or EOS) token."""
-        ids = list(self.tokenizer(text)["input_ids"])
-        if not ids:
-            start = getattr(self.tokenizer, "bos_token_id", None)
-            start = start if start is not None else self.eos_token_id
-            if start is None:
-                raise GenloopError("an empty prompt needs a BOS or EOS token; this model has none")
-            ids = [int(start)]
-        return ids
+        return self.prompts.encode(text)
 
     def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The prompt of a chat: the tokenizer's chat template, ending with the assistant's turn."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise GenloopError(
-                f"model {self.model_name} has no chat template in its tokenizer, so it cannot "
-                "take chat messages; use /v1/completions with a plain prompt, or train it with "
-                "a tokenizer that has one (genloop's own tokenizers do)"
-            )
-        try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        except Exception as exc:  # jinja raises its own errors for messages it cannot render
-            raise GenloopError(f"the chat template cannot render these messages: {exc}") from None
-        if ids and isinstance(ids[0], list):  # some tokenizers return a batch of one
-            ids = ids[0]
-        return [int(i) for i in ids]
+        return self.prompts.chat_prompt_ids(messages)
 
     def token_text(self, token_id: int) -> str:
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id])
-            if len(self._token_texts) < 1 << 20:
-                self._token_texts[token_id] = text
-        return text
+        return self.prompts.token_text(token_id)
 
     # --------------------------------------------------------------- async side
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from genloop.errors import GenloopError
+from genloop.serve.engine.prompts import PromptTokenizer
 from genloop.serve.engine.types import (
     EngineBusy,
     EngineStats,
@@ -329,6 +330,9 @@ class VllmEngine:
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
+        self.prompts = PromptTokenizer(
+            tokenizer, model_name=model_name, eos_token_ids=eos_token_ids
+        )
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
@@ -350,46 +354,17 @@ class VllmEngine:
         self._accepting = True
         self._client: httpx.AsyncClient | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._token_texts: dict[int, str] = {}
 
     # ------------------------------------------------------------------ tokenizer
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a completion prompt; an empty one starts from the BOS (or EOS) token."""
-        ids = list(self.tokenizer(text)["input_ids"])
-        if not ids:
-            start = getattr(self.tokenizer, "bos_token_id", None)
-            if start is None and self.eos_token_ids:
-                start = self.eos_token_ids[0]
-            if start is None:
-                raise GenloopError("an empty prompt needs a BOS or EOS token; this model has none")
-            ids = [int(start)]
-        return ids
+        return self.prompts.encode(text)
 
     def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The prompt of a chat: the tokenizer's chat template, ending with the assistant's turn."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise GenloopError(
-                f"model {self.model_name} has no chat template in its tokenizer, so it cannot "
-                "take chat messages; use /v1/completions with a plain prompt"
-            )
-        try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        except Exception as exc:  # jinja raises its own errors for messages it cannot render
-            raise GenloopError(f"the chat template cannot render these messages: {exc}") from None
-        if ids and isinstance(ids[0], list):
-            ids = ids[0]
-        return [int(i) for i in ids]
+        return self.prompts.chat_prompt_ids(messages)
 
     def token_text(self, token_id: int) -> str:
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id])
-            if len(self._token_texts) < 1 << 20:
-                self._token_texts[token_id] = text
-        return text
+        return self.prompts.token_text(token_id)
 
     # ------------------------------------------------------------------ lifecycle
 
