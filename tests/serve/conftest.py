@@ -54,10 +54,10 @@ def build_model(out: Path, tokenizer_dir: Path, seed: int, context_length: int =
     return save_hf_dir(model, out, family="causal_lm", tokenizer_dir=tokenizer_dir)
 
 
-def build_wide_llama(out: Path, tokenizer_dir: Path, **overrides: Any) -> Path:
+def build_wide_llama(out: Path, tokenizer_dir: Path, *, seed: int = 3, **overrides: Any) -> Path:
     """A tiny grouped-query Llama on the tokenizer in ``tokenizer_dir``, saved at ``out``: 2
     layers, 64 wide, 4 query heads sharing 2 key/value heads, plus ``overrides``. Its weights
-    are drawn wide (std 0.15, seed 3) so that greedy text varies from token to token (a
+    are drawn wide (std 0.15, ``seed``) so that greedy text varies from token to token (a
     default random init mostly repeats the prompt's last token, which would make exactness
     tests weak)."""
     import torch
@@ -67,7 +67,7 @@ def build_wide_llama(out: Path, tokenizer_dir: Path, **overrides: Any) -> Path:
     from genloop.models.pretrained import save_hf_dir
 
     tok = load_hf_tokenizer(tokenizer_dir)
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     model = get_family("causal_lm").build(
         {
             "preset": "tiny",

@@ -113,3 +113,51 @@ def test_a_python_without_vllm_fails_to_start_cleanly(model_dirs: tuple[Path, Pa
     with pytest.raises(GenloopError, match="vLLM exited with status 1 while starting tiny@1"):
         asyncio.run(engine.start())
     assert engine.process.pid is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux parent-death signal")
+def test_a_managed_engine_process_dies_with_a_killed_server(tmp_path: Path) -> None:
+    """genloop killed without a drain (SIGKILL) leaves no engine process behind: the child
+    vLLM would be is started as the server starts it, and the server is killed."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "from genloop.serve.engine.vllm import dies_with_parent\n"
+            "child = subprocess.Popen(dies_with_parent(sys.executable, "
+            "[sys.executable, '-c', 'import time; time.sleep(120)']), start_new_session=True)\n"
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+            "time.sleep(120)\n",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the server never started its child"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        time.sleep(0.5)  # the guard has exec'd into the child's own command
+        os.kill(child, 0)  # alive while the server is
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            # reaped by init once it exits; a zombie still answers kill(0) for a moment
+            status = Path(f"/proc/{child}/stat")
+            if status.exists() and status.read_text().split(") ")[1].startswith("Z"):
+                break
+            assert time.monotonic() < deadline, "the engine process outlived its server"
+            time.sleep(0.05)
+    finally:
+        server.kill()

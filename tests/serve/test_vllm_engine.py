@@ -3,8 +3,8 @@
 One vLLM process serves the whole module (it takes a minute or two to start on CPU): a
 session-scoped server runs genloop's app with ``serve.engine: vllm`` on a tiny Llama (head
 size 32: vLLM's CPU attention has no kernel for 16). The tests go through the gateway with
-API keys and compare with vLLM answering directly. The restart test costs the one extra
-start; the last test stops the server and checks that no vLLM process is left.
+API keys and compare with vLLM answering directly. The hot-swap and restart tests cost one
+extra start each; the last test stops the server and checks that no vLLM process is left.
 
 Without a vLLM environment (``make vllm``; ``$GENLOOP_VLLM_PYTHON``) the module is skipped,
 unless ``$GENLOOP_REQUIRE_VLLM`` is set (``make pytest`` sets it), when it fails.
@@ -58,6 +58,9 @@ def vllm_ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     ws = init_workspace(root / "ws")
     registry.register_model(ws, "wide", "causal_lm", model)
     registry.promote(ws, "wide@1", "production")
+    # wide@2, other weights, for the hot-swap test
+    other = build_wide_llama(root / "wide2", tok, seed=4, n_head=2, n_kv_head=1, context_length=256)
+    registry.register_model(ws, "wide", "causal_lm", other)
     yield ws
     ws.close()
 
@@ -247,6 +250,66 @@ def test_bad_input_is_refused_before_vllm(gateway: SlowLiveServer) -> None:
 
 
 # ---------------------------------------------------------------------------- lifecycle
+
+
+def test_promotion_swaps_to_a_new_vllm_process_while_the_old_one_serves(
+    gateway: SlowLiveServer,
+) -> None:
+    """Promoting wide@2 starts its own vLLM process; while it starts (a minute on CPU),
+    requests go on to wide@1, a stream running at the promotion finishes there, and once
+    the new process answers traffic moves to it and the old process is stopped."""
+    import threading
+
+    old = engine_of(gateway)
+    old_pid = old.process.pid
+    assert old_pid is not None
+    body = {"model": "wide@production", "prompt": "The cat", "max_tokens": 8, "temperature": 0}
+    with gateway.client(gateway.keys["generate"]) as c:
+        before = c.post("/v1/completions", json=body).json()
+    assert before["model"] == "wide@1"
+
+    lines: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        streamed = body | {"max_tokens": 48, "stream": True}
+        with (
+            gateway.client(gateway.keys["generate"]) as c,
+            c.stream("POST", "/v1/completions", json=streamed) as r,
+        ):
+            for line in r.iter_lines():
+                started.set()
+                if line:
+                    lines.append(line)
+
+    running = threading.Thread(target=stream)
+    running.start()
+    assert started.wait(60)
+    with gateway.client(gateway.keys["admin"]) as a:
+        r = a.post("/v1/admin/models/wide/promote", json={"version": 2, "reason": "test"})
+        assert r.status_code == 200, r.text
+    with gateway.client(gateway.keys["generate"]) as c:
+        during = c.post("/v1/completions", json=body, timeout=60)
+        assert during.status_code == 200, during.text
+        assert during.json()["model"] == "wide@1"  # served by the old version meanwhile
+        deadline = time.monotonic() + STARTUP_S
+        while engine_of(gateway) is old:
+            assert time.monotonic() < deadline, "wide@2 never took over"
+            time.sleep(1.0)
+        after = c.post("/v1/completions", json=body).json()
+    running.join(60)
+    assert after["model"] == "wide@2"
+    assert after["choices"][0]["text"] != before["choices"][0]["text"]  # other weights
+    chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    assert lines[-1] == "data: [DONE]" and {c["model"] for c in chunks} == {"wide@1"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    deadline = time.monotonic() + 60
+    while gateway.state.models._retired:
+        assert time.monotonic() < deadline, "the old vLLM was never stopped"
+        time.sleep(0.2)
+    assert old.process.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(old_pid, 0)
 
 
 def test_killed_process_is_restarted(gateway: SlowLiveServer) -> None:

@@ -6,7 +6,10 @@ checks which version the ref names now. When that changed (``genloop models prom
 a rollback, a new version of a bare ``NAME``), the new version is loaded beside the old
 one and swapped in: requests from then on go to the new version, while requests already
 running finish on the old one, which is unloaded once the last of them is done (or
-aborted after ``swap_timeout_s``). Each request holds a *lease* on the version it
+aborted after ``swap_timeout_s``). A request that finds the new version loading waits for
+it up to ``swap_wait_s`` (a native engine loads in seconds, so the next request after a
+promotion gets the new weights); a slower start (a vLLM process takes a minute or two on
+CPU) goes on in the background while requests keep going to the old version. Each request holds a *lease* on the version it
 resolved to, from resolution to its last byte, so no request ever finds its engine gone.
 
 A request's ``model`` may name a served ref exactly (``code-lm@production``), its bare
@@ -114,6 +117,7 @@ class ServedModel:
     # the catalog lookup that requests arriving now will share (see ModelManager._version_id)
     next_lookup: asyncio.Future[int] | None = None
     last_lookup: asyncio.Task[None] | None = None
+    loading: asyncio.Task[None] | None = None  # the swap to a new version, while it loads
 
 
 class ModelManager:
@@ -127,6 +131,7 @@ class ModelManager:
         observer: SwapObserver | None = None,
         poll_interval_s: float = 1.0,
         swap_timeout_s: float = 60.0,
+        swap_wait_s: float = 10.0,
     ) -> None:
         self.ws = ws
         self.served = [ServedModel(spec=r, ref=parse_ref(r)) for r in dict.fromkeys(refs)]
@@ -135,6 +140,7 @@ class ModelManager:
         self.observer = observer
         self.poll_interval_s = poll_interval_s
         self.swap_timeout_s = swap_timeout_s
+        self.swap_wait_s = swap_wait_s
         self.draining = False
         self._retired: set[LoadedModel] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -187,6 +193,10 @@ class ModelManager:
         for task in list(self._tasks):
             task.cancel()
         for served in self.served:
+            if served.loading is not None:
+                served.loading.cancel()
+                with contextlib.suppress(BaseException):
+                    await served.loading
             served.current = None
         self._retired.clear()
         gc.collect()
@@ -345,7 +355,9 @@ class ModelManager:
         return await asyncio.shield(future)
 
     async def _refresh(self, served: ServedModel, *, on_request: bool = False) -> None:
-        """Load the version ``served`` names now, if it is not the one loaded."""
+        """Load the version ``served`` names now, if it is not the one loaded. With nothing
+        loaded yet, wait for it (its error is raised); a request waits for a swap at most
+        ``swap_wait_s`` and is then served by the version still loaded; the poll waits."""
         cur = served.current
         try:
             version_id = await self._version_id(served)
@@ -361,10 +373,23 @@ class ModelManager:
         failed_at = served.failed.get(version_id)
         if cur is not None and failed_at and time.monotonic() - failed_at < RETRY_FAILED_LOAD_S:
             return
+        task = served.loading
+        if task is None or task.done():
+            task = served.loading = asyncio.create_task(
+                self._swap(served, version_id), name=f"load-{served.spec}"
+            )
+        if cur is None:
+            await asyncio.shield(task)  # a cancelled request does not cancel the load
+        else:
+            await asyncio.wait({task}, timeout=self.swap_wait_s if on_request else None)
+
+    async def _swap(self, served: ServedModel, version_id: int) -> None:
+        """Load the version the ref names and swap it in; with a version already serving, a
+        failure is logged (and shown in the status) and that version goes on serving."""
         async with served.lock:
             cur = served.current
             if cur is not None and cur.info.id == version_id:
-                return  # another request loaded it while this one waited
+                return  # loaded while this task waited for the lock
             try:
                 info = await asyncio.to_thread(registry.resolve, self.ws, served.ref)
                 new = await self._load(served.spec, info)
@@ -379,6 +404,10 @@ class ModelManager:
                     exc,
                     cur.ref,
                 )
+                return
+            if self.draining:  # shutting down while it loaded: it never serves
+                if new.engine is not None:
+                    await new.engine.drain(0.0)
                 return
             served.current = new
             served.error = None

@@ -35,6 +35,7 @@ H query heads, K key/value heads, Q head dim, V vocabulary. Logits are fp32.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -446,6 +447,10 @@ class HFRunner:
         self.decoder_start = start
         self.caches: list[Any] = [None] * n_slots
         self.encoded: list[Any] = [None] * n_slots
+        # transformers renamed the forward's ``past_key_values`` to ``cache`` (the old name
+        # goes in 5.40); the cache objects are updated in place, so only the name differs
+        forward = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in forward else "past_key_values"
 
     @torch.inference_mode()
     def prefill(
@@ -459,13 +464,13 @@ class HFRunner:
             cache: Any = EncoderDecoderCache(DynamicCache(), DynamicCache())
             first = torch.tensor([[self.decoder_start]], device=self.device)
             out = self.model(
-                encoder_outputs=encoded, decoder_input_ids=first, past_key_values=cache
+                encoder_outputs=encoded, decoder_input_ids=first, **{self.cache_kw: cache}
             )
             self.encoded[slot] = encoded
         else:
             cache = DynamicCache() if start == 0 else self.caches[slot]
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        self.caches[slot] = out.past_key_values
+            out = self.model(input_ids=ids, use_cache=True, **{self.cache_kw: cache})
+        self.caches[slot] = cache
         return out.logits[0, -1].float() if want_logits else None
 
     @torch.inference_mode()
@@ -475,15 +480,13 @@ class HFRunner:
         rows = []
         for slot, token in zip(slots, token_ids, strict=True):
             ids = torch.tensor([[token]], device=self.device)
+            cache = {self.cache_kw: self.caches[slot]}  # updated in place
             if self.encoder_decoder:
                 out = self.model(
-                    encoder_outputs=self.encoded[slot],
-                    decoder_input_ids=ids,
-                    past_key_values=self.caches[slot],
+                    encoder_outputs=self.encoded[slot], decoder_input_ids=ids, **cache
                 )
             else:
-                out = self.model(input_ids=ids, past_key_values=self.caches[slot], use_cache=True)
-            self.caches[slot] = out.past_key_values
+                out = self.model(input_ids=ids, use_cache=True, **cache)
             rows.append(out.logits[0, -1].float())
         return torch.stack(rows)
 

@@ -18,7 +18,8 @@ The process is watched: when it exits or stops answering its health check, reque
 flight fail with a 503 (their connections drop) and the process is started again, with
 a backoff that doubles up to ``serve.vllm.max_restart_backoff_s``. ``drain`` stops it:
 SIGTERM to its process group (vLLM's engine core is a child of its API server), SIGKILL
-after a grace period.
+after a grace period. If genloop itself dies without a drain (SIGKILL, a crash), the kernel
+sends vLLM SIGTERM (Linux's parent-death signal), so no orphan keeps the port and memory.
 """
 
 from __future__ import annotations
@@ -72,6 +73,28 @@ HEALTH_FAILURES = 3  # consecutive failed checks before a live process is restar
 LOG_TAIL_LINES = 40  # of vLLM's output, quoted when it fails to start
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
+
+# `python -c PARENT_DEATH_GUARD PARENT_PID COMMAND...` asks the kernel to SIGTERM it when
+# its parent dies (prctl PR_SET_PDEATHSIG, which survives exec), checks the parent is still
+# the one that started it (else it died in between), then becomes COMMAND. Elsewhere than
+# Linux there is no such call, and COMMAND runs unguarded.
+PARENT_DEATH_GUARD = """\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+except (AttributeError, OSError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dies_with_parent(python: Path | str, command: list[str]) -> list[str]:
+    """``command``, run so that it is sent SIGTERM when this process dies. The signal is
+    tied to the thread that spawns it: spawn from a thread that lives as long as the
+    server (the event loop's), not from a worker thread."""
+    return [str(python), "-c", PARENT_DEATH_GUARD, str(os.getpid()), *command]
 
 
 class VllmNotInstalled(GenloopError):
@@ -189,7 +212,8 @@ class VllmProcess:
 
     def spawn(self) -> None:
         """Start the process (its own process group, so that stopping it stops its
-        engine-core children too)."""
+        engine-core children too; sent SIGTERM if genloop dies). Call it from the event
+        loop's thread: the parent-death signal fires when the spawning thread ends."""
         self.port = free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="genloop-vllm-"))
         env = dict(os.environ)
@@ -210,7 +234,7 @@ class VllmProcess:
         log_file = (self._dir / "vllm.log").open("wb")
         try:
             self.proc = subprocess.Popen(
-                self.command(),
+                dies_with_parent(self.python, self.command()),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -393,7 +417,7 @@ class VllmEngine:
         vLLM binds it, so another process may take it first: then once more, elsewhere."""
         assert self._client is not None
         for attempt in (1, 2):
-            await asyncio.to_thread(self.process.spawn)
+            self.process.spawn()  # in this thread, which lives as long as the server
             try:
                 await self.process.wait_healthy(self._client, self.cfg.startup_timeout_s)
                 return
