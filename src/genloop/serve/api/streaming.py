@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
+import orjson
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -17,12 +17,12 @@ from starlette.types import Receive, Scope, Send
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request": logged, never sent
 SSE_DONE = b"data: [DONE]\n\n"
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one, not one per call
 
 
 def json_bytes(data: Any) -> bytes:
-    """Compact JSON, UTF-8 (what every event and chunk is written as)."""
-    return _ENCODER.encode(data).encode()
+    """Compact JSON, UTF-8 (what every event and chunk is written as; orjson, as one per
+    streamed token adds up: a non-finite float is written as null, valid JSON)."""
+    return orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
 
 
 def sse(data: dict[str, Any]) -> bytes:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import orjson
 
 from genloop.errors import GenloopError
 from genloop.serve.engine.prompts import PromptTokenizer
@@ -579,7 +580,7 @@ class VllmEngine:
         completion_tokens = 0
         reason: FinishReason | None = None
         last_token = started
-        body = json.dumps(self._payload(request)).encode()
+        body = orjson.dumps(self._payload(request))
         process = self.process
         try:
             events = post_sse(process.port, "/v1/completions", process.api_key, body, deadline)
@@ -587,7 +588,7 @@ class VllmEngine:
                 async for data in events:
                     if data == b"[DONE]":
                         break
-                    chunk = json.loads(data)
+                    chunk = orjson.loads(data)
                     if "error" in chunk:
                         error = chunk["error"]
                         raise self._error(int(error.get("code") or 500), data)
