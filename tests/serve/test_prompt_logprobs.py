@@ -9,9 +9,12 @@ variant ``build_wide_llama`` makes (its logits spread enough that a wrong row sh
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -24,8 +27,9 @@ from genloop.serve.engine.types import (
     SamplingParams,
     TokenDelta,
 )
+from genloop.workspace import Workspace
 
-from .conftest import build_wide_llama
+from .conftest import LiveServer, build_wide_llama, make_keys, running_server, serve_config
 from .test_engine import PROMPTS, engine_for, hf_greedy, hf_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -129,7 +133,10 @@ def test_prompt_logprobs_inside_a_busy_batch_disturb_nothing(gqa_llama: Path) ->
             )
             for i in range(3)
         ]
-        requests += [GenerationRequest("g0", ids[0], greedy), GenerationRequest("g3", ids[3], greedy)]
+        requests += [
+            GenerationRequest("g0", ids[0], greedy),
+            GenerationRequest("g3", ids[3], greedy),
+        ]
         streams = {r.request_id: eng.submit(r) for r in requests}
         await asyncio.sleep(0.02)  # the scored ones arrive while the batch decodes
         streams["s_long"] = eng.submit(GenerationRequest("s_long", long_prompt, SCORE))
@@ -198,10 +205,150 @@ def test_bad_prompt_logprob_requests_are_clear_errors(
     t5 = get_family("seq2seq").build(
         {"preset": "tiny", "vocab_size": len(tok), "n_layer": 1, "n_embd": 32, "n_head": 2}
     )
-    t5_eng = engine_for(save_hf_dir(t5, tmp_path / "t5", family="seq2seq", tokenizer_dir=model_dirs[0]))
+    t5_eng = engine_for(
+        save_hf_dir(t5, tmp_path / "t5", family="seq2seq", tokenizer_dir=model_dirs[0])
+    )
 
     async def seq2seq() -> None:
         with pytest.raises(GenloopError, match="encoder-decoder"):
             t5_eng.submit(GenerationRequest("t5", ids, SCORE))
 
     asyncio.run(seq2seq())
+
+
+# ------------------------------------------------------------------------- over HTTP
+
+
+@pytest.fixture(scope="module")
+def server(module_ws: Workspace) -> Iterator[LiveServer]:
+    with running_server(module_ws, serve_config(), make_keys(module_ws)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client(server.keys["generate"]) as c:
+        yield c
+
+
+def tokenizer_of(server: LiveServer) -> Any:
+    return server.state.models.served[0].current.engine.tokenizer
+
+
+def test_echo_with_logprobs_scores_a_text_prompt(
+    http: httpx.Client, server: LiveServer, model_dirs: tuple[Path, Path]
+) -> None:
+    prompt = "The cat sat on the mat."
+    r = http.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": prompt, "echo": True, "logprobs": 3, "max_tokens": 0},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    ids = tokenizer_of(server)(prompt)["input_ids"]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert body["usage"] == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": 0,
+        "total_tokens": len(ids),
+    }
+    lp = choice["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert len(lp["tokens"]) == len(ids) == len(lp["token_logprobs"]) == len(lp["text_offset"])
+    assert "".join(lp["tokens"]) == prompt
+    assert lp["text_offset"][1] == len(lp["tokens"][0])
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    ref = hf_prompt_logprobs(model_dirs[0], ids)
+    want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), want, atol=TOL, rtol=0)
+    for i, top in enumerate(lp["top_logprobs"][1:]):
+        assert 1 <= len(top) <= 3
+        assert max(top.values()) == pytest.approx(ref[i].max().item(), abs=TOL)
+
+
+def test_batched_token_prompts_score_the_prompt_then_the_generated_token(
+    http: httpx.Client, server: LiveServer
+) -> None:
+    """What lm-evaluation-harness's local-completions sends for loglikelihood requests: a
+    batch of token-id prompts, echo, logprobs 1, max_tokens 1, temperature 0. Each choice
+    lists its prompt's entries, then the one generated token's; the scores are those of the
+    same prompt sent alone."""
+    tok = tokenizer_of(server)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    body = {"model": "tiny", "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    r = http.post("/v1/completions", json=body | {"prompt": prompts, "seed": 1234})
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for prompt, choice in zip(prompts, choices, strict=True):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(prompt) + 1  # the prompt, then the token
+        generated = lp["top_logprobs"][-1]
+        assert len(generated) == 1 and lp["token_logprobs"][-1] == max(generated.values())
+        assert choice["text"].startswith(tok.decode(prompt))
+        alone = http.post("/v1/completions", json=body | {"prompt": prompt, "max_tokens": 0})
+        assert alone.json()["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
+            lp["token_logprobs"][:-1], abs=TOL
+        )
+        # lm-eval's is_greedy: a token equal to the best of its top-1 is the argmax
+        for value, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:], strict=True):
+            assert value <= max(top.values()) + 1e-6
+
+
+def test_streamed_echo_with_logprobs_sends_the_scored_prompt_first(
+    http: httpx.Client, server: LiveServer
+) -> None:
+    body = {
+        "model": "tiny",
+        "prompt": "Rain fell on the quiet town",
+        "echo": True,
+        "logprobs": 2,
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    chunks = []
+    with http.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:])["choices"][0])
+    first = chunks[0]
+    assert first["text"] == body["prompt"] and first["logprobs"]["token_logprobs"][0] is None
+    streamed = [t for c in chunks if c["logprobs"] for t in c["logprobs"]["token_logprobs"]]
+    assert streamed == whole["logprobs"]["token_logprobs"]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+
+
+def test_the_openai_client_gets_prompt_logprobs(server: LiveServer) -> None:
+    import openai
+
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.keys["generate"]) as client:
+        out = client.completions.create(
+            model="tiny", prompt="Hello there!", echo=True, logprobs=2, max_tokens=0
+        )
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.tokens is not None
+    assert out.choices[0].text == "Hello there!"
+    assert lp.token_logprobs[0] is None and all(v < 0 for v in lp.token_logprobs[1:])
+    assert len(lp.tokens) == out.usage.prompt_tokens  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"echo": True, "logprobs": 21, "max_tokens": 0}, "logprobs", "less than or equal to 20"),
+        ({"logprobs": 1, "max_tokens": 0}, "max_tokens", "max_tokens 0 generates nothing"),
+        ({"echo": True, "max_tokens": 0}, "max_tokens", "max_tokens 0 generates nothing"),
+        ({"max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
+        ({"echo": True, "logprobs": 1, "num_beams": 2}, "echo", "needs num_beams 1"),
+    ],
+)
+def test_bad_prompt_logprob_requests_are_400s(
+    http: httpx.Client, extra: dict[str, Any], param: str, message: str
+) -> None:
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "The cat"} | extra)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"]

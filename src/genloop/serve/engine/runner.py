@@ -493,9 +493,10 @@ class HFRunner:
             cache = DynamicCache() if start == 0 else self.caches[slot]
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
         self.caches[slot] = out.past_key_values
+        logits: Tensor = out.logits[0]  # (t, V)
         if all_logits and not self.encoder_decoder:
-            return out.logits[0].float()  # (t, V)
-        return out.logits[0, -1].float() if want_logits else None
+            return logits.float()
+        return logits[-1].float() if want_logits else None
 
     @torch.inference_mode()
     def decode(
