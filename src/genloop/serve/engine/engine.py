@@ -477,7 +477,7 @@ class Engine:
                     "on_scheduled", self.model_name, self.model_version, now - seq.arrival
                 )
         batch = plan.decode
-        scored = any(c.seq.params.prompt_logprobs is not None for c in plan.prefill)
+        scored = any(_scores(c.seq) for c in plan.prefill)
         logits = runner.step(
             [
                 Chunk(c.seq.slot, c.token_ids, c.start, c.last, _scores(c.seq))  # type: ignore[arg-type]
