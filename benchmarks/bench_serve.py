@@ -866,7 +866,10 @@ def vllm_gateway_main(args: argparse.Namespace) -> dict[str, Any]:
                         if c not in best[side] or f.tokens_per_s > best[side][c].tokens_per_s:
                             best[side][c] = f
         except BaseException:
-            print(f"the gateway's log ends:\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
+            print(
+                f"the gateway's log ends:\n{log.read_text(errors='replace')[-4000:]}",
+                file=sys.stderr,
+            )
             raise
         finally:
             if os.environ.get("BENCH_PROFILE") and proc.poll() is None:

@@ -673,7 +673,7 @@ class TrainConfig(BaseModel):
 # ---------------------------------------------------------------------------------------
 
 
-EvalSuite = Literal["perplexity", "generation", "code", "bias", "image", "augment"]
+EvalSuite = Literal["perplexity", "generation", "code", "bias", "lm_eval", "image", "augment"]
 _DEFAULT_SUITES: tuple[EvalSuite, ...] = ("perplexity", "generation")
 
 
@@ -702,6 +702,11 @@ class EvalConfig(BaseModel):
     )
     bias_suite_path: Path | None = Field(
         None, description="Bias probe suite file. Unset: the bundled suite."
+    )
+    lm_eval_tasks: list[Path] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness task YAML files the lm_eval suite runs (local "
+        "data only).",
     )
     timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit per sandboxed test run.")
     sandbox_memory_mb: int = Field(512, ge=16, description="Memory limit of the code sandbox.")

@@ -169,6 +169,33 @@ def test_greedy_equals_the_pytorch_engine_inside_a_busy_batch(
     assert eng.steps < 3 + 20 + len(PROMPTS) * MAX_TOKENS  # the least one after another
 
 
+def test_prompt_logprobs_equal_the_pytorch_engines(ws: Workspace) -> None:
+    """echo with logprobs on the ONNX variant: the prompt's scores (every position's logits
+    of the same forward) are the PyTorch engine's on the parent, in chunks and whole."""
+    from genloop.serve.engine.types import PromptLogprobs
+
+    params = SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=3)
+
+    async def scores(eng: Engine, prompt: list[int], chunk: int | None) -> PromptLogprobs:
+        await eng.start()
+        if chunk is not None:
+            eng.scheduler.prefill_chunk = chunk
+        try:
+            events = [e async for e in eng.submit(GenerationRequest("s", prompt, params))]
+        finally:
+            await eng.close()
+        return next(e for e in events if isinstance(e, PromptLogprobs))
+
+    torch_eng = engine_for(artifact(ws, "wide@1"))
+    prompt = torch_eng.encode(PROMPTS[3])
+    want = asyncio.run(scores(torch_eng, prompt, None))
+    for chunk in (None, 5):
+        got = asyncio.run(scores(engine_for(artifact(ws, "wide@2")), prompt, chunk))
+        assert got.logprobs[0] is None and len(got.logprobs) == len(prompt)
+        assert got.logprobs[1:] == pytest.approx(want.logprobs[1:], abs=1e-4)
+        assert list(got.top_logprobs[1]) == list(want.top_logprobs[1])  # type: ignore[arg-type]
+
+
 def test_beam_search_is_refused_clearly(ws: Workspace) -> None:
     eng = engine_for(artifact(ws, "wide@2"))
     request = GenerationRequest("b", [5, 6, 7], SamplingParams(max_tokens=4, num_beams=2))

@@ -203,6 +203,56 @@ def test_usage_is_recorded_per_key(gateway: SlowLiveServer, vllm_ws: Workspace) 
     assert mine[0]["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_the_native_engine_does(
+    gateway: SlowLiveServer, vllm_ws: Workspace
+) -> None:
+    """lm-evaluation-harness's loglikelihood request (a batch of token-id prompts, echo,
+    logprobs 1, max_tokens 1) and a score-only one (max_tokens 0) through the gateway: the
+    prompt's entries are bare vLLM's, and within fp32 rounding a Hugging Face forward's
+    log_softmax, which is what the native engine returns (tests/serve/test_prompt_logprobs)."""
+    import torch
+
+    from genloop.models.pretrained import load_pretrained
+    from genloop.workspace import registry
+
+    engine = engine_of(gateway)
+    prompts = [engine.encode("The cat sat on the mat."), engine.encode("Rain fell on")]
+    body = {"echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    with gateway.client(gateway.keys["generate"]) as c:
+        r = c.post("/v1/completions", json={"model": "wide", "prompt": prompts} | body)
+        only = c.post(
+            "/v1/completions",
+            json={"model": "wide", "prompt": prompts[0]} | body | {"max_tokens": 0, "logprobs": 2},
+        )
+    assert r.status_code == 200 and only.status_code == 200, r.text + only.text
+    with bare_vllm(engine) as v:
+        theirs = v.post(
+            "/v1/completions",
+            json={"model": engine.process.served_name, "prompt": prompts[0]} | body,
+        ).json()["choices"][0]["logprobs"]
+    model = load_pretrained(vllm_ws.store.open_verified(registry.resolve(vllm_ws, "wide").artifact))
+    choices = sorted(r.json()["choices"], key=lambda ch: ch["index"])
+    for prompt, choice in zip(prompts, choices, strict=True):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(prompt) + 1 == len(lp["tokens"])
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert all(len(top) == 1 for top in lp["top_logprobs"][1:])
+        with torch.inference_mode():
+            ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        want = ref[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        got = torch.tensor(lp["token_logprobs"][1 : len(prompt)])
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+    first = choices[0]["logprobs"]
+    assert first["token_logprobs"] == pytest.approx(theirs["token_logprobs"], abs=1e-6)
+    scored = only.json()
+    assert scored["usage"]["completion_tokens"] == 0
+    assert scored["choices"][0]["text"] == engine.tokenizer.decode(prompts[0])
+    lp = scored["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(prompts[0])  # the prompt alone
+    assert lp["token_logprobs"] == pytest.approx(first["token_logprobs"][:-1], abs=1e-5)
+    assert all(len(top) <= 2 for top in lp["top_logprobs"][1:])
+
+
 def test_a_key_is_needed(gateway: SlowLiveServer) -> None:
     with gateway.client() as c:
         r = c.post("/v1/completions", json={"model": "wide", "prompt": "x", "max_tokens": 2})

@@ -25,8 +25,9 @@ class _RunByDefault(TyperGroup):
 
 app = typer.Typer(
     cls=_RunByDefault,
-    help="Evaluate model versions (perplexity, generation, code pass@k, bias; FID/KID/IS and "
-    "augmentation for image models) and compare them. 'genloop eval MODEL_REF' is short for "
+    help="Evaluate model versions (perplexity, generation, code pass@k, bias, "
+    "lm-evaluation-harness task files; FID/KID/IS and augmentation for image models) and "
+    "compare them. 'genloop eval MODEL_REF' is short for "
     "'genloop eval run MODEL_REF'.",
     no_args_is_help=True,
 )
@@ -56,8 +57,16 @@ def run(
         typer.Option(
             "--suite",
             "-s",
-            help="perplexity, generation, code, bias; image or augment for image models "
-            "(repeatable) \\[default: eval.suites; image for image models].",
+            help="perplexity, generation, code, bias, lm_eval; image or augment for image "
+            "models (repeatable) \\[default: eval.suites; image for image models].",
+        ),
+    ] = None,
+    lm_eval_tasks: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--lm-eval-tasks",
+            help="An lm-evaluation-harness task YAML (local data only) for the lm_eval suite "
+            "(repeatable); without --suite, only lm_eval runs.",
         ),
     ] = None,
     config: Annotated[
@@ -75,6 +84,9 @@ def run(
     from genloop.evaluate.run import evaluate_model
 
     cfg = load_config(config, set_ or []) if config else parse_config({}, set_ or [])
+    if lm_eval_tasks:
+        cfg.eval.lm_eval_tasks = [*cfg.eval.lm_eval_tasks, *lm_eval_tasks]
+        suite = [*(suite or []), "lm_eval"]
     with open_workspace() as ws, err_console.status("loading the model") as status:
 
         def progress(name: str, i: int, n: int) -> None:

@@ -166,7 +166,7 @@ def _prompt(
     from dataclasses import replace
 
     from genloop.serve.engine.engine import collect
-    from genloop.serve.engine.types import Finished, GenerationRequest
+    from genloop.serve.engine.types import Finished, GenerationRequest, TokenDelta
 
     if chat:
         ids = engine.chat_prompt_ids([{"role": "user", "content": prompt}])
@@ -191,7 +191,7 @@ def _prompt(
                 async for event in streams[0]:
                     if isinstance(event, Finished):
                         finished = event
-                    elif event.text:
+                    elif isinstance(event, TokenDelta) and event.text:
                         sys.stdout.write(event.text)
                         sys.stdout.flush()
                 sys.stdout.write("\n")

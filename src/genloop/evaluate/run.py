@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 ProgressFn = Callable[[str, int, int], None]  # (suite, its number from 1, number of suites)
 
-RUNNABLE = ("perplexity", "generation", "code", "bias")
+RUNNABLE = ("perplexity", "generation", "code", "bias", "lm_eval")
 IMAGE_SUITES = ("image", "augment")  # see evaluate/image.py
 NEEDS_DATASET = ("perplexity", "generation", *IMAGE_SUITES)
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
@@ -85,6 +85,10 @@ def evaluate_model(
         suites = ["image"]
     chosen = check_suites(list(suites) if suites else list(cfg.suites))
     _check_family(info, chosen)
+    if "lm_eval" in chosen:  # a bad task file is an error before anything loads
+        from genloop.evaluate.harness import check_task_files
+
+        check_task_files(cfg.lm_eval_tasks)
 
     # 2. the model version, its files verified against their manifest
     model_dir = ws.store.open_verified(info.artifact)
@@ -305,6 +309,15 @@ def run_bias(ctx: Context) -> SuiteResult:
     )
 
 
+def run_lm_eval(ctx: Context) -> SuiteResult:
+    from genloop.evaluate.harness import run_harness_tasks
+
+    c = ctx.cfg
+    return run_harness_tasks(
+        ctx.model, ctx.tokenizer, c.lm_eval_tasks, limit=c.max_samples, seed=c.seed
+    )
+
+
 def demo_tasks_path() -> Path:
     """The code tasks shipped with genloop (simple Python function completions)."""
     return Path(__file__).parent / "data" / "code_tasks.jsonl"
@@ -315,4 +328,5 @@ RUNNERS: dict[str, Callable[[Context], SuiteResult]] = {
     "generation": run_generation,
     "code": run_code,
     "bias": run_bias,
+    "lm_eval": run_lm_eval,
 }

@@ -9,8 +9,9 @@ running finish on the old one, which is unloaded once the last of them is done (
 aborted after ``swap_timeout_s``). A request that finds the new version loading waits for
 it up to ``swap_wait_s`` (a native engine loads in seconds, so the next request after a
 promotion gets the new weights); a slower start (a vLLM process takes a minute or two on
-CPU) goes on in the background while requests keep going to the old version. Each request holds a *lease* on the version it
-resolved to, from resolution to its last byte, so no request ever finds its engine gone.
+CPU) goes on in the background while requests keep going to the old version. Each
+request holds a *lease* on the version it resolved to, from resolution to its last byte,
+so no request ever finds its engine gone.
 
 A request's ``model`` may name a served ref exactly (``code-lm@production``), its bare
 name (``code-lm``: the first served ref of that name), or the concrete version it is

@@ -334,7 +334,12 @@ def check_max_tokens(
 
 
 def sampling_params(
-    body: SamplingFields, *, max_tokens: int, stop: tuple[str, ...], logprobs: int | None
+    body: SamplingFields,
+    *,
+    max_tokens: int,
+    stop: tuple[str, ...],
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
@@ -344,6 +349,7 @@ def sampling_params(
         seed=body.seed,
         stop=stop,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         num_beams=body.num_beams,
     )
 

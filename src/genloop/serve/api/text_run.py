@@ -32,6 +32,7 @@ from genloop.serve.engine.types import (
     Event,
     Finished,
     GenerationRequest,
+    PromptLogprobs,
     SamplingParams,
     TokenDelta,
 )
@@ -82,15 +83,18 @@ class ChoiceResult:
     finish_reason: str | None = None
     completion_tokens: int = 0
     flags: list[str] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None  # when the request asked (echo + logprobs)
 
 
 @dataclass(frozen=True)
 class Piece:
-    """One step of one choice: a token, or (``finish_reason`` set) its end."""
+    """One step of one choice: its prompt's log-probabilities (``prompt``, first, when
+    asked for), a token, or (``finish_reason`` set) its end."""
 
     index: int
     delta: TokenDelta | None = None
     finish_reason: str | None = None
+    prompt: PromptLogprobs | None = None
 
 
 _DONE = object()
@@ -181,6 +185,10 @@ class TextRun:
         result = self.results[i]
         guard = self.state.guardrails.repetition_guard()
         async for event in events:
+            if isinstance(event, PromptLogprobs):
+                result.prompt_logprobs = event
+                yield Piece(i, prompt=event)
+                continue
             if isinstance(event, Finished):
                 result.completion_tokens = event.completion_tokens
                 if event.reason not in ("stop", "length"):
@@ -234,6 +242,13 @@ class TextRun:
         """The token's own text (a delta's text is "" while a character is incomplete)."""
         engine = self.job.loaded.engine  # None once an aborted version is unloaded
         return engine.token_text(token.token_id) if engine is not None else token.text
+
+    def prompt_token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each prompt token's own text (echo with logprobs)."""
+        engine = self.job.loaded.engine
+        if engine is None:  # an aborted version, unloaded: its tokenizer went with it
+            return ["" for _ in token_ids]
+        return [engine.token_text(t) for t in token_ids]
 
     async def collect(self) -> list[ChoiceResult]:
         async for _ in self.pieces():

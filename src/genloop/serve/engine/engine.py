@@ -21,6 +21,14 @@ estimated from recent request times). Every request has a deadline (its own, or 
 until its deadline, aborts the rest (reason ``"cancelled"``, ``error`` saying why) and stops
 the thread.
 
+Prompt log-probabilities (``SamplingParams.prompt_logprobs``: ``echo`` with ``logprobs`` on
+``/v1/completions``, what lm-evaluation-harness's loglikelihood tasks send). Such a request's
+prompt chunks ask the runner for every position's logits (``Chunk.all_logits``) inside the
+same continuous batch as everyone else; the engine takes their fp32 ``log_softmax``, keeps
+each next prompt token's value and the top k, and sends one :class:`PromptLogprobs` when
+the prompt is done, before the first token (with ``max_tokens`` 0 the request then ends).
+Requests that do not ask cost nothing more: their chunks give one row, as before.
+
 Beam search (``num_beams > 1``) is not streamed: it runs Hugging Face ``generate`` in a
 second thread (so the decode loop keeps going), and its tokens arrive together at the end.
 An engine without the PyTorch model (an ONNX variant's) refuses it.
@@ -54,7 +62,7 @@ from genloop.serve.engine.sampling import (
     make_generator,
     sample,
 )
-from genloop.serve.engine.scheduler import Plan, Scheduler, Seq
+from genloop.serve.engine.scheduler import Plan, PrefillChunk, Scheduler, Seq
 from genloop.serve.engine.types import (
     EngineBusy,
     EngineObserver,
@@ -64,6 +72,7 @@ from genloop.serve.engine.types import (
     Finished,
     FinishReason,
     GenerationRequest,
+    PromptLogprobs,
     TokenDelta,
 )
 
@@ -128,6 +137,9 @@ class _State:
     detok: IncrementalDetokenizer
     stops: StopStrings
     cancelled: bool = False  # beam search checks this between its steps
+    # the prompt's scores so far (prompt_logprobs), position 0's None included
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top: list[dict[str, float] | None] | None = None
 
 
 # ------------------------------------------------------------------------- engine
@@ -261,6 +273,8 @@ class Engine:
             detok=IncrementalDetokenizer(self._decode, seq.prompt_ids),
             stops=StopStrings(params.stop),
         )
+        if params.prompt_logprobs is not None:
+            seq.state.prompt_logprobs, seq.state.prompt_top = [None], [None]
         with self._lock:
             if not self._accepting:
                 raise EngineStopped(f"model {self.model_name} is shutting down")
@@ -356,8 +370,10 @@ class Engine:
             )
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise GenloopError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if p.max_tokens < 1:
-            raise GenloopError(f"max_tokens must be at least 1, not {p.max_tokens}")
+        if p.max_tokens < (0 if p.prompt_logprobs is not None else 1):
+            raise GenloopError(
+                f"max_tokens must be at least 1 (0 only to score the prompt), not {p.max_tokens}"
+            )
         if not p.temperature >= 0 or not math.isfinite(p.temperature):
             raise GenloopError(f"temperature must be a number ≥ 0, not {p.temperature}")
         if not 0 < p.top_p <= 1:
@@ -366,6 +382,8 @@ class Engine:
             raise GenloopError(f"top_k must be at least 1, not {p.top_k}")
         if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
             raise GenloopError(f"logprobs must be in [0, {MAX_LOGPROBS}], not {p.logprobs}")
+        if p.prompt_logprobs is not None:
+            self._validate_prompt_logprobs(p.prompt_logprobs, p.num_beams)
         if p.num_beams < 1:
             raise GenloopError(f"num_beams must be at least 1, not {p.num_beams}")
         if p.num_beams > 1 and self.model is None:
@@ -376,6 +394,17 @@ class Engine:
             )
         if any(not 0 <= t < self.vocab_size for t in p.stop_token_ids):
             raise GenloopError(f"stop_token_ids must be in [0, {self.vocab_size})")
+
+    def _validate_prompt_logprobs(self, k: int, num_beams: int) -> None:
+        if not 0 <= k <= MAX_LOGPROBS:
+            raise GenloopError(f"logprobs must be in [0, {MAX_LOGPROBS}], not {k}")
+        if num_beams > 1:
+            raise GenloopError("prompt log-probabilities (echo with logprobs) need num_beams 1")
+        if getattr(self.runner, "encoder_decoder", False):
+            raise GenloopError(
+                f"model {self.model_name} is an encoder-decoder: its prompt is encoded, not "
+                "predicted, so it has no prompt log-probabilities (echo with logprobs)"
+            )
 
     # ------------------------------------------------------------- engine thread
 
@@ -448,8 +477,12 @@ class Engine:
                     "on_scheduled", self.model_name, self.model_version, now - seq.arrival
                 )
         batch = plan.decode
+        scored = any(_scores(c.seq) for c in plan.prefill)
         logits = runner.step(
-            [Chunk(c.seq.slot, c.token_ids, c.start, c.last) for c in plan.prefill],  # type: ignore[arg-type]
+            [
+                Chunk(c.seq.slot, c.token_ids, c.start, c.last, _scores(c.seq))  # type: ignore[arg-type]
+                for c in plan.prefill
+            ],
             [s.slot for s in batch],  # type: ignore[misc]
             [s.next_token for s in batch],
             [s.num_cached for s in batch],
@@ -457,16 +490,63 @@ class Engine:
         for seq in batch:
             scheduler.decoded(seq)
         rows = list(batch)
-        for chunk in plan.prefill:
-            scheduler.prefilled(chunk)
-            if chunk.last:
-                rows.append(chunk.seq)
+        if not scored:  # the common step: one logits row per sequence that samples
+            for chunk in plan.prefill:
+                scheduler.prefilled(chunk)
+                if chunk.last:
+                    rows.append(chunk.seq)
+        else:  # a scored chunk has a row per position (Runner.step); sample from the last
+            picks, at, prompts = list(range(len(batch))), len(batch), []
+            for chunk in plan.prefill:
+                scheduler.prefilled(chunk)
+                if _scores(chunk.seq):
+                    prompts.append((chunk, at))
+                    at += chunk.end - chunk.start
+                    if chunk.last and chunk.seq.params.max_tokens > 0:
+                        rows.append(chunk.seq)
+                        picks.append(at - 1)
+                elif chunk.last:
+                    rows.append(chunk.seq)
+                    picks.append(at)
+                    at += 1
+            assert logits is not None
+            self._score_prompts(logits, prompts)
+            if not rows:
+                return
+            logits = logits.index_select(0, torch.tensor(picks, device=logits.device))
         if logits is None or not rows:
             return
         picked = sample(logits, [s.params for s in rows], [s.state.generator for s in rows])
         now = time.monotonic()
         for seq, choice in zip(rows, picked, strict=True):
             self._on_token(seq, choice, now)
+
+    def _score_prompts(self, logits: torch.Tensor, prompts: list[tuple[PrefillChunk, int]]) -> None:
+        """Each scored chunk's prompt log-probabilities, from its rows of ``logits`` (from
+        row ``at``, one per position): the row at position i scores prompt token i + 1, in
+        fp32 ``log_softmax`` as ``sample`` scores generated tokens. A prompt's last chunk
+        sends its :class:`PromptLogprobs`; with ``max_tokens`` 0 the request ends there."""
+        for chunk, at in prompts:
+            seq, state = chunk.seq, chunk.seq.state
+            targets = seq.prompt_ids[chunk.start + 1 : chunk.end + 1]  # (m,): m = t or t - 1
+            if targets:
+                m, k = len(targets), seq.params.prompt_logprobs or 0
+                lp = torch.log_softmax(logits[at : at + m], dim=-1)  # (m, V) fp32
+                index = torch.tensor(targets, device=lp.device)[:, None]
+                state.prompt_logprobs.extend(lp.gather(1, index)[:, 0].tolist())
+                if k > 0:
+                    values, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+                    for row_v, row_i in zip(values.tolist(), ids.tolist(), strict=True):
+                        top: dict[str, float] = {}
+                        for t, v in zip(row_i, row_v, strict=True):  # best first
+                            top.setdefault(self.token_text(t), v)
+                        state.prompt_top.append(top)
+                else:
+                    state.prompt_top.extend([None] * m)
+            if chunk.last:
+                self._emit(seq, PromptLogprobs(state.prompt_logprobs, state.prompt_top))
+                if seq.params.max_tokens == 0:
+                    self._finish(seq, "length")
 
     def _on_token(self, seq: Seq, choice: Sampled, now: float) -> None:
         token, p, state = choice.token_id, seq.params, seq.state
@@ -652,6 +732,11 @@ class Engine:
         )
 
 
+def _scores(seq: Seq) -> bool:
+    """Whether ``seq`` asks for its prompt's log-probabilities (every position's logits)."""
+    return seq.params.prompt_logprobs is not None
+
+
 def _deliver(items: list[tuple[RequestStream, Event]]) -> None:
     """Runs on the event loop: put each event on its request's queue."""
     for stream, event in items:
@@ -664,5 +749,6 @@ async def collect(stream: AsyncIterator[Event]) -> tuple[list[TokenDelta], Finis
     async for event in stream:
         if isinstance(event, Finished):
             return deltas, event
-        deltas.append(event)
+        if isinstance(event, TokenDelta):
+            deltas.append(event)
     raise GenloopError("the stream ended without a Finished event")  # never, by contract

@@ -100,9 +100,17 @@ class OnnxRunner:
         return logits[:, -1]
 
     def prefill(
-        self, slot: int, token_ids: Sequence[int], start: int, *, want_logits: bool
+        self,
+        slot: int,
+        token_ids: Sequence[int],
+        start: int,
+        *,
+        want_logits: bool,
+        all_logits: bool = False,
     ) -> Tensor | None:
-        """Positions ``start..start+T`` of one sequence; the next-token logits (V,) if ``want``."""
+        """Positions ``start..start+T`` of one sequence; the next-token logits (V,) if
+        ``want_logits``, every position's (T, V) if ``all_logits`` (the forward computes
+        them all anyway)."""
         t = len(token_ids)
         end = start + t
         if t == 0 or end > self.max_len:
@@ -120,6 +128,8 @@ class OnnxRunner:
         for i, (k, v) in enumerate(present):  # (1, K, end, Q): keep start..end
             self.cache.k[i, slot, :, start:end] = k[0, :, start:]
             self.cache.v[i, slot, :, start:end] = v[0, :, start:]
+        if all_logits:
+            return logits[0].float()
         return logits[0, -1] if want_logits else None
 
     def move(self, src: int, dst: int, length: int) -> None:

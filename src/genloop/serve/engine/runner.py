@@ -65,6 +65,9 @@ class Chunk:
     token_ids: Sequence[int]
     start: int
     want_logits: bool  # the last chunk of a prompt: its next-token logits are wanted
+    # every position's logits (a request that scores its prompt: prompt_logprobs); off for
+    # every other request, which then costs nothing more
+    all_logits: bool = False
 
 
 class Runner(Protocol):
@@ -85,7 +88,9 @@ class Runner(Protocol):
     ) -> Tensor | None:
         """Prefill ``chunks`` and decode one token for each sequence (``token_ids[i]`` at
         ``positions[i]`` in ``slots[i]``). Returns next-token logits, fp32: one row per
-        decoded sequence, then one per chunk that wants logits (None when no row)."""
+        decoded sequence, then for each chunk in order one row per position when it wants
+        ``all_logits``, else one (its last position's) when it wants logits (None when no
+        row)."""
         ...
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -388,8 +393,15 @@ class DecoderRunner:
             if layer.mlp_out_norm is not None:
                 mlp = self._norm(mlp, layer.mlp_out_norm)
             x = x + mlp
-        # logits only where a token is sampled: every decode row, each finished prompt's last
-        wanted = list(range(b)) + [o + len(c.token_ids) - 1 for o, c in spans if c.want_logits]
+        # logits only where a token is sampled (every decode row, each finished prompt's
+        # last) or a prompt is scored (every position of its chunks)
+        wanted = list(range(b))
+        for o, c in spans:
+            t = len(c.token_ids)
+            if c.all_logits:
+                wanted.extend(range(o, o + t))
+            elif c.want_logits:
+                wanted.append(o + t - 1)
         if not wanted:
             return None
         if len(wanted) < n:
@@ -397,11 +409,20 @@ class DecoderRunner:
         return self._logits(x)  # (rows, V)
 
     def prefill(
-        self, slot: int, token_ids: Sequence[int], start: int, *, want_logits: bool
+        self,
+        slot: int,
+        token_ids: Sequence[int],
+        start: int,
+        *,
+        want_logits: bool,
+        all_logits: bool = False,
     ) -> Tensor | None:
-        """Prefill one sequence alone; the next-token logits (V,) when ``want_logits``."""
-        out = self.step([Chunk(slot, token_ids, start, want_logits)], [], [], [])
-        return None if out is None else out[0]
+        """Prefill one sequence alone; the next-token logits (V,) when ``want_logits``, every
+        position's (t, V) when ``all_logits``."""
+        out = self.step([Chunk(slot, token_ids, start, want_logits, all_logits)], [], [], [])
+        if out is None or all_logits:
+            return out
+        return out[0]
 
     def decode(
         self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
@@ -454,7 +475,13 @@ class HFRunner:
 
     @torch.inference_mode()
     def prefill(
-        self, slot: int, token_ids: Sequence[int], start: int, *, want_logits: bool
+        self,
+        slot: int,
+        token_ids: Sequence[int],
+        start: int,
+        *,
+        want_logits: bool,
+        all_logits: bool = False,
     ) -> Tensor | None:
         from transformers import DynamicCache, EncoderDecoderCache
 
@@ -471,7 +498,10 @@ class HFRunner:
             cache = DynamicCache() if start == 0 else self.caches[slot]
             out = self.model(input_ids=ids, use_cache=True, **{self.cache_kw: cache})
         self.caches[slot] = cache
-        return out.logits[0, -1].float() if want_logits else None
+        logits: Tensor = out.logits[0]  # (t, V)
+        if all_logits and not self.encoder_decoder:
+            return logits.float()
+        return logits[-1].float() if want_logits else None
 
     @torch.inference_mode()
     def decode(
@@ -482,9 +512,7 @@ class HFRunner:
             ids = torch.tensor([[token]], device=self.device)
             cache = {self.cache_kw: self.caches[slot]}  # updated in place
             if self.encoder_decoder:
-                out = self.model(
-                    encoder_outputs=self.encoded[slot], decoder_input_ids=ids, **cache
-                )
+                out = self.model(encoder_outputs=self.encoded[slot], decoder_input_ids=ids, **cache)
             else:
                 out = self.model(input_ids=ids, use_cache=True, **cache)
             rows.append(out.logits[0, -1].float())
@@ -516,7 +544,13 @@ class _DecodePrefill(Protocol):
     ) -> Tensor: ...
 
     def prefill(
-        self, slot: int, token_ids: Sequence[int], start: int, *, want_logits: bool
+        self,
+        slot: int,
+        token_ids: Sequence[int],
+        start: int,
+        *,
+        want_logits: bool,
+        all_logits: bool = False,
     ) -> Tensor | None: ...
 
 
@@ -532,6 +566,11 @@ def decode_then_prefill(
     the order :meth:`Runner.step` promises."""
     rows = [runner.decode(slots, token_ids, positions)] if slots else []
     for c in chunks:
+        if c.all_logits:
+            out = runner.prefill(c.slot, c.token_ids, c.start, want_logits=True, all_logits=True)
+            assert out is not None
+            rows.append(out)  # (t, V)
+            continue
         out = runner.prefill(c.slot, c.token_ids, c.start, want_logits=c.want_logits)
         if out is not None:
             rows.append(out[None])

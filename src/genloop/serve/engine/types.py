@@ -2,7 +2,8 @@
 
 Handlers (``serve/api``) and the batch runner talk to an engine through one small
 interface (``protocol.TextEngine``): ``engine.submit(request)`` returns an async iterator
-of :data:`Event` values (zero or more :class:`TokenDelta`, then exactly one
+of :data:`Event` values (a :class:`PromptLogprobs` first when the request asks for its
+prompt's log-probabilities, zero or more :class:`TokenDelta`, then exactly one
 :class:`Finished`). Closing the iterator (``aclose()``, or the consuming task being
 cancelled, as when a client disconnects) cancels the request; the engine frees its slot
 within one decode step.
@@ -32,6 +33,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the matched one is not part of the output
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS, which always stops
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: plus the top k
+    # the prompt's own log-probabilities (echo with logprobs; lm-evaluation-harness's
+    # loglikelihood): None: none; 0: each prompt token's; k: plus the top k at each position.
+    # With it, max_tokens may be 0: the prompt is scored and nothing is generated.
+    prompt_logprobs: int | None = None
     num_beams: int = 1  # > 1: beam search (not streamed)
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
@@ -55,6 +60,17 @@ class TokenDelta:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's log-probabilities (``SamplingParams.prompt_logprobs``), sent once, after
+    the prompt is prefilled and before the first token: one entry per prompt token, each
+    ``log p(prompt[i] | prompt[:i])`` from the model's fp32 ``log_softmax``. The first is None
+    (nothing comes before it), as in OpenAI's legacy completions with ``echo``."""
+
+    logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]  # the k likeliest at each position, by text
+
+
+@dataclass(frozen=True)
 class Finished:
     """The last event of every request."""
 
@@ -65,7 +81,7 @@ class Finished:
     error: str | None = None  # set when reason == "error"
 
 
-Event = TokenDelta | Finished
+Event = TokenDelta | PromptLogprobs | Finished
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,11 @@ log, usage, metrics, feedback ids, hot swap by alias and drain all work on
 model's own tokenizer, and go to vLLM's ``/v1/completions`` as token ids; its streamed
 chunks (``return_token_ids``) come back as :class:`~genloop.serve.engine.types.TokenDelta`
 events and one :class:`~genloop.serve.engine.types.Finished`. vLLM detokenizes and applies
-stop strings itself, so the text is the text bare vLLM returns.
+stop strings itself, so the text is the text bare vLLM returns. A request that scores its
+prompt (``prompt_logprobs``) goes as ``echo`` with ``logprobs``: vLLM's first chunk then
+lists the prompt's entries before the first token's, and they come back as one
+:class:`~genloop.serve.engine.types.PromptLogprobs` (each top cut to the k best, as the
+native engine reports them; vLLM adds the prompt's own token to it).
 
 The process is watched: when it exits or stops answering its health check, requests in
 flight fail with a 503 (their connections drop) and the process is started again, with
@@ -54,6 +58,7 @@ from genloop.serve.engine.types import (
     Finished,
     FinishReason,
     GenerationRequest,
+    PromptLogprobs,
     TokenDelta,
 )
 from genloop.serve.errors import ApiError
@@ -540,10 +545,11 @@ class VllmEngine:
                 "beam search (num_beams > 1) is not available on the vLLM engine; use num_beams 1",
                 param="num_beams",
             )
-        if p.logprobs is not None and p.logprobs > MAX_LOGPROBS:
-            raise ApiError(
-                f"logprobs must be at most {MAX_LOGPROBS} on the vLLM engine", param="logprobs"
-            )
+        for k in (p.logprobs, p.prompt_logprobs):
+            if k is not None and k > MAX_LOGPROBS:
+                raise ApiError(
+                    f"logprobs must be at most {MAX_LOGPROBS} on the vLLM engine", param="logprobs"
+                )
 
     def _payload(self, request: GenerationRequest) -> dict[str, Any]:
         p = request.params
@@ -567,6 +573,9 @@ class VllmEngine:
             payload["stop_token_ids"] = list(p.stop_token_ids)
         if p.logprobs is not None:
             payload["logprobs"] = p.logprobs
+        if p.prompt_logprobs is not None:  # vLLM scores the prompt of an echo with logprobs
+            payload["echo"] = True
+            payload["logprobs"] = max(p.logprobs or 0, p.prompt_logprobs)
         if p.ignore_eos:
             payload["ignore_eos"] = True
         return payload
@@ -580,6 +589,7 @@ class VllmEngine:
         completion_tokens = 0
         reason: FinishReason | None = None
         last_token = started
+        scoring = request.params.prompt_logprobs is not None  # until the prompt's entries came
         body = orjson.dumps(self._payload(request))
         process = self.process
         try:
@@ -596,6 +606,10 @@ class VllmEngine:
                     if usage:
                         completion_tokens = int(usage.get("completion_tokens", completion_tokens))
                     for choice in chunk.get("choices") or ():
+                        if scoring and choice.get("logprobs"):
+                            scored, choice = _split_prompt(choice, request)
+                            scoring = False
+                            yield scored
                         deltas = _deltas(choice)
                         for delta in deltas:
                             now = time.monotonic()
@@ -634,6 +648,8 @@ class VllmEngine:
             reason = "timeout"  # post_sse cut the connection at the deadline
         if reason is None:
             raise self._down()
+        if request.params.max_tokens == 0:  # vLLM generated one token to score the prompt
+            completion_tokens, texts = 0, []
         finished = Finished(
             reason=reason,
             prompt_tokens=prompt_tokens,
@@ -797,6 +813,26 @@ class _RequestStream:
         if self._open:
             self._open = False
             self._engine._release()
+
+
+def _split_prompt(
+    choice: dict[str, Any], request: GenerationRequest
+) -> tuple[PromptLogprobs, dict[str, Any]]:
+    """vLLM's first chunk of an echo with logprobs: the prompt's entries (as a
+    :class:`PromptLogprobs`, each top cut to the k best) and the choice left for the
+    generated tokens (none when ``max_tokens`` is 0: vLLM generates one that it does not
+    report, and its id must not come back as a token)."""
+    n, k = len(request.prompt_ids), request.params.prompt_logprobs or 0
+    logprobs: dict[str, list[Any]] = choice["logprobs"]
+    tops: list[dict[str, float] | None] = []
+    for top in (logprobs.get("top_logprobs") or [])[:n]:
+        best = sorted((top or {}).items(), key=lambda item: -item[1])[:k]
+        tops.append(dict(best) if top is not None and k > 0 else None)
+    scored = PromptLogprobs(list((logprobs.get("token_logprobs") or [])[:n]), tops)
+    rest = {key: list(values[n:]) for key, values in logprobs.items()}
+    if request.params.max_tokens == 0:
+        return scored, choice | {"logprobs": None, "token_ids": [], "text": ""}
+    return scored, choice | {"logprobs": rest}
 
 
 def _deltas(choice: dict[str, Any]) -> list[TokenDelta]:

@@ -19,10 +19,18 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[TokenIds], Field(min_length=1, max_length=128)]
     ) = Field(description="A string, several strings, or token ids (one or several prompts).")
     max_tokens: int | None = Field(
-        16, ge=1, le=1_000_000, description="Tokens to generate at most (default 16)."
+        16,
+        ge=0,
+        le=1_000_000,
+        description="Tokens to generate at most (default 16); 0 with echo and logprobs only "
+        "scores the prompt.",
     )
     logprobs: int | None = Field(
-        None, ge=0, le=20, description="Log-probabilities of the chosen and top-k tokens."
+        None,
+        ge=0,
+        le=20,
+        description="Log-probabilities of the chosen and top-k tokens; with echo, of the "
+        "prompt's tokens too (the first is null).",
     )
     echo: bool = Field(False, description="Put the prompt before the completion.")
     best_of: int | None = Field(None, ge=1, le=128, description="Only equal to n is supported.")

@@ -1,4 +1,12 @@
-"""The handler of ``POST /v1/completions``: prompts in, OpenAI's ``text_completion`` out."""
+"""The handler of ``POST /v1/completions``: prompts in, OpenAI's ``text_completion`` out.
+
+``echo`` with ``logprobs`` scores the prompt too (what lm-evaluation-harness's
+``local-completions`` model sends for its loglikelihood and multiple-choice tasks): each
+choice's ``logprobs`` lists the prompt's tokens first, the first with a null log-probability
+and null top, then the generated ones, in OpenAI's legacy shape (``tokens``,
+``token_logprobs``, ``top_logprobs``, ``text_offset``). ``max_tokens: 0`` then scores the
+prompt and generates nothing.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ if TYPE_CHECKING:
     from genloop.security.keys import Principal
     from genloop.serve.api.completions.protocol import CompletionRequest
     from genloop.serve.api.text_run import ChoiceResult, Piece, TextRun
-    from genloop.serve.engine.types import TokenDelta
+    from genloop.serve.engine.types import PromptLogprobs, TokenDelta
     from genloop.serve.models import LoadedModel
     from genloop.serve.state import ServerState
 
@@ -59,8 +67,15 @@ class CompletionHandler:
         check_request(body, state, len(prompts) * body.n)
         if body.best_of is not None and body.best_of != body.n:
             raise invalid("best_of is not supported (leave it unset, or equal to n)", "best_of")
-        if body.echo and body.logprobs is not None:
-            raise invalid("echo with logprobs (prompt log-probabilities) is not supported", "echo")
+        self.scores_prompt = body.echo and body.logprobs is not None
+        if body.max_tokens == 0 and not self.scores_prompt:
+            raise invalid(
+                "max_tokens 0 generates nothing: it only scores the prompt, with echo: true "
+                "and logprobs set",
+                "max_tokens",
+            )
+        if self.scores_prompt and body.num_beams > 1:
+            raise invalid("echo with logprobs (prompt log-probabilities) needs num_beams 1", "echo")
         self.state = state
         self.body = body
         self.principal = principal
@@ -100,7 +115,11 @@ class CompletionHandler:
             prompts=ids,
             n=body.n,
             params=sampling_params(
-                body, max_tokens=max_tokens, stop=self.stop, logprobs=body.logprobs
+                body,
+                max_tokens=max_tokens,
+                stop=self.stop,
+                logprobs=body.logprobs,
+                prompt_logprobs=body.logprobs if self.scores_prompt else None,
             ),
             principal=self.principal,
             user_id=user_of(body, self.principal),
@@ -110,15 +129,23 @@ class CompletionHandler:
         )
 
     def choice(self, run: TextRun, result: ChoiceResult) -> dict[str, Any]:
+        echo = self._echo(result.index, run)
+        logprobs = None
+        if self.body.logprobs is not None:
+            logprobs = _logprobs(run, result.tokens, at=len(echo))
+            if result.prompt_logprobs is not None:
+                logprobs = _join(
+                    self._prompt_logprobs(run, result.index, result.prompt_logprobs), logprobs
+                )
         return {
             "index": result.index,
-            "text": self._echo(result.index, run) + result.text,
-            "logprobs": _logprobs(run, result.tokens) if self.body.logprobs is not None else None,
+            "text": echo + result.text,
+            "logprobs": logprobs,
             "finish_reason": result.finish_reason,
         }
 
     def head(self, run: TextRun) -> list[dict[str, Any]]:
-        if not self.body.echo:
+        if not self.body.echo or self.scores_prompt:  # a scored prompt comes as its own piece
             return []
         return [
             {"index": i, "text": self._echo(i, run), "logprobs": None, "finish_reason": None}
@@ -126,6 +153,13 @@ class CompletionHandler:
         ]
 
     def delta(self, run: TextRun, piece: Piece) -> dict[str, Any]:
+        if piece.prompt is not None:  # the echoed prompt and its scores, before any token
+            return {
+                "index": piece.index,
+                "text": self._echo(piece.index, run),
+                "logprobs": self._prompt_logprobs(run, piece.index, piece.prompt),
+                "finish_reason": None,
+            }
         tokens = [piece.delta] if piece.delta is not None else []
         return {
             "index": piece.index,
@@ -143,10 +177,31 @@ class CompletionHandler:
         p = self.prompts[i // self.body.n]
         return p if isinstance(p, str) else run.job.loaded.text_engine().tokenizer.decode(p)
 
+    def _prompt_logprobs(self, run: TextRun, i: int, scored: PromptLogprobs) -> dict[str, Any]:
+        """Choice ``i``'s prompt tokens in OpenAI's completions logprobs shape (the first
+        token's log-probability and top are null: nothing comes before it)."""
+        texts = run.prompt_token_texts(run.job.prompts[i // self.body.n])
+        offsets, at = [], 0
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        return {
+            "tokens": texts,
+            "token_logprobs": list(scored.logprobs),
+            "top_logprobs": list(scored.top_logprobs),
+            "text_offset": offsets,
+        }
 
-def _logprobs(run: TextRun, tokens: list[TokenDelta]) -> dict[str, Any]:
-    """OpenAI's completions logprobs: parallel lists per token."""
-    offsets, at = [], 0
+
+def _join(head: dict[str, Any], tail: dict[str, Any]) -> dict[str, Any]:
+    """Two logprobs objects, one after the other (the prompt's, then the completion's)."""
+    return {key: head[key] + tail[key] for key in head}
+
+
+def _logprobs(run: TextRun, tokens: list[TokenDelta], at: int = 0) -> dict[str, Any]:
+    """OpenAI's completions logprobs: parallel lists per token; ``text_offset`` counts from
+    ``at`` (where the completion starts in the choice's text: after an echoed prompt)."""
+    offsets = []
     for t in tokens:
         offsets.append(at)
         at += len(t.text)
