@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from genloop.errors import ConflictError, GenloopError
+from genloop.serve.engine.grammar import ConstrainedRows, Constraint, GrammarCompiler
 from genloop.serve.engine.kv_cache import CachePlan
 from genloop.serve.engine.prompts import PromptTokenizer
 from genloop.serve.engine.runner import Chunk, Runner
@@ -128,6 +129,7 @@ class _State:
     detok: IncrementalDetokenizer
     stops: StopStrings
     cancelled: bool = False  # beam search checks this between its steps
+    constraint: Constraint | None = None  # the grammar the output must match (grammar.py)
 
 
 # ------------------------------------------------------------------------- engine
@@ -180,6 +182,9 @@ class Engine:
             prefill_budget=prefill_budget,
         )
         self._decode = make_decode(tokenizer)
+        self.grammars = GrammarCompiler(
+            tokenizer, vocab_size=runner.vocab_size, eos_token_ids=sorted(self.eos_token_ids)
+        )
         # shared with the asyncio side, under _lock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -207,11 +212,18 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.prompts.encode(text)
 
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.prompts.chat_prompt_ids(messages)
+    def chat_prompt_ids(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return self.prompts.chat_prompt_ids(messages, tools)
 
     def token_text(self, token_id: int) -> str:
         return self.prompts.token_text(token_id)
+
+    def prepare_grammar(self, grammar: str) -> None:
+        """Compile ``grammar`` for this model now (callers run it off the event loop), so
+        that ``submit`` finds it in the cache; a GenloopError for one it cannot run."""
+        self.grammars.compile(grammar)
 
     # --------------------------------------------------------------- async side
 
@@ -260,6 +272,7 @@ class Engine:
             generator=make_generator(params.seed),
             detok=IncrementalDetokenizer(self._decode, seq.prompt_ids),
             stops=StopStrings(params.stop),
+            constraint=self.grammars.constraint(request.grammar) if request.grammar else None,
         )
         with self._lock:
             if not self._accepting:
@@ -376,6 +389,10 @@ class Engine:
             )
         if any(not 0 <= t < self.vocab_size for t in p.stop_token_ids):
             raise GenloopError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if request.grammar is not None and p.num_beams > 1:
+            raise GenloopError(
+                "beam search (num_beams > 1) cannot follow a grammar; use num_beams 1"
+            )
 
     # ------------------------------------------------------------- engine thread
 
@@ -463,7 +480,12 @@ class Engine:
                 rows.append(chunk.seq)
         if logits is None or not rows:
             return
+        constrained = ConstrainedRows.find(rows, lambda s: s.state.constraint, self._budget_left)
+        if constrained is not None:
+            logits = constrained.mask(logits)
         picked = sample(logits, [s.params for s in rows], [s.state.generator for s in rows])
+        if constrained is not None:
+            constrained.advance(logits, picked)
         now = time.monotonic()
         for seq, choice in zip(rows, picked, strict=True):
             self._on_token(seq, choice, now)
@@ -485,6 +507,12 @@ class Engine:
             text, hit = state.stops.add(state.detok.add(token))
             if hit:
                 reason = "stop"
+        error = None
+        if reason is None and state.constraint is not None and state.constraint.finished:
+            text += state.stops.flush()  # the grammar is complete: nothing may follow
+            reason = "stop"
+            if state.constraint.error:  # a token the grammar refused (a bug): say which
+                reason, error = "error", f"grammar: {state.constraint.error}"
         if reason is None and (
             len(seq.output_ids) >= p.max_tokens or self.scheduler.reached_length(seq)
         ):
@@ -494,10 +522,15 @@ class Engine:
         if choice.top is not None:
             top = {}
             for t, lp in choice.top:  # best first; tokens whose text collides keep the best
-                top.setdefault(self.token_text(t), lp)
+                if lp != -math.inf:  # a grammar forbids it: not an alternative
+                    top.setdefault(self.token_text(t), lp)
         self._emit(seq, TokenDelta(token, text, choice.logprob, top))
         if reason is not None:
-            self._finish(seq, reason)
+            self._finish(seq, reason, error)
+
+    def _budget_left(self, seq: Seq) -> int:
+        """Tokens ``seq`` may still generate, this step's included."""
+        return min(seq.params.max_tokens - len(seq.output_ids), self.context_length - seq.length)
 
     def _finish(self, seq: Seq, reason: FinishReason, error: str | None = None) -> None:
         if seq.status == "finished":
