@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
-import httpx
 import openai
 import pytest
 from pydantic import BaseModel
@@ -152,7 +151,11 @@ def test_tool_call_round_trip(client: openai.OpenAI, tool_choice: object) -> Non
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
     ]
     final = client.chat.completions.create(
-        model="tiny", messages=messages, tools=tools, tool_choice="none", max_tokens=20  # type: ignore[arg-type]
+        model="tiny",
+        messages=messages,
+        tools=tools,
+        tool_choice="none",
+        max_tokens=20,  # type: ignore[arg-type]
     )
     assert final.choices[0].finish_reason in ("stop", "length")
     assert final.choices[0].message.tool_calls is None
@@ -195,3 +198,138 @@ def test_streamed_tool_calls_have_openais_shape(client: openai.OpenAI) -> None:
     calls = completion.choices[0].message.tool_calls or []
     assert isinstance(calls[0].function.parsed_arguments, GetWeather)
     assert calls[0].function.arguments == json.loads(json.dumps(calls[0].function.arguments))
+
+
+def _schema_format(schema: object) -> dict[str, object]:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "words"),
+    [
+        ({"response_format": _schema_format({"type": "objectx"})}, "response_format", "objectx"),
+        (
+            {"response_format": _schema_format({"$ref": "#/$defs/nowhere"})},
+            "response_format",
+            "nowhere",
+        ),
+        (
+            {
+                "response_format": _schema_format(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "a": {"not": {"type": "string"}},
+                            "b": {"type": "array", "uniqueItems": True},
+                        },
+                    }
+                )
+            },
+            "response_format",
+            "not support",  # and both features named (below)
+        ),
+        (
+            {"response_format": _schema_format({"type": "string", "pattern": "(?<=a)b"})},
+            "response_format",
+            "look-around",
+        ),
+        (
+            {"response_format": _schema_format({"type": "string", "x-guidance": "odd"})},
+            "response_format",
+            None,  # accepted or refused, but never a 500
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+        (
+            {
+                "tools": [WEATHER_TOOL],
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            "tool_choice",
+            "nope",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools[1].function.name", "get_weather"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}]},
+            "tools[0].function.parameters",
+            "type",
+        ),
+        ({"response_format": {"type": "json_object"}, "num_beams": 2}, "num_beams", "beam"),
+    ],
+)
+def test_bad_structured_requests_are_400s(
+    server: LiveServer, change: dict[str, object], param: str, words: str | None
+) -> None:
+    with server.client(server.keys["client"]) as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK} | change)
+    assert r.status_code in ((200, 400) if words is None else (400,)), r.text
+    if words is None:
+        return
+    error = r.json()["error"]
+    assert (error["param"] or "").startswith(param), error
+    assert words in error["message"], error
+    if "not support" in words:
+        assert "not" in error["message"] and "uniqueItems" in error["message"]
+
+
+def test_bad_messages_are_400s(server: LiveServer) -> None:
+    with server.client(server.keys["client"]) as c:
+        for messages in (
+            [*ASK, {"role": "tool", "content": "21"}],  # no tool_call_id
+            [{"role": "user", "content": None}],
+            [{"role": "user", "content": "x", "tool_calls": []}],
+        ):
+            r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": messages})
+            assert r.status_code == 400, r.text
+
+
+def test_a_call_that_cannot_finish_ends_on_length_without_tool_calls(
+    client: openai.OpenAI,
+) -> None:
+    """max_tokens below the shortest call: cut off, and no call claimed from its text."""
+    for stream in (False, True):
+        kwargs = dict(
+            model="tiny",
+            messages=ASK,
+            tools=[WEATHER_TOOL],
+            tool_choice="required",
+            max_tokens=12,
+            seed=1,
+        )
+        if not stream:
+            r = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+            choice = r.choices[0]
+            assert choice.finish_reason == "length"
+            assert choice.message.tool_calls is None
+            assert (choice.message.content or "").startswith("<tool_call>")
+            continue
+        finish, calls = None, []
+        for chunk in client.chat.completions.create(stream=True, **kwargs):  # type: ignore[call-overload]
+            for ch in chunk.choices:
+                finish = ch.finish_reason or finish
+                calls += ch.delta.tool_calls or []
+        assert finish == "length"
+        arguments = "".join(c.function.arguments or "" for c in calls if c.function)
+        with pytest.raises(ValueError):
+            json.loads(arguments)  # what was streamed is visibly incomplete
+    with pytest.raises(openai.LengthFinishReasonError):
+        client.chat.completions.parse(
+            model="tiny", messages=ASK, response_format=Person, max_tokens=8
+        )
+
+
+def test_parse_of_a_json_schema_on_completions(server: LiveServer) -> None:
+    with server.client(server.keys["client"]) as c:
+        r = c.post(
+            "/v1/completions",
+            json={
+                "model": "tiny",
+                "prompt": "A person:",
+                "max_tokens": 300,
+                "seed": 11,
+                "response_format": _schema_format(Person.model_json_schema()),
+            },
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+    Person.model_validate_json(r.json()["choices"][0]["text"])
