@@ -147,7 +147,7 @@ def test_tool_call_round_trip(client: openai.OpenAI, tool_choice: object) -> Non
     json.loads(call.function.arguments)
     messages = [
         *ASK,
-        choice.message.model_dump(exclude_none=True),
+        choice.message,  # as it came back, as the openai client's examples do
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
     ]
     final = client.chat.completions.create(
@@ -333,3 +333,22 @@ def test_parse_of_a_json_schema_on_completions(server: LiveServer) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["finish_reason"] == "stop"
     Person.model_validate_json(r.json()["choices"][0]["text"])
+
+
+def test_a_parsed_answer_goes_back_into_the_conversation(client: openai.OpenAI) -> None:
+    """parse() answers carry ``parsed`` and ``parsed_arguments``; appended to the messages
+    as they came (the openai docs' way), the next request takes them."""
+    tools = [openai.pydantic_function_tool(GetWeather, name="get_weather")]
+    r = client.chat.completions.parse(
+        model="tiny", messages=ASK, tools=tools, tool_choice="required", max_tokens=120, seed=2
+    )
+    message = r.choices[0].message
+    call = (message.tool_calls or [])[0]
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+    final = client.chat.completions.create(
+        model="tiny",
+        messages=[*ASK, message, {"role": "tool", "tool_call_id": call.id, "content": "21"}],
+        tools=tools,
+        max_tokens=10,
+    )
+    assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -16,21 +16,26 @@ Rust side, which undoes the byte-level BPE alphabet, ``Ġ`` → ``b" "``, and by
 tokens), and compiled grammars are kept in an LRU keyed by their text: a request deep-copies
 its grammar's pristine matcher (a microsecond).
 
-Per step (the engine's hook, :func:`mask_logits` then :func:`advance`): the masks of the
-constrained rows are computed together (``LLExecutor``, outside the GIL) into one bitmask,
-unpacked and applied to those rows' logits only; unconstrained rows, and batches without a
-constrained row, are not touched. After sampling, each matcher consumes its row's token; the
-engine finishes the sequence when its grammar has terminated (:attr:`Constraint.finished`),
+Per step (the engine's hook, :class:`ConstrainedRows`): the masks of the constrained rows
+are computed together (``LLExecutor``, outside the GIL) into one bitmask, unpacked and
+applied to those rows' logits only; unconstrained rows, and batches without a constrained
+row, are not touched. After sampling, each matcher consumes its row's token; the engine
+finishes the sequence when its grammar has terminated (:attr:`Constraint.finished`),
 end-of-text token or not.
 
 Budget. A model that wanders (an untrained one writes one long string) would run into
-``max_tokens`` with half a JSON document. Near the end of its budget a constrained sequence
-therefore computes the shortest way to finish from where it is (:meth:`Constraint.close`:
-close the open string, the open arrays and objects, the required properties still missing
-with their smallest values) and, once that path needs all the tokens left, follows it. So
-whenever the grammar can be finished within ``max_tokens`` at all, it is, and the sequence
-ends with ``stop``; a string may then be cut short. When it cannot (``max_tokens`` below the
-shortest document), the sequence ends with ``length`` and its text is not valid.
+``max_tokens`` with half a JSON document. So, near the end of its budget, a constrained
+sequence keeps at hand a short way to finish from where it is (``_closing_path``: close the
+open string, arrays and objects, write the required properties still missing with their
+smallest values, a byte at a time, then say those bytes in the vocabulary's tokens) and,
+once that way needs all the tokens left, follows it; a token after which no way would fit
+any more is swapped for the first of the way from before it (the matcher rolls back one
+token). A sequence whose budget holds its grammar's shortest document thus ends with
+``stop`` (a string perhaps cut short); one whose budget does not ends with ``length``, its
+text not claimed to be valid. The way found is short, not proven shortest, and is watched
+only within a window of the budget (``CLOSE_WINDOW``, or twice the shortest document): a
+grammar whose one token can open more than that (deeply nested required objects) may
+still end on ``length``.
 """
 
 from __future__ import annotations

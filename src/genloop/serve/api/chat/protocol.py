@@ -21,6 +21,7 @@ class CalledFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(max_length=64)
     arguments: str = Field(max_length=1_000_000, description="The arguments, as JSON text.")
+    parsed_arguments: Any = Field(None, description="Ignored (the openai client's parse()).")
 
 
 class ToolCall(BaseModel):
@@ -45,6 +46,13 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = Field(
         None, min_length=1, max_length=128, description="A tool message: the call it answers."
     )
+    # what the openai client sends back when a parsed answer is appended to the messages
+    # as it came (its own examples do): accepted, and ignored
+    refusal: str | None = Field(None, description="Ignored.")
+    parsed: Any = Field(None, description="Ignored (the openai client's parse()).")
+    annotations: list[Any] | None = Field(None, description="Ignored.")
+    audio: Any = Field(None, description="Ignored.")
+    function_call: Any = Field(None, description="Ignored (the deprecated function call).")
 
     @model_validator(mode="after")
     def _fits_role(self) -> ChatMessage:
