@@ -465,6 +465,10 @@ class Engine:
                     "on_scheduled", self.model_name, self.model_version, now - seq.arrival
                 )
         batch = plan.decode
+        rows = [*batch, *(c.seq for c in plan.prefill if c.last)]  # one per logits row
+        constrained = ConstrainedRows.find(rows, lambda s: s.state.constraint, self._budget_left)
+        if constrained is not None:
+            constrained.start()  # the grammar masks are computed while the model runs
         logits = runner.step(
             [Chunk(c.seq.slot, c.token_ids, c.start, c.last) for c in plan.prefill],  # type: ignore[arg-type]
             [s.slot for s in batch],  # type: ignore[misc]
@@ -473,14 +477,10 @@ class Engine:
         )
         for seq in batch:
             scheduler.decoded(seq)
-        rows = list(batch)
         for chunk in plan.prefill:
             scheduler.prefilled(chunk)
-            if chunk.last:
-                rows.append(chunk.seq)
         if logits is None or not rows:
             return
-        constrained = ConstrainedRows.find(rows, lambda s: s.state.constraint, self._budget_left)
         if constrained is not None:
             logits = constrained.mask(logits)
         picked = sample(logits, [s.params for s in rows], [s.state.generator for s in rows])

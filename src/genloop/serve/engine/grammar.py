@@ -43,6 +43,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,7 @@ CLOSE_WINDOW = 64  # ... kept fresh once the budget is within this (or 2 shortes
 # what to prefer, one byte at a time, on the way to the end: close before opening, the
 # smallest value before a bigger one (outside a string; inside one, its closing quote first)
 _CLOSE_ORDER = b'}]",0fnt[{'
+_REUSE = 3  # tokens of the last way that a sampled token may have taken
 _IN_STRING_ORDER = b'"'
 
 
@@ -95,6 +97,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[str, _Compiled] = OrderedDict()
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._executor: llguidance.LLExecutor | None = None
+        self._worker: ThreadPoolExecutor | None = None  # computes masks during forwards
         self._byte_tokens: dict[int, int] = {}  # byte value → its single-byte token id
         self._text_probes: list[int] = []  # bytes that only free text allows together
         self._close_order: list[int] = []
@@ -180,9 +183,10 @@ class GrammarCompiler:
         packed = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
         return np.unpackbits(packed, bitorder="little")[: self.vocab_size].astype(bool)
 
-    def _closing_token(self, m: llguidance.LLMatcher) -> int | None:
-        """The next token on a short way to the end of the grammar, one byte at a time:
-        checked candidate by candidate (a fraction of a microsecond each), not by a mask."""
+    def _closing_token(self, m: llguidance.LLMatcher) -> int:
+        """The next token on a short way to the end of the grammar, one byte at a time,
+        checked candidate by candidate (a fraction of a microsecond each), not by a mask;
+        -1 when none of the closing bytes fits."""
 
         def ok(token: int) -> bool:
             return m.validate_tokens([token]) == 1
@@ -191,8 +195,12 @@ class GrammarCompiler:
         for token in (*self._string_order, *self._close_order) if in_text else self._close_order:
             if ok(token):
                 return token
+        return -1
+
+    def _fallback_token(self, m: llguidance.LLMatcher) -> int | None:
+        """Any allowed token, single bytes first (the lowest)."""
         for token in self._fallback:
-            if ok(token):
+            if m.validate_tokens([token]) == 1:
                 return token
         ids = np.flatnonzero(self._allowed(m))  # no single byte fits (a special token)
         return int(ids[0]) if ids.size else None
@@ -208,30 +216,41 @@ class GrammarCompiler:
         while not m.is_stopped():
             if len(path) > 4 * limit + 64:  # bytes; far more than any tokenization fits
                 return None
-            forced = m.compute_ff_tokens()
-            if forced:
-                if not m.consume_tokens(forced):
-                    return None
-                path += forced
-                continue
             if m.is_accepting() and self.eos_token_ids:
                 end = self.eos_token_ids[:1]
                 break
-            token = self._closing_token(m)
+            token: int | None = self._closing_token(m)
+            if token is not None and token < 0:  # a forced stretch (a property name, a tag)
+                forced = m.compute_ff_tokens()
+                if forced:
+                    if not m.consume_tokens(forced):
+                        return None
+                    path += forced
+                    continue
+                token = self._fallback_token(m)
             if token is None or not m.consume_token(token):
                 return None
             path.append(token)
         tokens = self.tokenizer.tokenize_bytes(self.tokenizer.decode_bytes(path))
-        if len(tokens) < len(path) and matcher.deep_copy().consume_tokens(tokens):
+        if len(tokens) < len(path) and matcher.validate_tokens(tokens) == len(tokens):
             path = tokens
         path += end
         return path if len(path) <= limit else None
 
+    def ends(self, matcher: llguidance.LLMatcher, way: list[int]) -> bool:
+        """Whether the tokens ``way`` take ``matcher`` to the end of its grammar."""
+        eos = self.eos_token_ids
+        if not eos:
+            m = matcher.deep_copy()
+            return m.consume_tokens(way) and m.is_stopped()
+        tokens = way if way and way[-1] in eos else [*way, eos[0]]
+        return matcher.validate_tokens(tokens) == len(tokens)
+
     # ------------------------------------------------------------------ batches
 
     def fill_masks(self, constraints: Sequence[Constraint]) -> np.ndarray:
-        """(k, ceil(V/32)) int32: the next-token bitmask of each constraint, computed in
-        parallel outside the GIL."""
+        """(k, V) bool: the tokens each constraint allows next, computed by llguidance's
+        executor outside the GIL (so it overlaps the model's forward, ``ConstrainedRows``)."""
         import llguidance.numpy as llnp
 
         assert self._executor is not None  # built with the tokenizer, before any matcher
@@ -239,7 +258,15 @@ class GrammarCompiler:
         llnp.fill_next_token_bitmask_par(
             self._executor, [(c.matcher, i) for i, c in enumerate(constraints)], bitmask
         )
-        return bitmask
+        bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
+        return bits[:, : self.vocab_size].view(bool)
+
+    def fill_masks_soon(self, constraints: Sequence[Constraint]) -> Future[np.ndarray]:
+        """:meth:`fill_masks` on the compiler's worker thread."""
+        with self._lock:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="genloop-grammar")
+        return self._worker.submit(self.fill_masks, list(constraints))
 
 
 class Constraint:
@@ -278,14 +305,12 @@ class Constraint:
         return way
 
     def _still_ends(self, way: list[int], remaining: int) -> bool:
-        """Whether ``way`` (found in an earlier state) ends the grammar from this one, too:
-        replayed on a copy (microseconds), which spares a search inside a long string."""
+        """Whether ``way`` (found in an earlier state) ends the grammar from this one, too,
+        which spares a search inside a long string: llguidance checks it without moving
+        (a microsecond or two); an end-of-text token after it is allowed only if it ends."""
         if len(way) > remaining:
             return False
-        m = self.matcher.deep_copy()
-        if not m.consume_tokens(way):
-            return False
-        return m.is_stopped() or (bool(way) and way[-1] in self.compiler.eos_token_ids)
+        return self.compiler.ends(self.matcher, way)
 
     def close(self, remaining: int) -> int | None:
         """The token this step must take so that the grammar still ends within
@@ -318,9 +343,12 @@ class Constraint:
             return token  # an error state: the engine fails the request with it
         if self._hopeless or not self._near(remaining - 1):
             return token
-        if before is not None and self._still_ends(before, remaining - 1):
-            self._way = before
-            return token
+        if before is not None:
+            # the way from before this token, or its rest when the token was its start
+            for skip in range(min(_REUSE, len(before)) + 1):
+                if self._still_ends(before[skip:], remaining - 1):
+                    self._way = before[skip:]
+                    return token
         if self._find(remaining - 1) is not None:
             return token
         # no way to the end fits after this token: take one from before it instead
@@ -340,7 +368,9 @@ class Constraint:
 
 
 class ConstrainedRows:
-    """The constrained rows of one engine step: masked before sampling, advanced after.
+    """The constrained rows of one engine step: their masks computed while the model runs
+    (:meth:`start`), applied to the logits before sampling (:meth:`mask`), the matchers
+    advanced after (:meth:`advance`).
 
     ``rows[i]`` is the row of the step's logits (N, V) of ``constraints[i]``, which has
     ``remaining[i]`` tokens of budget left, this step's included.
@@ -352,6 +382,7 @@ class ConstrainedRows:
         self.rows = rows
         self.constraints = constraints
         self.remaining = remaining
+        self._masks: Future[np.ndarray] | None = None
 
     @staticmethod
     def find(
@@ -368,6 +399,11 @@ class ConstrainedRows:
             [i for i, _ in found], [c for _, c in found], [remaining_of(seqs[i]) for i, _ in found]
         )
 
+    def start(self) -> None:
+        """Start computing the masks (on another thread, outside the GIL): they depend only
+        on the tokens taken so far, so they are ready by the time the logits are."""
+        self._masks = self.constraints[0].compiler.fill_masks_soon(self.constraints)
+
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (N, V) with -inf where each row's grammar forbids a token next (a new
         tensor: the runner's may be an inference tensor); a row whose budget calls for
@@ -376,22 +412,22 @@ class ConstrainedRows:
 
         constraints = self.constraints
         compiler = constraints[0].compiler
-        bitmask = torch.from_numpy(compiler.fill_masks(constraints))  # (k, ceil(V/32)) int32
-        shifts = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask[:, :, None] >> shifts) & 1).bool()  # (k, ceil(V/32), 32)
-        allowed = allowed.reshape(len(constraints), -1)[:, : logits.shape[1]]  # (k, V)
+        if self._masks is None:
+            self.start()
+        assert self._masks is not None
+        allowed = self._masks.result()  # (k, V) bool
         for i, c in enumerate(constraints):
             forced = c.close(self.remaining[i])
-            if forced is not None and bool(allowed[i, forced]):
+            if forced is not None and allowed[i, forced]:
                 allowed[i] = False
                 allowed[i, forced] = True
             elif forced is not None:
                 c.forced = []  # the mask disagrees with the way (cannot happen): it chooses
-            if not bool(allowed[i].any()):  # a matcher in an error state allows nothing
+            if not allowed[i].any():  # a matcher in an error state allows nothing
                 allowed[i, compiler.eos_token_ids[:1] or [0]] = True  # the engine says why
+        forbidden = torch.from_numpy(~allowed[:, : logits.shape[1]]).to(logits.device)
         index = torch.tensor(self.rows, device=logits.device)
-        sub = logits.index_select(0, index)
-        sub.masked_fill_(~allowed.to(logits.device), float("-inf"))
+        sub = logits.index_select(0, index).masked_fill_(forbidden, float("-inf"))
         return logits.index_copy(0, index, sub)
 
     def advance(self, logits: torch.Tensor, picked: list[Sampled]) -> None:
