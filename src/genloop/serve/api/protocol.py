@@ -1,5 +1,6 @@
 """What the endpoint families' protocol models share: the sampling fields of the text
-endpoints (OpenAI's, plus ``top_k`` and ``num_beams``), seed bounds, response ids."""
+endpoints (OpenAI's, plus ``top_k`` and ``num_beams``), ``response_format``, seed bounds,
+response ids."""
 
 from __future__ import annotations
 

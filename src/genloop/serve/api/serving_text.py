@@ -209,7 +209,7 @@ async def _proxy(state: ServerState, request: Request, body: BaseModel, path: st
     The upstream records the request (usage, request log) itself: replicas share the
     catalog, and counting it here too would count it twice. Metrics count it here.
     """
-    payload = body.model_dump(exclude_unset=True)
+    payload = body.model_dump(exclude_unset=True, by_alias=True)  # json_schema's "schema"
     model = payload["model"]
     started = time.monotonic()
     status = 503
@@ -369,7 +369,7 @@ async def prepare_grammar(loaded: LoadedModel, grammar: str | None, param: str) 
 
 def log_params(body: BaseModel, *, exclude: set[str]) -> dict[str, Any]:
     """The request's settings for the request log (never its text)."""
-    return body.model_dump(exclude=exclude | {"user"}, exclude_none=True)
+    return body.model_dump(exclude=exclude | {"user"}, exclude_none=True, by_alias=True)
 
 
 def user_of(body: SamplingFields, principal: Principal) -> str | None:
