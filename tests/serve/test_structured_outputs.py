@@ -352,3 +352,23 @@ def test_a_parsed_answer_goes_back_into_the_conversation(client: openai.OpenAI) 
         max_tokens=10,
     )
     assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_auto_answers_in_text_or_with_valid_calls(client: openai.OpenAI) -> None:
+    """tool_choice auto: the model decides; whatever it writes as a call is a valid one."""
+    for seed in range(6):
+        r = client.chat.completions.create(
+            model="tiny",
+            messages=ASK,
+            tools=[WEATHER_TOOL],
+            max_tokens=60,
+            seed=seed,  # type: ignore[list-item]
+        )
+        choice = r.choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason in ("tool_calls", "length")
+            for call in choice.message.tool_calls:
+                GetWeather.model_validate_json(call.function.arguments)
+        else:
+            assert choice.finish_reason in ("stop", "length")
+            assert isinstance(choice.message.content, str)
