@@ -52,6 +52,13 @@ slower and noisier). Timings on a shared machine are noisy.
 sequences and the ratio to Llama's in the same run (the quick run prints it too).
 
     python benchmarks/bench_serve.py --vllm-gateway [--quick]   (needs make vllm)
+
+``--structured`` measures what grammar-constrained decoding costs: the same genloop server
+under 16 streaming clients, requests with ``response_format: json_schema`` (a typical
+extraction schema) taking turns with unconstrained ones; ``structured_ratio_c16`` =
+constrained tokens/s / unconstrained tokens/s (target ≥ 0.85).
+
+    python benchmarks/bench_serve.py --structured [--quick]
 """
 
 from __future__ import annotations
@@ -384,7 +391,8 @@ def wait_ready(server: Server, tmp: Path, timeout: float) -> None:
             server.ready_path = "/ready"
         try:
             r = httpx.get(server.url + server.ready_path, headers=server.headers, timeout=5)
-            if r.status_code == 200:
+            # the app's key file may appear between the check above and this answer
+            if r.status_code == 200 and not (server.name == "app" and not server.headers):
                 return
         except httpx.HTTPError:
             pass
@@ -422,6 +430,7 @@ async def one_request(
     max_tokens: int,
     stream: bool,
     temperature: float = 1.0,
+    extra: dict[str, Any] | None = None,
 ) -> Result:
     body: dict[str, Any] = {
         "model": server.model,
@@ -429,7 +438,7 @@ async def one_request(
         "max_tokens": max_tokens,
         "temperature": temperature,
         "stream": stream,
-    }
+    } | (extra or {})
     if server.name in ("engine", "hf"):  # the OpenAI API has no such field
         body["ignore_eos"] = True
     if stream and server.name in ("transformers-serve", "app", "vllm"):
@@ -478,6 +487,7 @@ async def load_run(
     max_tokens: int,
     stream: bool,
     temperature: float = 1.0,
+    extra: dict[str, Any] | None = None,
 ) -> RunFigures:
     """``concurrency`` clients, each sending requests back to back, ``requests`` in all
     (or fewer when ``time_budget`` runs out first)."""
@@ -495,7 +505,9 @@ async def load_run(
                 prompt = prompts[sent % len(prompts)]
                 sent += 1
                 results.append(
-                    await one_request(client, server, prompt, max_tokens, stream, temperature)
+                    await one_request(
+                        client, server, prompt, max_tokens, stream, temperature, extra
+                    )
                 )
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -968,6 +980,124 @@ def null_vllm_figures() -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------ structured outputs
+
+# An extraction schema of the usual kind (what the openai client's parse() sends for a
+# pydantic model): strings, a bounded integer, an enum, a list, a nested object.
+STRUCTURED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+        "kind": {"enum": ["function", "class", "module"]},
+        "names": {"type": "array", "items": {"type": "string"}},
+        "owner": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "active": {"type": "boolean"}},
+            "required": ["name", "active"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["title", "year", "kind", "names", "owner"],
+    "additionalProperties": False,
+}
+STRUCTURED_CONCURRENCY = 16
+TARGET_STRUCTURED_RATIO = 0.85
+
+
+def structured_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Constrained (``response_format: json_schema``) vs unconstrained completions on one
+    genloop server, 16 streaming clients, same prompts, budget and temperature; the two
+    take turns, ``--repeat`` rounds, the best round of each counting. Tokens are the
+    usage's completion tokens: a constrained request that closes its JSON early counts
+    the tokens it generated. The ratio is what constraining costs in throughput."""
+    started = time.perf_counter()
+    fmt = {"type": "json_schema", "json_schema": {"name": "doc", "schema": STRUCTURED_SCHEMA}}
+    sides: dict[str, dict[str, Any] | None] = {
+        "unconstrained": None,
+        "constrained": {"response_format": fmt},
+    }
+    c = STRUCTURED_CONCURRENCY
+    with tempfile.TemporaryDirectory(prefix="bench_structured_") as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = build_checkpoint(tmp, args.preset, args.vocab_size, 0.5 if args.quick else 1.0)
+        params = json.loads((model_dir / "bench.json").read_text())["parameters"]
+        prompts = make_prompts(model_dir, 32, args.prompt_tokens)
+        print(
+            f"structured outputs: {args.preset} ({params / 1e6:.2f}M parameters), "
+            f"{args.max_tokens} new tokens per request, {c} clients, best of {args.repeat}",
+            file=sys.stderr,
+        )
+        server = start("app", model_dir, args, tmp)
+        try:
+            wait_ready(server, tmp, timeout=args.start_timeout)
+            for extra in sides.values():
+                asyncio.run(
+                    load_run(
+                        server,
+                        prompts,
+                        2,
+                        requests=4,
+                        time_budget=60,
+                        max_tokens=16,
+                        stream=True,
+                        extra=extra,
+                    )
+                )
+            requests = max(args.requests_per_client * c, args.min_requests)
+            best: dict[str, RunFigures] = {}
+            for _ in range(args.repeat):
+                for side, extra in sides.items():
+                    f = asyncio.run(
+                        load_run(
+                            server,
+                            prompts,
+                            c,
+                            requests=requests,
+                            time_budget=args.time_budget,
+                            max_tokens=args.max_tokens,
+                            stream=True,
+                            extra=extra,
+                        )
+                    )
+                    print(
+                        f"  {side:>13} c={c} {f.tokens_per_s:8.1f} tok/s  ({f.requests} "
+                        f"requests, {f.tokens} tokens, {f.seconds:.1f} s)  itl p50 "
+                        f"{ms(pct(f.gaps, 50))} ms",
+                        file=sys.stderr,
+                    )
+                    if side not in best or f.tokens_per_s > best[side].tokens_per_s:
+                        best[side] = f
+        finally:
+            stop(server)
+    ours, base = best["constrained"], best["unconstrained"]
+    ratio = round(ours.tokens_per_s / base.tokens_per_s, 3)
+    figures = {
+        "structured_tokens_per_s_c16": round(ours.tokens_per_s, 1),
+        "unconstrained_tokens_per_s_c16": round(base.tokens_per_s, 1),
+        "structured_ratio_c16": ratio,
+        "structured_itl_p50_ms": ms(pct(ours.gaps, 50)),
+        "unconstrained_itl_p50_ms": ms(pct(base.gaps, 50)),
+        "structured_tokens_per_request": round(ours.tokens / max(1, ours.requests), 1),
+        "preset": args.preset,
+        "parameters": params,
+        "vocab_size": args.vocab_size,
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "repeat": args.repeat,
+        "quick": args.quick,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    met = ratio >= TARGET_STRUCTURED_RATIO
+    print(
+        f"structured_ratio_c16 = {ratio} (target >= {TARGET_STRUCTURED_RATIO}: "
+        f"{'met' if met else 'NOT met'})",
+        file=sys.stderr,
+    )
+    print(json.dumps(figures))
+    return figures
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -1004,6 +1134,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vllm-gateway",
         action="store_true",
         help="instead: genloop's gateway over managed vLLM vs bare vLLM (make vllm)",
+    )
+    p.add_argument(
+        "--structured",
+        action="store_true",
+        help="instead: json_schema-constrained vs unconstrained throughput, 16 clients",
     )
     p.add_argument(
         "--vllm",
@@ -1064,6 +1199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     if args.vllm_gateway:
         return vllm_gateway_main(args)
+    if args.structured:
+        return structured_main(args)
     if args.families or args.quick:  # the quick run prints the families' table too
         families = bench_families(args)
         if args.families:

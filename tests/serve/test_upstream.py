@@ -76,6 +76,14 @@ def test_requests_reach_the_replica_with_the_same_key(
         with pytest.raises(openai.BadRequestError) as err:  # the replica's 400, passed on
             c.completions.create(model="tiny", prompt="Hi", n=99)
         assert err.value.body["param"] == "n"
+        # structured outputs go on to the replica, which holds the answer to the schema
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+        r = c.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hi"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "o", "schema": schema}},
+        )
+        assert isinstance(json.loads(r.choices[0].message.content or "")["ok"], bool)
 
 
 def test_the_front_checks_keys_itself(front: LiveServer) -> None:

@@ -253,6 +253,37 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_native_engine_does(
     assert all(len(top) <= 2 for top in lp["top_logprobs"][1:])
 
 
+def test_json_schema_is_followed_by_vllm(gateway: SlowLiveServer) -> None:
+    """The same grammar as on the native engine, through vLLM's guidance backend: an
+    untrained model's answer is the schema's JSON (every value bounded, so it ends
+    within max_tokens without genloop's closing rule, which vLLM does not have)."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"enum": ["Paris", "Rome"]},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["city", "n", "ok"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model": "wide",
+        "messages": [{"role": "user", "content": "A city as JSON."}],
+        "max_tokens": 64,
+        "seed": 1,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    }
+    with gateway.client(gateway.keys["generate"]) as c:
+        r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    doc = json.loads(choice["message"]["content"])
+    assert doc["city"] in ("Paris", "Rome") and 0 <= doc["n"] <= 99
+    assert isinstance(doc["ok"], bool)
+
+
 def test_a_key_is_needed(gateway: SlowLiveServer) -> None:
     with gateway.client() as c:
         r = c.post("/v1/completions", json={"model": "wide", "prompt": "x", "max_tokens": 2})

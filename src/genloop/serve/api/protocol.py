@@ -1,9 +1,11 @@
 """What the endpoint families' protocol models share: the sampling fields of the text
-endpoints (OpenAI's, plus ``top_k`` and ``num_beams``), seed bounds, response ids."""
+endpoints (OpenAI's, plus ``top_k`` and ``num_beams``), ``response_format``, seed bounds,
+response ids."""
 
 from __future__ import annotations
 
 import uuid
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +20,24 @@ def new_id(prefix: str) -> str:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = Field(False, description="Send a last chunk with the usage.")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="The format's name.")
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="A JSON schema the output must conform to."
+    )
+    strict: bool | None = Field(None, description="Always enforced (by a grammar).")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or a JSON schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(BaseModel):
@@ -45,3 +65,6 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported (leave unset).")
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the output is JSON (a grammar holds it)."
+    )

@@ -16,6 +16,7 @@ does the rest, the same for both:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
@@ -73,8 +74,9 @@ class TextHandler(Protocol):
         """The choices of the chunks streamed before the first token (one chunk each)."""
         ...
 
-    def delta(self, run: TextRun, piece: Piece) -> dict[str, Any]:
-        """The choice of the chunk that streams one piece (a token, or a choice's end)."""
+    def delta(self, run: TextRun, piece: Piece) -> dict[str, Any] | None:
+        """The choice of the chunk that streams one piece (a token, or a choice's end);
+        None: nothing to send for it yet (text held back, as a possible tool call's tag)."""
         ...
 
 
@@ -170,7 +172,9 @@ def _stream(run: TextRun, handler: TextHandler, *, on_close: Callable[[], None])
             for c in head:
                 yield sse(c)
             async for piece in run.pieces():
-                yield before + json_bytes(handler.delta(run, piece)) + after
+                choice = handler.delta(run, piece)
+                if choice is not None:
+                    yield before + json_bytes(choice) + after
             if include_usage:
                 yield sse(_chunk(run, handler, []) | {"usage": run.usage()})
             outcome.update(status=200, error=None)
@@ -205,7 +209,7 @@ async def _proxy(state: ServerState, request: Request, body: BaseModel, path: st
     The upstream records the request (usage, request log) itself: replicas share the
     catalog, and counting it here too would count it twice. Metrics count it here.
     """
-    payload = body.model_dump(exclude_unset=True)
+    payload = body.model_dump(exclude_unset=True, by_alias=True)  # json_schema's "schema"
     model = payload["model"]
     started = time.monotonic()
     status = 503
@@ -278,6 +282,9 @@ def check_request(body: SamplingFields, state: ServerState, choices: int) -> Non
             raise invalid("beam search returns one sequence: use n = 1 with num_beams", "n")
     if body.stream_options is not None and not body.stream:
         raise invalid("stream_options needs stream: true", "stream_options")
+    fmt = body.response_format
+    if body.num_beams > 1 and fmt is not None and fmt.type != "text":
+        raise invalid("beam search (num_beams > 1) cannot follow a response_format", "num_beams")
 
 
 def stop_list(stop: str | list[str] | None, max_stop: int) -> tuple[str, ...]:
@@ -354,9 +361,21 @@ def sampling_params(
     )
 
 
+async def prepare_grammar(loaded: LoadedModel, grammar: str | None, param: str) -> None:
+    """Get a request's grammar ready on the engine that will follow it (compiled for the
+    native engine, checked for vLLM), off the event loop; a 400 naming ``param`` if not."""
+    if grammar is None:
+        return
+    engine = loaded.text_engine()
+    try:
+        await asyncio.to_thread(engine.prepare_grammar, grammar)
+    except GenloopError as exc:
+        raise invalid(str(exc), param) from None
+
+
 def log_params(body: BaseModel, *, exclude: set[str]) -> dict[str, Any]:
     """The request's settings for the request log (never its text)."""
-    return body.model_dump(exclude=exclude | {"user"}, exclude_none=True)
+    return body.model_dump(exclude=exclude | {"user"}, exclude_none=True, by_alias=True)
 
 
 def user_of(body: SamplingFields, principal: Principal) -> str | None:

@@ -63,6 +63,7 @@ class TextJob:
     log_prompt: str  # the prompt as the request log keeps it (chat: JSON of the messages)
     log_params: dict[str, Any]
     flags: list[str] = field(default_factory=list)
+    grammar: str | None = None  # the output must match it (api/structured.py)
     started: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -126,6 +127,7 @@ class TextRun:
                     prompt_ids=job.prompts[i // job.n],
                     params=params,
                     deadline=deadline,
+                    grammar=job.grammar,
                 )
                 self._events.append(engine.submit(request))
         except BaseException:
@@ -183,7 +185,8 @@ class TextRun:
 
     async def _choice(self, i: int, events: AsyncIterator[Event]) -> AsyncIterator[Piece]:
         result = self.results[i]
-        guard = self.state.guardrails.repetition_guard()
+        # a grammar bounds the output, and cutting it would break its JSON: no repetition cut
+        guard = self.state.guardrails.repetition_guard() if self.job.grammar is None else None
         async for event in events:
             if isinstance(event, PromptLogprobs):
                 result.prompt_logprobs = event
@@ -203,7 +206,7 @@ class TextRun:
                 yield Piece(i, finish_reason=result.finish_reason)
                 return
             result.completion_tokens += 1
-            if guard.feed(event.text):
+            if guard is not None and guard.feed(event.text):
                 result.flags.append("repetition")
                 result.finish_reason = "stop"
                 yield Piece(i, finish_reason="stop")

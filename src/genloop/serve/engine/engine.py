@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from genloop.errors import ConflictError, GenloopError
+from genloop.serve.engine.grammar import ConstrainedRows, Constraint, GrammarCompiler
 from genloop.serve.engine.kv_cache import CachePlan
 from genloop.serve.engine.prompts import PromptTokenizer
 from genloop.serve.engine.runner import Chunk, Runner
@@ -140,6 +141,7 @@ class _State:
     # the prompt's scores so far (prompt_logprobs), position 0's None included
     prompt_logprobs: list[float | None] | None = None
     prompt_top: list[dict[str, float] | None] | None = None
+    constraint: Constraint | None = None  # the grammar the output must match (grammar.py)
 
 
 # ------------------------------------------------------------------------- engine
@@ -192,6 +194,9 @@ class Engine:
             prefill_budget=prefill_budget,
         )
         self._decode = make_decode(tokenizer)
+        self.grammars = GrammarCompiler(
+            tokenizer, vocab_size=runner.vocab_size, eos_token_ids=sorted(self.eos_token_ids)
+        )
         # shared with the asyncio side, under _lock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -219,11 +224,18 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.prompts.encode(text)
 
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.prompts.chat_prompt_ids(messages)
+    def chat_prompt_ids(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return self.prompts.chat_prompt_ids(messages, tools)
 
     def token_text(self, token_id: int) -> str:
         return self.prompts.token_text(token_id)
+
+    def prepare_grammar(self, grammar: str) -> None:
+        """Compile ``grammar`` for this model now (callers run it off the event loop), so
+        that ``submit`` finds it in the cache; a GenloopError for one it cannot run."""
+        self.grammars.compile(grammar)
 
     # --------------------------------------------------------------- async side
 
@@ -272,6 +284,7 @@ class Engine:
             generator=make_generator(params.seed),
             detok=IncrementalDetokenizer(self._decode, seq.prompt_ids),
             stops=StopStrings(params.stop),
+            constraint=self.grammars.constraint(request.grammar) if request.grammar else None,
         )
         if params.prompt_logprobs is not None:
             seq.state.prompt_logprobs, seq.state.prompt_top = [None], [None]
@@ -394,6 +407,10 @@ class Engine:
             )
         if any(not 0 <= t < self.vocab_size for t in p.stop_token_ids):
             raise GenloopError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if request.grammar is not None and p.num_beams > 1:
+            raise GenloopError(
+                "beam search (num_beams > 1) cannot follow a grammar; use num_beams 1"
+            )
 
     def _validate_prompt_logprobs(self, k: int, num_beams: int) -> None:
         if not 0 <= k <= MAX_LOGPROBS:
@@ -478,6 +495,12 @@ class Engine:
                 )
         batch = plan.decode
         scored = any(_scores(c.seq) for c in plan.prefill)
+        # one per sampled logits row: the decode batch, then each prompt's last chunk (a
+        # prompt only scored, max_tokens 0, samples nothing)
+        rows = [*batch, *(c.seq for c in plan.prefill if c.last and _samples(c.seq))]
+        constrained = ConstrainedRows.find(rows, lambda s: s.state.constraint, self._budget_left)
+        if constrained is not None:
+            constrained.start()  # the grammar masks are computed while the model runs
         logits = runner.step(
             [
                 Chunk(c.seq.slot, c.token_ids, c.start, c.last, _scores(c.seq))  # type: ignore[arg-type]
@@ -489,12 +512,9 @@ class Engine:
         )
         for seq in batch:
             scheduler.decoded(seq)
-        rows = list(batch)
         if not scored:  # the common step: one logits row per sequence that samples
             for chunk in plan.prefill:
                 scheduler.prefilled(chunk)
-                if chunk.last:
-                    rows.append(chunk.seq)
         else:  # a scored chunk has a row per position (Runner.step); sample from the last
             picks, at, prompts = list(range(len(batch))), len(batch), []
             for chunk in plan.prefill:
@@ -502,11 +522,9 @@ class Engine:
                 if _scores(chunk.seq):
                     prompts.append((chunk, at))
                     at += chunk.end - chunk.start
-                    if chunk.last and chunk.seq.params.max_tokens > 0:
-                        rows.append(chunk.seq)
+                    if chunk.last and _samples(chunk.seq):
                         picks.append(at - 1)
                 elif chunk.last:
-                    rows.append(chunk.seq)
                     picks.append(at)
                     at += 1
             assert logits is not None
@@ -516,7 +534,11 @@ class Engine:
             logits = logits.index_select(0, torch.tensor(picks, device=logits.device))
         if logits is None or not rows:
             return
+        if constrained is not None:
+            logits = constrained.mask(logits)
         picked = sample(logits, [s.params for s in rows], [s.state.generator for s in rows])
+        if constrained is not None:
+            constrained.advance(logits, picked)
         now = time.monotonic()
         for seq, choice in zip(rows, picked, strict=True):
             self._on_token(seq, choice, now)
@@ -565,6 +587,12 @@ class Engine:
             text, hit = state.stops.add(state.detok.add(token))
             if hit:
                 reason = "stop"
+        error = None
+        if reason is None and state.constraint is not None and state.constraint.finished:
+            text += state.stops.flush()  # the grammar is complete: nothing may follow
+            reason = "stop"
+            if state.constraint.error:  # a token the grammar refused (a bug): say which
+                reason, error = "error", f"grammar: {state.constraint.error}"
         if reason is None and (
             len(seq.output_ids) >= p.max_tokens or self.scheduler.reached_length(seq)
         ):
@@ -574,10 +602,15 @@ class Engine:
         if choice.top is not None:
             top = {}
             for t, lp in choice.top:  # best first; tokens whose text collides keep the best
-                top.setdefault(self.token_text(t), lp)
+                if lp != -math.inf:  # a grammar forbids it: not an alternative
+                    top.setdefault(self.token_text(t), lp)
         self._emit(seq, TokenDelta(token, text, choice.logprob, top))
         if reason is not None:
-            self._finish(seq, reason)
+            self._finish(seq, reason, error)
+
+    def _budget_left(self, seq: Seq) -> int:
+        """Tokens ``seq`` may still generate, this step's included."""
+        return min(seq.params.max_tokens - len(seq.output_ids), self.context_length - seq.length)
 
     def _finish(self, seq: Seq, reason: FinishReason, error: str | None = None) -> None:
         if seq.status == "finished":
@@ -735,6 +768,11 @@ class Engine:
 def _scores(seq: Seq) -> bool:
     """Whether ``seq`` asks for its prompt's log-probabilities (every position's logits)."""
     return seq.params.prompt_logprobs is not None
+
+
+def _samples(seq: Seq) -> bool:
+    """Whether ``seq`` generates (a prompt scored with ``max_tokens`` 0 does not)."""
+    return seq.params.max_tokens > 0
 
 
 def _deliver(items: list[tuple[RequestStream, Event]]) -> None:

@@ -39,8 +39,11 @@ class PromptTokenizer:
             ids = [int(start)]
         return ids
 
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The prompt of a chat: the tokenizer's chat template, ending with the assistant's turn."""
+    def chat_prompt_ids(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The prompt of a chat: the tokenizer's chat template, ending with the assistant's
+        turn; ``tools`` (OpenAI's function specs) go to a template that renders them."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise GenloopError(
                 f"model {self.model_name} has no chat template in its tokenizer, so it cannot "
@@ -48,8 +51,9 @@ class PromptTokenizer:
                 "a tokenizer that has one (genloop's own tokenizers do)"
             )
         try:
+            extra = {"tools": tools} if tools else {}
             ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
             )
         except Exception as exc:  # jinja raises its own errors for messages it cannot render
             raise GenloopError(f"the chat template cannot render these messages: {exc}") from None

@@ -58,8 +58,17 @@ class TextEngine(Protocol):
         """Token ids of a completion prompt (an empty one starts from BOS)."""
         ...
 
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The prompt of a chat, through the tokenizer's chat template."""
+    def chat_prompt_ids(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The prompt of a chat, through the tokenizer's chat template (with ``tools`` for
+        a template that renders them)."""
+        ...
+
+    def prepare_grammar(self, grammar: str) -> None:
+        """Get ``grammar`` (``GenerationRequest.grammar``: llguidance's Lark dialect) ready
+        for this model, or raise a GenloopError (400) saying why it cannot be followed.
+        May take milliseconds: callers run it off the event loop."""
         ...
 
     def token_text(self, token_id: int) -> str:

@@ -47,6 +47,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     deadline: float | None = None  # time.monotonic() after which it finishes as "timeout"
+    grammar: str | None = None  # llguidance grammar the completion must match (grammar.py)
 
 
 @dataclass(frozen=True)

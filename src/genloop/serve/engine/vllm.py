@@ -49,6 +49,7 @@ import httpx
 import orjson
 
 from genloop.errors import GenloopError
+from genloop.serve.engine.grammar import GrammarError, check_grammar
 from genloop.serve.engine.prompts import PromptTokenizer
 from genloop.serve.engine.types import (
     EngineBusy,
@@ -207,6 +208,9 @@ class VllmProcess:
             str(MAX_LOGPROBS),
             "--generation-config",
             "vllm",  # sampling defaults are the request's, as on the native engine
+            # grammars are llguidance's Lark dialect, as the native engine's (grammar.py)
+            "--structured-outputs-config",
+            json.dumps({"backend": "guidance"}),
             "--disable-uvicorn-access-log",
         ]
         if self.device == "cpu":
@@ -390,11 +394,20 @@ class VllmEngine:
     def encode(self, text: str) -> list[int]:
         return self.prompts.encode(text)
 
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.prompts.chat_prompt_ids(messages)
+    def chat_prompt_ids(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return self.prompts.chat_prompt_ids(messages, tools)
 
     def token_text(self, token_id: int) -> str:
         return self.prompts.token_text(token_id)
+
+    def prepare_grammar(self, grammar: str) -> None:
+        """Check ``grammar`` here, for a clear 400 before vLLM sees it (vLLM compiles it
+        with the same llguidance, ``--structured-outputs-config`` backend ``guidance``)."""
+        errors = check_grammar(grammar)
+        if errors:
+            raise GrammarError(f"the grammar is invalid: {errors[0]}")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -578,6 +591,8 @@ class VllmEngine:
             payload["logprobs"] = max(p.logprobs or 0, p.prompt_logprobs)
         if p.ignore_eos:
             payload["ignore_eos"] = True
+        if request.grammar is not None:
+            payload["structured_outputs"] = {"grammar": request.grammar}
         return payload
 
     async def _events(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:

@@ -20,11 +20,13 @@ from genloop.serve.api.serving_text import (
     check_prompt_len,
     check_request,
     log_params,
+    prepare_grammar,
     sampling_params,
     serve_text,
     stop_list,
     user_of,
 )
+from genloop.serve.api.structured import response_grammar
 from genloop.serve.api.text_run import TextJob
 from genloop.serve.errors import invalid
 
@@ -87,6 +89,8 @@ class CompletionHandler:
     async def build(self, loaded: LoadedModel) -> TextJob:
         body, state = self.body, self.state
         engine = loaded.text_engine()
+        grammar = await asyncio.to_thread(response_grammar, body.response_format)
+        await prepare_grammar(loaded, grammar, "response_format")
         vocab = engine.vocab_size
         ids: list[list[int]] = []
         for p in self.prompts:
@@ -126,6 +130,7 @@ class CompletionHandler:
             log_prompt=self.texts[0] if one_text else json.dumps(self.prompts, ensure_ascii=False),
             log_params=log_params(body, exclude={"prompt"}),
             flags=self.flags,
+            grammar=grammar,
         )
 
     def choice(self, run: TextRun, result: ChoiceResult) -> dict[str, Any]:
