@@ -372,3 +372,43 @@ def test_auto_answers_in_text_or_with_valid_calls(client: openai.OpenAI) -> None
         else:
             assert choice.finish_reason in ("stop", "length")
             assert isinstance(choice.message.content, str)
+
+
+def test_scored_and_constrained_requests_share_a_batch(client: openai.OpenAI) -> None:
+    """A prompt scored for lm-evaluation-harness (echo + logprobs) and a schema-bound answer
+    running together get what each gets alone: the same prompt scores, the same JSON."""
+
+    def score() -> list[float | None]:
+        r = client.completions.create(
+            model="tiny",
+            prompt="The cat sat on the mat",
+            echo=True,
+            logprobs=1,
+            max_tokens=1,
+            temperature=0,
+        )
+        assert r.choices[0].logprobs is not None
+        return list(r.choices[0].logprobs.token_logprobs or [])
+
+    def answer() -> str:
+        r = client.chat.completions.create(
+            model="tiny",
+            messages=ASK,
+            temperature=0,
+            max_tokens=80,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "weather", "schema": GetWeather.model_json_schema()},
+            },
+        )
+        return r.choices[0].message.content or ""
+
+    alone = (score(), answer())
+    with ThreadPoolExecutor(8) as pool:
+        scores = [pool.submit(score) for _ in range(4)]
+        answers = [pool.submit(answer) for _ in range(4)]
+        together = [f.result() for f in scores], [f.result() for f in answers]
+    GetWeather.model_validate_json(alone[1])
+    for got in together[0]:
+        assert got == pytest.approx(alone[0], abs=1e-4)
+    assert together[1] == [alone[1]] * 4
