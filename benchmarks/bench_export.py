@@ -88,8 +88,10 @@ def llamacpp_side(
     greedy: list[list[int]] = []
     nll, count, tokenized = 0.0, 0, []
     for i, ids in enumerate(prompts):
+        first = i == 0  # perplexity and tokenization once
         request = {"model": str(path), "prompt_ids": ids, "new_tokens": new,
-                   "windows": windows if i == 0 else [], "texts": [text] if i == 0 else []}  # fmt: skip
+                   "windows": windows if first else [],
+                   "texts": [text] if first else []}  # fmt: skip
         ran = subprocess.run(
             [str(python), str(ROOT / "scripts" / "llamacpp_probe.py")],
             input=json.dumps(request), capture_output=True, text=True, timeout=1800,

@@ -108,7 +108,9 @@ def test_f16_round_trip_holds_the_weights_tokenizer_and_metadata(
     assert np.allclose(stored, permute_rope(q, 2).numpy(), atol=1e-3)
     assert not np.allclose(stored, q.numpy(), atol=1e-3)  # the permutation did something
     k = state["model.layers.0.self_attn.k_proj.weight"]
-    assert np.allclose(_float(tensors["blk.0.attn_k.weight"]), permute_rope(k, 1).numpy(), atol=1e-3)
+    assert np.allclose(
+        _float(tensors["blk.0.attn_k.weight"]), permute_rope(k, 1).numpy(), atol=1e-3
+    )
     norm = tensors["blk.0.ffn_norm.weight"]
     assert norm.tensor_type == gguf.GGMLQuantizationType.F32
     assert np.array_equal(_float(norm), state["model.layers.0.post_attention_layernorm.weight"])
@@ -171,7 +173,9 @@ def export_ws(wide: Path, tmp_path_factory: pytest.TempPathFactory) -> Workspace
     ws = init_workspace(root / "ws")
     registry.register_model(ws, "lm", "causal_lm", wide)
     vae_dir = root / "vae"
-    VAE.save(VAE.build({"image_size": 8, "channels": 1, "latent_dim": 4, "base_channels": 8}), vae_dir)
+    VAE.save(
+        VAE.build({"image_size": 8, "channels": 1, "latent_dim": 4, "base_channels": 8}), vae_dir
+    )
     registry.register_model(ws, "vae", "vae", vae_dir)
     gelu = FAMILY.build({"preset": "tiny", "vocab_size": 320, "n_layer": 1, "n_embd": 64,
                          "n_head": 2, "activation": "gelu"})  # fmt: skip

@@ -14,8 +14,7 @@ def export(
     model: Annotated[
         str,
         typer.Argument(
-            help="NAME, NAME@VERSION or NAME@ALIAS, or a local Hugging Face checkpoint "
-            "directory."
+            help="NAME, NAME@VERSION or NAME@ALIAS, or a local Hugging Face checkpoint directory."
         ),
     ],
     format_: Annotated[

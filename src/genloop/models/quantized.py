@@ -25,9 +25,10 @@ Schemes (W: weight (N, K) = (out, in), x: activations (M, K)):
     Groups of ``group_size`` input weights, asymmetric with an integer zero point:
     ``W ≈ (q − z₀)·s`` with q, z₀ ∈ [0, 15] (GPTQ's and compressed-tensors' ``W4A16_ASYM``,
     so :mod:`genloop.optimize.compressed_checkpoint` writes the very same codes), stored
-    as the kernels take it, ``(q − 8)·s + z`` with ``z = (8 − z₀)·s``, two codes per byte. CPU: ``aten._weight_int4pack_mm_for_cpu`` (bf16
-    activations; N a multiple of 16); CUDA: ``aten._weight_int4pack_mm`` (tinygemm) where
-    the shapes allow it; otherwise dequantized on the fly. Layers whose input width is not
+    as the kernels take it, ``(q − 8)·s + z`` with ``z = (8 − z₀)·s``, two codes per byte.
+    CPU: ``aten._weight_int4pack_mm_for_cpu`` (bf16 activations; N a multiple of 16);
+    CUDA: ``aten._weight_int4pack_mm`` (tinygemm) where the shapes allow it; otherwise
+    dequantized on the fly. Layers whose input width is not
     a multiple of the group size stay float (listed under ``skipped``).
 
 Whether a path is fast depends on the CPU (``benchmarks/bench_optimize.py`` measures it).

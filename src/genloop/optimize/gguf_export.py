@@ -133,7 +133,9 @@ def write_gguf(
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_block_count(int(config["num_hidden_layers"]))
     writer.add_head_count(int(config["num_attention_heads"]))
-    writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+    writer.add_head_count_kv(
+        int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    )
     writer.add_rope_dimension_count(head_dim)
     if head_dim != config["hidden_size"] // config["num_attention_heads"]:
         writer.add_key_length(head_dim)
@@ -231,8 +233,6 @@ def _tensor_map(n_layer: int) -> Any:
     return _MAPS[n_layer]
 
 
-
-
 # ---------------------------------------------------------------------------- tokenizer
 
 
@@ -280,8 +280,7 @@ def gguf_vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], 
     added = tok.get_added_tokens_decoder()
     if by_id and max(by_id) >= vocab_size:
         raise GenloopError(
-            f"the tokenizer has ids up to {max(by_id)} but the model's vocabulary is "
-            f"{vocab_size}"
+            f"the tokenizer has ids up to {max(by_id)} but the model's vocabulary is {vocab_size}"
         )
     tokens: list[str] = []
     types: list[int] = []
