@@ -5,6 +5,7 @@
 #   make lock          re-resolve requirements.lock (newest versions within pyproject's ranges)
 #   make vllm          the managed vLLM engine's own environment, .venv-vllm (make pytest does it)
 #   make lock-vllm     re-resolve requirements-vllm.lock
+#   make llamacpp      llama.cpp's Python bindings in .venv-llamacpp (compiles llama.cpp)
 #   make test-latest   the whole gate on the newest versions, unlocked (scheduled in CI)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -26,7 +27,13 @@ VLLM_LOCK := requirements-vllm.lock
 VLLM_VERSION := 0.32.0
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install demo test lint typecheck pytest bench clean lock test-latest vllm lock-vllm
+# llama.cpp (llama-cpp-python, compiled from its source package: ~10 minutes on 2 cores)
+# checks genloop's GGUF exports: tests/optimize/test_gguf_export.py, bench_export.py.
+LLAMACPP_VENV := .venv-llamacpp
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed-stamp
+LLAMACPP_VERSION := 0.3.36
+
+.PHONY: install demo test lint typecheck pytest bench clean lock test-latest vllm lock-vllm llamacpp
 
 # Development, CI and the demo install exactly the locked set (every file's hash checked);
 # pyproject.toml keeps ranges for the library's users.
@@ -94,6 +101,16 @@ endif
 
 vllm: $(VLLM_STAMP)
 
+$(LLAMACPP_STAMP):
+	test -x $(LLAMACPP_VENV)/bin/python || $(PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python -m pip install --quiet --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMACPP_VENV)/bin/pip install --quiet \
+	  llama-cpp-python==$(LLAMACPP_VERSION)
+	$(LLAMACPP_VENV)/bin/python -c "import llama_cpp"
+	touch $(LLAMACPP_STAMP)
+
+llamacpp: $(LLAMACPP_STAMP)
+
 lock-vllm:
 	test -x $(BIN)/uv || $(BIN)/pip install --quiet uv
 	$(BIN)/uv pip compile requirements-vllm.in --generate-hashes --upgrade \
@@ -114,4 +131,4 @@ test-latest:
 	$(MAKE) test BIN=$(LATEST)/bin STAMP=$(LATEST)/.installed-stamp
 
 clean:
-	rm -rf $(VENV) $(LATEST) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) $(VLLM_VENV) $(LLAMACPP_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,7 @@ from genloop.cli import (
     config_cmd,
     data,
     evaluate,
+    export,
     feedback,
     generate,
     images,
@@ -56,6 +57,7 @@ app.add_typer(evaluate.app, name="eval")
 app.command("gate")(evaluate.gate)
 app.command("tune")(tune.tune)
 app.command("optimize")(optimize.optimize)
+app.command("export")(export.export)
 app.command("generate")(generate.generate)
 app.command("augment")(images.augment)
 app.command("serve")(serve.serve)

@@ -22,10 +22,13 @@ Schemes (W: weight (N, K) = (out, in), x: activations (M, K)):
     activations (fast for decoding one token at a time); other devices dequantize on the
     fly (``x·qᵀ·s``, exact for a per-channel scale).
 ``int4`` ``weight_only``
-    Groups of ``group_size`` input weights, asymmetric: ``W ≈ (q − 8)·s + z`` with
-    q ∈ [0, 15], two per byte. CPU: ``aten._weight_int4pack_mm_for_cpu`` (bf16
-    activations; N a multiple of 16); CUDA: ``aten._weight_int4pack_mm`` (tinygemm) where
-    the shapes allow it; otherwise dequantized on the fly. Layers whose input width is not
+    Groups of ``group_size`` input weights, asymmetric with an integer zero point:
+    ``W ≈ (q − z₀)·s`` with q, z₀ ∈ [0, 15] (GPTQ's and compressed-tensors' ``W4A16_ASYM``,
+    so :mod:`genloop.optimize.compressed_checkpoint` writes the very same codes), stored
+    as the kernels take it, ``(q − 8)·s + z`` with ``z = (8 − z₀)·s``, two codes per byte.
+    CPU: ``aten._weight_int4pack_mm_for_cpu`` (bf16 activations; N a multiple of 16);
+    CUDA: ``aten._weight_int4pack_mm`` (tinygemm) where the shapes allow it; otherwise
+    dequantized on the fly. Layers whose input width is not
     a multiple of the group size stay float (listed under ``skipped``).
 
 Whether a path is fast depends on the CPU (``benchmarks/bench_optimize.py`` measures it).
@@ -205,17 +208,20 @@ class Int8Linear(nn.Module):
 def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """Groupwise asymmetric int4: ``(packed (N, K/2) uint8, scales_and_zeros (K/G, N, 2))``.
 
-    ``W[n, k] ≈ (q − 8)·s + z`` for the group of k; byte ``j`` of a row holds q of
-    column 2j in its high nibble and 2j+1 in its low one (torchao's layout).
+    ``W[n, k] ≈ (q − z₀)·s`` for the group of k, z₀ an integer in [0, 15] (the group's
+    range is widened to hold 0, so zero is exact and every weight within half a step),
+    kept as ``(q − 8)·s + z``; byte ``j`` of a row holds q of column 2j in its high
+    nibble and 2j+1 in its low one (torchao's layout).
     """
     w = weight.detach().float()
     n, k = w.shape
     g = w.reshape(n, k // group_size, group_size)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (N, K/G)
+    lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)  # (N, K/G)
     scale = ((hi - lo) / 15.0).clamp(min=1e-8)
-    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    zero_point = torch.round(-lo / scale).clamp(0, 15)  # z₀
+    q = torch.round(g / scale[..., None] + zero_point[..., None]).clamp(0, 15).to(torch.uint8)
     q = q.reshape(n, k)
-    zero = lo + 8.0 * scale
+    zero = (8.0 - zero_point) * scale
     packed = (q[:, ::2] << 4) | q[:, 1::2]
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
     return packed.contiguous(), scales_and_zeros

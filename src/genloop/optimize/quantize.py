@@ -30,7 +30,7 @@ from genloop.models.quantized import (
     is_quantized,
     set_module,
 )
-from genloop.workspace.layout import GENLOOP_JSON, SAFETENSORS
+from genloop.workspace.layout import COMPRESSED_DIR, GENLOOP_JSON, SAFETENSORS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -95,8 +95,12 @@ def save_quantized(
     *,
     tokenizer_dir: Path | None = None,
     extra: dict[str, Any] | None = None,
+    compressed: bool = True,
 ) -> Path:
-    """Write a quantized model: config, safetensors state, tokenizer files, genloop.json.
+    """Write a quantized model: config, safetensors state, tokenizer files, genloop.json,
+    and (``compressed``) the same weights as a compressed-tensors checkpoint in
+    ``compressed-tensors/``, which transformers and vLLM load
+    (:mod:`genloop.optimize.compressed_checkpoint`).
 
     The config is the float model's (so :func:`~genloop.models.quantized.restore` rebuilds
     the same architecture); ``genloop.json`` gets
@@ -105,6 +109,7 @@ def save_quantized(
     from safetensors.torch import save_file
 
     from genloop.data.tokenizer import TOKENIZER_FILES
+    from genloop.optimize.compressed_checkpoint import write_compressed_checkpoint
 
     out_dir.mkdir(parents=True, exist_ok=False)
     model.config.save_pretrained(out_dir)
@@ -124,6 +129,10 @@ def save_quantized(
             src = tokenizer_dir / name
             if src.is_file() and not src.is_symlink():
                 shutil.copyfile(src, out_dir / name)
+    if compressed:
+        write_compressed_checkpoint(
+            model, out_dir / COMPRESSED_DIR, description, tokenizer_dir=tokenizer_dir
+        )
     meta = {"family": "causal_lm", "optimize": {**(extra or {}), "quantization": description}}
     (out_dir / GENLOOP_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out_dir

@@ -11,3 +11,5 @@ from __future__ import annotations
 GENLOOP_JSON = "genloop.json"
 SAFETENSORS = "model.safetensors"  # the weights in one file (shards come with an index)
 ONNX_FILE = "model.onnx"  # an ONNX variant's graph; its weights beside it (model.onnx.*)
+# a quantized variant's weights again as a compressed-tensors checkpoint (transformers, vLLM)
+COMPRESSED_DIR = "compressed-tensors"

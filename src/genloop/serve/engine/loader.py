@@ -92,6 +92,7 @@ def select_backend(model_dir: Path, *, model_name: str, cfg: ServeConfig) -> Bac
                 f"model {model_name} is {what}, which vLLM does not run; serve it with "
                 "serve.engine native (or auto)"
             )
+        vllm_model_dir(model_dir, resolve_device(cfg.device))  # unreadable ones fail now
         require_vllm_python(cfg.vllm.python)
         return "vllm"
     if family != "causal_lm" or onnx:
@@ -116,6 +117,34 @@ def select_backend(model_dir: Path, *, model_name: str, cfg: ServeConfig) -> Bac
     return "native"
 
 
+def vllm_model_dir(model_dir: Path, device: str) -> Path:
+    """The directory vLLM loads: a quantized variant's compressed-tensors checkpoint
+    (``genloop optimize --quantize`` writes it beside genloop's own layout, which vLLM does
+    not read), else the model version itself. vLLM's CPU build has no 8-bit weight-only
+    kernel ("Quant type (uint8b128) not supported by CPUWNA16"), so an int8 weight-only
+    variant is refused on CPU here rather than when vLLM fails to start."""
+    from genloop.models.pretrained import optimize_meta, variant_format
+    from genloop.workspace.layout import COMPRESSED_DIR
+
+    if variant_format(model_dir) != "quantized":
+        return model_dir
+    standard = model_dir / COMPRESSED_DIR
+    if not (standard / "config.json").is_file():
+        raise GenloopError(
+            f"{model_dir} is a quantized variant without a {COMPRESSED_DIR}/ checkpoint "
+            "(quantized by an older genloop), and vLLM does not read genloop's own layout: "
+            "quantize its float parent again, or serve it with serve.engine native"
+        )
+    scheme = ((optimize_meta(model_dir) or {}).get("quantization") or {}).get("scheme")
+    if device == "cpu" and scheme == "int8-weight_only":
+        raise GenloopError(
+            f"{model_dir} is int8 weight-only (W8A16), which vLLM's CPU build cannot run "
+            "(it has int8 kernels for W8A8 and 4-bit weight-only ones): quantize with "
+            "--quantize-mode dynamic (W8A8) or int4, or serve it with serve.engine native"
+        )
+    return standard
+
+
 def load_vllm_engine(
     model_dir: Path,
     *,
@@ -124,7 +153,8 @@ def load_vllm_engine(
     cfg: ServeConfig,
     observer: EngineObserver | None = None,
 ) -> VllmEngine:
-    """A managed vLLM process for ``model_dir`` (not started). Only the tokenizer and the
+    """A managed vLLM process for ``model_dir`` (not started; a quantized variant: its
+    compressed-tensors checkpoint, :func:`vllm_model_dir`). Only the tokenizer and the
     config are read here; the weights load in vLLM's process."""
     from transformers import AutoConfig
 
@@ -135,8 +165,9 @@ def load_vllm_engine(
     tokenizer = load_hf_tokenizer(model_dir)
     config: Any = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     context = min(model_context(config, tokenizer), cfg.max_prompt_tokens + cfg.max_tokens)
+    device = resolve_device(cfg.device)
     return VllmEngine(
-        model_dir,
+        vllm_model_dir(model_dir, device),
         tokenizer,
         python=python,
         model_name=model_name,
@@ -144,7 +175,7 @@ def load_vllm_engine(
         context_length=context,
         vocab_size=int(getattr(config, "vocab_size", None) or len(tokenizer)),
         eos_token_ids=eos_ids(config, generation_config(model_dir), tokenizer),
-        device=resolve_device(cfg.device),
+        device=device,
         max_batch_size=cfg.max_batch_size,
         max_queue=cfg.max_queue,
         request_timeout_s=cfg.request_timeout_s,

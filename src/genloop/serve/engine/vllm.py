@@ -214,8 +214,12 @@ class VllmProcess:
             "--disable-uvicorn-access-log",
         ]
         if self.device == "cpu":
-            # float32 as the native engine; eager, as compiling costs a minute at startup
-            args += ["--dtype", "float32", "--enforce-eager"]
+            # float32 as the native engine; eager, as compiling costs a minute at startup.
+            # A quantized checkpoint runs on bfloat16 activations: vLLM's CPU kernels for
+            # int8 (int8_scaled_mm_with_quant) and int4 (cpu_gemm_wna16) take no float32,
+            # and genloop's own int8/int4 kernels compute on bfloat16 too.
+            dtype = "bfloat16" if _quantized_checkpoint(self.model_dir) else "float32"
+            args += ["--dtype", dtype, "--enforce-eager"]
         else:
             args += ["--gpu-memory-utilization", str(self.cfg.gpu_memory_utilization)]
         return args
@@ -317,6 +321,15 @@ class VllmProcess:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+
+def _quantized_checkpoint(model_dir: Path) -> bool:
+    """Whether ``config.json`` names a ``quantization_config`` (compressed-tensors, …)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("quantization_config"))
 
 
 def _wait_group_gone(pgid: int, timeout_s: float) -> None:
