@@ -230,7 +230,11 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_native_engine_does(
             "/v1/completions",
             json={"model": engine.process.served_name, "prompt": prompts[0]} | body,
         ).json()["choices"][0]["logprobs"]
-    model = load_pretrained(vllm_ws.store.open_verified(registry.resolve(vllm_ws, "wide").artifact))
+    model = load_pretrained(
+        vllm_ws.store.open_verified(
+            registry.resolve(vllm_ws, f"wide@{engine.model_version}").artifact
+        )
+    )
     choices = sorted(r.json()["choices"], key=lambda ch: ch["index"])
     for prompt, choice in zip(prompts, choices, strict=True):
         lp = choice["logprobs"]
