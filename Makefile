@@ -67,7 +67,7 @@ typecheck: $(STAMP)
 PYTEST_WORKERS ?= 2
 pytest: $(STAMP) $(VLLM_STAMP)
 	GENLOOP_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python GENLOOP_REQUIRE_VLLM=1 \
-	  $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadscope
+	  $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadscope --durations=20
 
 test: lint typecheck pytest
 
