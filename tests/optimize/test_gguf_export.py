@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from genloop.errors import GenloopError
 from genloop.optimize.gguf_export import permute_rope, write_gguf
@@ -43,9 +44,10 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def deep(wide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An 8-layer, 256-wide Llama (tied head, MLP 704 wide) on the same tokenizer: rows of
-    256 take the k-quants, the MLP's down projection (rows of 704) their fallback."""
+    256 take the k-quants, the MLP's down projection (rows of 704) their fallback. Weights
+    drawn at std 0.075 (0.15 · √(64/256): each layer's gain as in ``wide``)."""
     root = tmp_path_factory.mktemp("gguf-deep")
-    return build_wide_llama(root / "deep", wide, n_layer=8, n_embd=256, n_head=4,
+    return build_wide_llama(root / "deep", wide, std=0.075, n_layer=8, n_embd=256, n_head=4,
                             n_kv_head=2, context_length=256)  # fmt: skip
 
 
@@ -228,8 +230,14 @@ def test_k_quant_bytes_read_back_by_ggufs_own_dequantizer_within_the_bound(case:
         if case in ("zeros", "constant", "negative constant"):
             assert np.allclose(back, x, rtol=1e-3, atol=0), (case, qtype.name)
     if case == "normal":  # the typical error: a fraction of the weights' spread
-        assert np.sqrt(((gguf.quants.dequantize(quantize_q4_k(x), Q.Q4_K) - x) ** 2).mean()) < 0.08 * x.std()
-        assert np.sqrt(((gguf.quants.dequantize(quantize_q6_k(x), Q.Q6_K) - x) ** 2).mean()) < 0.02 * x.std()
+        assert (
+            np.sqrt(((gguf.quants.dequantize(quantize_q4_k(x), Q.Q4_K) - x) ** 2).mean())
+            < 0.08 * x.std()
+        )
+        assert (
+            np.sqrt(((gguf.quants.dequantize(quantize_q6_k(x), Q.Q6_K) - x) ** 2).mean())
+            < 0.02 * x.std()
+        )
 
 
 def test_k_quants_refuse_rows_that_are_not_whole_super_blocks() -> None:
@@ -373,16 +381,18 @@ def test_a_seq2seq_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 # the perplexity llama.cpp may add over genloop's: f16 rounds weights and activations to
-# float16, q8_0 weights to 8 bits per block of 32
-PPL_DELTA = {"f16": 0.002, "q8_0": 0.02}
+# float16, q8_0 weights to 8 bits per block of 32; q4_k_m on this 64-wide model is all
+# fallbacks (rows under 256: Q5_0, the head Q8_0; test_llama_cpp_runs_the_q4_k_m_export
+# runs the k-quants)
+PPL_DELTA = {"f16": 0.002, "q8_0": 0.02, "q4_k_m": 0.05}
 
 
 @pytest.mark.skipif(
     not LLAMACPP_PYTHON.exists(), reason="no llama.cpp environment ('make llamacpp')"
 )
 def test_llama_cpp_runs_the_export_token_for_token(wide: Path, tmp_path: Path) -> None:
-    """f16: llama.cpp's greedy tokens are genloop's, and the perplexities agree; q8_0: the
-    perplexity within PPL_DELTA; and llama.cpp tokenizes text as genloop does (its gpt-2
+    """f16: llama.cpp's greedy tokens are genloop's, and the perplexities agree; q8_0 and
+    q4_k_m: the perplexity within PPL_DELTA; and llama.cpp tokenizes text as genloop does (its gpt-2
     pre-tokenizer and the merges)."""
     from genloop.data.tokenizer import load_tokenizer
     from genloop.models.pretrained import load_pretrained
@@ -401,7 +411,7 @@ def test_llama_cpp_runs_the_export_token_for_token(wide: Path, tmp_path: Path) -
             for w in windows
         )
     ppl = float(np.exp(nll / sum(len(w) - 1 for w in windows)))
-    for quant in ("f16", "q8_0"):
+    for quant in ("f16", "q8_0", "q4_k_m"):
         path = write_gguf(wide, tmp_path / f"{quant}.gguf", quant).path
         request = {"model": str(path), "prompt_ids": prompt, "new_tokens": 16, "texts": texts,
                    "windows": windows}  # fmt: skip
@@ -417,3 +427,78 @@ def test_llama_cpp_runs_the_export_token_for_token(wide: Path, tmp_path: Path) -
         if quant == "f16":
             assert answer["greedy"] == ours
         assert answer["tokenized"] == [tok.encode(t).ids for t in texts]
+
+
+def _unpermute_rope(weight: Tensor, n_head: int) -> Tensor:
+    """The inverse of :func:`permute_rope`: llama.cpp's pairs back to Hugging Face's halves."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _perplexity(model: Any, windows: list[list[int]]) -> float:
+    with torch.no_grad():
+        nll = sum(
+            float(model(input_ids=torch.tensor([w]), labels=torch.tensor([w])).loss) * (len(w) - 1)
+            for w in windows
+        )
+    return float(np.exp(nll / sum(len(w) - 1 for w in windows)))
+
+
+def _probe(path: Path, windows: list[list[int]], prompt: list[int]) -> dict[str, Any]:
+    request = {"model": str(path), "prompt_ids": prompt, "new_tokens": 4, "texts": [],
+               "windows": windows}  # fmt: skip
+    ran = subprocess.run(
+        [str(LLAMACPP_PYTHON), str(ROOT / "scripts" / "llamacpp_probe.py")],
+        input=json.dumps(request), capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    return dict(json.loads(ran.stdout))
+
+
+# llama.cpp's perplexity on the q4_k_m file: next to genloop's fp32 model (the cost of the
+# quantization), and next to genloop run on the file's own dequantized weights (what is left
+# is llama.cpp's 8-bit activations in its k-quant dot products, not the weights)
+Q4_K_M_PPL_DELTA = 0.05
+Q4_K_M_SAME_WEIGHTS_DELTA = 0.01
+
+
+@pytest.mark.skipif(
+    not LLAMACPP_PYTHON.exists(), reason="no llama.cpp environment ('make llamacpp')"
+)
+def test_llama_cpp_runs_the_q4_k_m_export(deep: Path, tmp_path: Path) -> None:
+    import gguf
+
+    from genloop.data.tokenizer import load_tokenizer
+    from genloop.models.pretrained import load_pretrained
+
+    tok = load_tokenizer(deep)
+    model = load_pretrained(deep, dtype="float32")
+    windows = [tok.encode(text).ids for text in CORPUS[:4]]
+    ppl = _perplexity(model, windows)
+    path = write_gguf(deep, tmp_path / "k.gguf", "q4_k_m").path
+    answer = _probe(path, windows, tok.encode("Rain fell on the quiet").ids)
+    theirs = float(np.exp(answer["nll"] / answer["tokens"]))
+    # genloop on the weights llama.cpp read: each tensor dequantized by gguf's reader
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 8)
+    stored = {t.name: t for t in _reader(path).tensors}
+    state = model.state_dict()
+    with torch.no_grad():
+        for hf_name, param in state.items():
+            if hf_name == "lm_head.weight":
+                continue  # tied to the embedding
+            name = names.get_name(hf_name, try_suffixes=(".weight",))
+            weight = torch.from_numpy(_float(stored[name]).reshape(param.shape).copy())
+            if hf_name.endswith("q_proj.weight"):
+                weight = _unpermute_rope(weight, 4)
+            elif hf_name.endswith("k_proj.weight"):
+                weight = _unpermute_rope(weight, 2)
+            param.copy_(weight)
+    same_weights = _perplexity(model, windows)
+    assert abs(theirs / same_weights - 1) < Q4_K_M_SAME_WEIGHTS_DELTA, (theirs, same_weights)
+    assert abs(theirs / ppl - 1) < Q4_K_M_PPL_DELTA, (theirs, ppl)
+    assert same_weights != ppl  # the weights were quantized

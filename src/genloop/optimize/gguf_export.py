@@ -251,13 +251,11 @@ def q4_k_m_type(name: str, row: int, n_layer: int, *, tied: bool) -> Any:
     import gguf
 
     q = gguf.GGMLQuantizationType
-    qtype = q.Q4_K
     layer = re.match(r"blk\.(\d+)\.", name)
-    if name == "output.weight" or (tied and name == "token_embd.weight"):
-        qtype = q.Q6_K
-    elif layer and name.endswith(("attn_v.weight", "ffn_down.weight")):
-        if use_more_bits(int(layer.group(1)), n_layer):
-            qtype = q.Q6_K
+    head = name == "output.weight" or (tied and name == "token_embd.weight")
+    sensitive = name.endswith(("attn_v.weight", "ffn_down.weight"))
+    more_bits = layer is not None and sensitive and use_more_bits(int(layer.group(1)), n_layer)
+    qtype = q.Q6_K if head or more_bits else q.Q4_K
     if row % 256:
         return {q.Q4_K: q.Q5_0, q.Q6_K: q.Q8_0}[qtype]
     return qtype

@@ -32,6 +32,8 @@ needs no importance matrix: the same recipe ``llama-quantize`` follows without `
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 QK_K = 256  # weights per super-block
@@ -50,7 +52,9 @@ def quantize_q6_k(data: np.ndarray) -> np.ndarray:
     return _by_rows(data, _q6_k_blocks, Q6_K_BYTES)
 
 
-def _by_rows(data: np.ndarray, blocks_fn, nbytes: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _by_rows(
+    data: np.ndarray, blocks_fn: Callable[[np.ndarray], np.ndarray], nbytes: int
+) -> np.ndarray:
     if data.shape[-1] % QK_K:
         raise ValueError(f"rows of {data.shape[-1]} weights are not a multiple of {QK_K}")
     blocks = np.asarray(data, dtype=np.float32).reshape(-1, QK_K)  # (B, 256)
@@ -116,7 +120,8 @@ def _qkx2(
 
     def error(scale: np.ndarray, offset: np.ndarray, q: np.ndarray) -> np.ndarray:
         diff = scale[..., None] * q + offset[..., None] - x
-        return (w * diff * diff).sum(axis=-1)
+        total: np.ndarray = (w * diff * diff).sum(axis=-1)
+        return total
 
     best_scale = span / nmax
     best_min = lo
@@ -167,10 +172,13 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
         q = np.where(d_sub != 0, np.rint(sub / d_sub), 0.0)
     q = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(n, 2, 4, 32)  # (B, half, quarter, l)
     ql = np.concatenate(
-        [q[:, :, 0] & 0x0F | (q[:, :, 2] & 0x0F) << 4, q[:, :, 1] & 0x0F | (q[:, :, 3] & 0x0F) << 4],
+        [
+            q[:, :, 0] & 0x0F | (q[:, :, 2] & 0x0F) << 4,
+            q[:, :, 1] & 0x0F | (q[:, :, 3] & 0x0F) << 4,
+        ],
         axis=2,
     ).reshape(n, 128)
-    qh = (q[:, :, 0] >> 4 | (q[:, :, 1] >> 4) << 2 | (q[:, :, 2] >> 4) << 4 | (q[:, :, 3] >> 4) << 6)
+    qh = q[:, :, 0] >> 4 | (q[:, :, 1] >> 4) << 2 | (q[:, :, 2] >> 4) << 4 | (q[:, :, 3] >> 4) << 6
     qh = qh.reshape(n, 64)
     return np.concatenate([ql, qh, sc.view(np.uint8), d.view(np.uint8)], axis=1)
 
