@@ -54,12 +54,14 @@ def build_model(out: Path, tokenizer_dir: Path, seed: int, context_length: int =
     return save_hf_dir(model, out, family="causal_lm", tokenizer_dir=tokenizer_dir)
 
 
-def build_wide_llama(out: Path, tokenizer_dir: Path, *, seed: int = 3, **overrides: Any) -> Path:
+def build_wide_llama(
+    out: Path, tokenizer_dir: Path, *, seed: int = 3, std: float = 0.15, **overrides: Any
+) -> Path:
     """A tiny grouped-query Llama on the tokenizer in ``tokenizer_dir``, saved at ``out``: 2
     layers, 64 wide, 4 query heads sharing 2 key/value heads, plus ``overrides``. Its weights
-    are drawn wide (std 0.15, ``seed``) so that greedy text varies from token to token (a
-    default random init mostly repeats the prompt's last token, which would make exactness
-    tests weak)."""
+    are drawn wide (``std``, 0.15 at 64 wide; ``seed``) so that greedy text varies from token
+    to token (a default random init mostly repeats the prompt's last token, which would make
+    exactness tests weak)."""
     import torch
 
     from genloop.data.tokenizer import load_hf_tokenizer
@@ -86,7 +88,7 @@ def build_wide_llama(out: Path, tokenizer_dir: Path, *, seed: int = 3, **overrid
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 2:
-                param.normal_(0.0, 0.15)
+                param.normal_(0.0, std)
     return save_hf_dir(model, out, family="causal_lm", tokenizer_dir=tokenizer_dir)
 
 

@@ -25,8 +25,8 @@ def export(
         typer.Option(
             "--quant",
             "-q",
-            help="Weights: f16, q8_0 (8-bit blocks) or q4_0 (4-bit blocks). For q4_k_m run "
-            "llama.cpp's llama-quantize on the f16 file.",
+            help="Weights: f16, q8_0 (8-bit blocks), q4_0 (4-bit blocks) or q4_k_m "
+            "(llama.cpp's Q4_K_M mix: 4-bit k-quants, 6-bit for the head and sensitive layers).",
         ),
     ] = "f16",
     output: Annotated[
@@ -43,9 +43,9 @@ def export(
     """Export a causal language model (Llama architecture) to one GGUF file, tokenizer
     and chat template included, for llama.cpp and the tools built on it. Examples:
 
-    genloop export lm@production --format gguf --quant q8_0
+    genloop export lm@production --format gguf --quant q4_k_m
 
-    llama-cli -m lm-v3-q8_0.gguf -p "Once upon a time" -n 64
+    llama-cli -m lm-v3-q4_k_m.gguf -p "Once upon a time" -n 64
     """
     from genloop.optimize.export import check_format, export_model
 

@@ -20,10 +20,10 @@
 Weights: ``f16`` (every matrix in float16), ``q8_0`` (blocks of 32 weights with one
 float16 scale, gguf's own quantizer), ``q4_0`` (4-bit blocks of 32; the embedding and the
 output head stay q8_0, the tensors most sensitive to 4 bits, where llama.cpp's own
-quantizer uses 6-bit ones). Norms stay float32, matrices whose rows are not a multiple of
-32 float16. ``q4_k_m`` is not offered: gguf's Python package can read Q4_K but not write it
-(``gguf.quants`` has no Q4_K quantizer); llama.cpp's ``llama-quantize`` makes it from the
-f16 file. A quantized genloop variant is exported from its dequantized weights.
+quantizer uses 6-bit ones), ``q4_k_m`` (llama.cpp's ``Q4_K_M`` mix, see :func:`q4_k_m_type`;
+the k-quants written by :mod:`genloop.optimize.gguf_quants`, as gguf's package only reads
+them). Norms stay float32, matrices whose rows are not a multiple of 32 float16. A
+quantized genloop variant is exported from its dequantized weights.
 """
 
 from __future__ import annotations
@@ -42,13 +42,9 @@ from genloop.errors import ConfigError, GenloopError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-QUANTS = ("f16", "q8_0", "q4_0")
-# the quant types llama.cpp users ask for that gguf's Python package cannot write
-NOT_WRITABLE = {
-    "q4_k_m": "gguf's Python quantizer has no Q4_K; export --quant f16 and run llama.cpp's "
-    "'llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M' (or use --quant q4_0)",
-}
-FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2}  # gguf.LlamaFileType.MOSTLY_F16, _Q8_0, _Q4_0
+QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")
+# gguf.LlamaFileType.MOSTLY_F16, _Q8_0, _Q4_0, _Q4_K_M
+FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}
 SUPPORTED_MODEL_TYPES = ("llama",)  # what genloop's causal_lm presets build
 BLOCK = 32  # weights per q8_0 / q4_0 block
 PRE_TOKENIZER = "gpt-2"
@@ -75,8 +71,6 @@ class GgufResult:
 
 def check_quant(quant: str) -> None:
     """Raise a ConfigError (exit 2) naming the choices unless ``quant`` is one of them."""
-    if quant in NOT_WRITABLE:
-        raise ConfigError(f"--quant {quant} is not available: {NOT_WRITABLE[quant]}")
     if quant not in QUANTS:
         raise ConfigError(f"unknown --quant {quant!r} (choose from: {', '.join(QUANTS)})")
 
@@ -148,8 +142,10 @@ def write_gguf(
     write_vocab(writer, model_dir, vocab_size)
     # 3. tensors
     count = 0
-    for hf_name, tensor in float_tensors(model, config):
-        gguf_name, data, qtype = _gguf_tensor(hf_name, tensor, config, quant)
+    tensors = float_tensors(model, config)
+    tied = not any(hf_name == "lm_head.weight" for hf_name, _ in tensors)
+    for hf_name, tensor in tensors:
+        gguf_name, data, qtype = _gguf_tensor(hf_name, tensor, config, quant, tied=tied)
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
         count += 1
     writer.write_header_to_file()
@@ -197,7 +193,7 @@ def permute_rope(weight: Tensor, n_head: int) -> Tensor:
 
 
 def _gguf_tensor(
-    hf_name: str, tensor: Tensor, config: dict[str, Any], quant: str
+    hf_name: str, tensor: Tensor, config: dict[str, Any], quant: str, *, tied: bool
 ) -> tuple[str, np.ndarray, Any]:
     import gguf
 
@@ -216,10 +212,53 @@ def _gguf_tensor(
         return name, data, q.F32
     if quant == "f16" or data.shape[-1] % BLOCK:
         return name, data.astype(np.float16), q.F16
-    qtype = q.Q8_0
-    if quant == "q4_0" and name not in ("token_embd.weight", "output.weight"):
+    if quant == "q4_k_m":
+        qtype = q4_k_m_type(name, data.shape[-1], n_layer, tied=tied)
+    elif quant == "q4_0" and name not in ("token_embd.weight", "output.weight"):
         qtype = q.Q4_0
-    return name, gguf.quants.quantize(data, qtype), qtype
+    else:
+        qtype = q.Q8_0
+    return name, quantize(data, qtype), qtype
+
+
+def quantize(data: np.ndarray, qtype: Any) -> np.ndarray:
+    """``data`` as the bytes of ``qtype``: gguf's quantizers, and genloop's for the
+    k-quants gguf cannot write."""
+    import gguf
+
+    from genloop.optimize.gguf_quants import quantize_q4_k, quantize_q6_k
+
+    if qtype == gguf.GGMLQuantizationType.Q4_K:
+        return quantize_q4_k(data)
+    if qtype == gguf.GGMLQuantizationType.Q6_K:
+        return quantize_q6_k(data)
+    return gguf.quants.quantize(data, qtype)
+
+
+def use_more_bits(layer: int, n_layer: int) -> bool:
+    """llama.cpp's layers that get 6 bits in Q4_K_M: the first and last eighth, and every
+    third one in between."""
+    return layer < n_layer // 8 or layer >= 7 * n_layer // 8 or (layer - n_layer // 8) % 3 == 2
+
+
+def q4_k_m_type(name: str, row: int, n_layer: int, *, tied: bool) -> Any:
+    """The GGML type of the matrix ``name`` (rows of ``row`` weights) in llama.cpp's
+    ``Q4_K_M`` mix (``llama_tensor_get_type`` in ``src/llama-quant.cpp``, Llama, no
+    importance matrix): Q6_K for the output head (the embedding when the head is tied to
+    it) and for ``attn_v`` and ``ffn_down`` in :func:`use_more_bits` layers, Q4_K for the
+    rest. A row that is not a multiple of 256 falls back as llama.cpp's does: the head to
+    Q8_0, Q4_K to Q5_0, Q6_K to Q8_0 (the caller keeps rows not a multiple of 32 in f16)."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    layer = re.match(r"blk\.(\d+)\.", name)
+    head = name == "output.weight" or (tied and name == "token_embd.weight")
+    sensitive = name.endswith(("attn_v.weight", "ffn_down.weight"))
+    more_bits = layer is not None and sensitive and use_more_bits(int(layer.group(1)), n_layer)
+    qtype = q.Q6_K if head or more_bits else q.Q4_K
+    if row % 256:
+        return {q.Q4_K: q.Q5_0, q.Q6_K: q.Q8_0}[qtype]
+    return qtype
 
 
 _MAPS: dict[int, Any] = {}
