@@ -27,8 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 LLAMACPP_PYTHON = Path(
     os.environ.get("GENLOOP_LLAMACPP_PYTHON") or ROOT / ".venv-llamacpp" / "bin" / "python"
 )
-if not LLAMACPP_PYTHON.exists():  # a worktree: the main checkout's environment
-    LLAMACPP_PYTHON = Path("/work/main/.venv-llamacpp/bin/python")
 
 
 @pytest.fixture(scope="module")
