@@ -18,10 +18,12 @@ its grammar's pristine matcher (a microsecond).
 
 Per step (the engine's hook, :class:`ConstrainedRows`): the masks of the constrained rows
 are computed together (``LLExecutor``, outside the GIL) into one bitmask, unpacked and
-applied to those rows' logits only; unconstrained rows, and batches without a constrained
-row, are not touched. After sampling, each matcher consumes its row's token; the engine
-finishes the sequence when its grammar has terminated (:attr:`Constraint.finished`),
-end-of-text token or not.
+turned into an additive bias (0 or -inf, by ``log`` of the bits: branch-free, as a masked
+fill over a mixed mask costs a branch misprediction per element, 0.6 ms a step for 16
+rows of 8k tokens) on the worker thread, and added to those rows' logits only;
+unconstrained rows, and batches without a constrained row, are not touched. After
+sampling, each matcher consumes its row's token; the engine finishes the sequence when its
+grammar has terminated (:attr:`Constraint.finished`), end-of-text token or not.
 
 Budget. A model that wanders (an untrained one writes one long string) would run into
 ``max_tokens`` with half a JSON document. So, near the end of its budget, a constrained
@@ -261,12 +263,21 @@ class GrammarCompiler:
         bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
         return bits[:, : self.vocab_size].view(bool)
 
-    def fill_masks_soon(self, constraints: Sequence[Constraint]) -> Future[np.ndarray]:
-        """:meth:`fill_masks` on the compiler's worker thread."""
+    def fill_masks_soon(
+        self, constraints: Sequence[Constraint]
+    ) -> Future[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`fill_masks` and their additive bias (k, V) float32, 0 where allowed and
+        -inf elsewhere, on the compiler's worker thread (numpy's ``log`` of the bits runs
+        outside the GIL)."""
         with self._lock:
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(1, thread_name_prefix="genloop-grammar")
-        return self._worker.submit(self.fill_masks, list(constraints))
+        return self._worker.submit(self._masks_and_bias, list(constraints))
+
+    def _masks_and_bias(self, constraints: Sequence[Constraint]) -> tuple[np.ndarray, np.ndarray]:
+        allowed = self.fill_masks(constraints)
+        with np.errstate(divide="ignore"):
+            return allowed, np.log(allowed.astype(np.float32))
 
 
 class Constraint:
@@ -382,7 +393,7 @@ class ConstrainedRows:
         self.rows = rows
         self.constraints = constraints
         self.remaining = remaining
-        self._masks: Future[np.ndarray] | None = None
+        self._masks: Future[tuple[np.ndarray, np.ndarray]] | None = None
 
     @staticmethod
     def find(
@@ -415,20 +426,21 @@ class ConstrainedRows:
         if self._masks is None:
             self.start()
         assert self._masks is not None
-        allowed = self._masks.result()  # (k, V) bool
+        allowed, bias = self._masks.result()  # (k, V) bool, and 0 / -inf float32
         for i, c in enumerate(constraints):
             forced = c.close(self.remaining[i])
             if forced is not None and allowed[i, forced]:
-                allowed[i] = False
-                allowed[i, forced] = True
+                bias[i] = -np.inf
+                bias[i, forced] = 0.0
             elif forced is not None:
                 c.forced = []  # the mask disagrees with the way (cannot happen): it chooses
             if not allowed[i].any():  # a matcher in an error state allows nothing
-                allowed[i, compiler.eos_token_ids[:1] or [0]] = True  # the engine says why
-        forbidden = torch.from_numpy(~allowed[:, : logits.shape[1]]).to(logits.device)
+                bias[i, compiler.eos_token_ids[:1] or [0]] = 0.0  # the engine says why
+        extra = torch.from_numpy(bias[:, : logits.shape[1]]).to(logits.device, logits.dtype)
+        if self.rows == list(range(logits.shape[0])):  # every row constrained
+            return logits + extra
         index = torch.tensor(self.rows, device=logits.device)
-        sub = logits.index_select(0, index).masked_fill_(forbidden, float("-inf"))
-        return logits.index_copy(0, index, sub)
+        return logits.index_copy(0, index, logits.index_select(0, index).add_(extra))
 
     def advance(self, logits: torch.Tensor, picked: list[Sampled]) -> None:
         """Each row's matcher consumes its sampled token; where the budget made it swap
