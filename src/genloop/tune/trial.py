@@ -180,8 +180,11 @@ def run_trial(
         cfg, out.error = None, f"invalid combination: {exc}"
     max_steps = cfg.train.max_steps if cfg is not None else 0  # on_eval reads it
     config = cfg.model_dump(mode="json") if cfg is not None else plan.base
-    out.run_id = start_trial_run(ws, plan, trial.number, config, error=out.error)
-    trial.set_user_attr("run_id", out.run_id)
+    # the run and the trial's pointer to it together: a Ctrl-C between the two would leave a
+    # run "running" that the interrupted trial cannot find to mark
+    with sigint_deferred():
+        out.run_id = start_trial_run(ws, plan, trial.number, config, error=out.error)
+        trial.set_user_attr("run_id", out.run_id)
     result = None
     if cfg is not None:
         try:
