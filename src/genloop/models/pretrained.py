@@ -399,3 +399,12 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise GenloopError(f"unknown dtype {dtype!r} (dtypes: auto, {', '.join(DTYPES)})")
     return DTYPES[dtype]
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword a model's forward takes its KV cache under: ``cache`` since transformers
+    renamed ``past_key_values`` (the old name goes in 5.40). Caches are updated in place,
+    so callers keep the object they passed and need not read it back from the output."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

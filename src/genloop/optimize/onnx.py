@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from genloop.errors import GenloopError
-from genloop.models.pretrained import optimize_meta
+from genloop.models.pretrained import cache_argument, optimize_meta
 from genloop.workspace.layout import ONNX_FILE
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class _StepWithCache(nn.Module):
         super().__init__()
         self.model = model
         self.num_layers = _shape(model)[0]
+        self.cache_kw = cache_argument(model)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor
@@ -103,12 +104,12 @@ class _StepWithCache(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_kw: cache},
         )
         present: list[Tensor] = []
-        for layer in out.past_key_values.layers:
-            present += [layer.keys, layer.values]
+        for layer in cache.layers:
+            present += [layer.keys, layer.values]  # type: ignore[union-attr, list-item]
         return (out.logits, *present)
 
 
@@ -297,6 +298,7 @@ class TorchCausalLM:
         self.model = model
         self.device = next(model.parameters()).device
         self.vocab_size = int(model.config.vocab_size)
+        self.cache_kw = cache_argument(model)
 
     def forward(
         self,
@@ -325,10 +327,10 @@ class TorchCausalLM:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos.to(self.device),
-                past_key_values=past,
                 use_cache=True,
+                **{self.cache_kw: past},
             )
-        cache = out.past_key_values
+        cache = past  # updated in place
         as_pairs = tuple((layer.keys, layer.values) for layer in cache.layers)
         return out.logits.float(), _PairsCache(cache, as_pairs)
 

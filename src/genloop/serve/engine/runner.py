@@ -35,7 +35,6 @@ H query heads, K key/value heads, Q head dim, V vocabulary. Logits are fp32.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from genloop.errors import GenloopError
+from genloop.models.pretrained import cache_argument
 from genloop.serve.engine.decoder_weights import (
     DecoderLayer,
     Norm,
@@ -468,10 +468,7 @@ class HFRunner:
         self.decoder_start = start
         self.caches: list[Any] = [None] * n_slots
         self.encoded: list[Any] = [None] * n_slots
-        # transformers renamed the forward's ``past_key_values`` to ``cache`` (the old name
-        # goes in 5.40); the cache objects are updated in place, so only the name differs
-        forward = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in forward else "past_key_values"
+        self.cache_kw = cache_argument(model)  # the caches are updated in place
 
     @torch.inference_mode()
     def prefill(
