@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,29 @@ def bare_vllm(engine: VllmEngine) -> httpx.Client:
         headers={"Authorization": f"Bearer {engine.process.api_key}"},
         timeout=60,
     )
+
+
+def stream_in_background(
+    server: LiveServer, body: dict[str, Any]
+) -> tuple[threading.Thread, list[str]]:
+    """Stream ``body`` from ``/v1/completions`` on a thread; returns once the first line
+    arrived, with the thread and the list its lines go to."""
+    started, lines = threading.Event(), []
+
+    def stream() -> None:
+        with (
+            server.client(server.keys["generate"]) as c,
+            c.stream("POST", "/v1/completions", json=body) as r,
+        ):
+            for line in r.iter_lines():
+                started.set()
+                if line:
+                    lines.append(line)
+
+    running = threading.Thread(target=stream)
+    running.start()
+    assert started.wait(60)
+    return running, lines
 
 
 def sse_events(response: httpx.Response) -> list[Any]:
@@ -343,8 +367,6 @@ def test_promotion_swaps_to_a_new_vllm_process_while_the_old_one_serves(
     """Promoting wide@2 starts its own vLLM process; while it starts (a minute on CPU),
     requests go on to wide@1, a stream running at the promotion finishes there, and once
     the new process answers traffic moves to it and the old process is stopped."""
-    import threading
-
     old = engine_of(gateway)
     old_pid = old.process.pid
     assert old_pid is not None
@@ -353,23 +375,7 @@ def test_promotion_swaps_to_a_new_vllm_process_while_the_old_one_serves(
         before = c.post("/v1/completions", json=body).json()
     assert before["model"] == "wide@1"
 
-    lines: list[str] = []
-    started = threading.Event()
-
-    def stream() -> None:
-        streamed = body | {"max_tokens": 48, "stream": True}
-        with (
-            gateway.client(gateway.keys["generate"]) as c,
-            c.stream("POST", "/v1/completions", json=streamed) as r,
-        ):
-            for line in r.iter_lines():
-                started.set()
-                if line:
-                    lines.append(line)
-
-    running = threading.Thread(target=stream)
-    running.start()
-    assert started.wait(60)
+    running, lines = stream_in_background(gateway, body | {"max_tokens": 48, "stream": True})
     with gateway.client(gateway.keys["admin"]) as a:
         r = a.post("/v1/admin/models/wide/promote", json={"version": 2, "reason": "test"})
         assert r.status_code == 200, r.text
@@ -422,28 +428,13 @@ def test_killed_process_is_restarted(gateway: SlowLiveServer) -> None:
 def test_closing_the_server_stops_vllm(gateway: SlowLiveServer) -> None:
     """Runs last: stopping the server lets a running request finish, then stops vLLM and
     leaves no process of it behind."""
-    import threading
-
     engine = engine_of(gateway)
     pid = engine.process.pid
     assert pid is not None
-    started, lines = threading.Event(), []
-
-    def stream() -> None:
-        body = {"model": "wide", "prompt": "The dog", "max_tokens": 40, "stream": True}
-        body |= {"stream_options": {"include_usage": True}}
-        with (
-            gateway.client(gateway.keys["generate"]) as c,
-            c.stream("POST", "/v1/completions", json=body) as r,
-        ):
-            for line in r.iter_lines():
-                started.set()
-                if line:
-                    lines.append(line)
-
-    running = threading.Thread(target=stream)
-    running.start()
-    assert started.wait(60)
+    body = {"model": "wide", "prompt": "The dog", "max_tokens": 40, "stream": True}
+    running, lines = stream_in_background(
+        gateway, body | {"stream_options": {"include_usage": True}}
+    )
     gateway.__exit__(None, None, None)
     running.join(60)
     assert lines[-1] == "data: [DONE]"  # the running request finished
