@@ -70,12 +70,19 @@ def test_image_requests_are_checked(server: LiveServer) -> None:
             ({"size": "big"}, 400, "size"),
             ({"response_format": "url"}, 400, "response_format"),
             ({"model": "tiny@production"}, 400, "model"),  # a text model
+            ({"negative_prompt": "blurry"}, 400, None),  # a text-to-image option
+            ({"guidance_scale": 3.0, "num_inference_steps": 10}, 400, None),
+            ({"num_inference_steps": 0}, 400, "num_inference_steps"),
         ]
         for extra, status, param in cases:
             r = c.post("/v1/images/generations", json={"model": "digits", "prompt": "one"} | extra)
             assert r.status_code == status, (extra, r.text)
             if param:
                 assert r.json()["error"]["param"] == param, (extra, r.text)
+            if "guidance_scale" in extra:  # refused by name, not silently ignored
+                message = r.json()["error"]["message"]
+                assert "num_inference_steps, guidance_scale" in message, message
+                assert "only text-to-image models" in message, message
         r = c.post("/v1/completions", json={"model": "digits", "prompt": "x"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
         models = {m["id"]: m["kind"] for m in c.get("/v1/models").json()["data"]}

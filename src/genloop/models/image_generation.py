@@ -118,10 +118,35 @@ class ImageGenerator:
             )
         return torch.cat(out)
 
+    def prompt_warnings(self, prompt: str | None) -> list[str]:
+        """What the response should tell about the prompt (nothing: a class name is whole)."""
+        return []
+
     def generate(
-        self, prompt: str | None = None, n: int = 1, seed: int | None = None
+        self,
+        prompt: str | None = None,
+        n: int = 1,
+        seed: int | None = None,
+        *,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
     ) -> list[PILImage]:
-        """``n`` PIL images (mode L or RGB) for ``prompt``; ``seed`` None draws one."""
+        """``n`` PIL images (mode L or RGB) for ``prompt``; ``seed`` None draws one.
+        ``negative_prompt``, ``steps`` and ``guidance_scale`` are text-to-image options:
+        given here, they are refused rather than ignored."""
+        given = {
+            "negative_prompt": negative_prompt,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance_scale,
+        }
+        extras = [name for name, value in given.items() if value is not None]
+        if extras:
+            raise GenloopError(
+                f"{', '.join(extras)}: only text-to-image models take "
+                f"{'this option' if len(extras) == 1 else 'these options'} "
+                f"(this is a {self.family} model)"
+            )
         if not 1 <= n <= MAX_IMAGES:
             raise GenloopError(f"n must be between 1 and {MAX_IMAGES}, not {n}")
         if seed is None:

@@ -39,6 +39,10 @@ export async function render(section, session) {
     h("legend", {}, "Images"),
     num("pg-n", "Number of images", { min: 1, max: 16, step: 1, value: 4 }),
     num("pg-image-seed", "Seed (optional)", { min: 0, step: 1 }),
+    num("pg-steps", "Steps (text-to-image, optional)", { min: 1, max: 1000, step: 1 }),
+    num("pg-guidance", "Guidance scale (text-to-image, optional)", { min: 0, max: 50, step: 0.5 }),
+    h("div", { class: "field" }, h("label", { for: "pg-negative" }, "Negative prompt (text-to-image, optional)"),
+      h("input", { id: "pg-negative", type: "text", maxlength: 4000 })),
   );
   const transcript = h("ol", { id: "pg-transcript", class: "transcript", "aria-live": "polite", "aria-label": "Conversation" });
   const prompt = h("textarea", { id: "pg-prompt", rows: 3, required: true, placeholder: "Write a message…" });
@@ -56,7 +60,7 @@ export async function render(section, session) {
       h("div", { class: "field" }, h("label", { for: "pg-mode" }, "Mode"), mode)),
     sampling,
     imageFields,
-    h("div", { class: "field" }, h("label", { for: "pg-prompt" }, "Prompt (or class for a class-conditional image model)"), prompt),
+    h("div", { class: "field" }, h("label", { for: "pg-prompt" }, "Prompt (for image models: what to draw, or a class name)"), prompt),
     h("div", { class: "row" }, send, stop, clear),
     status,
   );
@@ -152,10 +156,9 @@ async function runText(text, model, mode, transcript, signal, status) {
   }
 }
 
-// Thumbs up/down and "edit the answer", sent to /v1/feedback for this response id.
-function feedbackControls(responseId, answer) {
-  const said = h("span", { class: "status", role: "status" });
-  const sendRating = async (rating, correction) => {
+// Sends a rating (and a correction, for text) to /v1/feedback for this response id.
+function rater(responseId, said) {
+  return async (rating, correction) => {
     try {
       const body = { response_id: responseId, rating };
       if (correction) body.correction = correction;
@@ -165,6 +168,25 @@ function feedbackControls(responseId, answer) {
       notify(err.message);
     }
   };
+}
+
+// Thumbs up/down for a set of generated images (nothing to edit there).
+function ratingControls(responseId) {
+  const said = h("span", { class: "status", role: "status" });
+  const sendRating = rater(responseId, said);
+  return h(
+    "div",
+    { class: "feedback", "data-response-id": responseId },
+    h("button", { type: "button", class: "icon", "aria-label": "Good images", title: "Good images", onclick: () => sendRating(1) }, "👍"),
+    h("button", { type: "button", class: "icon", "aria-label": "Bad images", title: "Bad images", onclick: () => sendRating(-1) }, "👎"),
+    said,
+  );
+}
+
+// Thumbs up/down and "edit the answer", sent to /v1/feedback for this response id.
+function feedbackControls(responseId, answer) {
+  const said = h("span", { class: "status", role: "status" });
+  const sendRating = rater(responseId, said);
   const editor = h("form", { class: "edit", hidden: true });
   const area = h("textarea", { rows: 3, "aria-label": "Corrected answer" });
   area.value = answer;
@@ -189,11 +211,19 @@ async function runImages(text, model, grid, signal) {
   const body = { model, prompt: text, n: intOrNull("pg-n") ?? 1, response_format: "b64_json" };
   const seed = intOrNull("pg-image-seed");
   if (seed !== undefined) body.seed = seed;
+  const steps = intOrNull("pg-steps");
+  if (steps !== undefined) body.num_inference_steps = steps;
+  const guidance = document.getElementById("pg-guidance").value;
+  if (guidance !== "") body.guidance_scale = Number(guidance);
+  const negative = document.getElementById("pg-negative").value.trim();
+  if (negative) body.negative_prompt = negative;
   const result = await api("/v1/images/generations", { method: "POST", body, signal });
   grid.replaceChildren(
     ...result.data.map((img, i) =>
       h("figure", {}, h("img", { src: `data:image/png;base64,${img.b64_json}`, alt: `Image ${i + 1} for “${text}”` }), h("figcaption", {}, `#${i + 1}`)),
     ),
   );
-  document.getElementById("pg-status").textContent = `${result.data.length} images.`;
+  if (result.id) grid.append(ratingControls(result.id));
+  const warned = result.warnings?.length ? ` ${result.warnings.join(" ")}` : "";
+  document.getElementById("pg-status").textContent = `${result.data.length} images.${warned}`;
 }

@@ -1,9 +1,12 @@
 """The handler of ``POST /v1/images/generations``.
 
-The prompt is the model's condition (a class label for class-conditional models; ignored
-by unconditional ones). Images come back as base64 PNG (``response_format: b64_json``),
-resized to ``size`` when one is given. One generation runs at a time per model (they use
-every core already); the others wait in a short queue, and beyond it get 429.
+The prompt is the model's condition: a sentence for text-to-image models (with
+``negative_prompt``, ``num_inference_steps`` and ``guidance_scale`` as extras), a class
+label for class-conditional ones; unconditional ones take none. A prompt longer than the
+text encoder's context is cut, and the response says so in ``warnings``. Images come
+back as base64 PNG (``response_format: b64_json``), resized to ``size`` when one is
+given. One generation runs at a time per model (they use every core already); the others
+wait in a short queue, and beyond it get 429.
 """
 
 from __future__ import annotations
@@ -49,7 +52,19 @@ async def serve_images(
     try:
         generator = loaded.image_generator()
         seed = None if body.seed is None else body.seed % 2**63
-        work = _generate(state, loaded, lambda: generator.generate(body.prompt, body.n, seed))
+        warnings = generator.prompt_warnings(body.prompt)
+
+        def call() -> list[Image]:
+            return generator.generate(
+                body.prompt,
+                body.n,
+                seed,
+                negative_prompt=body.negative_prompt,
+                steps=body.num_inference_steps,
+                guidance_scale=body.guidance_scale,
+            )
+
+        work = _generate(state, loaded, call)
         result = await until_disconnected(request, work)
         if result is None:
             status = CLIENT_CLOSED
@@ -57,10 +72,15 @@ async def serve_images(
         images = result
         data = [{"b64_json": _png(img, size)} for img in images]
         status = 200
-        return JSONResponse(
-            {"created": int(time.time()), "data": data, "id": response_id, "model": loaded.ref},
-            headers={"X-Request-Id": response_id},
-        )
+        content: dict[str, Any] = {
+            "created": int(time.time()),
+            "data": data,
+            "id": response_id,
+            "model": loaded.ref,
+        }
+        if warnings:
+            content["warnings"] = warnings  # e.g. a prompt cut to the text encoder's context
+        return JSONResponse(content, headers={"X-Request-Id": response_id})
     except Exception as exc:
         status = int(getattr(exc, "http_status", 500))
         state.metrics.error(loaded.info.name, error_type(exc), loaded.info.version)
@@ -143,7 +163,13 @@ def _record(
     state.metrics.request_finished(info.name, info.version, status, "stop", 0, count, e2e)
     if status == 429:
         return
-    params: dict[str, Any] = body.model_dump(exclude={"prompt", "user"}, exclude_none=True)
+    # user text goes only where the log encrypts it (the prompt), never in the parameters
+    params: dict[str, Any] = body.model_dump(
+        exclude={"prompt", "negative_prompt", "user"}, exclude_none=True
+    )
+    prompt = body.prompt
+    if body.negative_prompt:
+        prompt = f"{prompt}\n[negative prompt] {body.negative_prompt}"
     state.recorder.submit(
         RequestRecord(
             request_id=response_id,
@@ -153,7 +179,7 @@ def _record(
             api_key_id=principal.key_id,
             key_prefix=principal.prefix,
             user_id=body.user or principal.user_id,
-            prompt=body.prompt,
+            prompt=prompt,
             response=f"{count} images",
             params=params,
             completion_tokens=count,
