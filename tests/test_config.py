@@ -87,6 +87,10 @@ tokenizer:
   special_tokens: ["<|endoftext|>", "<|pad|>"]
   chat_template: "{{ messages }}"
   seq_len: 128
+parts:
+  teacher:
+    model: {family: causal_lm, n_layer: 1}
+    train: {objective: lm, max_steps: 10, warmup_steps: 2}
 model:
   family: causal_lm
   base_model: base@production
@@ -283,6 +287,8 @@ def test_every_section_parses_from_a_full_example(tmp_path: Path) -> None:
     assert cfg.tokenizer.vocab_size == 4096
     assert cfg.model.lora is not None and cfg.model.lora.r == 4
     assert cfg.model.diffusion.sampler == "ddpm"
+    assert cfg.parts["teacher"].model.n_layer == 1
+    assert cfg.parts["teacher"].train.max_steps == 10
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.z_loss == pytest.approx(1e-4) and cfg.train.betas == (0.9, 0.99)
     assert cfg.train.grad_clip is None

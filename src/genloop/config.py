@@ -1143,6 +1143,52 @@ class SecurityConfig(BaseModel):
 # ---------------------------------------------------------------------------------------
 
 
+PART_PREFIX = "part:"  # a model ref naming a part of the same config: part:vae
+
+
+class PartConfig(BaseModel):
+    """A model the config trains before its own, on the same data (Stable Diffusion's
+    recipe: the autoencoder, then the text encoder, then the UNet that uses both). The
+    main model (or a later part) names it by ``part:NAME`` wherever it takes a model ref;
+    it is registered as ``<name>-<part>``."""
+
+    model_config = _STRICT
+
+    model: ModelConfig = Field(description="The part's family and size.")
+    train: TrainConfig = Field(description="The part's training loop.")
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> PartConfig:
+        _check_objective(self.model.family, self.train.objective)
+        return self
+
+
+def _check_objective(family: str, objective: str) -> None:
+    if family not in OBJECTIVE_FAMILIES[objective]:
+        raise ValueError(
+            f"train.objective {objective!r} does not fit model.family {family!r} "
+            f"(use one of: {', '.join(OBJECTIVE_FAMILIES[objective])})"
+        )
+
+
+def part_references(model: ModelConfig) -> list[str]:
+    """The part names ``model`` refers to (``part:NAME`` in any of its string fields)."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str) and value.startswith(PART_PREFIX):
+            found.append(value[len(PART_PREFIX) :])
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(model.model_dump())
+    return found
+
+
 class GenloopConfig(BaseModel):
     """A genloop pipeline file: one optional section per stage."""
 
@@ -1157,6 +1203,11 @@ class GenloopConfig(BaseModel):
     data: DataConfig | None = Field(None, description="Dataset to prepare (the data stage).")
     tokenizer: TokenizerConfig = Field(
         default_factory=TokenizerConfig, description="Tokenizer for text."
+    )
+    parts: dict[str, PartConfig] = Field(
+        default_factory=dict,
+        description="Models trained first, in order, on the same data; the model (or a later "
+        "part) names one as part:NAME where it takes a model ref. Registered as NAME-PART.",
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model family and size.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
@@ -1173,12 +1224,14 @@ class GenloopConfig(BaseModel):
 
     @model_validator(mode="after")
     def _across_sections(self) -> GenloopConfig:
-        family, objective = self.model.family, self.train.objective
-        if family not in OBJECTIVE_FAMILIES[objective]:
-            raise ValueError(
-                f"train.objective {objective!r} does not fit model.family {family!r} "
-                f"(use one of: {', '.join(OBJECTIVE_FAMILIES[objective])})"
-            )
+        _check_objective(self.model.family, self.train.objective)
+        earlier: list[str] = []
+        for part, section in self.parts.items():
+            if not re.match(NAME_PATTERN, part):
+                raise ValueError(f"parts: {part!r} is not a valid name (letters, digits, ._-)")
+            _check_part_references(f"parts.{part}.model", section.model, earlier)
+            earlier.append(part)
+        _check_part_references("model", self.model, earlier)
         ctx = self.model.context_length
         if ctx is not None and self.tokenizer.seq_len > ctx:
             raise ValueError(
@@ -1189,6 +1242,13 @@ class GenloopConfig(BaseModel):
                 if not _has_field(GenloopConfig, key.split(".")):
                     raise ValueError(f"tune.space key {key!r} is not a config key")
         return self
+
+
+def _check_part_references(where: str, model: ModelConfig, earlier: list[str]) -> None:
+    for name in part_references(model):
+        if name not in earlier:
+            known = ", ".join(earlier) or "none defined before it"
+            raise ValueError(f"{where} names part:{name}, which is not a part ({known})")
 
 
 # ---------------------------------------------------------------------------------------

@@ -214,6 +214,7 @@ def train_inputs(ctx: Context) -> dict[str, Any]:
     c = ctx.cfg
     return {
         "dataset_version_id": ctx.out("data", "dataset_version_id"),
+        "parts": {k: v.model_dump(mode="json") for k, v in c.parts.items()},
         "model": c.model.model_dump(mode="json"),
         "train": c.train.model_dump(mode="json", exclude={"dataset", "resume", "log_to"}),
         "seq_len": c.tokenizer.seq_len,
@@ -225,13 +226,23 @@ def train_inputs(ctx: Context) -> dict[str, Any]:
 def train_run(ctx: Context) -> tuple[dict[str, Any], str]:
     cfg = ctx.cfg.model_copy(deep=True)
     cfg.train.dataset = ctx.out("data", "dataset")  # trained on exactly this version
+    parts: dict[str, str] = {}
+    if cfg.parts:  # the models this one builds on (an autoencoder, a text encoder)
+        from genloop.train.loop import train
+        from genloop.train.parts import train_parts
+
+        cfg, parts = train_parts(
+            ctx.ws, cfg, train, model_name=ctx.name, root=ctx.root, say=ctx.say
+        )
+        cfg = cfg.model_copy(update={"parts": {}})
     if cfg.tune is not None:
         from genloop.tune.study import tune
 
         study = tune(ctx.ws, cfg, root=ctx.root, model_name=ctx.name, resume=True)
         if study.model is None:
             raise GenloopError(f"study {study.study} finished without a successful trial")
-        return {"model": study.model.ref, "study": study.study}, f"best of {study.counts}"
+        outputs = {"model": study.model.ref, "study": study.study, "parts": parts}
+        return outputs, f"best of {study.counts}"
     from genloop.train.loop import train
 
     def progress(step: int, total: int, metrics: dict[str, float]) -> None:
@@ -240,7 +251,8 @@ def train_run(ctx: Context) -> tuple[dict[str, Any], str]:
 
     result = train(ctx.ws, cfg, model_name=ctx.name, progress=progress, root=ctx.root)
     assert result.model is not None
-    return {"model": result.model.ref, "run_id": result.run_id, **_metrics(result.metrics)}, ""
+    outputs = {"model": result.model.ref, "run_id": result.run_id, "parts": parts}
+    return {**outputs, **_metrics(result.metrics)}, ""
 
 
 def eval_inputs(ctx: Context) -> dict[str, Any] | AlreadyDone | None:

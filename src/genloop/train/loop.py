@@ -140,12 +140,17 @@ def train(
     ``resume=True`` continues the newest unfinished run of this model name, ``resume=RUN_ID``
     that run; either continues exactly where its last good checkpoint left off.
     ``train.resume`` in the config does the same when there is such a run, and starts a new
-    one when there is not.
+    one when there is not. ``cfg.parts`` (models this one names as ``part:NAME``) are
+    trained, or reused when unchanged, first (``train/parts.py``).
     ``on_eval(step, metrics)`` is called after each validation; raising :class:`StopRun`
     from it ends the run with that status (how a tuning study prunes a trial).
     """
-    t = cfg.train
     name = model_name or cfg.name or (cfg.data.name if cfg.data else None) or "model"
+    if cfg.parts:  # the models this one builds on, trained (or reused) first
+        from genloop.train.parts import train_parts
+
+        cfg, _ = train_parts(ws, cfg, train, model_name=name, root=root, trust_pickle=trust_pickle)
+    t = cfg.train
     dist = distributed.setup(t.device)
     try:
         seed_everything(t.seed)

@@ -77,6 +77,21 @@ class TextEngine(Protocol):
 
 
 class ImageGenerator(Protocol):
-    """One loaded image model version (``genloop.models.image_generation``)."""
+    """One loaded image model version (``genloop.models.image_generation``): a class- or
+    text-conditioned generator. The text-to-image options are refused, by name, by models
+    that cannot use them."""
 
-    def generate(self, prompt: str, n: int, seed: int | None) -> list[Image]: ...
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """What to tell the client about its prompt (one cut to the text encoder's context)."""
+        ...
+
+    def generate(
+        self,
+        prompt: str,
+        n: int,
+        seed: int | None,
+        *,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> list[Image]: ...
