@@ -190,6 +190,8 @@ def test_clear_errors(ws: Workspace, tmp_path: Path) -> None:
         (("generate", "tiny", "-p", "x", "--device", "tpu"), "--device"),
         (("generate", "tiny", "-p", "x", "--out", tmp_path), "--out is for image models"),
         (("generate", "pix", "-p", "x"), "x"),  # not a class: the images module names them
+        (("generate", "pix", "-p", "dog", "--guidance-scale", "3"), "only text-to-image"),
+        (("generate", "tiny", "-p", "x", "--steps", "5"), "for text-to-image models"),
         (
             ("generate", "tiny", "-i", tmp_path / "missing.jsonl", "-o", tmp_path / "o.jsonl"),
             "does not exist",

@@ -80,6 +80,18 @@ def generate(
         Path | None,
         typer.Option("--out", help="Image models: folder for the PNGs \\[default: ./images]."),
     ] = None,
+    negative_prompt: Annotated[
+        str | None,
+        typer.Option("--negative-prompt", help="Text-to-image: what the images should not show."),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", min=1, max=1000, help="Text-to-image: denoising steps."),
+    ] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option("--guidance-scale", min=0.0, max=50.0, help="Text-to-image: guidance."),
+    ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Sequences decoded together.")
     ] = 16,
@@ -91,6 +103,7 @@ def generate(
     genloop generate tiny-lm@production -p "Once upon a time" --max-tokens 40
     genloop generate tiny-lm --input prompts.jsonl --output out.jsonl
     genloop generate digits-gan -p "7" -n 16 --out sevens/
+    genloop generate shapes-t2i -p "a large red circle on the left" -n 8 --out circles/
     """
     from genloop.errors import ConfigError
 
@@ -106,10 +119,19 @@ def generate(
     if family in IMAGE_FAMILIES:
         if input_ is not None:
             raise ConfigError(f"{name} is an image model ({family}); --input is for text models")
-        _images(path, prompt, n, seed, out or Path("images"), json)
+        options = {
+            "negative_prompt": negative_prompt,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+        }
+        _images(path, prompt, n, seed, options, out or Path("images"), json)
         return
     if out is not None:
         raise ConfigError("--out is for image models; text goes to stdout or --output")
+    if negative_prompt is not None or steps is not None or guidance_scale is not None:
+        raise ConfigError(
+            "--negative-prompt, --steps and --guidance-scale are for text-to-image models"
+        )
     from genloop.serve.engine.types import SamplingParams
 
     params = SamplingParams(
@@ -292,14 +314,26 @@ def _batch(
 
 
 def _images(
-    path: Path, prompt: str | None, n: int, seed: int | None, out: Path, json: bool
+    path: Path,
+    prompt: str | None,
+    n: int,
+    seed: int | None,
+    options: dict[str, Any],
+    out: Path,
+    json: bool,
 ) -> None:
     from genloop.models.image_generation import load_image_generator, save_images
 
     with err_console.status("generating", spinner="dots"):
-        images = load_image_generator(path).generate(prompt, n, seed)
+        generator = load_image_generator(path)
+        warnings = generator.prompt_warnings(prompt or "")
+        images = generator.generate(prompt, n, seed, **options)
         paths = save_images(images, out)
     if json:
-        print_json({"images": [str(p) for p in paths]})
+        print_json({"images": [str(p) for p in paths], "warnings": warnings})
         return
-    console.print(f"{len(images)} images written to {out}", highlight=False, markup=False)
+    for warning in warnings:
+        err_console.print(f"warning: {warning}", highlight=False, markup=False)
+    console.print(
+        f"{len(images)} images and grid.png written to {out}", highlight=False, markup=False
+    )
