@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from genloop.cli.context import console, err_console, open_workspace, print_json
+from genloop.models.family import IMAGE_FAMILIES
 
 if TYPE_CHECKING:
     from genloop.serve.engine.engine import Engine
     from genloop.serve.engine.types import SamplingParams
-
-IMAGE_FAMILIES = ("vae", "gan", "diffusion")
 
 
 def generate(

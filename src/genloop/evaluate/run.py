@@ -29,6 +29,7 @@ from genloop.errors import ConfigError, GenloopError
 from genloop.evaluate.record import EvaluationRecord
 from genloop.evaluate.results import SuiteResult
 from genloop.evaluate.store import save_evaluation
+from genloop.models.family import IMAGE_FAMILIES
 from genloop.workspace import registry
 from genloop.workspace.workspace import Workspace
 
@@ -43,7 +44,6 @@ RUNNABLE = ("perplexity", "generation", "code", "bias", "lm_eval")
 IMAGE_SUITES = ("image", "augment")  # see evaluate/image.py
 NEEDS_DATASET = ("perplexity", "generation", *IMAGE_SUITES)
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
-IMAGE_FAMILIES = ("vae", "gan", "diffusion")
 PERPLEXITY_BATCH = 8
 GENERATION_BATCH = 8
 PREFIX_CHARS = 200  # characters of a test document given as the prompt …

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor, nn
 
+# families whose models make images (served on /v1/images/generations, sampled by
+# ``models/image_generation.py``); text ones are served by the text engines
+IMAGE_FAMILIES = ("vae", "gan", "diffusion")
+
 # name -> module holding FAMILY; imported on first use.
 _FAMILIES = {
     "causal_lm": "genloop.models.causal_lm",

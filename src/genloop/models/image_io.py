@@ -22,7 +22,6 @@ from genloop.errors import ConflictError, GenloopError, IntegrityError, NotFound
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
-IMAGE_FAMILIES = ("vae", "gan", "diffusion")
 MAX_IMAGE_SIZE = 256  # the families are small convolutional networks
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from sqlalchemy import func, select
 
 from genloop.errors import GenloopError, NotFoundError
+from genloop.models.family import IMAGE_FAMILIES
 from genloop.serve.engine.protocol import ImageGenerator, TextEngine
 from genloop.serve.errors import ApiError
 from genloop.workspace import registry
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
-IMAGE_FAMILIES = ("vae", "gan", "diffusion")
 RETRY_FAILED_LOAD_S = 30.0  # a version that failed to load is not retried more often
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from genloop.errors import GenloopError
+from genloop.models.family import IMAGE_FAMILIES
 from genloop.serve.engine.engine import Engine
 from genloop.serve.engine.kv_cache import CachePlan, bytes_per_position, plan_cache
 from genloop.serve.engine.runner import Runner, build_runner
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_FAMILIES = ("vae", "gan", "diffusion")
 DEFAULT_CONTEXT = 2048  # for models whose config states no limit (T5's relative positions)
 
 
