@@ -245,11 +245,19 @@ class HfDiskSource(BaseModel):
     split: str | None = Field(
         None, description="Split to read from a DatasetDict. Unset: 'train', or the only one."
     )
-    field: str = Field("text", description="Column holding the text.")
+    field: str = Field(
+        "text", description="Column holding the text (the caption, with image_field)."
+    )
+    image_field: str | None = Field(
+        None,
+        description="Column holding images (a datasets Image feature): each row becomes a "
+        "captioned image record, 'field' naming its caption column. Unset: text records.",
+    )
 
 
 class ImagesSource(BaseModel):
-    """An image folder; a sub-folder's name is the label of the images in it."""
+    """An image folder; a sub-folder's name is the label of the images in it. A
+    metadata.jsonl (Hugging Face imagefolder: file_name + a caption column) adds captions."""
 
     model_config = _STRICT
 
@@ -260,6 +268,9 @@ class ImagesSource(BaseModel):
     )
     extensions: list[str] = Field(
         default_factory=lambda: [".png", ".jpg", ".jpeg"], description="Image file extensions."
+    )
+    text_column: str = Field(
+        "text", description="The metadata.jsonl field holding each image's caption."
     )
 
 

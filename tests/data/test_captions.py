@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from genloop.config import DataConfig, TokenizerConfig
 from genloop.data.images import (
     CAPTIONS_FILE,
     CleanCaption,
@@ -18,6 +20,7 @@ from genloop.data.images import (
     load_captions,
     write_image_dataset,
 )
+from genloop.data.prepare import prepare_dataset
 from genloop.data.records import Dropped, Record
 from genloop.data.shapes import RGB, Scene, ShapeObject, parse_caption, render, slot_bounds
 from genloop.data.sources import build_source
@@ -195,3 +198,133 @@ def test_data_prepare_writes_aligned_captions_and_a_caption_tokenizer(
     # the same config again: nothing redone
     again = run_genloop(workspace, "data", "prepare", config, "--workers", "1", "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["created"] is False
+
+
+# ------------------------------------------------------- captioned folders and datasets
+
+
+def shape_png(colour: str, shape: str, position: str = "center", size: str = "large") -> bytes:
+    return png(render(Scene((ShapeObject(colour, shape, size, position),))))
+
+
+def prepare_images(ws: Workspace, sources: list[dict[str, object]]) -> tuple[Path, dict[str, Any]]:
+    cfg = DataConfig.model_validate(
+        {
+            "name": "captioned",
+            "kind": "images",
+            "sources": sources,
+            "images": {"size": 32, "channels": 3},
+            "split": {"val": 0, "test": 0},
+        }
+    )
+    info, _ = prepare_dataset(ws, cfg, TokenizerConfig(vocab_size=300), workers=1)
+    return ws.store.open_verified(info.artifact), info.stats
+
+
+def quarantined(path: Path) -> list[tuple[str, str]]:
+    lines = (path / "quarantine.jsonl").read_text().splitlines()
+    return sorted((q["id"], q["reason"]) for q in map(json.loads, lines))
+
+
+def test_image_folder_with_metadata_jsonl(workspace: Workspace, tmp_path: Path) -> None:
+    pics = tmp_path / "pics"
+    (pics / "more").mkdir(parents=True)
+    (pics / "red.png").write_bytes(shape_png("red", "circle"))
+    (pics / "blue.png").write_bytes(shape_png("blue", "square", "left"))
+    (pics / "green.png").write_bytes(shape_png("green", "triangle", "right"))
+    (pics / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    (pics / "silent.png").write_bytes(shape_png("yellow", "circle"))  # named by no line
+    (pics / "more" / "big.png").write_bytes(shape_png("orange", "square", "right"))
+    lines = [
+        json.dumps({"file_name": "red.png", "text": "  a large red\ncircle  in the center"}),
+        json.dumps({"file_name": "blue.png", "text": "a large blue square on the left"}),
+        json.dumps({"file_name": "blue.png", "text": "a large blue square on the left"}),
+        json.dumps({"file_name": "blue.png", "text": "a blue square, left", "source": "web"}),
+        json.dumps({"file_name": "green.png", "text": "  "}),
+        json.dumps({"file_name": "broken.png", "text": "a broken picture"}),
+        json.dumps({"file_name": "gone.png", "text": "a picture that is not there"}),
+        json.dumps({"file_name": "red.png", "caption": "the wrong column"}),
+        json.dumps({"file_name": "../outside.png", "text": "far away"}),
+        json.dumps({"file_name": "red.png", "text": 7}),
+        '{"file_name": "red.png", "text": ',
+        "",
+    ]
+    (pics / "metadata.jsonl").write_text("\n".join(lines))
+    more = {"file_name": "big.png", "text": "a large orange square on the right"}
+    (pics / "more" / "metadata.jsonl").write_text(json.dumps(more) + "\n")
+
+    path, stats = prepare_images(workspace, [{"type": "images", "path": str(pics)}])
+    assert quarantined(path) == [
+        ("broken.png", "corrupt_image"),
+        ("green.png", "empty_caption"),
+        ("metadata.jsonl:10", "bad_field"),
+        ("metadata.jsonl:11", "bad_json"),
+        ("metadata.jsonl:7", "missing_image"),
+        ("metadata.jsonl:8", "missing_column"),
+        ("metadata.jsonl:9", "outside_base"),
+        ("silent.png", "missing_caption"),
+    ]
+    assert stats["dedup"]["exact"] == 1  # blue.png with the same caption twice
+    found = caption_split(path, "train")
+    assert found is not None
+    images, captions = found
+    assert sorted(captions) == [
+        "a blue square, left",  # the same image with another caption is kept
+        "a large blue square on the left",
+        "a large orange square on the right",
+        "a large red circle in the center",  # whitespace collapsed
+    ]
+    for image, text in zip(images, captions, strict=True):
+        scene = parse_caption(text) or parse_caption("a large blue square on the left")
+        assert scene is not None
+        assert_image_shows(image.permute(1, 2, 0).numpy(), scene)
+    assert (path / "tokenizer" / "tokenizer.json").is_file()
+
+    # a named caption column; every line lacks it → all quarantined, no captions left
+    source = build_source({"type": "images", "path": str(pics), "text_column": "caption"})
+    reasons = [i.reason for i in source.records() if not isinstance(i, Record)]
+    assert reasons.count("missing_column") == 10
+    assert [r.text for r in source.records() if isinstance(r, Record)] == ["the wrong column"]
+
+
+def test_hf_disk_dataset_with_image_and_text_columns(workspace: Workspace, tmp_path: Path) -> None:
+    from datasets import Dataset, Features, Image, Value
+
+    rows = [
+        ("red", "circle", "left", "a large red circle on the left"),
+        ("blue", "triangle", "right", "a large blue triangle on the right"),
+        ("blue", "triangle", "right", "a large blue triangle on the right"),  # duplicate
+        ("green", "square", "center", None),  # no caption
+        ("yellow", "square", "center", "a large yellow square in the center"),
+    ]
+    pictures = [
+        pil_image(shape_png(colour, shape, position)) for colour, shape, position, _ in rows
+    ]
+    features = Features({"picture": Image(), "caption": Value("string")})
+    Dataset.from_dict(
+        {"picture": pictures, "caption": [r[3] for r in rows]}, features=features
+    ).save_to_disk(tmp_path / "ds")
+    spec = {"type": "hf_disk", "path": str(tmp_path / "ds"), "image_field": "picture"}
+    spec["field"] = "caption"
+    path, stats = prepare_images(workspace, [spec])
+    assert quarantined(path) == [("3", "empty_caption")]
+    assert stats["dedup"]["exact"] == 1
+    found = caption_split(path, "train")
+    assert found is not None
+    images, captions = found
+    assert sorted(captions) == sorted({r[3] for r in rows if r[3]})
+    for image, text in zip(images, captions, strict=True):
+        scene = parse_caption(text)
+        assert scene is not None
+        assert_image_shows(image.permute(1, 2, 0).numpy(), scene)
+
+    with pytest.raises(GenloopError, match="no column 'image'"):
+        build_source(spec | {"image_field": "image"})
+    with pytest.raises(GenloopError, match=r"holds .*not images"):
+        build_source(spec | {"image_field": "caption"})
+
+
+def pil_image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
