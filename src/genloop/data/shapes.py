@@ -236,7 +236,7 @@ def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None)
             draw.rectangle((x0, y0, x1, y1), fill=fill)
         else:
             draw.polygon(((x0 + x1) / 2, y0, x1, y1, x0, y1), fill=fill)
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)  # writable (torch.from_numpy warns otherwise)
 
 
 def generate(
