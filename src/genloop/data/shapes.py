@@ -202,8 +202,8 @@ def slot_bounds(position: str, size: int) -> tuple[int, int]:
 def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
     """Draw ``scene`` as a uint8 (size, size, 3) RGB array on a white background.
 
-    With ``rng``, each object's diameter and position jitter a little (its size class and
-    slot never change: the object stays inside its slot's columns); without, objects are
+    With ``rng``, each object's diameter jitters a little and it sits anywhere in its slot's
+    columns and at any height (its size class and slot never change); without, objects are
     drawn at the middle of their ranges, centred in their slots.
     """
     from PIL import Image, ImageDraw
@@ -218,8 +218,8 @@ def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None)
         low, high = _DIAMETER[o.size]
         fraction = (low + high) / 2 if rng is None else float(rng.uniform(low, high))
         d = max(3, min(width, round(fraction * width)))
-        # Free room in the slot horizontally and in the image vertically; jitter within
-        # part of it so objects stay clear of the slot edges and the image border.
+        # Free room in the slot horizontally and in the image (less a 1-pixel border)
+        # vertically; the object may sit anywhere in it.
         room_x = width - d
         room_y = size - d - 2
         if rng is None:
@@ -227,7 +227,7 @@ def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None)
             y0 = 1 + room_y // 2
         else:
             x0 = lo + room_x // 2 + int(rng.integers(-(room_x // 2), room_x - room_x // 2 + 1))
-            y0 = 1 + room_y // 2 + int(rng.integers(-(room_y // 4), room_y // 4 + 1))
+            y0 = 1 + int(rng.integers(0, room_y + 1))
         x1, y1 = x0 + d - 1, y0 + d - 1  # inclusive box
         fill = RGB[o.colour]
         if o.shape == "circle":
