@@ -230,22 +230,31 @@ def pixel_stats(model: nn.Module) -> tuple[Tensor, Tensor]:
 def pixel_values(model: nn.Module, images_uint8: Tensor) -> Tensor:
     """uint8 images (B, C, H, W) → the vision tower's input (B, C, S, S) on its device:
     resized to its ``image_size`` when they differ, normalised by :func:`pixel_stats`."""
+    vision = model.config.vision_config
+    device = next(model.parameters()).device
+    mean, std = pixel_stats(model)
+    return to_pixels(
+        images_uint8.to(device), int(vision.image_size), int(vision.num_channels), mean, std
+    )
+
+
+def to_pixels(images_uint8: Tensor, size: int, channels: int, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 (B, C, H, W) → float (B, C, size, size): x/255, bicubic resize (only when the
+    size differs), then (x - mean) / std per channel."""
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise GenloopError(
-            f"expected uint8 images (B, C, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}"
+            f"expected uint8 images (B, C, H, W), got {images_uint8.dtype} "
+            f"{tuple(images_uint8.shape)}"
         )
-    vision = model.config.vision_config
-    size, channels = int(vision.image_size), int(vision.num_channels)
     if images_uint8.shape[1] != channels:
         raise GenloopError(
             f"the model takes {channels}-channel images, these have {images_uint8.shape[1]}"
         )
-    device = next(model.parameters()).device
-    x = images_uint8.to(device).float() / 255.0
+    x = images_uint8.float() / 255.0
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
-    mean, std = pixel_stats(model)
-    return (x - mean.to(device)[:, None, None]) / std.to(device)[:, None, None]
+    mean, std = mean.to(x.device)[:, None, None], std.to(x.device)[:, None, None]
+    return (x - mean) / std
 
 
 def text_context(model: nn.Module) -> int:
