@@ -574,9 +574,7 @@ class ModelConfig(BaseModel):
     diffusion: DiffusionConfig = Field(
         default_factory=DiffusionConfig, description="Diffusion settings."
     )
-    clip: ClipModelConfig = Field(
-        default_factory=ClipModelConfig, description="CLIP sizes."
-    )
+    clip: ClipModelConfig = Field(default_factory=ClipModelConfig, description="CLIP sizes.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:

@@ -153,7 +153,7 @@ def test_the_round_trip_gives_equal_logits(
 def test_the_text_encoder_is_the_clip_text_tower(saved: Path) -> None:
     from transformers import CLIPTextModel
 
-    model, tok = load_clip(saved)
+    model, _ = load_clip(saved)
     encoder, encoder_tok = text_encoder_from_clip(saved)
     assert isinstance(encoder, CLIPTextModel)
     enc = encode_texts(encoder_tok, ["a large purple triangle on the right", "a red circle"], 24)

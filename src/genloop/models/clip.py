@@ -2,7 +2,7 @@
 as transformers ``CLIPModel``.
 
     image  x (B, C, H, W) in [-1, 1] → ViT (patches, [CLS]) → visual_projection → u (B, D)
-    text   ids (B, T) ending in eos  → causal transformer, pooled at eos → text_projection → v (B, D)
+    text   ids (B, T) ending in eos → causal transformer, pooled at eos → text_projection → v
     logits[i, j] = exp(t) · cos(v_i, u_j)                      (t: the learned logit_scale)
     L = ½ · (CE(logits, targets) + CE(logitsᵀ, targetsᵀ))      (text→image and image→text)
 
@@ -212,10 +212,13 @@ def encode_texts(
     enc = tok(
         list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
     )
-    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+    return {
+        "input_ids": enc["input_ids"].to(device),
+        "attention_mask": enc["attention_mask"].to(device),
+    }
 
 
-def pixel_stats(model: nn.Module) -> tuple[Tensor, Tensor]:
+def pixel_stats(model: Any) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, std) the vision tower expects of pixels in [0, 1], each (C,).
 
     genloop's models see pixels in [-1, 1] (mean = std = 0.5); an imported checkpoint keeps
@@ -227,7 +230,7 @@ def pixel_stats(model: nn.Module) -> tuple[Tensor, Tensor]:
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
-def pixel_values(model: nn.Module, images_uint8: Tensor) -> Tensor:
+def pixel_values(model: Any, images_uint8: Tensor) -> Tensor:
     """uint8 images (B, C, H, W) → the vision tower's input (B, C, S, S) on its device:
     resized to its ``image_size`` when they differ, normalised by :func:`pixel_stats`."""
     vision = model.config.vision_config
@@ -257,12 +260,18 @@ def to_pixels(images_uint8: Tensor, size: int, channels: int, mean: Tensor, std:
     return (x - mean) / std
 
 
-def text_context(model: nn.Module) -> int:
+def text_context(model: Any) -> int:
+    """The text tower's context in tokens."""
     return int(model.config.text_config.max_position_embeddings)
 
 
+def image_size(model: Any) -> int:
+    """The side of the images the vision tower takes."""
+    return int(model.config.vision_config.image_size)
+
+
 @torch.no_grad()
-def image_features(model: nn.Module, images_uint8: Tensor) -> Tensor:
+def image_features(model: Any, images_uint8: Tensor) -> Tensor:
     """L2-normalised image embeddings (B, D) of uint8 images (B, C, H, W)."""
     out = []
     for i in range(0, images_uint8.shape[0], TEXT_BATCH):
@@ -273,7 +282,7 @@ def image_features(model: nn.Module, images_uint8: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def text_features(model: nn.Module, tok: PreTrainedTokenizerBase, texts: Sequence[str]) -> Tensor:
+def text_features(model: Any, tok: PreTrainedTokenizerBase, texts: Sequence[str]) -> Tensor:
     """L2-normalised text embeddings (B, D), each text encoded by :func:`encode_texts`."""
     device = next(model.parameters()).device
     out = []
@@ -287,7 +296,7 @@ def text_features(model: nn.Module, tok: PreTrainedTokenizerBase, texts: Sequenc
 # ------------------------------------------------------------------------- save and load
 
 
-def _write_preprocessor(model: nn.Module, out: Path) -> None:
+def _write_preprocessor(model: Any, out: Path) -> None:
     """``preprocessor_config.json`` for transformers' ``CLIPImageProcessor``: the size and
     the pixel statistics this model was trained with."""
     vision = model.config.vision_config
@@ -310,7 +319,7 @@ def _write_preprocessor(model: nn.Module, out: Path) -> None:
     (out / PREPROCESSOR_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
 
 
-def _read_preprocessor(path: Path, model: nn.Module) -> None:
+def _read_preprocessor(path: Path, model: Any) -> None:
     """Set the pixel statistics of an imported checkpoint's ``preprocessor_config.json``."""
     file = path / PREPROCESSOR_FILE
     if not file.is_file():
@@ -356,9 +365,10 @@ def text_encoder_from_clip(
     from transformers import CLIPTextModel
 
     model, tok = load_clip(clip_dir, device="cpu")
-    encoder = CLIPTextModel(model.config.text_config)
+    encoder = CLIPTextModel(model.config.text_config)  # type: ignore[arg-type]
     encoder.load_state_dict(model.text_model.state_dict(), strict=True)
-    return encoder.to(device).eval(), tok  # type: ignore[return-value]
+    encoder.to(device)  # type: ignore[arg-type]
+    return encoder.eval(), tok  # type: ignore[return-value,no-untyped-call]
 
 
 class Clip:

@@ -173,7 +173,9 @@ class ContrastiveObjective:
         )
         for idx in order:
             i = torch.tensor(idx)
-            yield self._batch(self.images[i], self.input_ids[i], self.attention_mask[i], self.groups[i])
+            yield self._batch(
+                self.images[i], self.input_ids[i], self.attention_mask[i], self.groups[i]
+            )
 
     def val_batches(self, n: int) -> list[Batch]:
         images, ids, mask, groups = self.val
@@ -224,7 +226,7 @@ def make_objective(
     from transformers import AutoTokenizer
 
     from genloop.data.images import caption_split
-    from genloop.models.clip import pixel_stats, text_context, write_clip_tokenizer
+    from genloop.models.clip import image_size, pixel_stats, text_context, write_clip_tokenizer
 
     if t.objective != OBJECTIVE:
         raise wrong_family(t.objective)
@@ -248,7 +250,7 @@ def make_objective(
         attention_mask=mask,
         groups=groups,
         val=val,
-        image_size=int(model.config.vision_config.image_size),
+        image_size=image_size(model),
         mean=mean,
         std=std,
         batch_size=t.batch_size,
