@@ -518,12 +518,27 @@ class DiffusionConfig(BaseModel):
         return self
 
 
+class ClipModelConfig(BaseModel):
+    """CLIP-only sizes (transformers CLIPModel): a ViT image tower and a causal text tower."""
+
+    model_config = _STRICT
+
+    patch_size: int = Field(4, ge=1, description="ViT patch side in pixels.")
+    vision_hidden: int = Field(128, ge=8, description="Image tower width.")
+    vision_layers: int = Field(3, ge=1, description="Image tower layers.")
+    text_hidden: int = Field(128, ge=8, description="Text tower width.")
+    text_layers: int = Field(3, ge=1, description="Text tower layers.")
+    heads: int = Field(4, ge=1, description="Attention heads in both towers.")
+    projection_dim: int = Field(128, ge=8, description="Joint embedding size.")
+    max_text_length: int = Field(32, ge=4, description="Text context in tokens (eos included).")
+
+
 class ModelConfig(BaseModel):
     """The model family and its size; text overrides apply on top of the preset."""
 
     model_config = _STRICT
 
-    family: Literal["causal_lm", "seq2seq", "vae", "gan", "diffusion"] = Field(
+    family: Literal["causal_lm", "seq2seq", "vae", "gan", "diffusion", "clip"] = Field(
         "causal_lm", description="Model family."
     )
     preset: Preset | None = Field(
@@ -570,6 +585,7 @@ class ModelConfig(BaseModel):
     diffusion: DiffusionConfig = Field(
         default_factory=DiffusionConfig, description="Diffusion settings."
     )
+    clip: ClipModelConfig = Field(default_factory=ClipModelConfig, description="CLIP sizes.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -592,7 +608,7 @@ class ModelConfig(BaseModel):
 # training
 # ---------------------------------------------------------------------------------------
 
-Objective = Literal["lm", "sft", "dpo", "vae", "gan", "diffusion"]
+Objective = Literal["lm", "sft", "dpo", "vae", "gan", "diffusion", "contrastive"]
 OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "lm": TEXT_FAMILIES,
     "sft": TEXT_FAMILIES,
@@ -600,6 +616,7 @@ OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "vae": ("vae",),
     "gan": ("gan",),
     "diffusion": ("diffusion",),
+    "contrastive": ("clip",),
 }
 
 
@@ -627,7 +644,8 @@ class TrainConfig(BaseModel):
 
     objective: Objective = Field(
         "lm",
-        description="lm (pretraining), sft, dpo, or an image family's loss (vae, gan, diffusion).",
+        description="lm (pretraining), sft, dpo, an image family's loss (vae, gan, diffusion), "
+        "or contrastive (clip).",
     )
     dataset: str | None = Field(
         None, description="Dataset NAME or NAME@VERSION. Unset: the one the data section makes."
@@ -693,7 +711,9 @@ class TrainConfig(BaseModel):
 # ---------------------------------------------------------------------------------------
 
 
-EvalSuite = Literal["perplexity", "generation", "code", "bias", "lm_eval", "image", "augment"]
+EvalSuite = Literal[
+    "perplexity", "generation", "code", "bias", "lm_eval", "image", "augment", "clip"
+]
 _DEFAULT_SUITES: tuple[EvalSuite, ...] = ("perplexity", "generation")
 
 

@@ -10,7 +10,8 @@
                       merged into the model version's ``metrics``
 
 Image models (vae, gan, diffusion) run the ``image`` (FID/KID/IS, conditional accuracy)
-and ``augment`` suites of ``evaluate/image.py`` in place of steps 4-5.
+and ``augment`` suites of ``evaluate/image.py`` in place of steps 4-5; clip models the
+``clip`` suite of ``evaluate/clip_metrics.py``.
 
 The same model version, dataset version, settings and seed give the same numbers.
 """
@@ -42,7 +43,8 @@ ProgressFn = Callable[[str, int, int], None]  # (suite, its number from 1, numbe
 
 RUNNABLE = ("perplexity", "generation", "code", "bias", "lm_eval")
 IMAGE_SUITES = ("image", "augment")  # see evaluate/image.py
-NEEDS_DATASET = ("perplexity", "generation", *IMAGE_SUITES)
+CLIP_SUITES = ("clip",)  # see evaluate/clip_metrics.py
+NEEDS_DATASET = ("perplexity", "generation", *IMAGE_SUITES, *CLIP_SUITES)
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
 PERPLEXITY_BATCH = 8
 GENERATION_BATCH = 8
@@ -83,6 +85,8 @@ def evaluate_model(
     image_model = info.family in IMAGE_FAMILIES
     if not suites and image_model and list(cfg.suites) == list(EvalConfig().suites):
         suites = ["image"]
+    if not suites and info.family == "clip" and list(cfg.suites) == list(EvalConfig().suites):
+        suites = ["clip"]
     chosen = check_suites(list(suites) if suites else list(cfg.suites))
     _check_family(info, chosen)
     if "lm_eval" in chosen:  # a bad task file is an error before anything loads
@@ -99,7 +103,13 @@ def evaluate_model(
     device = _device(device)
 
     results: list[SuiteResult] = []
-    if image_model:  # 4-5. FID/KID/IS, augmentation (evaluate/image.py)
+    if info.family == "clip":  # 4-5. retrieval, zero-shot, CLIP score (evaluate/clip_metrics.py)
+        from genloop.evaluate.clip_metrics import run_clip_suites
+
+        assert ds is not None and data_dir is not None  # _dataset() made sure
+        _seed_everything(cfg.seed)
+        results = run_clip_suites(ws, info, model_dir, ds, data_dir, chosen, cfg, device, progress)
+    elif image_model:  # 4-5. FID/KID/IS, augmentation (evaluate/image.py)
         from genloop.evaluate.image import run_image_suites
 
         assert ds is not None and data_dir is not None  # _dataset() made sure
@@ -135,7 +145,7 @@ def evaluate_model(
 
 def check_suites(suites: list[str]) -> list[str]:
     """The suites in the order given, without repeats; unknown or unrunnable ones refused."""
-    known = (*RUNNABLE, *IMAGE_SUITES)
+    known = (*RUNNABLE, *IMAGE_SUITES, *CLIP_SUITES)
     if not suites:
         raise ConfigError(f"no suite to run; choose from: {', '.join(known)}")
     out: list[str] = []
@@ -148,8 +158,20 @@ def check_suites(suites: list[str]) -> list[str]:
 
 
 def _check_family(info: registry.ModelVersionInfo, suites: list[str]) -> None:
-    """Text suites need a text model, image suites an image model."""
-    if info.family in IMAGE_FAMILIES:
+    """Text suites need a text model, image suites an image model, the clip suite a clip
+    model."""
+    if info.family == "clip":
+        other = [s for s in suites if s not in CLIP_SUITES]
+        if other:
+            raise GenloopError(
+                f"{info.ref} is a clip model; the {other[0]} suite is not for it (clip models "
+                f"run: {', '.join(CLIP_SUITES)})"
+            )
+    elif any(s in CLIP_SUITES for s in suites):
+        raise GenloopError(
+            f"the clip suite is for clip models; {info.ref} is a {info.family} model"
+        )
+    elif info.family in IMAGE_FAMILIES:
         text = [s for s in suites if s not in IMAGE_SUITES]
         if text:
             raise GenloopError(

@@ -36,6 +36,7 @@ _FAMILIES = {
     "vae": "genloop.models.vae",
     "gan": "genloop.models.gan",
     "diffusion": "genloop.models.diffusion",
+    "clip": "genloop.models.clip",
 }
 
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 TextFamily = Literal["causal_lm", "seq2seq"]
+CheckpointFamily = Literal["causal_lm", "seq2seq", "clip"]  # clip: models/clip.py
 WeightFormat = Literal["safetensors", "pickle"]
 VariantFormat = Literal["onnx", "quantized", "torch"]
 
@@ -64,7 +65,7 @@ class CheckpointInfo:
 
     path: Path
     model_type: str
-    family: TextFamily
+    family: CheckpointFamily
     architecture: str  # the transformers class that loads it, e.g. "LlamaForCausalLM"
     weight_format: WeightFormat
     weights: tuple[Path, ...]
@@ -95,7 +96,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 def load_pretrained(
     path: str | Path,
     *,
-    family: TextFamily | None = None,
+    family: CheckpointFamily | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     trust_pickle: bool = False,
@@ -216,7 +217,7 @@ def save_hf_dir(
     model: nn.Module,
     out_dir: str | Path,
     *,
-    family: TextFamily,
+    family: CheckpointFamily,
     tokenizer_dir: str | Path | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -274,7 +275,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _family_of(model_type: str, config: Mapping[str, Any], path: Path) -> tuple[TextFamily, str]:
+def _family_of(
+    model_type: str, config: Mapping[str, Any], path: Path
+) -> tuple[CheckpointFamily, str]:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL,
     )
@@ -282,6 +285,8 @@ def _family_of(model_type: str, config: Mapping[str, Any], path: Path) -> tuple[
         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as SEQ2SEQ,
     )
 
+    if model_type == "clip":  # the dual encoder (models/clip.py)
+        return "clip", "CLIPModel"
     if model_type in SEQ2SEQ and (model_type not in CAUSAL or config.get("is_encoder_decoder")):
         return "seq2seq", str(SEQ2SEQ[model_type])
     if model_type in CAUSAL:
