@@ -32,6 +32,7 @@ _FAMILIES = {
     "vae": "genloop.models.vae",
     "gan": "genloop.models.gan",
     "diffusion": "genloop.models.diffusion",
+    "captioning": "genloop.models.captioning",
 }
 
 
