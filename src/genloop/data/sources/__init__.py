@@ -9,6 +9,7 @@ pipeline config::
     {"type": "files", "paths": ["corpus/**/*.jsonl"], "field": "text"}
     {"type": "code", "path": "src", "extensions": [".py"], "exclude": ["*_pb2.py"]}
     {"type": "builtin", "name": "python-stdlib"}        # or python-docs, digits
+    {"type": "builtin", "name": "shapes", "count": 20000, "size": 32, "seed": 0}
     {"type": "url", "urls": ["https://example.org/"], "max_bytes": 2000000, "timeout_s": 5}
     {"type": "hf_disk", "path": "saved/ds", "split": "train", "field": "text"}
     {"type": "images", "path": "pictures"}               # labels from sub-folders
@@ -77,7 +78,13 @@ SPEC_KEYS: dict[str, dict[str, tuple[str, bool]]] = {
         "exclude": ("list", False),
         "max_bytes": ("int", False),
     },
-    "builtin": {"name": ("str", True), "max_files": ("int", False)},
+    "builtin": {
+        "name": ("str", True),
+        "max_files": ("int", False),
+        "count": ("int", False),
+        "size": ("int", False),
+        "seed": ("int", False),
+    },
     "url": {
         "urls": ("strs", True),
         "allow_private": ("bool", False),
