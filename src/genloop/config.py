@@ -512,7 +512,7 @@ class ModelConfig(BaseModel):
 
     model_config = _STRICT
 
-    family: Literal["causal_lm", "seq2seq", "vae", "gan", "diffusion"] = Field(
+    family: Literal["causal_lm", "seq2seq", "vae", "gan", "diffusion", "captioning"] = Field(
         "causal_lm", description="Model family."
     )
     preset: Preset | None = Field(
@@ -581,7 +581,7 @@ class ModelConfig(BaseModel):
 # training
 # ---------------------------------------------------------------------------------------
 
-Objective = Literal["lm", "sft", "dpo", "vae", "gan", "diffusion"]
+Objective = Literal["lm", "sft", "dpo", "vae", "gan", "diffusion", "captioning"]
 OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "lm": TEXT_FAMILIES,
     "sft": TEXT_FAMILIES,
@@ -589,6 +589,7 @@ OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "vae": ("vae",),
     "gan": ("gan",),
     "diffusion": ("diffusion",),
+    "captioning": ("captioning",),
 }
 
 

@@ -101,7 +101,7 @@ class CaptioningSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_hf_config(self) -> VisionEncoderDecoderConfig:
+    def tohf_config(self) -> VisionEncoderDecoderConfig:
         from transformers import GPT2Config, VisionEncoderDecoderConfig, ViTConfig
 
         encoder = ViTConfig(
@@ -203,7 +203,7 @@ def pixel_values(model: nn.Module, images: Tensor) -> Tensor:
         raise GenloopError(
             f"images must be uint8 N×C×H×W, got {images.dtype} {tuple(images.shape)}"
         )
-    enc = _hf_config(model).encoder
+    enc = hf_config(model).encoder
     size, channels = int(enc.image_size), int(enc.num_channels)
     x = images.float() / 127.5 - 1.0  # genloop.data.images.normalize
     if x.shape[1] != channels:
@@ -248,10 +248,17 @@ def caption_loss(
             f"a captioning batch needs {' and '.join(missing)} (got keys: {', '.join(batch)})"
         )
     labels = batch["labels"]
-    cfg = _hf_config(model)
+    cfg = hf_config(model)
     decoder_input_ids = shift_right(labels, cfg.decoder_start_token_id, cfg.pad_token_id)
+    # the padding after a caption: masking it changes no logit the loss reads (attention is
+    # causal), but says which inputs are padding, as transformers asks
+    mask = torch.ones_like(labels)
+    mask[:, 1:] = labels[:, :-1] != IGNORE_INDEX
     logits: Tensor = model(
-        pixel_values=batch["pixel_values"], decoder_input_ids=decoder_input_ids, use_cache=False
+        pixel_values=batch["pixel_values"],
+        decoder_input_ids=decoder_input_ids,
+        decoder_attention_mask=mask,
+        use_cache=False,
     ).logits  # (B, T, V), position t predicts labels[:, t]
     return token_loss(
         logits,
@@ -276,7 +283,7 @@ def caption(
     with ``num_beams`` > 1) from the start token until eos or ``max_new_tokens``."""
     if max_new_tokens < 1 or num_beams < 1:
         raise GenloopError("max_new_tokens and num_beams must be at least 1")
-    cfg = _hf_config(model)
+    cfg = hf_config(model)
     # the decoder's positions bound the caption: start token + new tokens
     max_new_tokens = min(max_new_tokens, int(cfg.decoder.max_position_embeddings) - 1)
     was_training = model.training
@@ -325,7 +332,7 @@ class Captioning:
         from transformers import VisionEncoderDecoderModel
 
         spec = spec_from_config(config)
-        return VisionEncoderDecoderModel(config=spec.to_hf_config())
+        return VisionEncoderDecoderModel(config=spec.tohf_config())
 
     def loss(
         self,
@@ -373,7 +380,7 @@ class Captioning:
         out.mkdir(parents=True, exist_ok=True)
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         model.save_pretrained(out)  # safetensors only in transformers ≥ 5
-        enc = _hf_config(model).encoder
+        enc = hf_config(model).encoder
         side, channels = int(enc.image_size), int(enc.num_channels)
         # what transformers' AutoImageProcessor reads: uint8 → [-1, 1] at the model's size,
         # as pixel_values() does
@@ -438,7 +445,7 @@ class Captioning:
 FAMILY: Family = Captioning()
 
 
-def _hf_config(model: nn.Module) -> Any:
+def hf_config(model: nn.Module) -> Any:
     """The transformers config of a VisionEncoderDecoderModel (untyped: its sub-configs are
     read by attribute)."""
     config = getattr(model, "config", None)

@@ -39,6 +39,7 @@ _BUILDERS = {
     "vae": "genloop.train.images",
     "gan": "genloop.train.images",
     "diffusion": "genloop.train.images",
+    "captioning": "genloop.train.captioning",
 }
 
 
