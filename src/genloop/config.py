@@ -683,7 +683,9 @@ class TrainConfig(BaseModel):
 # ---------------------------------------------------------------------------------------
 
 
-EvalSuite = Literal["perplexity", "generation", "code", "bias", "lm_eval", "image", "augment"]
+EvalSuite = Literal[
+    "perplexity", "generation", "code", "bias", "lm_eval", "image", "augment", "captioning"
+]
 _DEFAULT_SUITES: tuple[EvalSuite, ...] = ("perplexity", "generation")
 
 

@@ -10,7 +10,8 @@
                       merged into the model version's ``metrics``
 
 Image models (vae, gan, diffusion) run the ``image`` (FID/KID/IS, conditional accuracy)
-and ``augment`` suites of ``evaluate/image.py`` in place of steps 4-5.
+and ``augment`` suites of ``evaluate/image.py`` in place of steps 4-5; captioning models
+the ``captioning`` suite (BLEU, attribute accuracy) of ``evaluate/captioning.py``.
 
 The same model version, dataset version, settings and seed give the same numbers.
 """
@@ -41,9 +42,11 @@ ProgressFn = Callable[[str, int, int], None]  # (suite, its number from 1, numbe
 
 RUNNABLE = ("perplexity", "generation", "code", "bias", "lm_eval")
 IMAGE_SUITES = ("image", "augment")  # see evaluate/image.py
-NEEDS_DATASET = ("perplexity", "generation", *IMAGE_SUITES)
+CAPTION_SUITES = ("captioning",)  # see evaluate/captioning.py
+NEEDS_DATASET = ("perplexity", "generation", *IMAGE_SUITES, *CAPTION_SUITES)
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
 IMAGE_FAMILIES = ("vae", "gan", "diffusion")
+CAPTION_FAMILIES = ("captioning",)
 PERPLEXITY_BATCH = 8
 GENERATION_BATCH = 8
 PREFIX_CHARS = 200  # characters of a test document given as the prompt …
@@ -78,11 +81,15 @@ def evaluate_model(
     ``cuda`` or ``cuda:N``.
     """
     cfg = cfg or EvalConfig()
-    # 1. the suites (image models default to the image suite)
+    # 1. the suites (image models default to the image suite, captioners to captioning)
     info = registry.resolve(ws, ref)
     image_model = info.family in IMAGE_FAMILIES
-    if not suites and image_model and list(cfg.suites) == list(EvalConfig().suites):
-        suites = ["image"]
+    caption_model = info.family in CAPTION_FAMILIES
+    if not suites and list(cfg.suites) == list(EvalConfig().suites):
+        if image_model:
+            suites = ["image"]
+        elif caption_model:
+            suites = list(CAPTION_SUITES)
     chosen = check_suites(list(suites) if suites else list(cfg.suites))
     _check_family(info, chosen)
     if "lm_eval" in chosen:  # a bad task file is an error before anything loads
@@ -105,6 +112,14 @@ def evaluate_model(
         assert ds is not None and data_dir is not None  # _dataset() made sure
         _seed_everything(cfg.seed)
         results = run_image_suites(ws, info, model_dir, ds, data_dir, chosen, cfg, device, progress)
+    elif caption_model:  # 4-5. BLEU, attribute accuracy (evaluate/captioning.py)
+        from genloop.evaluate.captioning import run_captioning_suite
+
+        assert ds is not None and data_dir is not None  # _dataset() made sure
+        if progress is not None:
+            progress("captioning", 1, 1)
+        _seed_everything(cfg.seed)
+        results = [run_captioning_suite(model_dir, data_dir, ds.ref, cfg, device)]
     else:
         # 4. the model, loaded once
         from genloop.evaluate.generate import load_model_for_eval
@@ -135,7 +150,7 @@ def evaluate_model(
 
 def check_suites(suites: list[str]) -> list[str]:
     """The suites in the order given, without repeats; unknown or unrunnable ones refused."""
-    known = (*RUNNABLE, *IMAGE_SUITES)
+    known = (*RUNNABLE, *IMAGE_SUITES, *CAPTION_SUITES)
     if not suites:
         raise ConfigError(f"no suite to run; choose from: {', '.join(known)}")
     out: list[str] = []
@@ -148,7 +163,21 @@ def check_suites(suites: list[str]) -> list[str]:
 
 
 def _check_family(info: registry.ModelVersionInfo, suites: list[str]) -> None:
-    """Text suites need a text model, image suites an image model."""
+    """Text suites need a text model, image suites an image model, the captioning suite a
+    captioning model."""
+    if info.family in CAPTION_FAMILIES:
+        other = [s for s in suites if s not in CAPTION_SUITES]
+        if other:
+            raise GenloopError(
+                f"{info.ref} is a {info.family} model; it runs the captioning suite, not {other[0]}"
+            )
+        return
+    captioning = [s for s in suites if s in CAPTION_SUITES]
+    if captioning:
+        raise GenloopError(
+            f"the captioning suite is for the captioning family; {info.ref} is a {info.family} "
+            "model"
+        )
     if info.family in IMAGE_FAMILIES:
         text = [s for s in suites if s not in IMAGE_SUITES]
         if text:
