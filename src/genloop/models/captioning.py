@@ -292,8 +292,12 @@ def caption(
     try:
         for i in range(0, images_uint8.shape[0], batch_size):
             pixels = pixel_values(model, images_uint8[i : i + batch_size])
+            # the start token's mask; generate extends it (a finished caption's padding is
+            # never read back: its tokens are cut at eos)
+            start_mask = torch.ones((pixels.shape[0], 1), dtype=torch.long, device=pixels.device)
             ids = model.generate(  # type: ignore[operator]
                 pixel_values=pixels,
+                decoder_attention_mask=start_mask,
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
                 do_sample=False,
