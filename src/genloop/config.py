@@ -538,8 +538,8 @@ class ModelConfig(BaseModel):
 
     model_config = _STRICT
 
-    family: Literal["causal_lm", "seq2seq", "vae", "gan", "diffusion", "clip"] = Field(
-        "causal_lm", description="Model family."
+    family: Literal["causal_lm", "seq2seq", "vae", "gan", "diffusion", "clip", "captioning"] = (
+        Field("causal_lm", description="Model family.")
     )
     preset: Preset | None = Field(
         None,
@@ -608,7 +608,7 @@ class ModelConfig(BaseModel):
 # training
 # ---------------------------------------------------------------------------------------
 
-Objective = Literal["lm", "sft", "dpo", "vae", "gan", "diffusion", "contrastive"]
+Objective = Literal["lm", "sft", "dpo", "vae", "gan", "diffusion", "contrastive", "captioning"]
 OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "lm": TEXT_FAMILIES,
     "sft": TEXT_FAMILIES,
@@ -617,6 +617,7 @@ OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "gan": ("gan",),
     "diffusion": ("diffusion",),
     "contrastive": ("clip",),
+    "captioning": ("captioning",),
 }
 
 
@@ -645,7 +646,7 @@ class TrainConfig(BaseModel):
     objective: Objective = Field(
         "lm",
         description="lm (pretraining), sft, dpo, an image family's loss (vae, gan, diffusion), "
-        "or contrastive (clip).",
+        "contrastive (clip) or captioning.",
     )
     dataset: str | None = Field(
         None, description="Dataset NAME or NAME@VERSION. Unset: the one the data section makes."
@@ -712,7 +713,15 @@ class TrainConfig(BaseModel):
 
 
 EvalSuite = Literal[
-    "perplexity", "generation", "code", "bias", "lm_eval", "image", "augment", "clip"
+    "perplexity",
+    "generation",
+    "code",
+    "bias",
+    "lm_eval",
+    "image",
+    "augment",
+    "clip",
+    "captioning",
 ]
 _DEFAULT_SUITES: tuple[EvalSuite, ...] = ("perplexity", "generation")
 

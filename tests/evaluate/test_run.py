@@ -136,7 +136,9 @@ def test_errors_before_loading_a_model(workspace: Workspace) -> None:
         evaluate_model(workspace, "picture")  # image models default to the image suite
     with pytest.raises(GenloopError, match="the bias suite needs a text model"):
         evaluate_model(workspace, "picture", suites=["bias"])
-    with pytest.raises(GenloopError, match="the image suite is for the image families"):
+    with pytest.raises(
+        GenloopError, match="the image suite is for the vae, gan, diffusion families"
+    ):
         evaluate_model(workspace, "nodata", suites=["image"])
     with pytest.raises(NotFoundError, match="no model named"):
         evaluate_model(workspace, "absent")

@@ -9,9 +9,11 @@
                       per-sample values, report.md, report.html) and the headline metrics
                       merged into the model version's ``metrics``
 
-Image models (vae, gan, diffusion) run the ``image`` (FID/KID/IS, conditional accuracy)
-and ``augment`` suites of ``evaluate/image.py`` in place of steps 4-5; clip models the
-``clip`` suite of ``evaluate/clip_metrics.py``.
+Other families run their own suites in place of steps 4-5 (``FAMILY_SUITES``): image
+models (vae, gan, diffusion) the ``image`` (FID/KID/IS, conditional accuracy) and
+``augment`` suites of ``evaluate/image.py``; clip models the ``clip`` suite of
+``evaluate/clip_metrics.py``; captioning models the ``captioning`` suite (BLEU, attribute
+accuracy) of ``evaluate/captioning.py``.
 
 The same model version, dataset version, settings and seed give the same numbers.
 """
@@ -44,8 +46,21 @@ ProgressFn = Callable[[str, int, int], None]  # (suite, its number from 1, numbe
 RUNNABLE = ("perplexity", "generation", "code", "bias", "lm_eval")
 IMAGE_SUITES = ("image", "augment")  # see evaluate/image.py
 CLIP_SUITES = ("clip",)  # see evaluate/clip_metrics.py
-NEEDS_DATASET = ("perplexity", "generation", *IMAGE_SUITES, *CLIP_SUITES)
+CAPTION_SUITES = ("captioning",)  # see evaluate/captioning.py
+NEEDS_DATASET = ("perplexity", "generation", *IMAGE_SUITES, *CLIP_SUITES, *CAPTION_SUITES)
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
+# the suites each family can run, and (non-text families) the ones it runs by default
+FAMILY_SUITES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(TEXT_FAMILIES, RUNNABLE),
+    **dict.fromkeys(IMAGE_FAMILIES, IMAGE_SUITES),
+    "clip": CLIP_SUITES,
+    "captioning": CAPTION_SUITES,
+}
+DEFAULT_SUITES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(IMAGE_FAMILIES, ("image",)),
+    "clip": CLIP_SUITES,
+    "captioning": CAPTION_SUITES,
+}
 PERPLEXITY_BATCH = 8
 GENERATION_BATCH = 8
 PREFIX_CHARS = 200  # characters of a test document given as the prompt …
@@ -80,13 +95,10 @@ def evaluate_model(
     ``cuda`` or ``cuda:N``.
     """
     cfg = cfg or EvalConfig()
-    # 1. the suites (image models default to the image suite)
+    # 1. the suites (non-text families default to their own: image, clip, captioning)
     info = registry.resolve(ws, ref)
-    image_model = info.family in IMAGE_FAMILIES
-    if not suites and image_model and list(cfg.suites) == list(EvalConfig().suites):
-        suites = ["image"]
-    if not suites and info.family == "clip" and list(cfg.suites) == list(EvalConfig().suites):
-        suites = ["clip"]
+    if not suites and info.family in DEFAULT_SUITES and cfg.suites == EvalConfig().suites:
+        suites = list(DEFAULT_SUITES[info.family])
     chosen = check_suites(list(suites) if suites else list(cfg.suites))
     _check_family(info, chosen)
     if "lm_eval" in chosen:  # a bad task file is an error before anything loads
@@ -109,7 +121,15 @@ def evaluate_model(
         assert ds is not None and data_dir is not None  # _dataset() made sure
         _seed_everything(cfg.seed)
         results = run_clip_suites(ws, info, model_dir, ds, data_dir, chosen, cfg, device, progress)
-    elif image_model:  # 4-5. FID/KID/IS, augmentation (evaluate/image.py)
+    elif info.family == "captioning":  # 4-5. BLEU, attribute accuracy (evaluate/captioning.py)
+        from genloop.evaluate.captioning import run_captioning_suite
+
+        assert ds is not None and data_dir is not None  # _dataset() made sure
+        if progress is not None:
+            progress("captioning", 1, 1)
+        _seed_everything(cfg.seed)
+        results = [run_captioning_suite(model_dir, data_dir, ds.ref, cfg, device)]
+    elif info.family in IMAGE_FAMILIES:  # 4-5. FID/KID/IS, augmentation (evaluate/image.py)
         from genloop.evaluate.image import run_image_suites
 
         assert ds is not None and data_dir is not None  # _dataset() made sure
@@ -145,7 +165,7 @@ def evaluate_model(
 
 def check_suites(suites: list[str]) -> list[str]:
     """The suites in the order given, without repeats; unknown or unrunnable ones refused."""
-    known = (*RUNNABLE, *IMAGE_SUITES, *CLIP_SUITES)
+    known = (*RUNNABLE, *IMAGE_SUITES, *CLIP_SUITES, *CAPTION_SUITES)
     if not suites:
         raise ConfigError(f"no suite to run; choose from: {', '.join(known)}")
     out: list[str] = []
@@ -158,35 +178,24 @@ def check_suites(suites: list[str]) -> list[str]:
 
 
 def _check_family(info: registry.ModelVersionInfo, suites: list[str]) -> None:
-    """Text suites need a text model, image suites an image model, the clip suite a clip
-    model."""
-    if info.family == "clip":
-        other = [s for s in suites if s not in CLIP_SUITES]
-        if other:
-            raise GenloopError(
-                f"{info.ref} is a clip model; the {other[0]} suite is not for it (clip models "
-                f"run: {', '.join(CLIP_SUITES)})"
-            )
-    elif any(s in CLIP_SUITES for s in suites):
-        raise GenloopError(
-            f"the clip suite is for clip models; {info.ref} is a {info.family} model"
-        )
-    elif info.family in IMAGE_FAMILIES:
-        text = [s for s in suites if s not in IMAGE_SUITES]
-        if text:
-            raise GenloopError(
-                f"{info.ref} is a {info.family} model; the {text[0]} suite needs a text model "
-                f"(image models run: {', '.join(IMAGE_SUITES)})"
-            )
-    elif info.family in TEXT_FAMILIES:
-        images = [s for s in suites if s in IMAGE_SUITES]
-        if images:
-            raise GenloopError(
-                f"the {images[0]} suite is for the image families (vae, gan, diffusion); "
-                f"{info.ref} is a {info.family} model"
-            )
-    else:
+    """Each family runs its own suites (``FAMILY_SUITES``); the first one it cannot run is
+    named, with the ones it can."""
+    allowed = FAMILY_SUITES.get(info.family)
+    if allowed is None:
         raise GenloopError(f"{info.ref} is a {info.family} model, which genloop cannot evaluate")
+    for suite in suites:
+        if suite in allowed:
+            continue
+        if suite in RUNNABLE:
+            raise GenloopError(
+                f"{info.ref} is a {info.family} model; the {suite} suite needs a text model "
+                f"({info.family} models run: {', '.join(allowed)})"
+            )
+        families = [f for f, runs in FAMILY_SUITES.items() if suite in runs]
+        raise GenloopError(
+            f"the {suite} suite is for the {', '.join(families)} families; {info.ref} is a "
+            f"{info.family} model (it runs: {', '.join(allowed)})"
+        )
 
 
 def _dataset(

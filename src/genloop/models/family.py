@@ -37,6 +37,7 @@ _FAMILIES = {
     "gan": "genloop.models.gan",
     "diffusion": "genloop.models.diffusion",
     "clip": "genloop.models.clip",
+    "captioning": "genloop.models.captioning",
 }
 
 

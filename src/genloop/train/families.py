@@ -40,6 +40,7 @@ _BUILDERS = {
     "gan": "genloop.train.images",
     "diffusion": "genloop.train.images",
     "clip": "genloop.train.multimodal",
+    "captioning": "genloop.train.captioning",
 }
 
 

@@ -35,7 +35,7 @@ from genloop.workspace.tables import (
 )
 from genloop.workspace.workspace import Workspace
 
-FAMILIES = ("causal_lm", "seq2seq", "vae", "gan", "diffusion", "clip")
+FAMILIES = ("causal_lm", "seq2seq", "vae", "gan", "diffusion", "clip", "captioning")
 
 
 @dataclass
