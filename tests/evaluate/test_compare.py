@@ -155,3 +155,36 @@ def test_a_model_without_evaluation_is_an_error(workspace: Workspace) -> None:
     save_evaluation(workspace, a.id, None, [generation(np.full(5, 0.5))])
     with pytest.raises(NotFoundError, match="run 'genloop eval bare@2' first"):
         compare(workspace, a.ref, b.ref)
+
+
+def test_a_suites_figures_are_stored_beside_the_report_and_shown_in_it(
+    workspace: Workspace,
+) -> None:
+    import io
+
+    from PIL import Image
+
+    from genloop.evaluate.store import RESULTS_FILE, load_results
+
+    def png(colour: str) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4), colour).save(buf, format="PNG")
+        return buf.getvalue()
+
+    version = new_version(workspace, "figs")
+    figures = {'"a red circle" <left>': png("red"), "a blue square": png("blue")}
+    result = SuiteResult("t2i", {"score": 1.0}, figures=figures)
+    record = save_evaluation(workspace, version.id, None, [result])
+    assert record.report is not None
+    folder = workspace.store.open_verified(record.report)  # the manifest covers them
+    assert (folder / "figures" / "t2i-000.png").read_bytes() == figures['"a red circle" <left>']
+    assert (folder / "figures" / "t2i-001.png").read_bytes() == figures["a blue square"]
+    markdown = (folder / "report.md").read_text()
+    assert "(figures/t2i-001.png)" in markdown
+    page = (folder / "report.html").read_text()
+    assert page.count('<img alt="') >= 2 and "&quot;a red circle&quot; &lt;left&gt;" in page
+    assert "<left>" not in page  # titles are escaped
+    stored = (folder / RESULTS_FILE).read_text()
+    assert "iVBOR" not in stored  # the PNGs stay out of results.json
+    (loaded,) = load_results(workspace, record)
+    assert loaded.metrics == {"score": 1.0}

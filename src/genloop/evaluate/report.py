@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from genloop.evaluate.record import EvaluationRecord
-from genloop.evaluate.results import SuiteResult
+from genloop.evaluate.results import SuiteResult, figure_file
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -109,6 +109,9 @@ def render_markdown(record: EvaluationRecord, results: Sequence[SuiteResult]) ->
             columns = _sample_columns(r.samples)
             rows = [[s.get(c, "") for c in columns] for s in r.samples[:MAX_EXAMPLES]]
             lines += _md_table(columns, rows)
+        for i, title in enumerate(r.figures):
+            alt = _md_cell(title).replace("[", "(").replace("]", ")")
+            lines += [f"![{alt}]({figure_file(r.suite, i)})", ""]
     return "\n".join(lines)
 
 
@@ -242,5 +245,12 @@ def render_html(record: EvaluationRecord, results: Sequence[SuiteResult]) -> str
             columns = _sample_columns(r.samples)
             rows = [[s.get(c, "") for c in columns] for s in r.samples[:MAX_EXAMPLES]]
             parts.append(_html_table(columns, rows, text=True))
+        for title, png in r.figures.items():  # inline: the page needs nothing beside it
+            uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+            caption = html.escape(title)
+            parts.append(
+                f'<figure><img alt="{caption}" src="{uri}"><figcaption>{caption}'
+                "</figcaption></figure>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

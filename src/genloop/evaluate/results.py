@@ -15,6 +15,8 @@ class SuiteResult:
     can be compared with bootstrap confidence intervals; ``samples`` are a few examples
     for the report; ``settings`` record everything needed to reproduce the numbers
     (generation settings, seed, dataset split, extractor for image metrics).
+    ``figures`` are PNG files for the report (a sample grid per prompt), by title: stored
+    beside it under ``figures/``, shown in it, and left out of ``results.json``.
     """
 
     suite: str
@@ -22,6 +24,14 @@ class SuiteResult:
     per_sample: dict[str, list[float]] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, bytes] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["figures"] = {title: figure_file(self.suite, i) for i, title in enumerate(self.figures)}
+        return out
+
+
+def figure_file(suite: str, index: int) -> str:
+    """Where a suite's ``index``-th figure is stored, relative to the evaluation's folder."""
+    return f"figures/{suite}-{index:03d}.png"

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from genloop.errors import GenloopError, NotFoundError
 from genloop.evaluate.record import EvaluationRecord
 from genloop.evaluate.report import write_report
-from genloop.evaluate.results import SuiteResult
+from genloop.evaluate.results import SuiteResult, figure_file
 from genloop.workspace.tables import Dataset, DatasetVersion, Evaluation, ModelVersion
 from genloop.workspace.workspace import Workspace
 
@@ -128,6 +128,11 @@ def save_evaluation(
         with ws.store.writer(key, overwrite=True) as staging:
             text = json.dumps(payload, indent=1, allow_nan=False, ensure_ascii=False)
             (staging / RESULTS_FILE).write_text(text + "\n", encoding="utf-8")
+            for r in results:
+                for i, png in enumerate(r.figures.values()):
+                    path = staging / figure_file(r.suite, i)
+                    path.parent.mkdir(exist_ok=True)
+                    path.write_bytes(png)
             write_report(staging, record, results)
         with ws.catalog.session(write_lock=True) as s:
             stored = s.get(Evaluation, evaluation_id)
