@@ -17,6 +17,8 @@ from typing import Any
 import openai
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from genloop.workspace import Workspace, registry
@@ -248,12 +250,33 @@ def test_feedback_links_to_the_caption_and_the_log_keeps_no_image(
     assert row.status == 200 and row.completion_tokens == r.json()["usage"]["completion_tokens"]
     cipher = load_cipher(module_ws)
     prompt = cipher.decrypt(row.prompt_enc)
-    assert json.loads(prompt) == [
-        {"role": "user", "content": "What is in this picture?[image]"}
-    ]
+    assert json.loads(prompt) == [{"role": "user", "content": "What is in this picture?[image]"}]
     assert cipher.decrypt(row.response_enc) == CAPTIONS[2]
     payload = uri.split(",", 1)[1]
     assert payload[:40] not in prompt and payload[:40] not in json.dumps(row.params)
+
+
+PNG_BYTES = png(0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    data=st.one_of(
+        st.binary(max_size=600),
+        st.integers(0, len(PNG_BYTES)).map(lambda k: PNG_BYTES[:k]),  # truncated
+        st.binary(min_size=1, max_size=40).map(lambda b: PNG_BYTES[:60] + b + PNG_BYTES[60:]),
+    ),
+    mime=st.sampled_from(["image/png", "image/jpeg", "image/webp", "text/plain"]),
+)
+def test_any_bytes_get_a_caption_or_a_refusal_naming_the_part(
+    server: LiveServer, data: bytes, mime: str
+) -> None:
+    url = f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+    with server.client(server.keys["client"]) as c:
+        r = c.post("/v1/chat/completions", json=ask(image_part(url)))
+    assert r.status_code in (200, 400, 413), r.text
+    if r.status_code != 200:
+        assert r.json()["error"]["param"] == "messages[0].content[1]"
 
 
 @contextlib.contextmanager
@@ -262,7 +285,7 @@ def image_host() -> Iterator[str]:
     body = png(0)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.send_header("Content-Length", str(len(body)))
