@@ -952,6 +952,38 @@ class RateLimitConfig(BaseModel):
     )
 
 
+class ImageInputsConfig(BaseModel):
+    """Images sent in chat messages (OpenAI ``image_url`` content parts) to captioning
+    models: bounded, and from ``data:`` URIs only unless remote URLs are allowed."""
+
+    model_config = _STRICT
+
+    allow_remote: bool = Field(
+        False,
+        description=(
+            "Fetch http(s) image URLs (through data collection's SSRF guard); off: only "
+            "data: URIs, anything else is a 400."
+        ),
+    )
+    allow_private_hosts: bool = Field(
+        False,
+        description="Remote image URLs may resolve to private or loopback addresses.",
+    )
+    max_bytes: int = Field(
+        4 * MiB,
+        ge=1,
+        description=(
+            "Largest encoded image (413 beyond); a data: URI also counts against "
+            "serve.max_body_bytes."
+        ),
+    )
+    max_pixels: int = Field(
+        4096 * 4096, ge=1, description="Largest width × height, read from the header (413)."
+    )
+    max_images: int = Field(8, ge=1, le=64, description="Most images per request (413).")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="Limit for fetching a remote image.")
+
+
 class VllmConfig(BaseModel):
     """The managed vLLM process (``serve.engine: vllm``): where it lives and how it runs.
 
@@ -1054,6 +1086,10 @@ class ServeConfig(BaseModel):
     )
     rate_limit: RateLimitConfig = Field(
         default_factory=RateLimitConfig, description="Per-key rate limits."
+    )
+    image_inputs: ImageInputsConfig = Field(
+        default_factory=ImageInputsConfig,
+        description="Images in chat messages (for captioning models): sources and sizes.",
     )
 
     @model_validator(mode="after")

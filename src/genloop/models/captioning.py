@@ -269,7 +269,6 @@ def caption_loss(
     )
 
 
-@torch.no_grad()
 def caption(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -281,14 +280,30 @@ def caption(
 ) -> list[str]:
     """One caption per image of ``images_uint8`` (N, C, H, W): greedy search (beam search
     with ``num_beams`` > 1) from the start token until eos or ``max_new_tokens``."""
+    ids = caption_ids(model, images_uint8, max_new_tokens, num_beams, batch_size=batch_size)
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def caption_ids(
+    model: nn.Module,
+    images_uint8: Tensor,
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+    *,
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """Each image's caption as the token ids generated after the start token, up to and
+    including eos (a caption without eos was cut at ``max_new_tokens``, which the decoder's
+    positions bound: start token + new tokens)."""
     if max_new_tokens < 1 or num_beams < 1:
         raise GenloopError("max_new_tokens and num_beams must be at least 1")
     cfg = hf_config(model)
-    # the decoder's positions bound the caption: start token + new tokens
     max_new_tokens = min(max_new_tokens, int(cfg.decoder.max_position_embeddings) - 1)
+    eos = int(cfg.eos_token_id)
     was_training = model.training
     model.eval()
-    texts: list[str] = []
+    out: list[list[int]] = []
     try:
         for i in range(0, images_uint8.shape[0], batch_size):
             pixels = pixel_values(model, images_uint8[i : i + batch_size])
@@ -303,14 +318,14 @@ def caption(
                 do_sample=False,
                 decoder_start_token_id=cfg.decoder_start_token_id,
                 bos_token_id=cfg.decoder_start_token_id,
-                eos_token_id=cfg.eos_token_id,
+                eos_token_id=eos,
                 pad_token_id=cfg.pad_token_id,
-            )
-            decoded = tokenizer.batch_decode(ids, skip_special_tokens=True)
-            texts.extend(t.strip() for t in decoded)
+            )  # (B, 1 + T): the start token, then the caption and padding after its eos
+            for row in ids[:, 1:].tolist():
+                out.append(row[: row.index(eos) + 1] if eos in row else row)
     finally:
         model.train(was_training)
-    return texts
+    return out
 
 
 def load_captioner(

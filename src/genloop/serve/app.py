@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     from genloop.config import GenloopConfig, ServeConfig
     from genloop.monitor.metrics import ServingMetrics
     from genloop.monitor.scheduler import EvaluateFn
-    from genloop.serve.engine.protocol import ImageGenerator, TextEngine
-    from genloop.serve.models import ImageLoader, TextLoader
+    from genloop.serve.engine.protocol import ImageCaptioner, ImageGenerator, TextEngine
+    from genloop.serve.models import ImageLoader, TextLoader, VisionLoader
     from genloop.workspace import Workspace
     from genloop.workspace.registry import ModelVersionInfo
 
@@ -84,6 +84,7 @@ def create_app(
         serve.models,
         load_text=load_text or _text_loader(serve, metrics),
         load_image=load_image or _image_loader,
+        load_vision=_vision_loader(serve),
         observer=metrics,
         poll_interval_s=poll_interval_s,
         swap_timeout_s=serve.request_timeout_s + 5.0,
@@ -319,6 +320,15 @@ def _text_loader(serve: ServeConfig, metrics: ServingMetrics) -> TextLoader:
         return load_text_engine(
             path, model_name=info.name, model_version=info.version, cfg=serve, observer=metrics
         )
+
+    return load
+
+
+def _vision_loader(serve: ServeConfig) -> VisionLoader:
+    def load(path: Path, info: ModelVersionInfo) -> ImageCaptioner:
+        from genloop.serve.engine.loader import load_vision_engine
+
+        return load_vision_engine(path, cfg=serve)
 
     return load
 

@@ -16,6 +16,11 @@ so no request ever finds its engine gone.
 A request's ``model`` may name a served ref exactly (``code-lm@production``), its bare
 name (``code-lm``: the first served ref of that name), or the concrete version it is
 serving now (``code-lm@3``). Nothing else is loaded on demand.
+
+A version is of one kind: ``text`` (a text engine: completions and chat), ``image`` (an
+image generator: ``/v1/images/generations``) or ``vision`` (a captioner: chat messages
+with image parts). Image generators and captioners run one call at a time per version
+(:meth:`LoadedModel.run_exclusive`): each call uses every core already.
 """
 
 from __future__ import annotations
@@ -28,13 +33,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from sqlalchemy import func, select
 
 from genloop.errors import GenloopError, NotFoundError
 from genloop.models.family import IMAGE_FAMILIES
-from genloop.serve.engine.protocol import ImageGenerator, TextEngine
+from genloop.serve.engine.protocol import ImageCaptioner, ImageGenerator, TextEngine
 from genloop.serve.errors import ApiError
 from genloop.workspace import registry
 from genloop.workspace.refs import ModelRef, RefError, parse_ref
@@ -47,11 +52,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
+VISION_FAMILIES = ("captioning",)  # image → text, through the chat endpoint
+SERVED_FAMILIES = TEXT_FAMILIES + IMAGE_FAMILIES + VISION_FAMILIES
 RETRY_FAILED_LOAD_S = 30.0  # a version that failed to load is not retried more often
 
 
 TextLoader = Callable[[Path, ModelVersionInfo], TextEngine]
 ImageLoader = Callable[[Path, ModelVersionInfo], ImageGenerator]
+VisionLoader = Callable[[Path, ModelVersionInfo], ImageCaptioner]
+Kind = Literal["text", "image", "vision"]
+T = TypeVar("T")
 
 
 class SwapObserver(Protocol):
@@ -74,14 +84,15 @@ class LoadedModel:
 
     served: str  # the served ref as configured, e.g. "code-lm@production"
     info: ModelVersionInfo
-    kind: Literal["text", "image"]
+    kind: Kind
     engine: TextEngine | None = None
     images: ImageGenerator | None = None
+    captioner: ImageCaptioner | None = None
     leases: int = 0
     retired: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    image_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    image_waiting: int = 0  # requests queued for image_lock
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # run_exclusive's
+    waiting: int = 0  # requests queued for the lock
 
     @property
     def ref(self) -> str:
@@ -90,21 +101,57 @@ class LoadedModel:
 
     def text_engine(self) -> TextEngine:
         if self.engine is None:
-            raise ApiError(
-                f"model {self.served} is an image model; use /v1/images/generations",
-                param="model",
-                code="wrong_model_kind",
-            )
+            raise self._wrong_kind()
         return self.engine
 
     def image_generator(self) -> ImageGenerator:
         if self.images is None:
-            raise ApiError(
-                f"model {self.served} is a text model; use /v1/completions or /v1/chat/completions",
-                param="model",
-                code="wrong_model_kind",
-            )
+            raise self._wrong_kind()
         return self.images
+
+    def image_captioner(self) -> ImageCaptioner:
+        if self.captioner is None:
+            raise self._wrong_kind()
+        return self.captioner
+
+    def _wrong_kind(self) -> ApiError:
+        use = {
+            "text": "a text model; use /v1/completions or /v1/chat/completions",
+            "image": "an image model; use /v1/images/generations",
+            "vision": "a captioning model; send it images in /v1/chat/completions",
+        }[self.kind]
+        return ApiError(f"model {self.served} is {use}", param="model", code="wrong_model_kind")
+
+    async def run_exclusive(
+        self, call: Callable[[], T], *, max_queue: int, timeout_s: float, what: str
+    ) -> T:
+        """Run ``call`` in a thread, one at a time on this version, within ``timeout_s``:
+        beyond ``max_queue`` waiting requests a 429, past the timeout a 504 (``what`` names
+        the work in it). A call that times out keeps the lock until its thread is done, so
+        the next one never runs beside it."""
+        if self.lock.locked() and self.waiting >= max_queue:
+            raise ApiError(
+                f"model {self.ref} is busy ({self.waiting} requests waiting)",
+                status=429,
+                retry_after_s=5.0,
+            )
+
+        async def locked_run() -> T:
+            self.waiting += 1
+            try:
+                await self.lock.acquire()
+            finally:
+                self.waiting -= 1
+            task = asyncio.ensure_future(asyncio.to_thread(call))
+            task.add_done_callback(lambda _: self.lock.release())
+            return await asyncio.shield(task)
+
+        try:
+            return await asyncio.wait_for(locked_run(), timeout=timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                f"{what} took longer than {timeout_s:g}s", status=504, code="timeout"
+            ) from None
 
 
 @dataclass(eq=False)
@@ -129,6 +176,7 @@ class ModelManager:
         *,
         load_text: TextLoader,
         load_image: ImageLoader,
+        load_vision: VisionLoader | None = None,
         observer: SwapObserver | None = None,
         poll_interval_s: float = 1.0,
         swap_timeout_s: float = 60.0,
@@ -138,6 +186,7 @@ class ModelManager:
         self.served = [ServedModel(spec=r, ref=parse_ref(r)) for r in dict.fromkeys(refs)]
         self.load_text = load_text
         self.load_image = load_image
+        self.load_vision = load_vision
         self.observer = observer
         self.poll_interval_s = poll_interval_s
         self.swap_timeout_s = swap_timeout_s
@@ -155,7 +204,7 @@ class ModelManager:
         infos = []
         for served in self.served:
             info = registry.resolve(self.ws, served.ref)
-            if info.family not in TEXT_FAMILIES + IMAGE_FAMILIES:
+            if info.family not in SERVED_FAMILIES:
                 raise GenloopError(f"model {served.spec} has family {info.family}: cannot serve it")
             infos.append(info)
         return infos
@@ -236,6 +285,15 @@ class ModelManager:
             param="model",
             code="model_not_found",
         )
+
+    def kind(self, model: str) -> Kind | None:
+        """The kind of the version ``model`` names now (None: not served here, or not
+        loaded yet): how a chat request is answered."""
+        try:
+            current = self.find(model).current
+        except ApiError:
+            return None
+        return current.kind if current is not None else None
 
     def has(self, model: str) -> bool:
         try:
@@ -426,14 +484,22 @@ class ModelManager:
                 log.info("%s loaded: %s", served.spec, new.ref)
 
     async def _load(self, spec: str, info: ModelVersionInfo) -> LoadedModel:
-        kind: Literal["text", "image"] = "image" if info.family in IMAGE_FAMILIES else "text"
-        if info.family not in TEXT_FAMILIES + IMAGE_FAMILIES:
+        kind = model_kind(info.family)
+        if kind is None:
             raise GenloopError(f"model {info.ref} has family {info.family}: cannot serve it")
+        load_vision = self.load_vision
+        if kind == "vision" and load_vision is None:
+            raise GenloopError(
+                f"model {info.ref} is a captioning model: this server has no loader for it"
+            )
 
         def load() -> LoadedModel:
             path = registry.artifact_path(self.ws, info.ref)  # manifest verified
             if kind == "image":
                 return LoadedModel(spec, info, kind, images=self.load_image(path, info))
+            if kind == "vision":
+                assert load_vision is not None
+                return LoadedModel(spec, info, kind, captioner=load_vision(path, info))
             return LoadedModel(spec, info, kind, engine=self.load_text(path, info))
 
         loaded = await asyncio.to_thread(load)
@@ -464,6 +530,7 @@ class ModelManager:
             self.observer.unwatch_engine(old.info.name, old.info.version)
         old.engine = None
         old.images = None
+        old.captioner = None
         gc.collect()
         _empty_cuda_cache()
         log.info("unloaded %s", old.ref)
@@ -480,6 +547,17 @@ class ModelManager:
                     if served.error != str(exc):
                         log.warning("cannot load %s: %s", served.spec, exc)
                     served.error = str(exc)
+
+
+def model_kind(family: str) -> Kind | None:
+    """What serves a family's versions (None: it is not served)."""
+    if family in TEXT_FAMILIES:
+        return "text"
+    if family in IMAGE_FAMILIES:
+        return "image"
+    if family in VISION_FAMILIES:
+        return "vision"
+    return None
 
 
 def _empty_cuda_cache() -> None:

@@ -14,7 +14,9 @@ code). The native batched engine (``engine.py``) runs it over one of three runne
 The server asks :func:`load_text_engine`, which first picks the backend
 (``serve.engine``, :func:`select_backend`): the native engine above, or a managed vLLM
 process (``vllm.py``) for architectures the native engine does not batch. Both satisfy
-``protocol.TextEngine``, so the gateway in front of them is the same.
+``protocol.TextEngine``, so the gateway in front of them is the same. A ``captioning``
+model version loads as a :class:`~genloop.serve.engine.captioner.Captioner`
+(:func:`load_vision_engine`): images in through the chat endpoint, captions out.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from genloop.config import ServeConfig
+    from genloop.serve.engine.captioner import Captioner
     from genloop.serve.engine.protocol import TextEngine
     from genloop.serve.engine.types import EngineObserver
     from genloop.serve.engine.vllm import VllmEngine
@@ -70,6 +73,16 @@ def load_text_engine(
     return load_engine(
         model_dir, model_name=model_name, model_version=model_version, cfg=cfg, observer=observer
     )
+
+
+def load_vision_engine(model_dir: Path, *, cfg: ServeConfig) -> Captioner:
+    """The captioner of a ``captioning`` model directory (verified against its manifest),
+    on ``cfg.device``."""
+    from genloop.models.captioning import load_captioner
+    from genloop.serve.engine.captioner import Captioner
+
+    model, tokenizer = load_captioner(model_dir, device=resolve_device(cfg.device))
+    return Captioner(model, tokenizer)
 
 
 def select_backend(model_dir: Path, *, model_name: str, cfg: ServeConfig) -> Backend:

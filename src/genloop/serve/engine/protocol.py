@@ -25,8 +25,10 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import torch
     from PIL.Image import Image
 
+    from genloop.serve.engine.captioner import Caption
     from genloop.serve.engine.types import EngineStats, Event, GenerationRequest
 
 
@@ -95,3 +97,18 @@ class ImageGenerator(Protocol):
         steps: int | None = None,
         guidance_scale: float | None = None,
     ) -> list[Image]: ...
+
+
+class ImageCaptioner(Protocol):
+    """One loaded captioning model version (``captioner.Captioner``): images in through
+    the chat endpoint's image parts, one caption each."""
+
+    image_size: int  # the side the encoder reads (images are resized to it)
+    image_tokens: int  # encoder positions one image fills (counted as prompt tokens)
+    max_new_tokens: int  # the longest caption the decoder's positions allow
+
+    def caption(
+        self, images_uint8: torch.Tensor, max_new_tokens: int, num_beams: int = 1
+    ) -> list[Caption]:
+        """One caption per image of ``images_uint8`` (N, C, H, W); blocking."""
+        ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -11,10 +11,36 @@ from genloop.serve.api.protocol import SamplingFields
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 
 
+IMAGE_PLACEHOLDER = "[image]"  # an image part in the request log (never its bytes)
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
+
+
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(
+        min_length=1,
+        description="A data: URI (data:image/png;base64,…); http(s) only where the server "
+        "allows remote images (serve.image_inputs.allow_remote).",
+    )
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="Accepted; the model reads every image at its own size."
+    )
+
+
+class ImagePart(BaseModel):
+    """An image for a captioning model (``api/image_parts.py`` decodes it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class CalledFunction(BaseModel):
@@ -36,8 +62,10 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = Field(
-        None, description="Text, or a list of text parts (null: an assistant's tool calls)."
+    content: str | list[ContentPart] | None = Field(
+        None,
+        description="Text, or a list of text and image parts (images: user messages, to "
+        "captioning models; null: an assistant's tool calls).",
     )
     name: str | None = Field(None, max_length=64)
     tool_calls: list[ToolCall] | None = Field(
@@ -62,14 +90,30 @@ class ChatMessage(BaseModel):
             raise ValueError("a tool message needs the tool_call_id of the call it answers")
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs content")
+        if self.role != "user" and self.image_parts():
+            raise ValueError("only user messages may carry image parts")
         return self
 
     def text(self) -> str:
+        """The text parts joined (image parts left out)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def image_parts(self) -> list[int]:
+        """The indices of the image parts in ``content``."""
+        if not isinstance(self.content, list):
+            return []
+        return [j for j, p in enumerate(self.content) if isinstance(p, ImagePart)]
+
+    def log_text(self) -> str:
+        """The text as the request log keeps it: each image part as ``[image]``."""
+        if not isinstance(self.content, list):
+            return self.text()
+        parts = self.content
+        return "".join(p.text if isinstance(p, TextPart) else IMAGE_PLACEHOLDER for p in parts)
 
 
 class FunctionDefinition(BaseModel):

@@ -6,6 +6,9 @@ blocks come back as the message's ``tool_calls`` (``finish_reason: tool_calls``)
 in OpenAI's shape: a call's first delta carries its ``id``, ``type`` and
 ``function.name``, later ones pieces of ``function.arguments``. ``tool_calls.py`` reads
 them; ``api/structured.py`` writes the grammar that keeps them well formed.
+
+A captioning model (kind ``vision``) answers with the captions of the last user
+message's images instead (``vision.py``); a text model refuses image parts.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from genloop.serve.api.chat.tool_calls import (
     render_messages,
     template_knows_tools,
 )
+from genloop.serve.api.chat.vision import serve_vision_chat
 from genloop.serve.api.protocol import new_id
 from genloop.serve.api.serving_text import (
     check_max_tokens,
@@ -50,6 +54,11 @@ if TYPE_CHECKING:
 async def serve_chat(
     state: ServerState, request: Request, body: ChatRequest, principal: Principal
 ) -> Response:
+    models = state.models
+    if models.has(body.model) and models.kind(body.model) is None:
+        await models.wait_started()  # its first load decides how it answers
+    if models.kind(body.model) == "vision":
+        return await serve_vision_chat(state, request, body, principal)
     return await serve_text(state, request, principal, ChatHandler(state, body, principal))
 
 
@@ -103,6 +112,15 @@ class ChatHandler:
     async def build(self, loaded: LoadedModel) -> TextJob:
         body, state = self.body, self.state
         engine = loaded.text_engine()
+        images = [(i, j) for i, m in enumerate(body.messages) for j in m.image_parts()]
+        if images:
+            i, j = images[0]
+            raise invalid(
+                f"model {loaded.served} does not take images (it is a text model; captioning "
+                "models do)",
+                f"messages[{i}].content[{j}]",
+                "images_not_supported",
+            )
         grammar = await asyncio.to_thread(self._grammar)
         param = "tools" if self.uses_tools else "response_format"
         await prepare_grammar(loaded, grammar, param)

@@ -11,7 +11,6 @@ wait in a short queue, and beyond it get 429.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import time
@@ -21,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from genloop.serve.api.protocol import new_id
 from genloop.serve.api.streaming import CLIENT_CLOSED, until_disconnected
-from genloop.serve.errors import ApiError, error_type, invalid
+from genloop.serve.errors import error_type, invalid
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -91,39 +90,12 @@ async def serve_images(
 
 
 async def _generate(state: ServerState, loaded: LoadedModel, call: Any) -> list[Image]:
-    """Run one generation in a thread, one at a time per model, within the request timeout.
-
-    A generation that times out keeps the model's lock until its thread is done, so the
-    next one never runs beside it.
-    """
+    """Run one generation in a thread, one at a time per model, within the request timeout."""
     cfg = state.cfg.serve
-    lock = loaded.image_lock
-    if lock.locked() and loaded.image_waiting >= cfg.max_queue:
-        raise ApiError(
-            f"model {loaded.ref} is busy ({loaded.image_waiting} requests waiting)",
-            status=429,
-            retry_after_s=5.0,
-        )
-
-    async def locked_run() -> list[Image]:
-        loaded.image_waiting += 1
-        try:
-            await lock.acquire()
-        finally:
-            loaded.image_waiting -= 1
-        task = asyncio.ensure_future(asyncio.to_thread(call))
-        task.add_done_callback(lambda _: lock.release())
-        result: list[Image] = await asyncio.shield(task)
-        return result
-
-    try:
-        return await asyncio.wait_for(locked_run(), timeout=cfg.request_timeout_s)
-    except TimeoutError:
-        raise ApiError(
-            f"image generation took longer than {cfg.request_timeout_s:g}s",
-            status=504,
-            code="timeout",
-        ) from None
+    result: list[Image] = await loaded.run_exclusive(
+        call, max_queue=cfg.max_queue, timeout_s=cfg.request_timeout_s, what="image generation"
+    )
+    return result
 
 
 def _size(size: str | None) -> tuple[int, int] | None:
