@@ -32,6 +32,8 @@ _FAMILIES = {
     "vae": "genloop.models.vae",
     "gan": "genloop.models.gan",
     "diffusion": "genloop.models.diffusion",
+    "autoencoder_kl": "genloop.models.autoencoder_kl",
+    "text_to_image": "genloop.models.text_to_image",
 }
 
 

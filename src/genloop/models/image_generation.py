@@ -35,11 +35,14 @@ GRID_CELL_PX = 64  # grid.png enlarges small images (nearest neighbour) to about
 
 
 def detect_family(model_dir: Path) -> str:
-    """``vae``, ``gan`` or ``diffusion``, from the artifact's files."""
+    """``vae``, ``gan``, ``diffusion`` or ``autoencoder_kl``, from the artifact's files."""
+    from genloop.models.autoencoder_kl import SETTINGS_FILE as AUTOENCODER_SETTINGS
     from genloop.models.diffusion import SETTINGS_FILE
 
     if (model_dir / SETTINGS_FILE).is_file():
         return "diffusion"
+    if (model_dir / AUTOENCODER_SETTINGS).is_file():
+        return "autoencoder_kl"
     config = model_dir / "config.json"
     if config.is_file():
         try:

@@ -39,6 +39,8 @@ _BUILDERS = {
     "vae": "genloop.train.images",
     "gan": "genloop.train.images",
     "diffusion": "genloop.train.images",
+    "autoencoder_kl": "genloop.train.text_to_image",
+    "text_to_image": "genloop.train.text_to_image",
 }
 
 

@@ -35,7 +35,7 @@ from genloop.workspace.tables import (
 )
 from genloop.workspace.workspace import Workspace
 
-FAMILIES = ("causal_lm", "seq2seq", "vae", "gan", "diffusion")
+FAMILIES = ("causal_lm", "seq2seq", "vae", "gan", "diffusion", "autoencoder_kl", "text_to_image")
 
 
 @dataclass
