@@ -189,9 +189,11 @@ class BuiltinSource(BaseModel):
     model_config = _STRICT
 
     type: Literal["builtin"] = Field(description="Source kind.")
-    name: Literal["python-stdlib", "python-docs", "digits"] = Field(
+    name: Literal["python-stdlib", "python-docs", "digits", "shapes"] = Field(
         description="python-stdlib: this interpreter's standard library sources; python-docs: "
-        "its docstrings and pydoc topics; digits: scikit-learn's 8×8 digits with labels."
+        "its docstrings and pydoc topics; digits: scikit-learn's 8×8 digits with labels; "
+        "shapes: drawn coloured shapes with compositional captions (RGB: set images.channels "
+        "to 3 and images.size to the source's size)."
     )
     max_files: int | None = Field(
         None,
@@ -199,6 +201,13 @@ class BuiltinSource(BaseModel):
         description="python-stdlib/python-docs: keep only the first N files (in path order), "
         "for quick runs; unset: all.",
     )
+    count: int | None = Field(
+        None, ge=1, description="shapes: number of images drawn (unset: 20000)."
+    )
+    size: int | None = Field(
+        None, ge=12, le=1024, description="shapes: image side in pixels (unset: 32)."
+    )
+    seed: int | None = Field(None, description="shapes: seed of the drawing (unset: 0).")
 
 
 class UrlSource(BaseModel):
@@ -236,11 +245,19 @@ class HfDiskSource(BaseModel):
     split: str | None = Field(
         None, description="Split to read from a DatasetDict. Unset: 'train', or the only one."
     )
-    field: str = Field("text", description="Column holding the text.")
+    field: str = Field(
+        "text", description="Column holding the text (the caption, with image_field)."
+    )
+    image_field: str | None = Field(
+        None,
+        description="Column holding images (a datasets Image feature): each row becomes a "
+        "captioned image record, 'field' naming its caption column. Unset: text records.",
+    )
 
 
 class ImagesSource(BaseModel):
-    """An image folder; a sub-folder's name is the label of the images in it."""
+    """An image folder; a sub-folder's name is the label of the images in it. A
+    metadata.jsonl (Hugging Face imagefolder: file_name + a caption column) adds captions."""
 
     model_config = _STRICT
 
@@ -251,6 +268,9 @@ class ImagesSource(BaseModel):
     )
     extensions: list[str] = Field(
         default_factory=lambda: [".png", ".jpg", ".jpeg"], description="Image file extensions."
+    )
+    text_column: str = Field(
+        "text", description="The metadata.jsonl field holding each image's caption."
     )
 
 

@@ -3,12 +3,14 @@
 Preparation: :class:`DecodeImage` runs per record in the worker processes. It decodes the
 raw file bytes with Pillow, refuses corrupt, truncated and oversized ("decompression bomb")
 files with a reason, converts to grayscale or RGB, resizes, and stores the result as PNG
-bytes. :func:`write_image_dataset` then writes a split as one ``images.safetensors``
-(``images``: uint8 N×C×H×W, ``labels``: int64 N) and ``classes.json`` (label names, index =
-class id). Nothing is pickled.
+bytes. :class:`CleanCaption` normalizes a captioned image's text and quarantines empty
+captions. :func:`write_image_dataset` then writes a split as one ``images.safetensors``
+(``images``: uint8 N×C×H×W, ``labels``: int64 N), ``classes.json`` (label names, index =
+class id) and, when the records carry captions, ``captions.json`` (N strings, aligned with
+the images). Nothing is pickled.
 
 A dataset version's artifact holds a folder per split, ``images/<split>/``:
-:func:`image_split` and :func:`require_images` read them.
+:func:`image_split`, :func:`require_images` and :func:`caption_split` read them.
 
 Training: :func:`normalize` maps uint8 pixels to [-1, 1]; :func:`augment` flips, crops
 and jitters a normalized batch with randomness drawn only from the generator it is given.
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 IMAGES_FILE = "images.safetensors"
 CLASSES_FILE = "classes.json"
+CAPTIONS_FILE = "captions.json"
 MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused before they are decoded
 
 
@@ -104,6 +107,35 @@ class DecodeImage:
         return replace(record, data=buf.getvalue(), meta=meta)
 
 
+class CleanCaption:
+    """Normalize an image's caption (``record.text``) like a short text.
+
+    Unicode normalization (``form``), optional lowercasing, and every run of whitespace
+    (newlines included) collapsed to one space: a caption is one line. No length or
+    quality filter meant for documents applies; an empty caption (after cleaning) is
+    quarantined as ``empty_caption``. Records without a caption pass unchanged.
+    """
+
+    name = "clean_caption"
+
+    def __init__(self, form: Literal["NFC", "NFKC", "none"] = "NFC", lowercase: bool = False):
+        from genloop.data.clean import Normalize
+
+        self._normalize = Normalize(form=form, strip_whitespace=True, lowercase=lowercase)
+
+    def __call__(self, record: Record) -> Record | Dropped:
+        if record.text is None:
+            return record
+        normalized = self._normalize(record)
+        assert isinstance(normalized, Record) and normalized.text is not None
+        text = " ".join(normalized.text.split())
+        if not text:
+            return Dropped("empty_caption", "the caption is empty", quarantine=True)
+        if text != normalized.text:
+            normalized.text = text
+        return normalized
+
+
 def _too_large(width: int, height: int, limit: int) -> Dropped:
     return Dropped(
         "image_too_large",
@@ -148,7 +180,9 @@ def write_image_dataset(
     ``classes`` fixes the label names (index = class id); pass the same list for every
     split of a dataset when labels are strings, so ids agree across splits. By default
     integer labels are their own ids and string labels are sorted. Unlabelled records get
-    label -1. Returns the path of ``images.safetensors``.
+    label -1. When any record has a caption (``text``), ``captions.json`` holds one string
+    per image, in order ("" for an image without one). Returns the path of
+    ``images.safetensors``.
     """
     import torch
     from PIL import Image
@@ -156,6 +190,7 @@ def write_image_dataset(
 
     arrays: list[np.ndarray] = []
     labels: list[int | str | None] = []
+    captions: list[str | None] = []
     shape: tuple[int, ...] | None = None
     for rec in records:
         if rec.data is None:
@@ -176,6 +211,7 @@ def write_image_dataset(
             )
         arrays.append(a)
         labels.append(rec.label)
+        captions.append(rec.text)
 
     names = list(classes) if classes is not None else class_names(labels)
     ids = {name: i for i, name in enumerate(names)}
@@ -191,6 +227,9 @@ def write_image_dataset(
     images = np.ascontiguousarray(np.stack(arrays)) if arrays else np.zeros((0, 1, 0, 0), np.uint8)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CLASSES_FILE).write_text(json.dumps(names, ensure_ascii=False) + "\n", "utf-8")
+    if any(c is not None for c in captions):
+        texts = [c or "" for c in captions]
+        (out_dir / CAPTIONS_FILE).write_text(json.dumps(texts, ensure_ascii=False) + "\n", "utf-8")
     path = out_dir / IMAGES_FILE
     save_file(
         {
@@ -241,6 +280,43 @@ def image_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor,
     if not (directory / IMAGES_FILE).is_file():
         return None
     return load_image_dataset(directory)
+
+
+def load_captions(split_dir: Path) -> list[str] | None:
+    """The captions of a written split (one per image, in order); None if it has none.
+
+    Raises IntegrityError when ``captions.json`` is not a list of strings or its length
+    differs from the number of images.
+    """
+    path = split_dir / CAPTIONS_FILE
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        captions = json.loads(path.read_text("utf-8"))
+        with safe_open(str(split_dir / IMAGES_FILE), framework="pt") as f:
+            count = f.get_slice("images").get_shape()[0]
+    except (OSError, ValueError, SafetensorError) as e:
+        raise IntegrityError(f"{split_dir}: unreadable captions ({e})") from e
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise IntegrityError(f"{path}: not a list of strings")
+    if len(captions) != count:
+        raise IntegrityError(f"{path}: {len(captions)} captions for {count} images")
+    return captions
+
+
+def caption_split(data_dir: Path, split: str) -> tuple[torch.Tensor, list[str]] | None:
+    """(images uint8 N×C×H×W, N captions) of a split of an image dataset version whose
+    artifact is ``data_dir``; None if it has no such split or the split has no captions."""
+    directory = data_dir / "images" / split
+    if not (directory / IMAGES_FILE).is_file():
+        return None
+    captions = load_captions(directory)
+    if captions is None:
+        return None
+    images, _, _ = load_image_dataset(directory)
+    return images, captions
 
 
 def require_images(

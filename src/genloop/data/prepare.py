@@ -9,7 +9,9 @@ The main flow, top to bottom:
    compute dedup keys; the main process keeps the global dedup state (exact keys, MinHash
    LSH), assigns each document to train/val/test by its id, and writes it out;
 3. train a byte-level BPE tokenizer on the training split (or copy an existing one), then
-   tokenize in parallel and pack memory-mapped token shards per split;
+   tokenize in parallel and pack memory-mapped token shards per split; for captioned
+   images, train the tokenizer on the training captions only (caption-conditioned
+   families tokenize captions themselves);
 4. write statistics, a dataset card, samples and the quarantine file, and register the
    artifact as the next dataset version.
 
@@ -89,8 +91,6 @@ def dataset_digest(
     from genloop.data.sources import build_source
 
     sources = [build_source(spec.model_dump(), root=root) for spec in cfg.sources]
-    if cfg.kind == "images":
-        tokenizer = None
     pretrained = None
     if tokenizer is not None and tokenizer.kind == "pretrained":
         assert tokenizer.path is not None
@@ -118,8 +118,6 @@ def prepare_dataset(
     started = time.perf_counter()
     workers = workers or cfg.workers or os.cpu_count() or 1
     sources = [build_source(spec.model_dump(), root=root) for spec in cfg.sources]
-    if cfg.kind == "images":
-        tokenizer = None
     pretrained = None
     if tokenizer is not None and tokenizer.kind == "pretrained":
         assert tokenizer.path is not None
@@ -133,8 +131,12 @@ def prepare_dataset(
 
     with ws.store.scratch() as work:
         stats = _clean_and_split(cfg, sources, work, workers, progress)
-        if tokenizer is not None:
+        if tokenizer is not None and cfg.kind != "images":
             stats["tokenizer"] = _tokenize(tokenizer, pretrained, work, workers, progress, stats)
+        elif tokenizer is not None:
+            captions = _train_captions(work)
+            if captions:
+                stats["tokenizer"] = _caption_tokenizer(tokenizer, pretrained, work, captions)
         stats["seconds"] = round(time.perf_counter() - started, 3)
         lineage = {"sources": [s.describe() for s in sources]}
         config = {
@@ -389,6 +391,41 @@ def _tokenize(
         total += n
     stats["tokens"] = total
     return {"kind": tok.kind, "vocab_size": vocab_size, "seq_len": tok.seq_len}
+
+
+def _train_captions(work: Path) -> list[str] | None:
+    from genloop.data.images import load_captions
+
+    split_dir = work / "images" / "train"
+    return load_captions(split_dir) if split_dir.is_dir() else None
+
+
+def _caption_tokenizer(
+    tok: TokenizerConfig, pretrained: Path | None, work: Path, captions: list[str]
+) -> dict[str, Any]:
+    """The tokenizer of a captioned image dataset, trained on its training captions."""
+    from genloop.data.tokenizer import load_tokenizer, train_bpe
+
+    tok_dir = work / "tokenizer"
+    if pretrained is not None:
+        shutil.copytree(pretrained, tok_dir)
+    else:
+        train_bpe(
+            captions,
+            tok_dir,
+            vocab_size=tok.vocab_size,
+            min_frequency=tok.min_frequency,
+            special_tokens=tuple(tok.special_tokens),
+            chat_template=tok.chat_template,
+        )
+    tokenizer = load_tokenizer(tok_dir)
+    lengths = [len(e.ids) for e in tokenizer.encode_batch(captions)]
+    return {
+        "kind": tok.kind,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "captions": len(captions),
+        "max_caption_tokens": max(lengths),
+    }
 
 
 def _card(

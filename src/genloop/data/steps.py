@@ -30,6 +30,7 @@ PRELOAD = [
     "genloop.data.dedup",
     "genloop.data.pii",
     "genloop.data.code",
+    "genloop.data.images",
 ]
 
 
@@ -71,8 +72,12 @@ def build_steps(cfg: DataConfig) -> Steps:
 
     steps: list[Any] = []
     if cfg.kind == "images":
-        from genloop.data.images import DecodeImage
+        from genloop.data.images import CleanCaption, DecodeImage
 
+        # Captions are cleaned like short texts (no document filters), then PII-redacted.
+        steps.append(CleanCaption(form=cfg.clean.normalize, lowercase=cfg.clean.lowercase))
+        if cfg.pii.enabled:
+            steps.append(pii.RedactPII(kinds=tuple(cfg.pii.kinds)))
         steps.append(DecodeImage(size=cfg.images.size, channels=cfg.images.channels))
         return Steps(
             steps, exact=cfg.dedup.exact, near=False, num_perm=0, shingle_size=0, binary=True
@@ -133,7 +138,7 @@ def process_chunk(
     for record in records:
         outcome = Outcome(record)
         for step in pipeline.steps:
-            before = record.data if pipeline.binary else record.text
+            before = (record.text, record.data)
             result = step(record)
             c = counts[step.name]
             c.seen += 1
@@ -143,14 +148,18 @@ def process_chunk(
                 outcome.record = record if result.quarantine else None
                 break
             record = result
-            after = record.data if pipeline.binary else record.text
-            if after is not before and after != before:
+            after = (record.text, record.data)
+            if after != before:  # compares by identity first: cheap when unchanged
                 c.changed += 1
         else:
             outcome.record = record
             if pipeline.binary:
                 if pipeline.exact and record.data is not None:
-                    outcome.exact_key = hashlib.blake2b(record.data, digest_size=16).digest()
+                    # the same image with another caption is another example
+                    h = hashlib.blake2b(record.data, digest_size=16)
+                    if record.text is not None:
+                        h.update(b"\0caption\0" + record.text.encode("utf-8"))
+                    outcome.exact_key = h.digest()
             else:
                 text = record.text or ""
                 if pipeline.exact:

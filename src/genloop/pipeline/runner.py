@@ -191,8 +191,7 @@ def data_inputs(ctx: Context) -> dict[str, Any]:
     from genloop.data.prepare import dataset_digest
 
     # the data module's own input hash: the config and the sources' contents
-    tokenizer = ctx.cfg.tokenizer if ctx.cfg.data.kind != "images" else None
-    return {"digest": dataset_digest(ctx.cfg.data, tokenizer, root=ctx.root)}
+    return {"digest": dataset_digest(ctx.cfg.data, ctx.cfg.tokenizer, root=ctx.root)}
 
 
 def data_run(ctx: Context) -> tuple[dict[str, Any], str]:
@@ -204,8 +203,7 @@ def data_run(ctx: Context) -> tuple[dict[str, Any], str]:
         return {"dataset": info.ref, "dataset_version_id": info.id}, "named dataset"
     from genloop.data.prepare import prepare_dataset
 
-    tokenizer = ctx.cfg.tokenizer if ctx.cfg.data.kind != "images" else None
-    info, created = prepare_dataset(ctx.ws, ctx.cfg.data, tokenizer, root=ctx.root)
+    info, created = prepare_dataset(ctx.ws, ctx.cfg.data, ctx.cfg.tokenizer, root=ctx.root)
     note = "built" if created else "unchanged sources and config: reused"
     return {"dataset": info.ref, "dataset_version_id": info.id}, note
 

@@ -9,9 +9,12 @@ pipeline config::
     {"type": "files", "paths": ["corpus/**/*.jsonl"], "field": "text"}
     {"type": "code", "path": "src", "extensions": [".py"], "exclude": ["*_pb2.py"]}
     {"type": "builtin", "name": "python-stdlib"}        # or python-docs, digits
+    {"type": "builtin", "name": "shapes", "count": 20000, "size": 32, "seed": 0}
     {"type": "url", "urls": ["https://example.org/"], "max_bytes": 2000000, "timeout_s": 5}
     {"type": "hf_disk", "path": "saved/ds", "split": "train", "field": "text"}
+    {"type": "hf_disk", "path": "saved/pics", "image_field": "image", "field": "caption"}
     {"type": "images", "path": "pictures"}               # labels from sub-folders
+    {"type": "images", "path": "captioned", "text_column": "text"}  # with metadata.jsonl
 """
 
 from __future__ import annotations
@@ -77,7 +80,13 @@ SPEC_KEYS: dict[str, dict[str, tuple[str, bool]]] = {
         "exclude": ("list", False),
         "max_bytes": ("int", False),
     },
-    "builtin": {"name": ("str", True), "max_files": ("int", False)},
+    "builtin": {
+        "name": ("str", True),
+        "max_files": ("int", False),
+        "count": ("int", False),
+        "size": ("int", False),
+        "seed": ("int", False),
+    },
     "url": {
         "urls": ("strs", True),
         "allow_private": ("bool", False),
@@ -86,8 +95,17 @@ SPEC_KEYS: dict[str, dict[str, tuple[str, bool]]] = {
         "respect_robots": ("bool", False),
         "user_agent": ("str", False),
     },
-    "hf_disk": {"path": ("path", True), "split": ("str", False), "field": ("str", False)},
-    "images": {"path": ("path", True), "extensions": ("list", False)},
+    "hf_disk": {
+        "path": ("path", True),
+        "split": ("str", False),
+        "field": ("str", False),
+        "image_field": ("str", False),
+    },
+    "images": {
+        "path": ("path", True),
+        "extensions": ("list", False),
+        "text_column": ("str", False),
+    },
 }
 
 _CLASSES: dict[str, Callable[..., Source]] = {

@@ -6,6 +6,10 @@
   ``ast``, nothing imported) and the pydoc topics (``pydoc_data.topics``).
 - ``digits``: scikit-learn's bundled 8×8 handwritten digits (1797 images, labels 0–9),
   each as PNG bytes in ``data`` scaled from 0–16 to 0–255.
+- ``shapes``: the procedurally drawn shapes corpus (:mod:`genloop.data.shapes`): ``count``
+  RGB images of ``size``×``size`` pixels from ``seed``, PNG bytes in ``data``, the caption
+  in ``text``, the scene's objects in ``meta``. Seen combinations only: held-out
+  (colour, shape) pairs never reach a dataset.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from genloop.data.sources import local
 from genloop.data.sources.local import LocalFile
 from genloop.errors import GenloopError
 
-NAMES = ("python-stdlib", "python-docs", "digits")
+NAMES = ("python-stdlib", "python-docs", "digits", "shapes")
+SHAPES_COUNT, SHAPES_SIZE = 20_000, 32
 # Folder names never entered: test packages (test/, tests/, idlelib/idle_test, lib2to3/tests,
 # */test/*), installed third-party packages, bytecode and the build configuration.
 _SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
@@ -36,25 +41,48 @@ Item = Record | Quarantined
 
 
 class BuiltinSource:
-    def __init__(self, name: str, max_files: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        max_files: int | None = None,
+        count: int | None = None,
+        size: int | None = None,
+        seed: int | None = None,
+    ) -> None:
         if name not in NAMES:
             raise GenloopError(f"builtin source: unknown name {name!r}; choose from {NAMES}")
         if max_files is not None and max_files < 1:
             raise GenloopError(f"builtin source: max_files must be at least 1, not {max_files}")
+        if name != "shapes":
+            for key, value in (("count", count), ("size", size), ("seed", seed)):
+                if value is not None:
+                    detail = f"{key!r} is for 'shapes' only, not {name!r}"
+                    raise GenloopError(f"builtin source: {detail}")
+        if count is not None and count < 1:
+            raise GenloopError(f"builtin source: count must be at least 1, not {count}")
+        if size is not None and not 12 <= size <= 1024:
+            raise GenloopError(f"builtin source: size must be 12 to 1024 pixels, not {size}")
         self.name = name
         self.kind = f"builtin:{name}"
         self.max_files = max_files
+        self.count = SHAPES_COUNT if count is None else count
+        self.size = SHAPES_SIZE if size is None else size
+        self.seed = 0 if seed is None else seed
 
     def records(self) -> Iterator[Item]:
         if self.name == "python-stdlib":
             return self._stdlib()
         if self.name == "python-docs":
             return self._docs()
+        if self.name == "shapes":
+            return self._shapes()
         return self._digits()
 
     def fingerprint(self) -> str:
         if self.name == "digits":
             return _digits_fingerprint()
+        if self.name == "shapes":
+            return _shapes_fingerprint(self._shapes_options())
         return local.fingerprint(
             {"kind": self.kind, "python": _python(), "max_files": self.max_files},
             self._files(),
@@ -65,6 +93,8 @@ class BuiltinSource:
             import sklearn
 
             return {"kind": self.kind, "name": self.name, "scikit-learn": sklearn.__version__}
+        if self.name == "shapes":
+            return {"kind": self.kind, "name": self.name, **self._shapes_options()}
         return {
             "kind": self.kind,
             "name": self.name,
@@ -151,6 +181,29 @@ class BuiltinSource:
                 meta={"index": i},
             )
 
+    # -- shapes ----------------------------------------------------------------------
+
+    def _shapes_options(self) -> dict[str, Any]:
+        return {"count": self.count, "size": self.size, "seed": self.seed}
+
+    def _shapes(self) -> Iterator[Item]:
+        from PIL import Image
+
+        from genloop.data.shapes import generate
+
+        for i, (image, text, scene) in enumerate(
+            generate(self.count, self.seed, size=self.size, split="seen")
+        ):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+            yield Record(
+                f"shapes:{i}",
+                self.kind,
+                text=text,
+                data=buffer.getvalue(),
+                meta={"index": i, "objects": scene.to_dicts()},
+            )
+
 
 def _python() -> str:
     return f"{platform.python_implementation()} {platform.python_version()}"
@@ -201,4 +254,17 @@ def _digits_fingerprint() -> str:
     h = hashlib.sha256(json.dumps(versions, sort_keys=True).encode())
     h.update(digits.images.tobytes())
     h.update(digits.target.tobytes())
+    return h.hexdigest()
+
+
+def _shapes_fingerprint(options: dict[str, Any]) -> str:
+    """The images follow from the options, the drawing code and the libraries drawing."""
+    import numpy
+    import PIL
+
+    from genloop.data import shapes
+
+    versions = {"kind": "builtin:shapes", "numpy": numpy.__version__, "pillow": PIL.__version__}
+    h = hashlib.sha256(json.dumps({**versions, **options}, sort_keys=True).encode())
+    h.update(Path(shapes.__file__).read_bytes())
     return h.hexdigest()

@@ -5,6 +5,12 @@ saved ``DatasetDict`` is read at ``split`` (default ``train``, or its only split
 single ``Dataset``
 has no splits, so ``split`` must be left out. Ids are ``SPLIT:ROW`` (or ``ROW`` for a
 single dataset; 0-based). The fingerprint hashes the saved files' content.
+
+With ``image_field`` (a column of the datasets ``Image`` feature, or of raw bytes) each
+row is a captioned image: the encoded image bytes in ``data`` (undecoded: the image step
+decodes and checks them) and ``field`` as its caption. A row without image bytes is
+quarantined (``missing_image``); a null caption becomes empty (quarantined as
+``empty_caption`` by the caption step).
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ class HfDiskSource:
         *,
         split: str | None = None,
         field: str = "text",
+        image_field: str | None = None,
         root: Path | None = None,
     ) -> None:
         self.path = str(path)
         self.field = field
+        self.image_field = image_field
         self._base = local.resolve_user_path(path, root, "hf_disk source: path")
         self._split = split
         # Load now to fail with the reason here rather than in the middle of a run; this
@@ -64,14 +72,29 @@ class HfDiskSource:
                 f"hf_disk source: {self.path!r} is a single Dataset with no splits; "
                 "leave 'split' out"
             )
-        if self.field not in ds.column_names:
-            raise GenloopError(
-                f"hf_disk source: {self.path!r} has no column {self.field!r}; "
-                f"it has {ds.column_names}"
-            )
+        for column in (self.field, self.image_field):
+            if column is not None and column not in ds.column_names:
+                raise GenloopError(
+                    f"hf_disk source: {self.path!r} has no column {column!r}; "
+                    f"it has {ds.column_names}"
+                )
+        if self.image_field is not None:
+            from datasets import Image, Value
+
+            feature = ds.features[self.image_field]
+            if isinstance(feature, Image):
+                ds = ds.cast_column(self.image_field, Image(decode=False))  # bytes, not PIL
+            elif not (isinstance(feature, Value) and feature.dtype in ("binary", "large_binary")):
+                raise GenloopError(
+                    f"hf_disk source: column {self.image_field!r} of {self.path!r} holds "
+                    f"{feature}, not images (an Image feature or binary)"
+                )
         return ds
 
     def records(self) -> Iterator[Record | Quarantined]:
+        if self.image_field is not None:
+            yield from self._images(self.image_field)
+            return
         ds = self._load().select_columns([self.field])
         meta = {"split": self.split, "field": self.field}
         prefix = f"{self.split}:" if self.split is not None else ""
@@ -86,8 +109,35 @@ class HfDiskSource:
                     detail = f"row {row - 1}: {self.field!r} is {type(value).__name__}, not str"
                     yield Quarantined(item_id, self.kind, "bad_field", detail)
 
+    def _images(self, image_field: str) -> Iterator[Record | Quarantined]:
+        ds = self._load().select_columns([image_field, self.field])
+        meta = {"split": self.split, "field": self.field, "image_field": image_field}
+        prefix = f"{self.split}:" if self.split is not None else ""
+        row = 0
+        for batch in ds.iter(batch_size=_BATCH):
+            for image, text in zip(batch[image_field], batch[self.field], strict=True):
+                item_id = f"{prefix}{row}"
+                row += 1
+                data = image.get("bytes") if isinstance(image, dict) else image
+                if not isinstance(data, bytes) or not data:
+                    where = image.get("path") if isinstance(image, dict) else None
+                    detail = f"row {row - 1}: no image bytes" + (
+                        f" (path {where!r})" if where else ""
+                    )
+                    yield Quarantined(item_id, self.kind, "missing_image", detail)
+                    continue
+                if text is None:
+                    text = ""
+                if not isinstance(text, str):
+                    detail = f"row {row - 1}: {self.field!r} is {type(text).__name__}, not str"
+                    yield Quarantined(item_id, self.kind, "bad_field", detail)
+                    continue
+                yield Record(item_id, self.kind, text=text, data=data, meta=meta)
+
     def fingerprint(self) -> str:
-        header = {"kind": self.kind, "split": self.split, "field": self.field}
+        header: dict[str, Any] = {"kind": self.kind, "split": self.split, "field": self.field}
+        if self.image_field is not None:
+            header["image_field"] = self.image_field
         return local.fingerprint(header, local.walk(self._base))
 
     def describe(self) -> dict[str, Any]:
@@ -96,6 +146,7 @@ class HfDiskSource:
             "path": self.path,
             "split": self.split,
             "field": self.field,
+            **({"image_field": self.image_field} if self.image_field else {}),
             "rows": len(self._load()),
             "files": sum(1 for _ in local.walk(self._base)),
         }
