@@ -19,7 +19,7 @@ from genloop.models.text_to_image import (
     FAMILY,
     TextToImage,
     build_text_to_image,
-    cached_cross_attention,
+    sampling_cache,
     load_text_to_image,
 )
 
@@ -191,13 +191,13 @@ def test_without_guidance_one_context_per_image_matches_too(saved: Path) -> None
     assert diff.max() <= 1
 
 
-def test_the_cached_cross_attention_computes_what_diffusers_does(saved: Path) -> None:
+def test_the_sampling_cache_computes_what_diffusers_does(saved: Path) -> None:
     model = load_text_to_image(saved)
     context = model.encode_prompts(["a red circle", "a blue square"])
     x, t = torch.randn(2, 4, 8, 8), torch.tensor(500)
     with torch.no_grad():
         plain = model.unet(x, t, encoder_hidden_states=context).sample
-        with cached_cross_attention():
+        with sampling_cache():
             first = model.unet(x, t, encoder_hidden_states=context).sample
             again = model.unet(x * 0.5, t, encoder_hidden_states=context).sample
         half = model.unet(x * 0.5, t, encoder_hidden_states=context).sample

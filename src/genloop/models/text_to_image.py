@@ -15,9 +15,10 @@ unconditional (or negative) and the prompt's context run as one UNet batch each 
 ε̂ = ε_θ(z_t, t, c_neg) + w · (ε_θ(z_t, t, c) - ε_θ(z_t, t, c_neg)), then one DDPM, DDIM or
 DPM-Solver++ step; the image is the autoencoder's decode of z_0 / s. :meth:`TextToImage.generate`
 follows ``diffusers.StableDiffusionPipeline.__call__`` step for step (same random draws,
-same order), so the same seed, scheduler and steps give the same images; it is faster
-because the text encoder runs once over the distinct prompts and the cross-attention keys
-and values of the (constant) text context are computed once instead of at every step.
+same order), so the same seed, scheduler and steps give the same images. It skips work
+that repeats: the text encoder runs once over the distinct prompts, the cross-attention
+keys and values of the (constant) text context are projected once instead of at every
+step, and self-attention projects q, k and v in one matmul.
 
 Artifact (diffusers pipeline layout; ``StableDiffusionPipeline.from_pretrained(dir,
 safety_checker=None)`` loads it)::
@@ -191,7 +192,7 @@ class TextToImage(nn.Module):
         default = make_scheduler(c["sampler"], schedule if schedule is not None else base)
         self.schedule: dict[str, Any] = dict(default.config)
         self.noise: Any = _diffusers().DDPMScheduler.from_config(self.schedule)  # training
-        install_cross_attention_cache(unet)
+        install_sampling_attention(unet)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_shape = (
             int(unet.config.in_channels),
@@ -339,8 +340,8 @@ class TextToImage(nn.Module):
         kwargs: dict[str, Any] = {"generator": generator}
         if sampler == "ddim":
             kwargs["eta"] = 0.0
-        # 3. the denoising loop: one UNet call per step, cross-attention K/V computed once
-        with cached_cross_attention():
+        # 3. the denoising loop: one UNet call per step, the attention caches on
+        with sampling_cache():
             for t in scheduler.timesteps:
                 x = torch.cat([latents, latents]) if guided else latents
                 x = scheduler.scale_model_input(x, t)
@@ -385,14 +386,18 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-_kv_cache = threading.local()  # .layers: {id(attn): (context, K, V)} while generate runs
+_sampling = threading.local()  # .layers: {id(attn): cached tensors} while generate runs
 
 
-class _CrossAttentionKV:
-    """An attention processor for a UNet cross-attention layer (``attn2``): while a cache
-    is active on this thread (:func:`cached_cross_attention`, during sampling, where the
-    text context is the same at every step) it projects the context to K and V once and
-    reuses them; otherwise (training) it is the layer's own processor.
+class _SamplingAttention:
+    """An attention processor for the UNet's transformer blocks that, while a sampling
+    cache is active on this thread (:func:`sampling_cache`, inside ``generate``), skips work
+    that repeats at every denoising step; otherwise (training) it is the layer's own one.
+
+    - cross-attention (``attn2``): the text context is the same at every step, so its keys
+      and values are projected once per layer and reused;
+    - self-attention (``attn1``): q, k and v come from one matmul with the three weights
+      stacked (stacked once per call of ``generate``).
 
     With the cache it computes what diffusers' ``AttnProcessor2_0`` computes for a layer
     without mask, norms or residual (those of UNet2DConditionModel's transformer blocks),
@@ -412,30 +417,36 @@ class _CrossAttentionKV:
         *args: Any,
         **kwargs: Any,
     ) -> Tensor:
-        layers: dict[int, tuple[Tensor, Tensor, Tensor]] | None = getattr(_kv_cache, "layers", None)
-        if (
-            layers is None
-            or encoder_hidden_states is None
-            or attention_mask is not None
-            or hidden_states.ndim != 3
-        ):
+        layers: dict[int, tuple[Tensor, ...]] | None = getattr(_sampling, "layers", None)
+        if layers is None or attention_mask is not None or hidden_states.ndim != 3:
             out: Tensor = self.inner(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
             )
             return out
         b, heads = hidden_states.shape[0], attn.heads
         cached = layers.get(id(attn))
-        if cached is None or cached[0] is not encoder_hidden_states:
-            ctx = encoder_hidden_states
-            k, v = attn.to_k(ctx), attn.to_v(ctx)  # (B, L, inner)
-            d = k.shape[-1] // heads
-            k = k.view(b, -1, heads, d).transpose(1, 2)  # (B, heads, L, d)
-            v = v.view(b, -1, heads, d).transpose(1, 2)
-            cached = layers[id(attn)] = (ctx, k, v)
-        _, k, v = cached
-        q = attn.to_q(hidden_states)
-        d = q.shape[-1] // heads
-        q = q.view(b, -1, heads, d).transpose(1, 2)  # (B, heads, N, d)
+        if encoder_hidden_states is None:  # self-attention: one stacked projection
+            if cached is None:
+                weight = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+                bias = None
+                if attn.to_q.bias is not None:
+                    bias = torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias])
+                cached = layers[id(attn)] = (weight,) if bias is None else (weight, bias)
+            q, k, v = F.linear(hidden_states, *cached).chunk(3, dim=-1)  # (B, N, inner) each
+            d = q.shape[-1] // heads
+            q, k, v = (x.view(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
+        else:  # cross-attention: K, V of the unchanged context, once
+            if cached is None or cached[0] is not encoder_hidden_states:
+                ctx = encoder_hidden_states
+                k, v = attn.to_k(ctx), attn.to_v(ctx)  # (B, L, inner)
+                d = k.shape[-1] // heads
+                k = k.view(b, -1, heads, d).transpose(1, 2)  # (B, heads, L, d)
+                v = v.view(b, -1, heads, d).transpose(1, 2)
+                cached = layers[id(attn)] = (ctx, k, v)
+            _, k, v = cached
+            q = attn.to_q(hidden_states)
+            d = q.shape[-1] // heads
+            q = q.view(b, -1, heads, d).transpose(1, 2)  # (B, heads, N, d)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(b, -1, heads * d).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))  # linear, dropout
@@ -444,29 +455,28 @@ class _CrossAttentionKV:
 
 
 @contextmanager
-def cached_cross_attention() -> Iterator[None]:
-    """Within the block, on this thread, cross-attention K/V of an unchanged text context
-    are computed once per layer (see :class:`_CrossAttentionKV`)."""
-    previous = getattr(_kv_cache, "layers", None)
-    _kv_cache.layers = {}
+def sampling_cache() -> Iterator[None]:
+    """Within the block, on this thread, the UNet's attention layers reuse what does not
+    change between denoising steps (see :class:`_SamplingAttention`)."""
+    previous = getattr(_sampling, "layers", None)
+    _sampling.layers = {}
     try:
         yield
     finally:
-        _kv_cache.layers = previous
+        _sampling.layers = previous
 
 
-def install_cross_attention_cache(unet: Any) -> None:
-    """Give the UNet's plain cross-attention layers the K/V-caching processor (once)."""
+def install_sampling_attention(unet: Any) -> None:
+    """Give the UNet's plain attention layers the caching processor (once)."""
     for name, module in unet.named_modules():
-        plain = name.endswith("attn2") and _plain_cross_attention(module)
-        if plain and not isinstance(module.processor, _CrossAttentionKV):
-            module.processor = _CrossAttentionKV(module.processor)
+        plain = name.endswith(("attn1", "attn2")) and _plain_attention(module)
+        if plain and not isinstance(module.processor, _SamplingAttention):
+            module.processor = _SamplingAttention(module.processor)
 
 
-def _plain_cross_attention(attn: Any) -> bool:
+def _plain_attention(attn: Any) -> bool:
     return bool(
-        attn.is_cross_attention
-        and attn.spatial_norm is None
+        attn.spatial_norm is None
         and attn.group_norm is None
         and attn.norm_cross is None
         and attn.norm_q is None
