@@ -14,10 +14,18 @@ One run, one temporary workspace:
    share of the trained model's samples the classifier assigns to the requested digit.
 
     python benchmarks/bench_images.py [--quick] [--steps N] [--samples N] [--threads N]
+    python benchmarks/bench_images.py --t2i-speed [--quick] [--threads N]
 
 Final line: ``fid_trained``, ``fid_untrained``, ``fid_seconds_1000``,
 ``conditional_accuracy`` and extras (``fid_ratio`` = trained / untrained, KID, the real
 held-out floor, train and sampling seconds, the extractor's id).
+
+``--t2i-speed`` instead times text-to-image sampling: genloop's ``TextToImage.generate``
+against diffusers' ``StableDiffusionPipeline`` on the same tiny random 32×32 pipeline
+folder (AutoencoderKL + UNet2DConditionModel + CLIP text encoder), the same scheduler,
+steps, guidance and seed: 8 prompts × 25 steps, each side timed in turn, best of 5. Final
+line: ``t2i_images_per_s``, ``diffusers_images_per_s``, ``t2i_speed_ratio`` (ours / theirs,
+wall time) and ``t2i_cpu_time_ratio`` (the same in process CPU seconds).
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=None, help="images per side [1000]")
     p.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--t2i-speed", action="store_true", help="time text-to-image sampling vs diffusers"
+    )
+    p.add_argument("--t2i-sampler", choices=("ddpm", "ddim", "dpm"), default="ddim", help="[ddim]")
     args = p.parse_args(argv)
     if args.quick:
         args.steps = args.steps or 80
@@ -77,6 +89,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.t2i_speed:
+        figures = t2i_speed(args.t2i_sampler, args.seed, repeats=2 if args.quick else 5)
+        print(json.dumps(figures))
+        return figures
     overrides = [f"train.max_steps={args.steps}"] if args.steps else []
     if args.steps:
         overrides.append(f"train.warmup_steps={min(20, args.steps // 4)}")
@@ -161,6 +177,108 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(json.dumps(figures))
     return figures
+
+
+# ----------------------------------------------------------------------- t2i sampling speed
+
+T2I_PROMPTS = 8
+T2I_STEPS = 25
+T2I_GUIDANCE = 4.0
+
+
+def tiny_pipeline(out: Path) -> Path:
+    """A random text-to-image pipeline folder at 32×32 (8×8×4 latents): the shapes corpus'
+    caption tokenizer, a 2-layer CLIP text encoder, a 2-level UNet of 64/128 channels."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from genloop.data.shapes import generate
+    from genloop.data.tokenizer import load_hf_tokenizer, train_bpe
+    from genloop.models.autoencoder_kl import FAMILY as AUTOENCODER
+    from genloop.models.text_to_image import FAMILY, build_text_to_image
+
+    captions = [c for _, c, _ in generate(500, seed=0)]
+    tokenizer = load_hf_tokenizer(train_bpe(captions, out / "tok", vocab_size=320))
+    torch.manual_seed(0)
+    ae = AUTOENCODER.build({"image_size": 32, "channels": 3, "base_channels": 32})
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=48,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    model = build_text_to_image(
+        {"base_channels": 64, "layers_per_block": 1, "sampler": "ddim"},
+        ae.vae,  # type: ignore[attr-defined]
+        encoder,
+        tokenizer,
+    )
+    return FAMILY.save(model, out / "pipe")
+
+
+def t2i_speed(sampler: str, seed: int, repeats: int = 3) -> dict[str, Any]:
+    """Images per second of our sampler and of diffusers' pipeline on the same folder."""
+    import diffusers
+    import numpy as np
+    import torch
+
+    from genloop.data.shapes import generate
+    from genloop.models.text_to_image import SCHEDULERS, load_text_to_image
+
+    prompts = [c for _, c, _ in generate(T2I_PROMPTS, seed=1)]
+    with tempfile.TemporaryDirectory(prefix="bench-t2i-") as tmp:
+        folder = tiny_pipeline(Path(tmp))
+        ours = load_text_to_image(folder)
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
+
+        def run_ours() -> Any:
+            return ours.generate(
+                prompts, seed=seed, steps=T2I_STEPS, guidance_scale=T2I_GUIDANCE, sampler=sampler
+            )  # type: ignore[arg-type]
+
+        def run_theirs() -> Any:
+            return pipe(
+                prompts,
+                generator=torch.Generator().manual_seed(seed),
+                num_inference_steps=T2I_STEPS,
+                guidance_scale=T2I_GUIDANCE,
+                output_type="np",
+            ).images
+
+        mine, theirs = run_ours(), run_theirs()  # warm-up, and the two must agree
+        theirs_u8 = (np.asarray(theirs) * 255).round().astype(np.int64)
+        max_diff = int(np.abs(mine.permute(0, 2, 3, 1).numpy().astype(np.int64) - theirs_u8).max())
+        times: dict[str, list[float]] = {"ours": [], "theirs": []}
+        cpu: dict[str, list[float]] = {"ours": [], "theirs": []}
+        sides = [("ours", run_ours), ("theirs", run_theirs)]
+        for i in range(repeats):
+            for name, fn in sides if i % 2 else sides[::-1]:  # each side goes first in turn
+                started, cpu_started = time.perf_counter(), time.process_time()
+                fn()
+                times[name].append(time.perf_counter() - started)
+                cpu[name].append(time.process_time() - cpu_started)
+    ours_s, theirs_s = min(times["ours"]), min(times["theirs"])
+    # CPU seconds: the work done, steadier than wall time on a machine shared with others
+    ours_cpu, theirs_cpu = min(cpu["ours"]), min(cpu["theirs"])
+    return {
+        "t2i_images_per_s": round(T2I_PROMPTS / ours_s, 3),
+        "diffusers_images_per_s": round(T2I_PROMPTS / theirs_s, 3),
+        "t2i_speed_ratio": round(theirs_s / ours_s, 3),
+        "t2i_cpu_time_ratio": round(theirs_cpu / ours_cpu, 3),
+        "t2i_max_pixel_diff": max_diff,
+        "t2i_prompts": T2I_PROMPTS,
+        "t2i_steps": T2I_STEPS,
+        "t2i_sampler": sampler,
+        "t2i_guidance_scale": T2I_GUIDANCE,
+        "threads": torch.get_num_threads(),
+    }
 
 
 if __name__ == "__main__":

@@ -476,6 +476,17 @@ class VaeConfig(BaseModel):
     beta: float = Field(1.0, ge=0, description="Weight β of the KL term.")
 
 
+class AutoencoderKlConfig(BaseModel):
+    """autoencoder_kl settings (Stable Diffusion's first stage, diffusers AutoencoderKL)."""
+
+    model_config = _STRICT
+
+    latent_channels: int = Field(4, ge=1, description="Channels of the latent image.")
+    downsample: int = Field(4, ge=1, description="Image side / latent side (a power of two).")
+    kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL term (SD: 1e-6).")
+    recon_loss: Literal["l1", "mse"] = Field("l1", description="Pixel reconstruction loss.")
+
+
 class GanConfig(BaseModel):
     """GAN-only settings (DCGAN-style)."""
 
@@ -497,7 +508,9 @@ class DiffusionConfig(BaseModel):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
         "squaredcos_cap_v2", description="Noise schedule β_t."
     )
-    sampler: Literal["ddpm", "ddim"] = Field("ddim", description="Sampler used to generate.")
+    sampler: Literal["ddpm", "ddim", "dpm"] = Field(
+        "ddim", description="Sampler used to generate (dpm: DPM-Solver++, text_to_image only)."
+    )
     sample_steps: int = Field(50, ge=1, description="Denoising steps when sampling with DDIM.")
     guidance_scale: float = Field(
         2.0, ge=0, description="Classifier-free guidance scale w (conditional models)."
@@ -506,7 +519,14 @@ class DiffusionConfig(BaseModel):
         0.1, ge=0, lt=1, description="Share of training labels dropped, for guidance."
     )
     latent_vae: str | None = Field(
-        None, description="Model ref of a VAE: diffuse in its latent space (latent diffusion)."
+        None,
+        description="Model ref of a VAE: diffuse in its latent space (latent diffusion); for "
+        "text_to_image, of its autoencoder_kl.",
+    )
+    text_encoder: str | None = Field(
+        None,
+        description="text_to_image: the CLIP model (ref or local folder) whose frozen text "
+        "encoder conditions the UNet.",
     )
 
     @model_validator(mode="after")
@@ -538,9 +558,17 @@ class ModelConfig(BaseModel):
 
     model_config = _STRICT
 
-    family: Literal["causal_lm", "seq2seq", "vae", "gan", "diffusion", "clip", "captioning"] = (
-        Field("causal_lm", description="Model family.")
-    )
+    family: Literal[
+        "causal_lm",
+        "seq2seq",
+        "vae",
+        "gan",
+        "diffusion",
+        "clip",
+        "captioning",
+        "autoencoder_kl",
+        "text_to_image",
+    ] = Field("causal_lm", description="Model family.")
     preset: Preset | None = Field(
         None,
         description="Text size: tiny (~5M), small (~30M), base (~125M parameters). "
@@ -586,6 +614,9 @@ class ModelConfig(BaseModel):
         default_factory=DiffusionConfig, description="Diffusion settings."
     )
     clip: ClipModelConfig = Field(default_factory=ClipModelConfig, description="CLIP sizes.")
+    autoencoder_kl: AutoencoderKlConfig = Field(
+        default_factory=AutoencoderKlConfig, description="autoencoder_kl settings."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -608,7 +639,18 @@ class ModelConfig(BaseModel):
 # training
 # ---------------------------------------------------------------------------------------
 
-Objective = Literal["lm", "sft", "dpo", "vae", "gan", "diffusion", "contrastive", "captioning"]
+Objective = Literal[
+    "lm",
+    "sft",
+    "dpo",
+    "vae",
+    "gan",
+    "diffusion",
+    "contrastive",
+    "captioning",
+    "autoencoder_kl",
+    "text_to_image",
+]
 OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "lm": TEXT_FAMILIES,
     "sft": TEXT_FAMILIES,
@@ -618,6 +660,8 @@ OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "diffusion": ("diffusion",),
     "contrastive": ("clip",),
     "captioning": ("captioning",),
+    "autoencoder_kl": ("autoencoder_kl",),
+    "text_to_image": ("text_to_image",),
 }
 
 
@@ -646,7 +690,7 @@ class TrainConfig(BaseModel):
     objective: Objective = Field(
         "lm",
         description="lm (pretraining), sft, dpo, an image family's loss (vae, gan, diffusion), "
-        "contrastive (clip) or captioning.",
+        "contrastive (clip), captioning, autoencoder_kl or text_to_image.",
     )
     dataset: str | None = Field(
         None, description="Dataset NAME or NAME@VERSION. Unset: the one the data section makes."

@@ -35,9 +35,46 @@ def server(module_ws: Workspace, tmp_path_factory: pytest.TempPathFactory) -> It
     )
     src = family.save(model, tmp_path_factory.mktemp("vae") / "m")
     registry.register_model(module_ws, "digits", "vae", Path(src))
-    cfg = serve_config(models=["tiny@production", "digits"], max_n=4)
+    t2i = tiny_text_to_image(tmp_path_factory.mktemp("t2i"))
+    registry.register_model(module_ws, "shapes", "text_to_image", t2i)
+    cfg = serve_config(models=["tiny@production", "digits", "shapes"], max_n=4)
     with running_server(module_ws, cfg, make_keys(module_ws)) as s:
         yield s
+
+
+def tiny_text_to_image(tmp: Path) -> Path:
+    """A random Stable-Diffusion-style pipeline (32×32 RGB, a 16-position text encoder)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from genloop.data.tokenizer import load_hf_tokenizer, train_bpe
+    from genloop.models.family import get_family
+    from genloop.models.text_to_image import build_text_to_image
+
+    torch.manual_seed(0)
+    ae = get_family("autoencoder_kl").build({"image_size": 32, "channels": 3, "base_channels": 8})
+    captions = [f"a {c} {s} on the left" for c in ("red", "blue") for s in ("circle", "square")]
+    tokenizer = load_hf_tokenizer(train_bpe(captions * 8, tmp / "tok", vocab_size=300))
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+    ).eval()
+    model = build_text_to_image(
+        {"base_channels": 32, "timesteps": 100, "sample_steps": 2},
+        ae.vae,  # type: ignore[attr-defined]
+        encoder,
+        tokenizer,
+    )
+    return Path(get_family("text_to_image").save(model, tmp / "pipe"))
 
 
 def decode(item: dict[str, str]) -> Image.Image:
@@ -86,4 +123,34 @@ def test_image_requests_are_checked(server: LiveServer) -> None:
         r = c.post("/v1/completions", json={"model": "digits", "prompt": "x"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
         models = {m["id"]: m["kind"] for m in c.get("/v1/models").json()["data"]}
-        assert models == {"tiny@production": "text", "digits": "image"}
+        assert models == {"tiny@production": "text", "digits": "image", "shapes": "image"}
+
+
+def test_a_text_to_image_model_draws_sentences(server: LiveServer) -> None:
+    body = {
+        "model": "shapes",
+        "prompt": "a red circle on the left",
+        "n": 2,
+        "seed": 5,
+        "negative_prompt": "a blue square",
+        "num_inference_steps": 2,
+        "guidance_scale": 3.0,
+    }
+    with server.client(server.keys["client"]) as c:
+        r = c.post("/v1/images/generations", json=body)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        images = [decode(d) for d in data]
+        assert [(im.mode, im.size) for im in images] == [("RGB", (32, 32))] * 2
+        assert "warnings" not in r.json()
+        assert c.post("/v1/images/generations", json=body).json()["data"] == data  # seeded
+        other = c.post("/v1/images/generations", json=body | {"prompt": "a blue square"})
+        assert other.json()["data"] != data  # the sentence conditions the images
+        # a prompt past the text encoder's 16 positions is cut, and the response says so
+        long = body | {"prompt": " ".join(["a red circle on the left"] * 6), "n": 1}
+        r = c.post("/v1/images/generations", json=long)
+        assert r.status_code == 200, r.text
+        (warning,) = r.json()["warnings"]
+        assert "the text encoder reads 16" in warning
+        bad = c.post("/v1/images/generations", json=body | {"num_inference_steps": 1000})
+        assert bad.status_code == 400 and "steps must be between" in bad.json()["error"]["message"]

@@ -321,10 +321,10 @@ def _images(
     out: Path,
     json: bool,
 ) -> None:
-    from genloop.models.image_generation import load_image_generator, save_images
+    from genloop.models.image_generation import load_generator, save_images
 
     with err_console.status("generating", spinner="dots"):
-        generator = load_image_generator(path)
+        generator = load_generator(path)
         warnings = generator.prompt_warnings(prompt or "")
         images = generator.generate(prompt, n, seed, **options)
         paths = save_images(images, out)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # families whose models make images (served on /v1/images/generations, sampled by
 # ``models/image_generation.py``); text ones are served by the text engines
-IMAGE_FAMILIES = ("vae", "gan", "diffusion")
+IMAGE_FAMILIES = ("vae", "gan", "diffusion", "text_to_image")
 
 # name -> module holding FAMILY; imported on first use.
 _FAMILIES = {
@@ -38,6 +38,8 @@ _FAMILIES = {
     "diffusion": "genloop.models.diffusion",
     "clip": "genloop.models.clip",
     "captioning": "genloop.models.captioning",
+    "autoencoder_kl": "genloop.models.autoencoder_kl",
+    "text_to_image": "genloop.models.text_to_image",
 }
 
 

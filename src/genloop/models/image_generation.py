@@ -29,17 +29,26 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
     from torch import Tensor, nn
 
+    from genloop.models.text_to_image import TextToImage
+
 MAX_IMAGES = 1024  # per call
 MAX_PROMPT_CHARS = 200
 GRID_CELL_PX = 64  # grid.png enlarges small images (nearest neighbour) to about this size
 
 
 def detect_family(model_dir: Path) -> str:
-    """``vae``, ``gan`` or ``diffusion``, from the artifact's files."""
+    """``vae``, ``gan``, ``diffusion``, ``text_to_image`` or ``autoencoder_kl``, from the
+    artifact's files."""
+    from genloop.models.autoencoder_kl import SETTINGS_FILE as AUTOENCODER_SETTINGS
     from genloop.models.diffusion import SETTINGS_FILE
+    from genloop.models.text_to_image import SETTINGS_FILE as TEXT_TO_IMAGE_SETTINGS
 
     if (model_dir / SETTINGS_FILE).is_file():
         return "diffusion"
+    if (model_dir / TEXT_TO_IMAGE_SETTINGS).is_file():
+        return "text_to_image"
+    if (model_dir / AUTOENCODER_SETTINGS).is_file():
+        return "autoencoder_kl"
     config = model_dir / "config.json"
     if config.is_file():
         try:
@@ -157,6 +166,58 @@ class ImageGenerator:
         return to_pil(self.sample(labels, n, seed))
 
 
+@dataclass
+class TextToImageGenerator:
+    """A ``text_to_image`` pipeline behind the image generators' interface (the server's
+    ``/v1/images/generations``, ``genloop generate``): the prompt is a sentence."""
+
+    model: TextToImage
+    family: str = "text_to_image"
+    channels: int = 3
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.image_size)
+
+    def prompt_warnings(self, prompt: str | None) -> list[str]:
+        """A note when the prompt is longer than the text encoder's context (it is cut)."""
+        return self.model.truncations([prompt]) if prompt else []
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        n: int = 1,
+        seed: int | None = None,
+        *,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> list[PILImage]:
+        """``n`` RGB images of ``prompt`` (no prompt: unconditional samples)."""
+        images = self.model.generate(
+            [prompt or ""],
+            negative_prompts=None if negative_prompt is None else [negative_prompt],
+            n=n,
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
+        )
+        return to_pil(images)
+
+
+def load_generator(
+    model_dir: str | Path, *, device: str | torch.device = "cpu"
+) -> ImageGenerator | TextToImageGenerator:
+    """Whatever image model is in ``model_dir``, ready to draw from a prompt: a class name
+    (or none) for vae, gan and diffusion models, a sentence for text_to_image ones."""
+    model_dir = Path(model_dir)
+    if model_dir.is_dir() and detect_family(model_dir) == "text_to_image":
+        from genloop.models.text_to_image import load_text_to_image
+
+        return TextToImageGenerator(load_text_to_image(model_dir, device=device))
+    return load_image_generator(model_dir, device=device)
+
+
 def load_image_generator(
     model_dir: str | Path, *, device: str | torch.device = "cpu"
 ) -> ImageGenerator:
@@ -174,6 +235,8 @@ def load_image_generator(
     recorded = _recorded_family(model_dir)
     if recorded is not None and recorded != family:
         raise GenloopError(f"{model_dir}: genloop.json says {recorded}, the files hold a {family}")
+    if family == "text_to_image":
+        raise GenloopError(f"{model_dir} holds a text_to_image pipeline: use load_generator")
     model = get_family(family).load(model_dir, device=device)
     model.eval().requires_grad_(False)
     config: dict[str, Any] = dict(getattr(model, "config", {}))

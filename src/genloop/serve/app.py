@@ -334,7 +334,7 @@ def _vision_loader(serve: ServeConfig) -> VisionLoader:
 
 
 def _image_loader(path: Path, info: ModelVersionInfo) -> ImageGenerator:
-    from genloop.models.image_generation import load_image_generator
+    from genloop.models.image_generation import load_generator
 
-    generator: ImageGenerator = load_image_generator(path)
+    generator: ImageGenerator = load_generator(path)
     return generator

@@ -41,6 +41,8 @@ _BUILDERS = {
     "diffusion": "genloop.train.images",
     "clip": "genloop.train.multimodal",
     "captioning": "genloop.train.captioning",
+    "autoencoder_kl": "genloop.train.text_to_image",
+    "text_to_image": "genloop.train.text_to_image",
 }
 
 

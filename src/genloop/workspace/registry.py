@@ -35,7 +35,17 @@ from genloop.workspace.tables import (
 )
 from genloop.workspace.workspace import Workspace
 
-FAMILIES = ("causal_lm", "seq2seq", "vae", "gan", "diffusion", "clip", "captioning")
+FAMILIES = (
+    "causal_lm",
+    "seq2seq",
+    "vae",
+    "gan",
+    "diffusion",
+    "clip",
+    "captioning",
+    "autoencoder_kl",
+    "text_to_image",
+)
 
 
 @dataclass
