@@ -66,7 +66,10 @@ def _headline(metrics: dict[str, object], limit: int = 3) -> str:
 def import_(
     path: Annotated[
         Path,
-        typer.Argument(help="A local Hugging Face checkpoint directory (causal or seq2seq LM)."),
+        typer.Argument(
+            help="A local Hugging Face checkpoint directory (causal or seq2seq LM), or a "
+            "diffusers Stable Diffusion pipeline folder (model_index.json)."
+        ),
     ],
     name: Annotated[
         str | None,
@@ -119,7 +122,7 @@ def import_(
             disable=json or not err_console.is_terminal,
         ) as bar,
     ):
-        task = bar.add_task(plan.info.path.name, total=plan.total_bytes)
+        task = bar.add_task(plan.source.name, total=plan.total_bytes)
         info = register_plan(ws, plan, progress=lambda n: bar.advance(task, n))
     if json:
         print_json(info.to_dict())
@@ -141,6 +144,8 @@ def import_(
         console.print(f"made tokenizer.json from {made_from}", highlight=False)
     for item in lineage["skipped"]:
         console.print(f"left out: {item}", highlight=False)
+    for note in lineage.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
     console.print(f"serve it:  genloop serve -m {info.ref}", highlight=False)
 
 

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from genloop.data.tokenizer import TOKENIZER_FILES
 from genloop.errors import GenloopError, NotFoundError
@@ -42,6 +42,9 @@ from genloop.workspace.manifest import MANIFEST, file_sha256
 from genloop.workspace.refs import NAME_RE, check_name
 from genloop.workspace.registry import ModelVersionInfo, register_model
 from genloop.workspace.workspace import Workspace
+
+if TYPE_CHECKING:
+    from genloop.models.import_diffusers import PipelinePlan
 
 MODEL_CARD = "README.md"
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING")
@@ -78,6 +81,10 @@ class ImportPlan:
     tokenizer_from: tuple[str, ...]  # slow tokenizer files tokenizer.json is made from
     lineage: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def source(self) -> Path:
+        return self.info.path
+
 
 def default_name(path: Path) -> str:
     """The model name a directory imports as: its name, made a valid model name.
@@ -102,10 +109,12 @@ def default_name(path: Path) -> str:
 
 def plan_import(
     path: str | Path, *, name: str | None = None, trust_pickle: bool = False
-) -> ImportPlan:
+) -> ImportPlan | PipelinePlan:
     """Check the checkpoint at ``path`` completely, before anything is written.
 
-    Raises a GenloopError naming the file at fault;
+    A diffusers pipeline folder (``model_index.json``) is checked by
+    :func:`genloop.models.import_diffusers.plan_pipeline_import` and becomes a
+    ``text_to_image`` version. Raises a GenloopError naming the file at fault;
     :class:`~genloop.models.pretrained.UnsupportedArchitectureError` for a model type
     transformers cannot build as a causal or seq2seq LM.
     """
@@ -116,6 +125,16 @@ def plan_import(
         raise GenloopError(f"{source} is a file; give the checkpoint's directory")
     name = check_name(name) if name is not None else default_name(source)
     source = source.resolve()
+    if (source / "model_index.json").is_file():
+        from genloop.models.import_diffusers import plan_pipeline_import
+
+        return plan_pipeline_import(
+            source,
+            name=name,
+            trust_pickle=trust_pickle,
+            license=_license(source),
+            model_card=_model_card(source),
+        )
     config = _read_json(source / "config.json", missing="so it is not a Hugging Face checkpoint")
     _refuse_custom_code(source, config)
     info = inspect_checkpoint(source)  # UnsupportedArchitectureError for a model type
@@ -162,9 +181,13 @@ def import_checkpoint(
 
 
 def register_plan(
-    ws: Workspace, plan: ImportPlan, *, progress: Progress | None = None
+    ws: Workspace, plan: ImportPlan | PipelinePlan, *, progress: Progress | None = None
 ) -> ModelVersionInfo:
     """Copy a checked checkpoint into the store and register it (see :func:`plan_import`)."""
+    if not isinstance(plan, ImportPlan):
+        from genloop.models.import_diffusers import register_pipeline_plan
+
+        return register_pipeline_plan(ws, plan, progress=progress)
     info = plan.info
     with ws.store.scratch() as scratch:
         staged = scratch / "model"
