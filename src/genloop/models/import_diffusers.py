@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from genloop.errors import GenloopError
+from genloop.models.checkpoint_files import Progress
 from genloop.workspace.manifest import file_sha256
 from genloop.workspace.registry import ModelVersionInfo, register_model
 from genloop.workspace.workspace import Workspace
@@ -70,8 +71,6 @@ WEIGHT_STEMS = {
 SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm"}
 GUIDANCE = 7.5  # StableDiffusionPipeline's default
 TOP_LEVEL_KEPT = ("README.md", "LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING")
-
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def plan_pipeline_import(
     model_card: str | None = None,
 ) -> PipelinePlan:
     """Check the pipeline folder ``source`` (resolved) completely; nothing is written."""
-    from genloop.models.importer import _read_json
+    from genloop.models.checkpoint_files import read_json as _read_json
 
     index = _read_json(source / MODEL_INDEX, missing="so it is not a diffusers pipeline")
     cls = index.get("_class_name")
@@ -232,7 +231,7 @@ def register_pipeline_plan(
 ) -> ModelVersionInfo:
     """Write the checked pipeline into the store as the next version of ``plan.name``."""
     from genloop.models.autoencoder_kl import FORMAT_VERSION
-    from genloop.models.importer import _copy_hashing
+    from genloop.models.checkpoint_files import copy_hashing as _copy_hashing
     from genloop.models.text_to_image import FORMAT, SETTINGS_FILE, make_scheduler
 
     source = plan.source
@@ -438,7 +437,7 @@ def _check_weights(w: Weights, config: Mapping[str, Any], part_dir: Path) -> int
     """Every safetensors file complete, the index's tensors where it says, every tensor of
     the model built from ``config`` present with its shape and no others; the parameter
     count (0 for pickles, counted when converted)."""
-    from genloop.models.importer import _header
+    from genloop.models.checkpoint_files import safetensors_header as _header
     from genloop.security.safe_load import check_safetensors
 
     if w.format == "pickle":
@@ -584,7 +583,7 @@ def _check_tokenizer(tokenizer_dir: Path) -> tuple[str, ...]:
 
     config = tokenizer_dir / "tokenizer_config.json"
     if config.is_file():
-        from genloop.models.importer import _read_json
+        from genloop.models.checkpoint_files import read_json as _read_json
 
         _refuse_auto_map(config, _read_json(config, missing=""))
     has_json = (tokenizer_dir / "tokenizer.json").is_file()
@@ -618,7 +617,7 @@ def _write_weights(
     each file read."""
     from safetensors.torch import load_file, save_file
 
-    from genloop.models.importer import _copy_hashing
+    from genloop.models.checkpoint_files import copy_hashing as _copy_hashing
 
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / w.out_name

@@ -18,19 +18,20 @@ SHA-256 of every file copied, license, model card, architecture and parameter co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from genloop.data.tokenizer import TOKENIZER_FILES
 from genloop.errors import GenloopError, NotFoundError
+from genloop.models.checkpoint_files import Progress
+from genloop.models.checkpoint_files import copy_hashing as _copy_hashing
+from genloop.models.checkpoint_files import read_json as _read_json
+from genloop.models.checkpoint_files import safetensors_header as _header
 from genloop.models.pretrained import (
     PICKLE_SUFFIXES,
     SAFETENSORS_INDEX,
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 MODEL_CARD = "README.md"
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING")
 MAX_CARD_CHARS = 32_768  # the card is kept in the catalog row: bounded
-MAX_CONFIG_BYTES = 16 * 2**20  # config.json is a few kilobytes; anything near this is not one
 REQUIRED_TOKENIZER = "tokenizer.json"
 # A slow tokenizer's files, from which transformers can make tokenizer.json.
 SLOW_TOKENIZER_FILES = (
@@ -63,9 +63,6 @@ SLOW_TOKENIZER_FILES = (
 # Weights for other frameworks and runtimes: large, and nothing genloop loads.
 FOREIGN_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".tflite")
 PICKLE_INDEX_SUFFIXES = tuple(f"{suffix}.index.json" for suffix in PICKLE_SUFFIXES)
-CHUNK = 8 * 2**20
-
-Progress = Callable[[int], None]  # called with the bytes just copied
 
 
 @dataclass(frozen=True)
@@ -224,20 +221,6 @@ def register_plan(
         )
 
 
-def _read_json(path: Path, *, missing: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise GenloopError(f"{path} is missing, {missing}")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise GenloopError(f"{path} is over {MAX_CONFIG_BYTES // 2**20} MiB: not a model config")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GenloopError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise GenloopError(f"{path} does not hold a JSON object")
-    return data
-
-
 def _refuse_custom_code(source: Path, config: dict[str, Any]) -> None:
     """A checkpoint that needs its own Python code to load is refused: genloop never runs
     code that came with a model (``trust_remote_code`` stays False)."""
@@ -334,14 +317,6 @@ def _check_weights_fit(info: CheckpointInfo, names: set[str]) -> None:
         )
 
 
-def _header(path: Path) -> dict[str, dict[str, Any]]:
-    """The tensor entries of a safetensors header (already checked to parse)."""
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-
-
 def _check_tokenizer(source: Path) -> tuple[str, ...]:
     """genloop tokenizes with the fast tokenizer file, ``tokenizer.json``.
 
@@ -420,21 +395,6 @@ def _files_to_copy(source: Path, info: CheckpointInfo) -> tuple[tuple[Path, ...]
         else:
             copy.append(p)
     return tuple(copy), tuple(skipped)
-
-
-def _copy_hashing(src: Path, dst: Path, progress: Progress | None) -> str:
-    """Copy ``src`` to ``dst``, returning the SHA-256 of the bytes copied."""
-    digest = hashlib.sha256()
-    try:
-        with src.open("rb") as fin, dst.open("wb") as fout:
-            while chunk := fin.read(CHUNK):
-                digest.update(chunk)
-                fout.write(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-    except OSError as exc:  # unreadable source, full disk: say which file, not a traceback
-        raise GenloopError(f"copying {src} into the workspace failed: {exc.strerror}") from None
-    return digest.hexdigest()
 
 
 def _convert_pickle(info: CheckpointInfo, staged: Path) -> tuple[int, list[Path]]:
