@@ -89,7 +89,9 @@ def import_(
 
     The whole checkpoint is checked first (config, weights, shards, tokenizer); a problem
     names the file and nothing is registered. The version records its source, the SHA-256
-    of every file, license, model card, architecture and parameter count.
+    of every file, license, model card, architecture and parameter count. A diffusers
+    StableDiffusionPipeline folder becomes a text_to_image version (safety checker left
+    out; a scheduler genloop does not sample with is mapped to DDIM, and it says so).
 
     Example: genloop models import ./Qwen2.5-0.5B-Instruct --name qwen
     """
