@@ -66,7 +66,10 @@ def _headline(metrics: dict[str, object], limit: int = 3) -> str:
 def import_(
     path: Annotated[
         Path,
-        typer.Argument(help="A local Hugging Face checkpoint directory (causal or seq2seq LM)."),
+        typer.Argument(
+            help="A local Hugging Face checkpoint directory (causal or seq2seq LM), or a "
+            "diffusers Stable Diffusion pipeline folder (model_index.json)."
+        ),
     ],
     name: Annotated[
         str | None,
@@ -86,7 +89,9 @@ def import_(
 
     The whole checkpoint is checked first (config, weights, shards, tokenizer); a problem
     names the file and nothing is registered. The version records its source, the SHA-256
-    of every file, license, model card, architecture and parameter count.
+    of every file, license, model card, architecture and parameter count. A diffusers
+    StableDiffusionPipeline folder becomes a text_to_image version (safety checker left
+    out; a scheduler genloop does not sample with is mapped to DDIM, and it says so).
 
     Example: genloop models import ./Qwen2.5-0.5B-Instruct --name qwen
     """
@@ -119,7 +124,7 @@ def import_(
             disable=json or not err_console.is_terminal,
         ) as bar,
     ):
-        task = bar.add_task(plan.info.path.name, total=plan.total_bytes)
+        task = bar.add_task(plan.source.name, total=plan.total_bytes)
         info = register_plan(ws, plan, progress=lambda n: bar.advance(task, n))
     if json:
         print_json(info.to_dict())
@@ -141,6 +146,8 @@ def import_(
         console.print(f"made tokenizer.json from {made_from}", highlight=False)
     for item in lineage["skipped"]:
         console.print(f"left out: {item}", highlight=False)
+    for note in lineage.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
     console.print(f"serve it:  genloop serve -m {info.ref}", highlight=False)
 
 

@@ -18,19 +18,20 @@ SHA-256 of every file copied, license, model card, architecture and parameter co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from genloop.data.tokenizer import TOKENIZER_FILES
 from genloop.errors import GenloopError, NotFoundError
+from genloop.models.checkpoint_files import Progress
+from genloop.models.checkpoint_files import copy_hashing as _copy_hashing
+from genloop.models.checkpoint_files import read_json as _read_json
+from genloop.models.checkpoint_files import safetensors_header as _header
 from genloop.models.pretrained import (
     PICKLE_SUFFIXES,
     SAFETENSORS_INDEX,
@@ -43,10 +44,12 @@ from genloop.workspace.refs import NAME_RE, check_name
 from genloop.workspace.registry import ModelVersionInfo, register_model
 from genloop.workspace.workspace import Workspace
 
+if TYPE_CHECKING:
+    from genloop.models.import_diffusers import PipelinePlan
+
 MODEL_CARD = "README.md"
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING")
 MAX_CARD_CHARS = 32_768  # the card is kept in the catalog row: bounded
-MAX_CONFIG_BYTES = 16 * 2**20  # config.json is a few kilobytes; anything near this is not one
 REQUIRED_TOKENIZER = "tokenizer.json"
 # A slow tokenizer's files, from which transformers can make tokenizer.json.
 SLOW_TOKENIZER_FILES = (
@@ -60,9 +63,6 @@ SLOW_TOKENIZER_FILES = (
 # Weights for other frameworks and runtimes: large, and nothing genloop loads.
 FOREIGN_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".tflite")
 PICKLE_INDEX_SUFFIXES = tuple(f"{suffix}.index.json" for suffix in PICKLE_SUFFIXES)
-CHUNK = 8 * 2**20
-
-Progress = Callable[[int], None]  # called with the bytes just copied
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,10 @@ class ImportPlan:
     total_bytes: int
     tokenizer_from: tuple[str, ...]  # slow tokenizer files tokenizer.json is made from
     lineage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> Path:
+        return self.info.path
 
 
 def default_name(path: Path) -> str:
@@ -102,10 +106,12 @@ def default_name(path: Path) -> str:
 
 def plan_import(
     path: str | Path, *, name: str | None = None, trust_pickle: bool = False
-) -> ImportPlan:
+) -> ImportPlan | PipelinePlan:
     """Check the checkpoint at ``path`` completely, before anything is written.
 
-    Raises a GenloopError naming the file at fault;
+    A diffusers pipeline folder (``model_index.json``) is checked by
+    :func:`genloop.models.import_diffusers.plan_pipeline_import` and becomes a
+    ``text_to_image`` version. Raises a GenloopError naming the file at fault;
     :class:`~genloop.models.pretrained.UnsupportedArchitectureError` for a model type
     transformers cannot build as a causal or seq2seq LM.
     """
@@ -116,6 +122,16 @@ def plan_import(
         raise GenloopError(f"{source} is a file; give the checkpoint's directory")
     name = check_name(name) if name is not None else default_name(source)
     source = source.resolve()
+    if (source / "model_index.json").is_file():
+        from genloop.models.import_diffusers import plan_pipeline_import
+
+        return plan_pipeline_import(
+            source,
+            name=name,
+            trust_pickle=trust_pickle,
+            license=_license(source),
+            model_card=_model_card(source),
+        )
     config = _read_json(source / "config.json", missing="so it is not a Hugging Face checkpoint")
     _refuse_custom_code(source, config)
     info = inspect_checkpoint(source)  # UnsupportedArchitectureError for a model type
@@ -162,9 +178,13 @@ def import_checkpoint(
 
 
 def register_plan(
-    ws: Workspace, plan: ImportPlan, *, progress: Progress | None = None
+    ws: Workspace, plan: ImportPlan | PipelinePlan, *, progress: Progress | None = None
 ) -> ModelVersionInfo:
     """Copy a checked checkpoint into the store and register it (see :func:`plan_import`)."""
+    if not isinstance(plan, ImportPlan):
+        from genloop.models.import_diffusers import register_pipeline_plan
+
+        return register_pipeline_plan(ws, plan, progress=progress)
     info = plan.info
     with ws.store.scratch() as scratch:
         staged = scratch / "model"
@@ -199,20 +219,6 @@ def register_plan(
             description=f"imported from {plan.lineage['source']}",
             link_files=True,
         )
-
-
-def _read_json(path: Path, *, missing: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise GenloopError(f"{path} is missing, {missing}")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise GenloopError(f"{path} is over {MAX_CONFIG_BYTES // 2**20} MiB: not a model config")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GenloopError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise GenloopError(f"{path} does not hold a JSON object")
-    return data
 
 
 def _refuse_custom_code(source: Path, config: dict[str, Any]) -> None:
@@ -311,14 +317,6 @@ def _check_weights_fit(info: CheckpointInfo, names: set[str]) -> None:
         )
 
 
-def _header(path: Path) -> dict[str, dict[str, Any]]:
-    """The tensor entries of a safetensors header (already checked to parse)."""
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-
-
 def _check_tokenizer(source: Path) -> tuple[str, ...]:
     """genloop tokenizes with the fast tokenizer file, ``tokenizer.json``.
 
@@ -397,21 +395,6 @@ def _files_to_copy(source: Path, info: CheckpointInfo) -> tuple[tuple[Path, ...]
         else:
             copy.append(p)
     return tuple(copy), tuple(skipped)
-
-
-def _copy_hashing(src: Path, dst: Path, progress: Progress | None) -> str:
-    """Copy ``src`` to ``dst``, returning the SHA-256 of the bytes copied."""
-    digest = hashlib.sha256()
-    try:
-        with src.open("rb") as fin, dst.open("wb") as fout:
-            while chunk := fin.read(CHUNK):
-                digest.update(chunk)
-                fout.write(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-    except OSError as exc:  # unreadable source, full disk: say which file, not a traceback
-        raise GenloopError(f"copying {src} into the workspace failed: {exc.strerror}") from None
-    return digest.hexdigest()
 
 
 def _convert_pickle(info: CheckpointInfo, staged: Path) -> tuple[int, list[Path]]:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor, nn
 
-    from genloop.config import ModelConfig, TrainConfig
+    from genloop.config import LoraConfig, ModelConfig, TrainConfig
     from genloop.models.text_to_image import TextToImage
     from genloop.workspace.workspace import Workspace
 
@@ -180,6 +180,8 @@ def build_unet_model(
         assert isinstance(loaded, TextToImage)
         loaded.train()
         _check_size(loaded, images)
+        if m.lora is not None:
+            return BuiltModel(with_lora(loaded, m.lora), dict(loaded.config), parent)
         return BuiltModel(loaded, dict(loaded.config), parent)
     d = m.diffusion
     if d.latent_vae is None or d.text_encoder is None:
@@ -205,6 +207,25 @@ def build_unet_model(
     model = build_text_to_image(config, vae, encoder, tokenizer)
     _check_size(model, images)
     return BuiltModel(model.to(device), dict(model.config), None)
+
+
+def with_lora(pipeline: TextToImage, lora: LoraConfig) -> nn.Module:
+    """``model.lora`` on a base pipeline: LoRA adapters on the UNet's attention projections
+    (``lora.target_modules``, else to_q, to_k, to_v, to_out.0), everything else frozen; the
+    loop's export merges them into the UNet (see ``models/text_to_image_lora.py``)."""
+    from genloop.models.text_to_image_lora import LoraTextToImage
+
+    if lora.load_in_4bit:
+        raise ConfigError(
+            "model.lora.load_in_4bit is for text models; a text_to_image base is not quantized"
+        )
+    return LoraTextToImage(
+        pipeline,
+        r=lora.r,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=lora.target_modules,
+    )
 
 
 def _check_size(model: TextToImage, images: Tensor) -> None:
@@ -364,7 +385,9 @@ class TextToImageBuilder:
     def make_objective(
         self, t: TrainConfig, data: TrainingData, model: nn.Module, device: torch.device
     ) -> TextToImageObjective:
-        return make_unet_objective(t, data, model, device)
+        from genloop.models.text_to_image_lora import base_pipeline
+
+        return make_unet_objective(t, data, base_pipeline(model), device)
 
 
 BUILDERS = {
