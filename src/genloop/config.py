@@ -766,6 +766,7 @@ EvalSuite = Literal[
     "augment",
     "clip",
     "captioning",
+    "t2i",
 ]
 _DEFAULT_SUITES: tuple[EvalSuite, ...] = ("perplexity", "generation")
 
@@ -808,6 +809,20 @@ class EvalConfig(BaseModel):
         None,
         description="Local InceptionV3 weights for FID. Unset: a classifier trained on the "
         "dataset.",
+    )
+    t2i_prompts: int = Field(
+        16, ge=1, le=1024, description="Text-to-image: distinct prompts per group (seen, held-out)."
+    )
+    t2i_images_per_prompt: int = Field(
+        4, ge=1, le=64, description="Text-to-image: images drawn per prompt."
+    )
+    t2i_steps: int | None = Field(
+        None, ge=1, description="Text-to-image: denoising steps. Unset: the model's own."
+    )
+    clip_model: str | None = Field(
+        None,
+        description="Text-to-image: the clip model ref that scores images (CLIP score, FID on "
+        "CLIP features). Unset: the one the model's text encoder came from.",
     )
 
     @model_validator(mode="after")

@@ -13,7 +13,8 @@ Other families run their own suites in place of steps 4-5 (``FAMILY_SUITES``): i
 models (vae, gan, diffusion) the ``image`` (FID/KID/IS, conditional accuracy) and
 ``augment`` suites of ``evaluate/image.py``; clip models the ``clip`` suite of
 ``evaluate/clip_metrics.py``; captioning models the ``captioning`` suite (BLEU, attribute
-accuracy) of ``evaluate/captioning.py``.
+accuracy) of ``evaluate/captioning.py``; text_to_image models the ``t2i`` suite
+(compositional accuracy, CLIP score) of ``evaluate/text_to_image.py``.
 
 The same model version, dataset version, settings and seed give the same numbers.
 """
@@ -47,7 +48,15 @@ RUNNABLE = ("perplexity", "generation", "code", "bias", "lm_eval")
 IMAGE_SUITES = ("image", "augment")  # see evaluate/image.py
 CLIP_SUITES = ("clip",)  # see evaluate/clip_metrics.py
 CAPTION_SUITES = ("captioning",)  # see evaluate/captioning.py
-NEEDS_DATASET = ("perplexity", "generation", *IMAGE_SUITES, *CLIP_SUITES, *CAPTION_SUITES)
+T2I_SUITES = ("t2i",)  # see evaluate/text_to_image.py
+NEEDS_DATASET = (
+    "perplexity",
+    "generation",
+    *IMAGE_SUITES,
+    *CLIP_SUITES,
+    *CAPTION_SUITES,
+    *T2I_SUITES,
+)
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
 # the suites each family can run, and (non-text families) the ones it runs by default
 FAMILY_SUITES: dict[str, tuple[str, ...]] = {
@@ -55,11 +64,13 @@ FAMILY_SUITES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(IMAGE_FAMILIES, IMAGE_SUITES),
     "clip": CLIP_SUITES,
     "captioning": CAPTION_SUITES,
+    "text_to_image": T2I_SUITES,
 }
 DEFAULT_SUITES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(IMAGE_FAMILIES, ("image",)),
     "clip": CLIP_SUITES,
     "captioning": CAPTION_SUITES,
+    "text_to_image": T2I_SUITES,
 }
 PERPLEXITY_BATCH = 8
 GENERATION_BATCH = 8
@@ -129,6 +140,12 @@ def evaluate_model(
             progress("captioning", 1, 1)
         _seed_everything(cfg.seed)
         results = [run_captioning_suite(model_dir, data_dir, ds.ref, cfg, device)]
+    elif info.family == "text_to_image":  # 4-5. composition, CLIP (evaluate/text_to_image.py)
+        from genloop.evaluate.text_to_image import run_t2i_suite
+
+        assert ds is not None and data_dir is not None  # _dataset() made sure
+        _seed_everything(cfg.seed)
+        results = [run_t2i_suite(ws, info, model_dir, ds, data_dir, cfg, device, progress)]
     elif info.family in IMAGE_FAMILIES:  # 4-5. FID/KID/IS, augmentation (evaluate/image.py)
         from genloop.evaluate.image import run_image_suites
 
@@ -165,7 +182,7 @@ def evaluate_model(
 
 def check_suites(suites: list[str]) -> list[str]:
     """The suites in the order given, without repeats; unknown or unrunnable ones refused."""
-    known = (*RUNNABLE, *IMAGE_SUITES, *CLIP_SUITES, *CAPTION_SUITES)
+    known = (*RUNNABLE, *IMAGE_SUITES, *CLIP_SUITES, *CAPTION_SUITES, *T2I_SUITES)
     if not suites:
         raise ConfigError(f"no suite to run; choose from: {', '.join(known)}")
     out: list[str] = []

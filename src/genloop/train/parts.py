@@ -125,8 +125,7 @@ def _on_one_dataset(ws: Workspace, cfg: GenloopConfig, root: Path | None) -> Gen
         raise ConfigError("parts need a data section or train.dataset to train on")
     from genloop.data.prepare import prepare_dataset
 
-    tokenizer = cfg.tokenizer if cfg.data.kind != "images" else None
-    info, _ = prepare_dataset(ws, cfg.data, tokenizer, root=root)
+    info, _ = prepare_dataset(ws, cfg.data, cfg.tokenizer, root=root)  # captions: tokenized
     train = cfg.train.model_copy(update={"dataset": info.ref})
     return cfg.model_copy(update={"train": train})
 
