@@ -719,6 +719,13 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the CE loss.")
     z_loss: float = Field(0.0, ge=0, description="Weight of the z-loss (log² of the softmax sum).")
     dpo_beta: float = Field(0.1, gt=0, description="DPO β (strength of the KL anchor).")
+    hard_negatives: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="contrastive: share of each batch given to pairs whose caption is one "
+        "token away from another's in the batch (hard negatives).",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="auto: bf16 autocast on a GPU that supports it or a CPU with "

@@ -113,3 +113,29 @@ def test_a_wrong_objective_or_suite_is_named(ws: Workspace) -> None:
     assert result.model is not None
     with pytest.raises(GenloopError, match="clip model; the perplexity suite"):
         evaluate_model(ws, result.model.ref, suites=["perplexity"])
+
+
+def test_hard_negatives_pair_captions_one_token_apart() -> None:
+    from genloop.train.multimodal import Neighbours
+
+    # captions as token ids (eos = 1, pad = 0): "red circle", "red square", "blue circle",
+    # "big red circle" (longer), and a second "red circle" image
+    rows = [[5, 7, 1, 0], [5, 8, 1, 0], [6, 7, 1, 0], [9, 5, 7, 1], [5, 7, 1, 0]]
+    ids = torch.tensor(rows)
+    mask = (ids != 0).long()
+    groups = torch.tensor([0, 1, 2, 3, 0])
+    near = Neighbours.of(ids, mask, groups)
+    assert near.near == {0: [1, 2], 1: [0], 2: [0]}  # one token apart; same length only
+    assert near.members[0] == [0, 4]
+
+    idx = [3, 0, 1, 2]
+    out = near.harden(idx, 0.5, (0, 7))
+    assert out[:2] == [3, 0] and out == near.harden(idx, 0.5, (0, 7))  # seeded
+    assert out[2] == 1  # anchor 3 has no neighbour: its random partner stays
+    assert out[3] in (1, 2)  # a neighbour of anchor 0 ("red circle")
+    assert near.harden(idx, 0.0, (0, 7)) == idx
+
+
+def test_training_with_hard_negatives(ws: Workspace) -> None:
+    result = train(ws, config("t-clip-hard", max_steps=4, hard_negatives=0.5))
+    assert result.model is not None and len(result.history) == 4

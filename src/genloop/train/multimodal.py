@@ -15,7 +15,17 @@ A training batch is a dict of tensors on the device::
     groups          (B,) long caption ids: equal captions are all right answers
 
 Batches are drawn by ``objectives.batch_indices`` (resumable by micro-step); validation
-batches are the first ones of the val split, the same every evaluation. After each
+batches are the first ones of the val split, the same every evaluation.
+
+Hard negatives (``train.hard_negatives`` = h). In a random batch of a compositional corpus
+almost every caption is told apart from the others by its colours, sizes and positions
+alone, so the loss falls near zero while the image tower still cannot tell a circle from a
+square. With h > 0, the last ⌊h·B⌋ pairs of each batch are replaced by *neighbours* of the
+first ones: pairs whose caption differs from an anchor's in exactly one token ("a small
+red circle …" / "a small red square …"), so the batch can only be solved by seeing every
+attribute. Neighbours are found on the token ids, with nothing specific to one corpus; an
+anchor without one keeps its random partner. The draw is seeded by (seed, micro-step), so
+a resumed run sees the same batches. After each
 optimizer step the logit scale is clipped at ln 100, as CLIP does. The count the loop sums
 as "tokens" is the number of image-caption pairs.
 """
@@ -148,6 +158,8 @@ class ContrastiveObjective:
     batch_size: int
     seed: int
     device: torch.device
+    hard_negatives: float = 0.0  # share of each batch given to anchors' neighbours
+    neighbours: Neighbours | None = None  # built when hard_negatives > 0
     name: str = OBJECTIVE
 
     def _batch(self, images: Tensor, ids: Tensor, mask: Tensor, groups: Tensor) -> Batch:
@@ -171,7 +183,11 @@ class ContrastiveObjective:
         order = batch_indices(
             len(self.images), self.batch_size, self.seed, start, rank=rank, world_size=world_size
         )
-        for idx in order:
+        for step, idx in enumerate(order, start):
+            if self.neighbours is not None and self.hard_negatives > 0:
+                idx = self.neighbours.harden(
+                    idx, self.hard_negatives, (self.seed, step, rank, world_size)
+                )
             i = torch.tensor(idx)
             yield self._batch(
                 self.images[i], self.input_ids[i], self.attention_mask[i], self.groups[i]
@@ -199,6 +215,61 @@ class ContrastiveObjective:
         if isinstance(scale, torch.nn.Parameter):
             with torch.no_grad():
                 scale.clamp_(0.0, math.log(100.0))
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Which captions differ in exactly one token, over caption groups (distinct captions).
+
+    ``members[g]``: the training pairs whose caption is group g; ``near[g]``: the groups
+    one token away from g (same length, one position different).
+    """
+
+    groups: list[int]  # (N,) the group of each training pair
+    members: dict[int, list[int]]
+    near: dict[int, list[int]]
+
+    @classmethod
+    def of(cls, input_ids: Tensor, attention_mask: Tensor, groups: Tensor) -> Neighbours:
+        """Index the captions (``input_ids``/``attention_mask`` (N, T), ``groups`` (N,)):
+        each distinct caption goes into one bucket per position, keyed by the caption with
+        that position blanked; captions sharing a bucket are neighbours."""
+        from collections import defaultdict
+
+        group_of = groups.tolist()
+        members: dict[int, list[int]] = defaultdict(list)
+        tokens: dict[int, tuple[int, ...]] = {}
+        for k, (g, row, n) in enumerate(
+            zip(group_of, input_ids.tolist(), attention_mask.sum(dim=1).tolist(), strict=True)
+        ):
+            members[g].append(k)
+            tokens.setdefault(g, tuple(row[:n]))
+        buckets: dict[tuple[int, tuple[int, ...], tuple[int, ...]], list[int]] = defaultdict(list)
+        for g, row in tokens.items():
+            for j in range(len(row)):
+                buckets[(len(row), row[:j], row[j + 1 :])].append(g)
+        near: dict[int, list[int]] = defaultdict(list)
+        for bucket in buckets.values():
+            for g in bucket:
+                near[g].extend(h for h in bucket if h != g)
+        return cls(group_of, dict(members), {g: sorted(set(h)) for g, h in near.items() if h})
+
+    def harden(self, idx: list[int], share: float, seed: tuple[int, ...]) -> list[int]:
+        """``idx`` with its last ⌊share·B⌋ entries replaced by neighbours of its first
+        ones (anchor q % anchors for the q-th); a random one, drawn from ``seed``."""
+        import numpy as np
+
+        hard = min(int(len(idx) * share), len(idx) - 1)
+        if hard <= 0:
+            return idx
+        rng = np.random.default_rng(list(seed))
+        anchors, out = idx[: len(idx) - hard], list(idx)
+        for q in range(hard):
+            near = self.near.get(self.groups[anchors[q % len(anchors)]])
+            if near:
+                pairs = self.members[near[int(rng.integers(len(near)))]]
+                out[len(anchors) + q] = pairs[int(rng.integers(len(pairs)))]
+        return out
 
 
 def encode_captions(
@@ -244,6 +315,7 @@ def make_objective(
     ids, mask, groups = encode_captions(tok, captions, context, index)
     val = (val_images, *encode_captions(tok, val_captions, context, index))
     mean, std = pixel_stats(model)
+    hard = t.hard_negatives
     return ContrastiveObjective(
         images=images,
         input_ids=ids,
@@ -256,6 +328,8 @@ def make_objective(
         batch_size=t.batch_size,
         seed=t.seed,
         device=torch.device(device),
+        hard_negatives=hard,
+        neighbours=Neighbours.of(ids, mask, groups) if hard > 0 else None,
     )
 
 
