@@ -19,8 +19,8 @@ from genloop.models.text_to_image import (
     FAMILY,
     TextToImage,
     build_text_to_image,
-    sampling_cache,
     load_text_to_image,
+    sampling_cache,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
