@@ -210,6 +210,8 @@ def tiny_pipeline(out: Path) -> Path:
             num_attention_heads=4,
             max_position_embeddings=48,
             eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     )
     model = build_text_to_image(

@@ -84,6 +84,8 @@ def text_encoder_folder(ws: Workspace, out: Path) -> Path:
             num_attention_heads=2,
             max_position_embeddings=48,
             eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     )
     encoder.save_pretrained(out / "text_encoder")
