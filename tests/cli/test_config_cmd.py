@@ -63,7 +63,14 @@ def test_show_json(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["data"]["sources"] == [
-        {"type": "builtin", "name": "python-stdlib", "max_files": None}
+        {
+            "type": "builtin",
+            "name": "python-stdlib",
+            "max_files": None,
+            "count": None,
+            "size": None,
+            "seed": None,
+        }
     ]
     assert data["tune"] is None
 
