@@ -252,3 +252,38 @@ def module_ws(
     ws = make_workspace(tmp_path_factory.mktemp("ws"), model_dirs)
     yield ws
     ws.close()
+
+
+def tiny_text_to_image(tmp: Path) -> Path:
+    """A random Stable-Diffusion-style pipeline (32×32 RGB, a 16-position text encoder)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from genloop.data.tokenizer import load_hf_tokenizer, train_bpe
+    from genloop.models.family import get_family
+    from genloop.models.text_to_image import build_text_to_image
+
+    torch.manual_seed(0)
+    ae = get_family("autoencoder_kl").build({"image_size": 32, "channels": 3, "base_channels": 8})
+    captions = [f"a {c} {s} on the left" for c in ("red", "blue") for s in ("circle", "square")]
+    tokenizer = load_hf_tokenizer(train_bpe(captions * 8, tmp / "tok", vocab_size=300))
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+    ).eval()
+    model = build_text_to_image(
+        {"base_channels": 32, "timesteps": 100, "sample_steps": 2},
+        ae.vae,  # type: ignore[attr-defined]
+        encoder,
+        tokenizer,
+    )
+    return Path(get_family("text_to_image").save(model, tmp / "pipe"))

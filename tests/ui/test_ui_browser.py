@@ -23,7 +23,14 @@ import pytest
 
 from genloop.workspace import Workspace, init_workspace
 
-from ..serve.conftest import CORPUS, LiveServer, build_model, running_server, serve_config
+from ..serve.conftest import (
+    CORPUS,
+    LiveServer,
+    build_model,
+    running_server,
+    serve_config,
+    tiny_text_to_image,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
@@ -98,6 +105,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     registry.register_model(workspace, "tiny", "causal_lm", a)
     registry.register_model(workspace, "tiny", "causal_lm", b)
     registry.promote(workspace, "tiny@1", "production")
+    t2i = tiny_text_to_image(tmp_path_factory.mktemp("ui-t2i"))
+    registry.register_model(workspace, "shapes", "text_to_image", t2i)
     _add_run(workspace)
     _add_dataset(workspace)
     raise_alert(workspace, "drift", "prompt length drifted (psi 0.31)", source="tiny@1")
@@ -115,7 +124,7 @@ def server(ws: Workspace) -> Iterator[LiveServer]:
         "admin": create_key(ws.catalog, name="ui-admin", scopes=["admin"]).plaintext,
         "generate": create_key(ws.catalog, name="ui-gen", scopes=["generate"]).plaintext,
     }
-    cfg = serve_config(max_tokens=LONG_TOKENS)
+    cfg = serve_config(max_tokens=LONG_TOKENS, models=["tiny@production", "shapes"])
     with running_server(ws, cfg, keys) as live:
         yield live
 
@@ -273,6 +282,36 @@ def test_chat_reply_streams_in_and_feedback_reaches_the_catalog(
         listed = c.get("/v1/admin/feedback").json()["data"]
     assert {f["response_id"] for f in listed} >= {response_id}
     shot(page, "chat-feedback")
+
+
+def test_a_text_prompt_draws_images_and_takes_a_rating(
+    page: Any, server: LiveServer, ws: Workspace
+) -> None:
+    from genloop.workspace.tables import Feedback, RequestLog
+
+    sign_in(page, server.keys["admin"])  # generate and feedback
+    page.select_option("#pg-model", "shapes")
+    assert page.locator("#pg-negative").is_visible()  # the image fields replace sampling
+    page.fill("#pg-n", "2")
+    page.fill("#pg-image-seed", "3")
+    page.fill("#pg-steps", "2")
+    page.fill("#pg-guidance", "3")
+    page.fill("#pg-negative", "a blue square")
+    page.fill("#pg-prompt", "a red circle on the left")
+    page.click("#pg-send")
+    page.wait_for_function("document.getElementById('pg-status').textContent === '2 images.'")
+    assert page.locator("#pg-images figure img").count() == 2
+    controls = page.locator("#pg-images .feedback")
+    response_id = controls.get_attribute("data-response-id")
+    assert response_id and response_id.startswith("img")
+    page.get_by_role("button", name="Good images").click()
+    page.wait_for_selector("text=Feedback sent")
+    (row,) = wait_row(ws, Feedback, Feedback.request_id, response_id)
+    assert row.rating == 1
+    (logged,) = wait_row(ws, RequestLog, RequestLog.id, response_id)
+    assert logged.params["num_inference_steps"] == 2 and logged.params["guidance_scale"] == 3
+    assert "negative_prompt" not in logged.params  # user text only where it is encrypted
+    shot(page, "t2i-rating")
 
 
 def test_stop_cancels_the_stream(page: Any, server: LiveServer, ws: Workspace) -> None:
