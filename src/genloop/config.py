@@ -1157,6 +1157,11 @@ class ServeConfig(BaseModel):
         default_factory=ImageInputsConfig,
         description="Images in chat messages (for captioning models): sources and sizes.",
     )
+    long_image_prompts: Literal["truncate", "refuse"] = Field(
+        "truncate",
+        description="A text-to-image prompt longer than the text encoder's context: cut, "
+        "with a warning in the response, or refused with a 400.",
+    )
 
     @model_validator(mode="after")
     def _tls_and_urls(self) -> ServeConfig:

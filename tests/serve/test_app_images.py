@@ -117,5 +117,13 @@ def test_a_text_to_image_model_draws_sentences(server: LiveServer) -> None:
         assert r.status_code == 200, r.text
         (warning,) = r.json()["warnings"]
         assert "the text encoder reads 16" in warning
+        strict = server.state.cfg.serve
+        strict.long_image_prompts = "refuse"  # by configuration: refused instead
+        try:
+            r = c.post("/v1/images/generations", json=long)
+        finally:
+            strict.long_image_prompts = "truncate"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert "refuses prompts that long" in r.json()["error"]["message"]
         bad = c.post("/v1/images/generations", json=body | {"num_inference_steps": 1000})
         assert bad.status_code == 400 and "steps must be between" in bad.json()["error"]["message"]

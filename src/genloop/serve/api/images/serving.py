@@ -52,6 +52,8 @@ async def serve_images(
         generator = loaded.image_generator()
         seed = None if body.seed is None else body.seed % 2**63
         warnings = generator.prompt_warnings(body.prompt)
+        if warnings and cfg.long_image_prompts == "refuse":
+            raise invalid(f"{warnings[0]} (this server refuses prompts that long)", "prompt")
 
         def call() -> list[Image]:
             return generator.generate(
