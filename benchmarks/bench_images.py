@@ -15,6 +15,7 @@ One run, one temporary workspace:
 
     python benchmarks/bench_images.py [--quick] [--steps N] [--samples N] [--threads N]
     python benchmarks/bench_images.py --t2i-speed [--quick] [--threads N]
+    python benchmarks/bench_images.py --t2i-quality [--quick] [--threads N] [--workspace DIR]
 
 Final line: ``fid_trained``, ``fid_untrained``, ``fid_seconds_1000``,
 ``conditional_accuracy`` and extras (``fid_ratio`` = trained / untrained, KID, the real
@@ -26,6 +27,14 @@ folder (AutoencoderKL + UNet2DConditionModel + CLIP text encoder), the same sche
 steps, guidance and seed: 8 prompts × 25 steps, each side timed in turn, best of 5. Final
 line: ``t2i_images_per_s``, ``diffusers_images_per_s``, ``t2i_speed_ratio`` (ours / theirs,
 wall time) and ``t2i_cpu_time_ratio`` (the same in process CPU seconds).
+
+``--t2i-quality`` runs ``examples/shapes-t2i.yaml`` (data → parts: autoencoder, CLIP →
+UNet → the t2i suite) with ``genloop.pipeline.runner.run_pipeline`` up to its eval stage,
+evaluates the CLIP part with the clip suite, and prints the issue's targets beside the
+figures: ``compositional_accuracy_seen`` (≥ 0.9) and ``_held_out`` (≥ 0.6),
+``clip_zero_shot_joint_held_out`` (≥ 0.9), ``train_minutes`` (≥ 0: parts and UNet, ≤ 30)
+and ``t2i_images_per_s``. ``--workspace`` keeps (and reuses) the prepared data and the
+parts; ``--quick`` is a smoke run of the same flow with a few steps per model.
 """
 
 from __future__ import annotations
@@ -42,6 +51,13 @@ from typing import Any
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "digits-diffusion.yaml"
+T2I_EXAMPLE = ROOT / "examples" / "shapes-t2i.yaml"
+T2I_TARGETS = {
+    "compositional_accuracy_seen": 0.9,
+    "compositional_accuracy_held_out": 0.6,
+    "clip_zero_shot_joint_held_out": 0.9,
+}
+T2I_MINUTES = 30.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--t2i-speed", action="store_true", help="time text-to-image sampling vs diffusers"
     )
     p.add_argument("--t2i-sampler", choices=("ddpm", "ddim", "dpm"), default="ddim", help="[ddim]")
+    p.add_argument(
+        "--t2i-quality",
+        action="store_true",
+        help="train examples/shapes-t2i.yaml and print its targets beside its figures",
+    )
+    p.add_argument("--workspace", type=Path, default=None, help="--t2i-quality: keep it here")
     args = p.parse_args(argv)
     if args.quick:
         args.steps = args.steps or 80
@@ -91,6 +113,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.t2i_speed:
         figures = t2i_speed(args.t2i_sampler, args.seed, repeats=2 if args.quick else 5)
+        print(json.dumps(figures))
+        return figures
+    if args.t2i_quality:
+        figures = t2i_quality(args.workspace, args.quick)
         print(json.dumps(figures))
         return figures
     overrides = [f"train.max_steps={args.steps}"] if args.steps else []
@@ -285,3 +311,72 @@ def t2i_speed(sampler: str, seed: int, repeats: int = 3) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------- t2i: the targets
+
+QUICK_T2I = [  # a smoke run of the same flow: a small dataset, a few steps per model
+    "data.sources.0.count=300",
+    "parts.ae.train.max_steps=6",
+    "parts.ae.train.warmup_steps=1",
+    "parts.clip.train.max_steps=6",
+    "parts.clip.train.warmup_steps=1",
+    "train.max_steps=6",
+    "train.warmup_steps=1",
+    "eval.t2i_prompts=4",
+    "eval.t2i_images_per_prompt=2",
+]
+
+
+def t2i_quality(workspace: Path | None, quick: bool) -> dict[str, Any]:
+    """``examples/shapes-t2i.yaml`` trained and evaluated; its figures beside the targets."""
+    from genloop.config import EvalConfig, load_config
+    from genloop.evaluate.run import evaluate_model
+    from genloop.pipeline.runner import run_pipeline
+    from genloop.workspace import init_workspace, registry, runs
+
+    cfg = load_config(T2I_EXAMPLE, QUICK_T2I if quick else [])
+    with tempfile.TemporaryDirectory(prefix="bench-t2i-quality-") as tmp:
+        ws = init_workspace(workspace or Path(tmp) / "ws")
+        try:
+            started = time.perf_counter()
+            result = run_pipeline(ws, cfg, root=T2I_EXAMPLE.parent, stop="eval", progress=log)
+            seconds = time.perf_counter() - started
+            stages = {o.stage: o for o in result.stages}
+            train = stages["train"].outputs
+            model = registry.resolve(ws, train["model"])
+            # training time: each model's run, from its start to its end (data prep apart)
+            minutes = 0.0
+            for ref in [*train["parts"].values(), model.ref]:
+                run_id = registry.resolve(ws, ref).run_id
+                run = runs.get_run(ws, run_id) if run_id else None
+                if run is not None and run.ended_at is not None:
+                    minutes += (run.ended_at - run.started_at).total_seconds() / 60
+            clip = evaluate_model(ws, train["parts"]["clip"], cfg=EvalConfig(suites=["clip"]))
+            t2i = registry.resolve(ws, model.ref).metrics
+        finally:
+            ws.close()
+    figures: dict[str, Any] = {
+        "compositional_accuracy_seen": t2i.get("compositional_accuracy_seen"),
+        "compositional_accuracy_held_out": t2i.get("compositional_accuracy_held_out"),
+        "clip_zero_shot_joint_held_out": clip.metrics.get("zero_shot_joint_held_out"),
+        "clip_zero_shot_joint_seen": clip.metrics.get("zero_shot_joint_seen"),
+        "clip_score_seen": t2i.get("clip_score_seen"),
+        "clip_score_held_out": t2i.get("clip_score_held_out"),
+        "fid_clip": t2i.get("fid_clip"),
+        "train_minutes": round(minutes, 2),
+        "pipeline_minutes": round(seconds / 60, 2),
+        "model": model.ref,
+        "parts": train["parts"],
+        "quick": quick,
+    }
+    for name, target in T2I_TARGETS.items():
+        value = figures[name]
+        met = value is not None and value >= target
+        log(f"{name} = {value} (target >= {target}: {'met' if met else 'NOT met'})")
+    met = figures["train_minutes"] <= T2I_MINUTES
+    log(
+        f"train_minutes = {figures['train_minutes']} (target <= {T2I_MINUTES}: "
+        f"{'met' if met else 'NOT met'})"
+    )
+    return figures
