@@ -197,7 +197,7 @@ def test_eval_compare_and_gate_end_to_end(trained: Workspace) -> None:
 
 def test_eval_errors_are_one_line(trained: Workspace) -> None:
     ran = run_genloop(trained, "eval", "tiny", "--suite", "image")
-    assert ran.returncode == 1 and "image families" in ran.stderr
+    assert ran.returncode == 1 and "vae, gan, diffusion families" in ran.stderr
     assert "Traceback" not in ran.stderr
     ran = run_genloop(trained, "eval", "tiny", "--set", "eval.splt=val")
     assert ran.returncode == 2 and "did you mean 'eval.split'" in ran.stderr
