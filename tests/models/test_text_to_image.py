@@ -212,6 +212,8 @@ def test_long_prompts_are_truncated_with_a_warning_or_refused(saved: Path) -> No
     images = model.generate([long], seed=0, steps=2, warnings=warnings)
     assert images.shape == (1, 3, 32, 32)
     assert len(warnings) == 1 and f"reads {CONTEXT}" in warnings[0]
+    dropped = warnings[0].rsplit(", so ", 1)[1].removesuffix(" was ignored").strip("'\"")
+    assert long.rstrip().endswith(dropped.strip()) and "endoftext" not in dropped  # the words
     short: list[str] = []
     model.generate(["a red circle"], seed=0, steps=2, warnings=short)
     assert short == []

@@ -261,10 +261,14 @@ class TextToImage(nn.Module):
     def truncations(self, texts: Sequence[str]) -> list[str]:
         """A warning for each text longer than the text encoder's context of L tokens."""
         notes = []
-        lengths = self.tokenizer(list(texts), add_special_tokens=True).input_ids
-        for text, ids in zip(texts, lengths, strict=True):
+        full = self.tokenizer(list(texts), add_special_tokens=True).input_ids
+        plain = self.tokenizer(list(texts), add_special_tokens=False).input_ids
+        for text, ids, words in zip(texts, full, plain, strict=True):
             if len(ids) > self.context:
-                dropped = self.tokenizer.decode(ids[self.context :])
+                # truncation keeps the special tokens (CLIP pools at the end token): the
+                # words past what is left of the context are the ones dropped
+                kept = self.context - (len(ids) - len(words))
+                dropped = self.tokenizer.decode(words[kept:])
                 notes.append(
                     f"the prompt {_short(text)!r} is {len(ids)} tokens long; the text encoder "
                     f"reads {self.context}, so {dropped!r} was ignored"
