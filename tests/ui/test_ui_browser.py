@@ -445,6 +445,7 @@ def test_promote_and_roll_back_a_model_version(
     page.wait_for_selector("#diff-out table")
     shot(page, "models-promoted")
 
+    page.select_option("#rb-name", "tiny")  # the workspace serves "shapes" too
     page.get_by_role("button", name="Roll back").click()
     page.locator("#notice").get_by_text("back at version 1").wait_for()
     assert registry.resolve(ws, "tiny@production").version == 1
