@@ -138,7 +138,7 @@ class UrlSource:
 
         deadline = time.monotonic() + self.timeout_s
         try:
-            opened = self._open(client, url, robots)
+            opened = self.open_checked(client, url, robots)
             if isinstance(opened, Quarantined):
                 if opened.id != url:  # refused at a redirect: name the URL asked for
                     detail = f"redirected to {opened.id}: {opened.detail}"
@@ -152,7 +152,7 @@ class UrlSource:
                 if ctype not in CONTENT_TYPES:
                     detail = f"content type {ctype or 'missing'!r}; accepted: {CONTENT_TYPES}"
                     return self._bad(url, "bad_content_type", detail)
-                body = _read(response, self.max_bytes, deadline)
+                body = read_limited(response, self.max_bytes, deadline)
                 charset = response.charset_encoding or "utf-8"
             finally:
                 response.close()
@@ -160,7 +160,7 @@ class UrlSource:
             return self._bad(url, "fetch_failed", f"{type(e).__name__}: {e}")
         except httpx.InvalidURL as e:  # a redirect to something that is not a URL
             return self._bad(url, "bad_url", str(e))
-        except _TooLarge as e:
+        except TooLarge as e:
             return self._bad(url, "too_large", str(e))
         except TimeoutError:
             return self._bad(url, "fetch_failed", f"not finished within {self.timeout_s} s")
@@ -176,7 +176,7 @@ class UrlSource:
             meta["title"] = title
         return Record(url, self.kind, text=text, meta=meta)
 
-    def _open(
+    def open_checked(
         self,
         client: httpx.Client,
         url: str,
@@ -249,7 +249,7 @@ class UrlSource:
             return cache[origin]
         lines = _DISALLOW_ALL
         try:
-            opened = self._open(client, origin + "/robots.txt", robots=None)
+            opened = self.open_checked(client, origin + "/robots.txt", robots=None)
             if not isinstance(opened, Quarantined):
                 response = opened[1]
                 try:
@@ -258,7 +258,7 @@ class UrlSource:
                         lines = []  # no robots.txt: everything allowed
                     elif 200 <= status < 300:
                         deadline = time.monotonic() + self.timeout_s
-                        body = _read(response, ROBOTS_MAX_BYTES, deadline, truncate=True)
+                        body = read_limited(response, ROBOTS_MAX_BYTES, deadline, truncate=True)
                         lines = body.decode("utf-8", errors="replace").splitlines()
                 finally:
                     response.close()
@@ -273,18 +273,18 @@ class UrlSource:
         return Quarantined(url, self.kind, reason, detail)
 
 
-class _TooLarge(Exception):
-    pass
+class TooLarge(Exception):
+    """A body over its byte limit (the data source quarantines it; chat images get 413)."""
 
 
-def _read(
+def read_limited(
     response: httpx.Response, limit: int, deadline: float, *, truncate: bool = False
 ) -> bytes:
     """The body, counted while streaming: past ``limit`` bytes either stop there
-    (``truncate``) or raise _TooLarge; past ``deadline`` raise TimeoutError."""
+    (``truncate``) or raise TooLarge; past ``deadline`` raise TimeoutError."""
     declared = response.headers.get("content-length", "")
     if not truncate and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge(f"Content-Length {declared} is over the {limit}-byte limit")
+        raise TooLarge(f"Content-Length {declared} is over the {limit}-byte limit")
     chunks, size = [], 0
     for chunk in response.iter_bytes():
         size += len(chunk)
@@ -292,7 +292,7 @@ def _read(
             if truncate:
                 chunks.append(chunk[: limit - (size - len(chunk))])
                 break
-            raise _TooLarge(f"the body passed the {limit}-byte limit")
+            raise TooLarge(f"the body passed the {limit}-byte limit")
         if time.monotonic() > deadline:
             raise TimeoutError
         chunks.append(chunk)

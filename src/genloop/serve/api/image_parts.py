@@ -184,7 +184,7 @@ def fetch_image(url: str, param: str, limits: ImageLimits) -> bytes:
     import httpx
 
     from genloop.data.records import Quarantined
-    from genloop.data.sources.url import USER_AGENT, UrlSource, _read, _TooLarge
+    from genloop.data.sources.url import USER_AGENT, TooLarge, UrlSource, read_limited
 
     guard = UrlSource(
         url,
@@ -202,7 +202,7 @@ def fetch_image(url: str, param: str, limits: ImageLimits) -> bytes:
         limits=httpx.Limits(max_keepalive_connections=0),
     ) as client:
         try:
-            opened = guard._open(client, url, robots=None)
+            opened = guard.open_checked(client, url, robots=None)
             if isinstance(opened, Quarantined):
                 raise ApiError(f"image_url refused: {opened.detail}", param=param)
             _, response = opened
@@ -215,10 +215,10 @@ def fetch_image(url: str, param: str, limits: ImageLimits) -> bytes:
                         f"image_url is not an image (content type {ctype or 'missing'!r})",
                         param=param,
                     )
-                return _read(response, limits.max_bytes, deadline)
+                return read_limited(response, limits.max_bytes, deadline)
             finally:
                 response.close()
-        except _TooLarge as exc:
+        except TooLarge as exc:
             raise _too_large(param, limits, str(exc)) from None
         except TimeoutError:
             raise ApiError(
