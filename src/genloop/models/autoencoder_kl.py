@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from genloop.errors import ConfigError, GenloopError
 from genloop.models.family import Family, count_parameters
-from genloop.models.image_io import check_dtype, check_image_config, verify_dir
+from genloop.models.image_io import check_dtype, check_image_config, read_settings, verify_dir
 
 FORMAT = "genloop-autoencoder-kl"
 FORMAT_VERSION = 1
@@ -213,18 +213,16 @@ class AutoencoderKLFamily:
         tokenizer_dir: str | Path | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> Path:
-        from genloop.models.image_io import _prepare_out
+        from genloop.models.image_io import prepare_out, write_settings
 
         if not isinstance(model, AutoencoderKLModel):
             raise GenloopError(f"expected an AutoencoderKLModel, got {type(model).__name__}")
         if model.calibration_images is not None:  # set by the training builder
             model.set_scaling_factor(latent_scaling_factor(model, model.calibration_images))
         out = Path(out_dir)
-        _prepare_out(out)
+        prepare_out(out)
         model.vae.save_pretrained(out, safe_serialization=True)
-        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **model.config}
-        payload.update(extra or {})
-        (out / SETTINGS_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        write_settings(out, SETTINGS_FILE, FORMAT, model.config, extra)
         return out
 
     def load(
@@ -238,32 +236,12 @@ class AutoencoderKLFamily:
         check_dtype(dtype)
         path = Path(path)
         verify_dir(path)
-        model = AutoencoderKLModel(read_settings(path))
+        model = AutoencoderKLModel(read_settings(path, SETTINGS_FILE, FORMAT))
         load_diffusers_weights(model.vae, path, ("block_out_channels", "latent_channels"))
         return model.to(device).eval()
 
     def num_parameters(self, model: nn.Module, *, trainable_only: bool = False) -> int:
         return count_parameters(model, trainable_only=trainable_only)
-
-
-def read_settings(path: Path, file_name: str = SETTINGS_FILE, fmt: str = FORMAT) -> dict[str, Any]:
-    """genloop's settings file of a diffusers-layout artifact, without format keys."""
-    from genloop.errors import IntegrityError, NotFoundError
-
-    file = path / file_name
-    if not file.is_file():
-        raise NotFoundError(f"{path} has no {file_name}, so it is not a genloop {fmt} model")
-    try:
-        settings = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IntegrityError(f"{file} is not valid JSON: {exc}") from None
-    if not isinstance(settings, dict) or settings.get("format") != fmt:
-        raise GenloopError(f"{file} is not a {fmt} settings file")
-    if settings.get("format_version") != FORMAT_VERSION:
-        raise GenloopError(
-            f"{file}: format_version {settings.get('format_version')!r} is not supported"
-        )
-    return {k: v for k, v in settings.items() if k not in ("format", "format_version")}
 
 
 def load_diffusers_weights(module: nn.Module, directory: Path, keys: tuple[str, ...]) -> None:

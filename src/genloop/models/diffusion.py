@@ -318,18 +318,16 @@ class Diffusion:
         tokenizer_dir: str | Path | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> Path:
-        from genloop.models.image_io import _prepare_out, save_module_dir
+        from genloop.models.image_io import prepare_out, save_module_dir, write_settings
         from genloop.models.vae import FORMAT as VAE_FORMAT
 
         if not isinstance(model, DiffusionModel):
             raise GenloopError(f"expected a DiffusionModel, got {type(model).__name__}")
         out = Path(out_dir)
-        _prepare_out(out)
+        prepare_out(out)
         settings = {k: v for k, v in model.config.items() if k != "vae"}
         settings["latent_scale"] = float(model.latent_scale) if model.latent else None
-        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings}
-        payload.update(extra or {})
-        (out / SETTINGS_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        write_settings(out, SETTINGS_FILE, FORMAT, settings, extra)
         model.unet.save_pretrained(out / "unet", safe_serialization=True)
         d = _diffusers()
         d.DDPMScheduler(**model.schedule).save_pretrained(out / "scheduler")
@@ -375,24 +373,9 @@ class Diffusion:
 
 
 def read_diffusion_settings(path: Path) -> dict[str, Any]:
-    from genloop.errors import IntegrityError, NotFoundError
+    from genloop.models.image_io import read_settings
 
-    file = path / SETTINGS_FILE
-    if not file.is_file():
-        raise NotFoundError(
-            f"{path} has no {SETTINGS_FILE}, so it is not a genloop diffusion model"
-        )
-    try:
-        settings = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IntegrityError(f"{file} is not valid JSON: {exc}") from None
-    if not isinstance(settings, dict) or settings.get("format") != FORMAT:
-        raise GenloopError(f"{file} is not a genloop diffusion settings file")
-    if settings.get("format_version") != FORMAT_VERSION:
-        raise GenloopError(
-            f"{file}: format_version {settings.get('format_version')!r} is not supported"
-        )
-    return {k: v for k, v in settings.items() if k not in ("format", "format_version")}
+    return read_settings(path, SETTINGS_FILE, FORMAT)
 
 
 def _load_unet(unet: nn.Module, directory: Path) -> None:

@@ -55,10 +55,42 @@ def verify_dir(path: Path) -> None:
         verify_manifest(path)
 
 
-def _prepare_out(out: Path) -> None:
+def prepare_out(out: Path) -> None:
+    """``out`` as a new, empty folder (an existing non-empty one is refused)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConflictError(f"{out} already exists and is not an empty directory")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def write_settings(
+    out: Path,
+    file_name: str,
+    fmt: str,
+    settings: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """genloop's settings file beside a diffusers-layout artifact's own configs:
+    ``{format, format_version, **settings, **extra}``."""
+    payload = {"format": fmt, "format_version": FORMAT_VERSION, **settings, **(extra or {})}
+    (out / file_name).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def read_settings(path: Path, file_name: str, fmt: str) -> dict[str, Any]:
+    """The settings :func:`write_settings` wrote into ``path``, without the format keys."""
+    file = path / file_name
+    if not file.is_file():
+        raise NotFoundError(f"{path} has no {file_name}, so it is not a {fmt} model")
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(settings, dict) or settings.get("format") != fmt:
+        raise GenloopError(f"{file} is not a {fmt} settings file")
+    if settings.get("format_version") != FORMAT_VERSION:
+        raise GenloopError(
+            f"{file}: format_version {settings.get('format_version')!r} is not supported"
+        )
+    return {k: v for k, v in settings.items() if k not in ("format", "format_version")}
 
 
 def save_module_dir(
@@ -68,7 +100,7 @@ def save_module_dir(
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    _prepare_out(out)
+    prepare_out(out)
     payload = {"format": fmt, "format_version": FORMAT_VERSION, **config}
     try:
         text = json.dumps(payload, indent=2, sort_keys=True) + "\n"

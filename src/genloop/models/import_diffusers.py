@@ -230,8 +230,8 @@ def register_pipeline_plan(
     ws: Workspace, plan: PipelinePlan, *, progress: Progress | None = None
 ) -> ModelVersionInfo:
     """Write the checked pipeline into the store as the next version of ``plan.name``."""
-    from genloop.models.autoencoder_kl import FORMAT_VERSION
     from genloop.models.checkpoint_files import copy_hashing as _copy_hashing
+    from genloop.models.image_io import write_settings
     from genloop.models.text_to_image import FORMAT, SETTINGS_FILE, make_scheduler
 
     source = plan.source
@@ -266,8 +266,7 @@ def register_pipeline_plan(
         scheduler_src = source / "scheduler" / "scheduler_config.json"
         hashes[_rel(scheduler_src, source)] = file_sha256(scheduler_src)
         (staged / MODEL_INDEX).write_text(json.dumps(plan.model_index, indent=2) + "\n")
-        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **plan.settings}
-        (staged / SETTINGS_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        write_settings(staged, SETTINGS_FILE, FORMAT, plan.settings)
         lineage = plan.lineage | {
             "files": dict(sorted(hashes.items())),
             "parameters": parameters,
@@ -565,7 +564,7 @@ def _scheduler_for(file: Path, config: Mapping[str, Any]) -> tuple[str, dict[str
         from genloop.models.text_to_image import make_scheduler
 
         scheduler = dict(make_scheduler(sampler, public).config)
-    except (TypeError, ValueError, NotImplementedError) as exc:
+    except (TypeError, ValueError, NotImplementedError) as exc:  # diffusers: unknown beta_schedule
         raise GenloopError(f"{file}: the noise schedule does not build: {exc}") from None
     return sampler, {k: v for k, v in scheduler.items() if not k.startswith("_")}, notes
 

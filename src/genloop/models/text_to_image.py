@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genloop.errors import ConfigError, GenloopError
-from genloop.models.autoencoder_kl import load_diffusers_weights, read_settings
+from genloop.models.autoencoder_kl import load_diffusers_weights
 from genloop.models.family import Family, count_parameters
-from genloop.models.image_io import check_dtype, verify_dir
+from genloop.models.image_io import check_dtype, read_settings, verify_dir
 
 log = logging.getLogger(__name__)
 
@@ -568,13 +568,12 @@ class TextToImageFamily:
     ) -> Path:
         """The diffusers pipeline layout (``tokenizer_dir``, the dataset's, is not used: the
         text encoder brings its own tokenizer)."""
-        from genloop.models.autoencoder_kl import FORMAT_VERSION
-        from genloop.models.image_io import _prepare_out
+        from genloop.models.image_io import prepare_out, write_settings
 
         if not isinstance(model, TextToImage):
             raise GenloopError(f"expected a TextToImage model, got {type(model).__name__}")
         out = Path(out_dir)
-        _prepare_out(out)
+        prepare_out(out)
         d = _diffusers()
         model.unet.save_pretrained(out / "unet", safe_serialization=True)
         model.vae.save_pretrained(out / "vae", safe_serialization=True)
@@ -597,9 +596,7 @@ class TextToImageFamily:
             "vae": ["diffusers", "AutoencoderKL"],
         }
         (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **model.config}
-        payload.update(extra or {})
-        (out / SETTINGS_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        write_settings(out, SETTINGS_FILE, FORMAT, model.config, extra)
         return out
 
     def load(
