@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from genloop.errors import ConfigError, GenloopError
 from genloop.train.families import BuiltModel, TrainingData, base_model_dir, wrong_family
-from genloop.train.images import VAL_STREAM, batch_generator
+from genloop.train.images import seeded_batches, val_windows
 
 if TYPE_CHECKING:
     import torch
@@ -212,25 +212,16 @@ class CaptionObjective:
         return {"pixel_values": x.to(self.device), "labels": labels[:, :width].to(self.device)}
 
     def train_batches(self, start: int, *, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        from genloop.train.objectives import batch_indices
-
-        order = batch_indices(
+        batches = seeded_batches(
             len(self.images), self.batch_size, self.seed, start, rank=rank, world_size=world_size
         )
-        for step, idx in enumerate(order, start):
-            g = batch_generator(self.seed, step, rank)
+        for idx, g in batches:
             yield self._batch(self.images[idx], self.labels[idx], g, train=True)
 
     def val_batches(self, n: int) -> list[Batch]:
-        count, b = min(len(self.val_images), n * self.batch_size), self.batch_size
+        windows = val_windows(len(self.val_images), n, self.batch_size, self.seed)
         return [
-            self._batch(
-                self.val_images[i : i + b],
-                self.val_labels[i : i + b],
-                batch_generator(self.seed, i // b, VAL_STREAM),
-                train=False,
-            )
-            for i in range(0, count, b)
+            self._batch(self.val_images[w], self.val_labels[w], g, train=False) for w, g in windows
         ]
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:

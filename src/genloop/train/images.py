@@ -58,6 +58,30 @@ def batch_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def seeded_batches(
+    size: int, batch_size: int, seed: int, start: int, *, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[list[int], torch.Generator]]:
+    """Each training micro-step's indices from ``start`` on, with the step's own generator
+    (:func:`batch_generator`): a resumed run draws what an uninterrupted one would."""
+    from genloop.train.objectives import batch_indices
+
+    order = batch_indices(size, batch_size, seed, start, rank=rank, world_size=world_size)
+    for step, idx in enumerate(order, start):
+        yield idx, batch_generator(seed, step, rank)
+
+
+def val_windows(
+    size: int, n: int, batch_size: int, seed: int
+) -> list[tuple[slice, torch.Generator]]:
+    """The first ``n`` validation batches of ``size`` items, as slices, each with a generator
+    that is the same at every evaluation."""
+    count = min(size, n * batch_size)
+    return [
+        (slice(i, i + batch_size), batch_generator(seed, i // batch_size, VAL_STREAM))
+        for i in range(0, count, batch_size)
+    ]
+
+
 # ------------------------------------------------------------------------------ model
 
 
@@ -238,25 +262,16 @@ class ImageObjective:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def train_batches(self, start: int, *, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        from genloop.train.objectives import batch_indices
-
-        order = batch_indices(
+        batches = seeded_batches(
             len(self.images), self.batch_size, self.seed, start, rank=rank, world_size=world_size
         )
-        for step, idx in enumerate(order, start):
-            g = batch_generator(self.seed, step, rank)
+        for idx, g in batches:
             yield self._batch(self.images[idx], self.labels[idx], g, train=True)
 
     def val_batches(self, n: int) -> list[Batch]:
-        count, b = min(len(self.val_images), n * self.batch_size), self.batch_size
+        windows = val_windows(len(self.val_images), n, self.batch_size, self.seed)
         return [
-            self._batch(
-                self.val_images[i : i + b],
-                self.val_labels[i : i + b],
-                batch_generator(self.seed, i // b, VAL_STREAM),  # the same every evaluation
-                train=False,
-            )
-            for i in range(0, count, b)
+            self._batch(self.val_images[w], self.val_labels[w], g, train=False) for w, g in windows
         ]
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from genloop.errors import ConfigError, GenloopError
 from genloop.train.families import BuiltModel, TrainingData, base_model_dir, wrong_family
-from genloop.train.images import VAL_STREAM, batch_generator, build_model
+from genloop.train.images import build_model, seeded_batches, val_windows
 
 if TYPE_CHECKING:
     import torch
@@ -271,26 +271,17 @@ class TextToImageObjective:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def train_batches(self, start: int, *, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        from genloop.train.objectives import batch_indices
-
-        order = batch_indices(
+        batches = seeded_batches(
             len(self.mu), self.batch_size, self.seed, start, rank=rank, world_size=world_size
         )
-        for step, idx in enumerate(order, start):
-            g = batch_generator(self.seed, step, rank)
+        for idx, g in batches:
             yield self._batch(self.mu[idx], self.std[idx], self.ids[idx], g, train=True)
 
     def val_batches(self, n: int) -> list[Batch]:
-        count, b = min(len(self.val_mu), n * self.batch_size), self.batch_size
+        windows = val_windows(len(self.val_mu), n, self.batch_size, self.seed)
         return [
-            self._batch(
-                self.val_mu[i : i + b],
-                self.val_std[i : i + b],
-                self.val_ids[i : i + b],
-                batch_generator(self.seed, i // b, VAL_STREAM),  # the same every evaluation
-                train=False,
-            )
-            for i in range(0, count, b)
+            self._batch(self.val_mu[w], self.val_std[w], self.val_ids[w], g, train=False)
+            for w, g in windows
         ]
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
