@@ -152,3 +152,61 @@ def test_config_mistakes_are_one_line(home: Path, project: Path) -> None:
         home=home,
     )
     assert "data.clean.min_chars" in one_line_error(bad_set, 2)
+
+
+def test_import_labeled_rows(home: Path, tmp_path: Path) -> None:
+    from genloop.data.tokenizer import train_bpe
+
+    tok = train_bpe(["a fine film", "a dull film"] * 20, tmp_path / "tok", vocab_size=300)
+    rows = tmp_path / "reviews.jsonl"
+    labels = ["pos", "neg"] * 10
+    rows.write_text(
+        "".join(
+            json.dumps({"text": f"film {i} was {lab}", "label": lab}) + "\n"
+            for i, lab in enumerate(labels)
+        ),
+        encoding="utf-8",
+    )
+    args = ["data", "import", str(rows), "--name", "reviews", "--kind", "classification"]
+    out = ok(genloop(*args, "--tokenizer", str(tok), "--json", home=home))
+    info = json.loads(out)
+    assert info["ref"] == "reviews@1" and info["kind"] == "classification"
+    assert info["stats"]["rows"] == 20
+    assert info["lineage"]["file"] == "reviews.jsonl"
+    # the same file again is the same version, not a new one
+    assert "reviews@1" in ok(genloop(*args, "--tokenizer", str(tok), home=home))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "a film"}) + "\n", encoding="utf-8")
+    line = one_line_error(
+        genloop(
+            "data",
+            "import",
+            str(bad),
+            "-n",
+            "bad",
+            "--kind",
+            "classification",
+            "--tokenizer",
+            str(tok),
+            home=home,
+        ),
+        1,
+    )
+    assert "bad.jsonl:1: missing label" in line
+    kind = one_line_error(
+        genloop(
+            "data",
+            "import",
+            str(rows),
+            "-n",
+            "x",
+            "--kind",
+            "labels",
+            "--tokenizer",
+            str(tok),
+            home=home,
+        ),
+        2,
+    )
+    assert "--kind must be one of" in kind

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from genloop.data.pairs import write_pairs_dataset
+from genloop.data.pairs import pairs_kind, read_pairs, write_pairs_dataset
 from genloop.data.tokenizer import train_bpe
 from genloop.errors import GenloopError
 from genloop.workspace import Workspace
@@ -70,12 +70,38 @@ def test_a_pairs_dataset_holds_its_rows_splits_and_tokenizer(
         ("dpo", {"prompt": "p", "chosen": "a", "rejected": "a"}, "the same text"),
         ("sft", ["p", "r"], "expected a JSON object"),
         ("sft", {"prompt": "p", "response": "r", "meta": {1j}}, "not JSON-serializable"),
+        ("classification", {"text": "a film"}, "missing label"),
+        ("classification", {"text": " ", "label": "pos"}, "text is empty"),
+        ("token_classification", {"tokens": ["a", "b"], "labels": ["O"]}, "2 tokens but 1"),
+        ("token_classification", {"tokens": "a b", "labels": ["O"]}, "tokens must be a non-empty"),
+        ("retrieval", {"query": "q", "positive": "p", "negative": 1}, "negative must be a str"),
     ],
 )
 def test_a_bad_row_is_refused_by_its_index(
     workspace: Workspace, tok_dir: Path, kind: Any, row: Any, message: str
 ) -> None:
-    good = SFT_ROWS[0] if kind == "sft" else DPO_ROWS[0]
+    good = GOOD_ROWS[kind]
     with pytest.raises(GenloopError, match=message.replace("[", r"\[")):
         write_pairs_dataset(workspace, "bad", kind, [good, row], tokenizer_dir=tok_dir)
     assert workspace.store.keys("datasets") == []
+
+
+GOOD_ROWS: dict[str, dict[str, Any]] = {
+    "sft": SFT_ROWS[0],
+    "dpo": DPO_ROWS[0],
+    "classification": {"text": "a fine film", "label": "pos"},
+    "token_classification": {"tokens": ["Ada", "wrote"], "labels": ["B-PER", "O"]},
+    "retrieval": {"query": "who wrote it", "positive": "Ada wrote it", "negative": "rain"},
+}
+
+
+@pytest.mark.parametrize("kind", ["classification", "token_classification", "retrieval"])
+def test_labeled_rows_make_a_dataset_of_their_kind(
+    workspace: Workspace, tok_dir: Path, kind: Any
+) -> None:
+    info = write_pairs_dataset(
+        workspace, f"rows-{kind.replace('_', '-')}", kind, [GOOD_ROWS[kind]], tokenizer_dir=tok_dir
+    )
+    data = workspace.store.open_verified(info.artifact)
+    assert pairs_kind(data) == kind
+    assert read_pairs(data, "train", kind) == [GOOD_ROWS[kind]]

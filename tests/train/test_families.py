@@ -49,7 +49,7 @@ def test_a_builder_refuses_the_objectives_of_other_families(
     t = TrainConfig(objective=objective)  # type: ignore[arg-type]
     builder = get_builder(family)
     if message is None:
-        with pytest.raises(GenloopError, match="holds no prompt/response pairs"):
+        with pytest.raises(GenloopError, match="holds no rows"):
             builder.make_objective(t, data, torch.nn.Identity(), torch.device("cpu"))
         return
     with pytest.raises(ConfigError, match=message):

@@ -196,9 +196,9 @@ def test_make_objective_needs_a_pairs_dataset_of_its_kind(
 ) -> None:
     model = tiny_llama(tokenizer)
     sft_data = data_dir(workspace, "sft", SFT_ROWS, tok_dir)
-    with pytest.raises(GenloopError, match="objective is dpo, but the dataset holds sft pairs"):
+    with pytest.raises(GenloopError, match="objective is dpo, but the dataset holds sft rows"):
         make_objective(config("dpo"), pairs(sft_data, tok_dir), model, CPU)
-    with pytest.raises(GenloopError, match="holds no prompt/response pairs"):
+    with pytest.raises(GenloopError, match="holds no rows"):
         make_objective(config("sft"), pairs(tok_dir, tok_dir), model, CPU)
     with pytest.raises(GenloopError, match="z_loss does not apply"):
         dpo_data = data_dir(workspace, "dpo", DPO_ROWS, tok_dir)

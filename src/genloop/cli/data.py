@@ -86,6 +86,71 @@ def prepare(
         )
 
 
+@app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(help="JSON Lines file, one row per line.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Dataset name in the catalog.")],
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--kind",
+            help="What the rows are: sft {prompt, response}, dpo {prompt, chosen, rejected}, "
+            "classification {text, label}, token_classification {tokens, labels}, "
+            "retrieval {query, positive[, negative]}.",
+        ),
+    ],
+    tokenizer: Annotated[
+        str,
+        typer.Option(
+            "--tokenizer",
+            help="The model the rows are for: a model ref or a local model/tokenizer "
+            "directory; its tokenizer is stored with the rows.",
+        ),
+    ],
+    val: Annotated[
+        float, typer.Option("--val", min=0.0, max=0.99, help="Share of rows for validation.")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split.")] = 0,
+    json: JsonOpt = False,
+) -> None:
+    """Register labeled rows from a JSON Lines file as a dataset version.
+
+    Every row is checked first; a bad one is named by file and line and nothing is
+    stored. Example: genloop data import reviews.jsonl --name reviews --kind
+    classification --tokenizer my-encoder
+    """
+    from genloop.data.pairs import PAIRS_KINDS, import_rows
+    from genloop.errors import ConfigError
+
+    if kind not in PAIRS_KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(PAIRS_KINDS)} (got {kind!r})")
+    with open_workspace() as ws:
+        tok_dir = Path(tokenizer).expanduser()
+        if not tok_dir.is_dir():
+            from genloop.workspace import registry
+
+            tok_dir = ws.store.open_verified(registry.resolve(ws, tokenizer).artifact)
+        info = import_rows(
+            ws,
+            file,
+            name,
+            kind,  # type: ignore[arg-type]
+            tokenizer_dir=tok_dir,
+            val_fraction=val,
+            seed=seed,
+        )
+    if json:
+        print_json(info.to_dict())
+        return
+    splits = info.stats.get("splits", {})
+    console.print(
+        f"dataset {info.ref} ({kind}): {info.stats.get('rows', 0):,} rows, "
+        f"{splits.get('train', {}).get('rows', 0):,} train / "
+        f"{splits.get('val', {}).get('rows', 0):,} validation",
+        highlight=False,
+    )
+
+
 @app.command("list")
 def list_(
     name: Annotated[str | None, typer.Argument(help="Only this dataset's versions.")] = None,

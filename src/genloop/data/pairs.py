@@ -1,4 +1,5 @@
-"""Pairs datasets: prompt → response rows for SFT, (prompt, chosen, rejected) for DPO.
+"""Row datasets: prompt → response rows for SFT, (prompt, chosen, rejected) for DPO, and the
+labeled rows of encoder models (classification, token classification, retrieval pairs).
 
 A *pairs dataset* is a dataset version of kind ``sft`` or ``dpo`` whose artifact holds::
 
@@ -11,6 +12,9 @@ Rows (other keys, such as ``id`` or ``meta``, are kept and ignored)::
 
     sft: {"prompt": str, "response": str}  or  {"messages": [{"role", "content"}, ...]}
     dpo: {"prompt": str, "chosen": str, "rejected": str}
+    classification: {"text": str, "label": str}
+    token_classification: {"tokens": [str, ...], "labels": [str, ...]}  (one label per token)
+    retrieval: {"query": str, "positive": str}  (optional "negative": str, a hard negative)
 
 A prompt/response row goes through the chat template, unless it says
 ``"format": "completion"``: then it is plain text, the response's tokens right after the
@@ -29,7 +33,7 @@ import json
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from genloop.errors import GenloopError
 
@@ -37,8 +41,15 @@ if TYPE_CHECKING:
     from genloop.workspace.datasets import DatasetVersionInfo
     from genloop.workspace.workspace import Workspace
 
-PairsKind = Literal["sft", "dpo"]
-PAIRS_KINDS: tuple[PairsKind, ...] = ("sft", "dpo")
+PairsKind = Literal["sft", "dpo", "classification", "token_classification", "retrieval"]
+PAIRS_KINDS: tuple[PairsKind, ...] = get_args(PairsKind)
+# what each kind's rows hold (strings), for messages and checks
+_REQUIRED = {
+    "sft": ("prompt", "response"),
+    "dpo": ("prompt", "chosen", "rejected"),
+    "classification": ("text", "label"),
+    "retrieval": ("query", "positive"),
+}
 PAIRS_FORMAT = "genloop-pairs"
 PAIRS_FORMAT_VERSION = 1
 ROW_FORMATS = ("chat", "completion")
@@ -48,6 +59,16 @@ def check_pair_row(kind: str, row: object, where: str = "row") -> None:
     """Raise a GenloopError saying what is wrong with ``row`` for a ``kind`` dataset."""
     if not isinstance(row, Mapping):
         raise GenloopError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if kind == "token_classification":
+        _check_tagged(row, where)
+        return
+    if kind not in _REQUIRED:
+        raise GenloopError(f"unknown pairs kind {kind!r} (kinds: {', '.join(PAIRS_KINDS)})")
+    if kind in ("classification", "retrieval"):
+        _check_strings(kind, row, _REQUIRED[kind], where)
+        if kind == "retrieval" and "negative" in row and not isinstance(row["negative"], str):
+            raise GenloopError(f"{where}: negative must be a string")
+        return
     if row.get("format", "chat") not in ROW_FORMATS:
         raise GenloopError(f"{where}: format must be 'chat' or 'completion', not {row['format']!r}")
     if kind == "sft" and "messages" in row:
@@ -55,7 +76,16 @@ def check_pair_row(kind: str, row: object, where: str = "row") -> None:
             raise GenloopError(f"{where}: a completion row has prompt and response, not messages")
         _check_messages(row["messages"], where)
         return
-    required = ("prompt", "chosen", "rejected") if kind == "dpo" else ("prompt", "response")
+    _check_strings(kind, row, _REQUIRED[kind], where)
+    if kind == "dpo" and row["chosen"] == row["rejected"]:
+        raise GenloopError(
+            f"{where}: chosen and rejected are the same text; a preference needs two"
+        )
+
+
+def _check_strings(
+    kind: str, row: Mapping[str, Any], required: tuple[str, ...], where: str
+) -> None:
     missing = [k for k in required if k not in row]
     if missing:
         shape = " + ".join(required) + (", or messages" if kind == "sft" else "")
@@ -63,9 +93,22 @@ def check_pair_row(kind: str, row: object, where: str = "row") -> None:
     for key in required:
         if not isinstance(row[key], str):
             raise GenloopError(f"{where}: {key} must be a string, got {type(row[key]).__name__}")
-    if kind == "dpo" and row["chosen"] == row["rejected"]:
+        if kind != "sft" and kind != "dpo" and not row[key].strip():
+            raise GenloopError(f"{where}: {key} is empty")
+
+
+def _check_tagged(row: Mapping[str, Any], where: str) -> None:
+    tokens, labels = row.get("tokens"), row.get("labels")
+    for key, value in (("tokens", tokens), ("labels", labels)):
+        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            raise GenloopError(
+                f"{where}: {key} must be a non-empty list of strings (a token_classification "
+                "row has tokens + labels, one label per token)"
+            )
+    assert isinstance(tokens, list) and isinstance(labels, list)
+    if len(tokens) != len(labels):
         raise GenloopError(
-            f"{where}: chosen and rejected are the same text; a preference needs two"
+            f"{where}: {len(tokens)} tokens but {len(labels)} labels (one label per token)"
         )
 
 
@@ -178,6 +221,50 @@ def write_pairs_dataset(
         )
 
 
+def import_rows(
+    ws: Workspace,
+    path: Path,
+    name: str,
+    kind: PairsKind,
+    *,
+    tokenizer_dir: Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> DatasetVersionInfo:
+    """A JSON Lines file of ``kind`` rows as the next version of dataset ``name``.
+
+    Every row is checked first; a bad one is an error naming ``path:line``, and nothing is
+    published. The file's name and hash are the version's lineage.
+    """
+    from genloop.data.jsonl import read_jsonl
+
+    if kind not in PAIRS_KINDS:
+        raise GenloopError(f"unknown kind {kind!r} (kinds: {', '.join(PAIRS_KINDS)})")
+    if not path.is_file():
+        raise GenloopError(f"{path}: no such file")
+    rows = []
+    for _n, where, row in read_jsonl(path):
+        check_pair_row(kind, row, where)
+        rows.append(row)
+    if not rows:
+        raise GenloopError(f"{path}: no rows")
+    lineage = {
+        "source": "import",
+        "file": path.name,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+    return write_pairs_dataset(
+        ws,
+        name,
+        kind,
+        rows,
+        tokenizer_dir=tokenizer_dir,
+        val_fraction=val_fraction,
+        seed=seed,
+        lineage=lineage,
+    )
+
+
 def read_pairs(data_dir: Path, split: str, kind: str) -> list[dict[str, Any]]:
     """The rows of one split of a pairs dataset (none when the split has no file)."""
     path = data_dir / "pairs" / f"{split}.jsonl"
@@ -193,12 +280,13 @@ def read_pairs(data_dir: Path, split: str, kind: str) -> list[dict[str, Any]]:
 
 
 def pairs_kind(data_dir: Path) -> str:
-    """``sft`` or ``dpo`` for a pairs dataset; a clear error for any other dataset."""
+    """The kind of a row dataset (``sft``, ``dpo``, ``classification``, …); a clear error
+    for any other dataset."""
     config_path = data_dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     if not (data_dir / "pairs").is_dir() or config.get("format") != PAIRS_FORMAT:
         raise GenloopError(
-            "this dataset holds no prompt/response pairs (pairs/*.jsonl); make an sft or dpo "
-            "dataset with genloop.data.pairs.write_pairs_dataset or a feedback export"
+            "this dataset holds no rows (pairs/*.jsonl); make one with `genloop data import "
+            "FILE.jsonl --kind KIND`, a labeling export or a feedback export"
         )
     return str(config["kind"])

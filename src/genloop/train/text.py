@@ -165,7 +165,7 @@ def _pairs_objective(
 
     kind = pairs_kind(data.dir)
     if kind != name:
-        raise GenloopError(f"train.objective is {name}, but the dataset holds {kind} pairs")
+        raise GenloopError(f"train.objective is {name}, but the dataset holds {kind} rows")
     if data.tokenizer_dir is None:
         raise GenloopError("the pairs dataset has no tokenizer/; write it again with one")
     tokenizer = load_hf_tokenizer(data.tokenizer_dir)
