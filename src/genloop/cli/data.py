@@ -134,7 +134,7 @@ def import_(
             ws,
             file,
             name,
-            kind,  # type: ignore[arg-type]
+            kind,
             tokenizer_dir=tok_dir,
             val_fraction=val,
             seed=seed,
