@@ -17,6 +17,10 @@ into memory first, so file reading is excluded from both sides):
   ``tokenizers.Tokenizer.encode_batch`` in batches of 256 in one process with one thread,
   with the same tokenizer (a byte-level BPE trained once at the start with ``train_bpe``,
   not timed). Reported per core.
+- code formatting (``data.code.format``): genloop's ``FormatCode`` (one ``ruff format``
+  process per chunk of 64 files, then the syntax-tree check) against ``ruff format -``
+  once per file with the same check, both in one process (the first ~1 MB under
+  ``--quick``). Reported per core.
 
 Extra figures: genloop in one process (``*_1proc``, prepare's own ``workers=1`` path: no
 worker start-up, no pickling between processes) and the time to start the worker pool
@@ -55,6 +59,7 @@ T = TypeVar("T")
 
 TARGET_MB_S_PER_CORE = 20
 QUICK_MB = 3.0  # --quick: the first ~3 MB of the corpus
+FORMAT_QUICK_MB = 1.0  # --quick: formatting runs on the first ~1 MB (it is the slowest)
 CHUNK_RECORDS = 64  # as prepare.CHUNK_RECORDS
 TOKENIZE_BATCH = 256
 
@@ -350,6 +355,58 @@ def same_ids(genloop_ids: list[Any], baseline_ids: list[list[int]], eos: int) ->
     return bad
 
 
+# ----------------------------------------------------------------------- formatting
+
+
+def genloop_format(records: list[Any]) -> list[str]:
+    """``FormatCode.batch`` per chunk, as ``process_chunk`` calls it: each file's formatted
+    text or drop reason."""
+    from genloop.data.code import FormatCode
+    from genloop.data.records import Dropped
+
+    step = FormatCode()
+    out: list[str] = []
+    for part in chunks(records, CHUNK_RECORDS):
+        out.extend(r.reason if isinstance(r, Dropped) else r.text for r in step.batch(part))
+    return out
+
+
+def baseline_format(texts: list[str]) -> list[str]:
+    """``ruff format -`` once per file, then the same ``ast.dump`` comparison."""
+    import ast
+    import subprocess
+
+    from genloop.data.code import ruff_binary
+
+    ruff = ruff_binary()
+    env = {**os.environ, "RAYON_NUM_THREADS": "1"}
+    out: list[str] = []
+    for text in texts:
+        proc = subprocess.run(
+            [ruff, "format", "--isolated", "--no-cache", "-"],
+            input=text.encode("utf-8", "surrogatepass"),
+            capture_output=True,
+            env=env,
+            check=False,
+        )
+        if proc.returncode != 0:
+            out.append("unformattable")
+            continue
+        new = proc.stdout.decode("utf-8")
+        if not text.endswith("\n"):
+            new = new.removesuffix("\n")
+        if new == text:
+            out.append(text)
+            continue
+        try:
+            same = ast.dump(ast.parse(text)) == ast.dump(ast.parse(new))
+        except SyntaxError:
+            out.append("unformattable")
+            continue
+        out.append(new if same else "format_changed_ast")
+    return out
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -485,6 +542,36 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    # code formatting ---------------------------------------------------------------------
+    # the records as the format step sees them in prepare: after normalize (no final newline)
+    fmt_texts, fmt_bytes = [], 0
+    for text in corpus.texts:
+        if args.quick and fmt_bytes > FORMAT_QUICK_MB * 1e6:
+            break
+        fmt_texts.append(baseline_clean(text))
+        fmt_bytes += len(text.encode("utf-8", "surrogatepass"))
+    n_fmt = len(fmt_texts)
+    fmt_corpus = Corpus(corpus.ids[:n_fmt], fmt_texts, corpus.source, corpus.meta[:n_fmt])
+    t = alternate(
+        repeat,
+        {"genloop": lambda: fresh_records(fmt_corpus), "baseline": lambda: fmt_texts},
+        {"genloop": genloop_format, "baseline": baseline_format},
+    )
+    fmt_mb = fmt_bytes / 1e6
+    fmt_g = fmt_mb / t["genloop"].best_s
+    fmt_b = fmt_mb / t["baseline"].best_s
+    fmt_out = t["genloop"].result
+    checks["format"] = fmt_out == t["baseline"].result
+    fmt_reasons = Counter(o for o in fmt_out if o in ("unformattable", "format_changed_ast"))
+    pairs = zip(fmt_out, fmt_texts, strict=True)
+    fmt_changed = sum(o not in fmt_reasons and o != x for o, x in pairs)
+    print(
+        f"check formatting: {len(fmt_texts)} files ({fmt_mb:.2f} MB), {fmt_changed} changed, "
+        f"dropped {dict(fmt_reasons)}; the same outputs as the baseline -> "
+        f"{'OK' if checks['format'] else 'MISMATCH'}",
+        flush=True,
+    )
+
     # report ------------------------------------------------------------------------------
     def ratio(a: float, b: float) -> float:
         return round(a / b, 2) if b else 0.0
@@ -493,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         ("clean + exact dedup, MB/s per core", clean_g, clean_b),
         ("near dedup, MB/s (total)", near_g, near_b),
         ("tokenize, MB/s per core", tok_g, tok_b),
+        ("format (ruff + AST check), MB/s/core", fmt_g, fmt_b),
     ]
     print()
     print(f"{'figure':<36} {'genloop':>9} {'baseline':>9} {'ratio':>7}")
@@ -519,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         "tokenize_mb_s_per_core": round(tok_g, 2),
         "baseline_tokenize_mb_s_per_core": round(tok_b, 2),
         "tokenize_ratio": ratio(tok_g, tok_b),
+        "format_mb_s_per_core": round(fmt_g, 2),
+        "baseline_format_mb_s_per_core": round(fmt_b, 2),
+        "format_ratio": ratio(fmt_g, fmt_b),
+        "format_changed": fmt_changed,
+        "format_dropped": sum(fmt_reasons.values()),
         "target_mb_s_per_core": TARGET_MB_S_PER_CORE,
         "worker_startup_s": round(clean_startup, 2),
         "clean_dedup_mb_s_1proc": round(clean_g1, 2),

@@ -351,7 +351,12 @@ class CodePrepConfig(BaseModel):
 
     require_parse: bool = Field(True, description="Drop files that do not parse (Python).")
     strip_license_header: bool = Field(False, description="Remove leading license comments.")
-    format: bool = Field(False, description="Standardize formatting.")
+    format: bool = Field(
+        False,
+        description="Format Python with ruff's formatter, keeping only files whose syntax "
+        "tree it leaves unchanged (others dropped: unformattable, format_changed_ast); other "
+        "languages: trailing whitespace stripped.",
+    )
 
 
 class ImagePrepConfig(BaseModel):

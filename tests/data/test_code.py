@@ -2,9 +2,21 @@ from __future__ import annotations
 
 import ast
 import pickle
+import sys
+from pathlib import Path
 
-from genloop.data.code import FormatCode, RequireParse, StripLicenseHeader, strip_license_header
+import pytest
+
+from genloop.data.code import (
+    FormatCode,
+    RequireParse,
+    StripLicenseHeader,
+    ruff_binary,
+    strip_license_header,
+)
 from genloop.data.records import Dropped, Record
+from genloop.data.steps import Steps, process_chunk
+from genloop.errors import GenloopError
 
 
 def rec(text: str, language: str | None = "python", **meta: object) -> Record:
@@ -125,43 +137,91 @@ def test_unknown_language_uses_the_first_line() -> None:
 
 # ------------------------------------------------------------------------------ FormatCode
 
-
-def test_format_python_tabs_trailing_whitespace_and_final_newline() -> None:
-    text = "def f(x):   \n\tif x:\n\t\treturn 1\t\n\treturn 2"
-    out = FormatCode()(rec(text))
-    assert isinstance(out, Record)
-    assert out.text == "def f(x):\n    if x:\n        return 1\n    return 2\n"
-    assert ast.dump(ast.parse(out.text)) == ast.dump(ast.parse(text))
+MESSY = "import os\nx=1\ndef f(a,b):\n\tif a:\n\t\treturn {'k':a+b}   \n\treturn None\n"
+FORMATTED = (
+    'import os\n\nx = 1\n\n\ndef f(a, b):\n    if a:\n        return {"k": a + b}\n'
+    "    return None\n"
+)
 
 
-def test_format_never_changes_a_string_literal() -> None:
-    # Trailing spaces inside a string: stripping them would change the program, so only
-    # the tabs are converted. A tab inside the string too: only the final newline is added.
-    text = 'def f():\n\ts = """keep   \nthis"""\n\treturn s'
-    out = FormatCode()(rec(text))
-    assert isinstance(out, Record)
-    assert out.text == 'def f():\n    s = """keep   \nthis"""\n    return s\n'
-    text = 'def f():\n\ts = """keep   \n\tthis"""\n\treturn s'
-    out = FormatCode()(rec(text))
-    assert isinstance(out, Record) and out.text == text + "\n"
-
-
-def test_format_other_languages_and_skips() -> None:
-    out = FormatCode()(rec("int main() {  \n  return 0;\t\n}\n\n\n", language="c"))
-    assert isinstance(out, Record) and out.text == "int main() {\n  return 0;\n}\n"
-    md = rec("line with hard break  \nnext", language="markdown")
-    assert FormatCode()(md).text == "line with hard break  \nnext"  # type: ignore[union-attr]
-    clean = rec("x = 1\n")
+def test_format_python_with_ruff_keeps_the_syntax_tree() -> None:
+    record = rec(MESSY)
+    out = FormatCode()(record)
+    assert out is record and out.text == FORMATTED
+    assert ast.dump(ast.parse(out.text)) == ast.dump(ast.parse(MESSY))
+    clean = rec(FORMATTED)
     original = clean.text
-    assert FormatCode()(clean).text is original  # type: ignore[union-attr]
+    assert FormatCode()(clean).text is original  # type: ignore[union-attr]  # unchanged
 
 
-def test_format_leaves_unparseable_python_alone() -> None:
-    text = "def f(:\n\treturn 1  \n"
-    assert FormatCode()(rec(text)).text == text  # type: ignore[union-attr]
+def test_format_drops_what_ruff_cannot_parse_with_its_message() -> None:
+    out = FormatCode()(rec("x = 1\ndef f(:\n\treturn 1  \n"))
+    assert isinstance(out, Dropped)
+    assert out.reason == "unformattable" and out.quarantine
+    assert out.detail.startswith("2:7: ")  # line:column: ruff's message, no temp path
+    assert "genloop-ruff" not in out.detail
+
+
+def test_format_drops_a_file_whose_syntax_tree_would_change() -> None:
+    # ruff re-indents docstrings and strips their trailing whitespace: another string
+    out = FormatCode()(rec('def f():\n    """Doc.\n    """\n    return 1\n'))
+    assert isinstance(out, Dropped)
+    assert out.reason == "format_changed_ast" and not out.quarantine
+
+
+def test_format_a_batch_keeps_each_answer_with_its_record() -> None:
+    texts = [MESSY, "def broken(:\n", FORMATTED, 'class A:\n    """x\n    """\n', "y=2"]
+    records = [rec(t) for t in texts]
+    records.append(rec("int main() {  \n  return 0;\t\n}\n\n\n", language="c"))
+    records.append(rec("line with hard break  \nnext", language="markdown"))
+    records.append(rec("def f(): ...\nclass A:\n    x: int\n", language=None, path="a.pyi"))
+    out = FormatCode().batch(records)
+    assert [o.reason if isinstance(o, Dropped) else o.text for o in out] == [
+        FORMATTED,
+        "unformattable",
+        FORMATTED,
+        "format_changed_ast",
+        "y = 2",  # no final newline before (normalize strips it), none after
+        "int main() {\n  return 0;\n}\n",
+        "line with hard break  \nnext",
+        "def f(): ...\n\nclass A:\n    x: int\n",  # a stub: one blank line, not two
+    ]
+    assert FormatCode().batch([]) == []
+
+
+def test_format_drops_text_python_cannot_encode() -> None:
+    out = FormatCode()(rec("x = '\udc80'\n"))  # a lone surrogate: no UTF-8 for it
+    assert isinstance(out, Dropped) and out.reason == "unformattable"
+    assert "not valid Unicode" in out.detail
+
+
+def test_format_counts_changed_and_dropped_in_a_chunk() -> None:
+    steps = Steps([RequireParse(), FormatCode()], False, False, 0, 0, binary=False)
+    records = [rec(MESSY), rec(FORMATTED), rec("def f(:\n"), rec('def f():\n    """a\n    """\n')]
+    outcomes, counts = process_chunk(records, steps)
+    assert [(o.step, o.dropped.reason if o.dropped else None) for o in outcomes] == [
+        ("", None),
+        ("", None),
+        ("require_parse", "unparseable"),
+        ("format_code", "format_changed_ast"),
+    ]
+    assert outcomes[0].record is not None and outcomes[0].record.text == FORMATTED
+    assert outcomes[3].record is None  # a filter's choice: counted, not quarantined
+    fmt = counts["format_code"]
+    assert (fmt.seen, fmt.changed, dict(fmt.dropped)) == (3, 1, {"format_changed_ast": 1})
+
+
+def test_ruff_binary_missing_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert Path(ruff_binary()).is_file()
+    monkeypatch.setitem(sys.modules, "ruff.__main__", None)  # the package is not installed
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(GenloopError, match=r"needs ruff, which is not installed.*pip install ruff"):
+        FormatCode()(rec(MESSY))
 
 
 def test_code_steps_pickle() -> None:
-    for step in (RequireParse(), StripLicenseHeader(), FormatCode(tab_width=2)):
+    for step in (RequireParse(), StripLicenseHeader(), FormatCode()):
         clone = pickle.loads(pickle.dumps(step))
         assert clone.name == step.name and vars(clone) == vars(step)

@@ -1,4 +1,4 @@
-"""Source-code steps: drop what does not parse, strip license headers, tidy formatting.
+"""Source-code steps: drop what does not parse, strip license headers, format with ruff.
 
 A record's language comes from ``meta["language"]`` (set by the code source from the file
 extension: ``python``, ``javascript``, ``c`` …); without one, a ``meta["path"]`` ending in
@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import ast
 import io
+import os
 import re
+import subprocess
+import sys
+import tempfile
 import tokenize
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from genloop.data.records import Dropped, Record
+from genloop.errors import GenloopError
 
 
 def record_language(record: Record) -> str | None:
@@ -205,68 +212,167 @@ def _license_docstring_end(lines: list[str], pos: int) -> int | None:
 # --------------------------------------------------------------------------- formatting
 
 _NO_FORMAT_LANGUAGES = frozenset({"markdown", "text", "diff", "patch"})
-_LEADING_TABS_RE = re.compile(r"^[ \t]*\t[ \t]*", re.MULTILINE)
+_RUFF_TIMEOUT_S = 600  # one chunk of files; ruff formats megabytes a second
 
 
 class FormatCode:
-    """Light, safe formatting: strip trailing whitespace, end with one newline and, for
-    Python, turn tab indentation into ``tab_width`` spaces.
+    """Format Python with ruff's formatter (Black's style), keeping only what it cannot break.
 
-    Python changes are kept only when the result parses to the same AST as the original
-    (``ast.dump`` equality); otherwise the step falls back to less (no trailing-whitespace
-    stripping, which can change a string literal; then only the final newline) and never
-    to a change that alters the program. Other languages get the trailing-whitespace and
-    final-newline part, as editors do. Markdown and plain text are left alone.
+    A Python file is formatted when ruff formats it and the result parses to the same
+    syntax tree (``ast.dump`` of before and after equal); otherwise it is dropped:
+    ``unformattable`` (ruff reports an error, e.g. a syntax error; quarantined with ruff's
+    message) or ``format_changed_ast`` (the formatted file is another program: most often a
+    docstring whose indentation ruff normalizes, which changes the string). Other languages
+    get trailing whitespace stripped, as editors do; Markdown and plain text are left
+    alone. A file keeps its end: one final newline if it had any, none if it had none
+    (``Normalize`` strips it by default; the end-of-document token ends each file).
+
+    ruff runs once per chunk of records (:meth:`batch`, which ``steps.process_chunk``
+    calls), on a temporary folder holding the chunk's Python files, in one thread: process
+    start-up is paid once per chunk, not per file.
     """
 
     name = "format_code"
 
-    def __init__(self, tab_width: int = 4) -> None:
-        if tab_width < 1:
-            raise ValueError(f"tab_width must be at least 1, got {tab_width}")
-        self.tab_width = tab_width
-
     def __call__(self, record: Record) -> Record | Dropped:
-        text = record.text
-        language = record_language(record)
-        if not text or language in _NO_FORMAT_LANGUAGES:
-            return record
-        new = self._format_python(text) if language == "python" else _strip_trailing(text)
-        if new != text:
-            record.text = new
-        return record
+        return self.batch([record])[0]
 
-    def _format_python(self, text: str) -> str:
-        with_newline = text if text.endswith("\n") else text + "\n"  # never changes the AST
-        candidates = [_strip_trailing(self._expand_tabs(text)), self._expand_tabs(with_newline)]
-        candidates = [c for c in dict.fromkeys(candidates) if c != with_newline]
-        if not candidates:
-            return with_newline
-        try:
-            original = _dump(text)
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            return text  # cannot be checked: leave it to RequireParse
-        for candidate in candidates:
-            try:
-                if _dump(candidate) == original:
-                    return candidate
-            except (SyntaxError, ValueError, RecursionError, MemoryError):
+    def batch(self, records: list[Record]) -> list[Record | Dropped]:
+        """Each record formatted (the same object, text replaced when it changed) or dropped."""
+        out: list[Record | Dropped] = list(records)
+        python: list[int] = []
+        for i, record in enumerate(records):
+            language = record_language(record)
+            if not record.text or language in _NO_FORMAT_LANGUAGES:
                 continue
-        return with_newline
+            if language == "python":
+                python.append(i)
+            else:
+                text = _strip_trailing(record.text)
+                if text != record.text:
+                    record.text = text
+        stubs = [str(records[i].meta.get("path", "")).endswith(".pyi") for i in python]
+        formatted = ruff_format([records[i].text or "" for i in python], stubs=stubs)
+        for i, result in zip(python, formatted, strict=True):
+            out[i] = _check_formatted(records[i], result)
+        return out
 
-    def _expand_tabs(self, text: str) -> str:
-        if "\t" not in text:
-            return text
-        width = self.tab_width
-        return _LEADING_TABS_RE.sub(lambda m: m.group().expandtabs(width), text)
+
+@dataclass(frozen=True, slots=True)
+class FormatError:
+    """ruff could not format a file: its message (line:column: what)."""
+
+    message: str
+
+
+def ruff_format(texts: list[str], *, stubs: list[bool] | None = None) -> list[str | FormatError]:
+    """Each Python source formatted by ``ruff format`` (default settings, no configuration
+    files read), or the error ruff gave for it. ``stubs[i]`` formats text ``i`` as a ``.pyi``
+    stub. One ruff process for all of them, in one thread (worker processes are already one
+    per core)."""
+    if not texts:
+        return []
+    stubs = stubs or [False] * len(texts)
+    out: list[str | FormatError] = list(texts)
+    with tempfile.TemporaryDirectory(prefix="genloop-ruff-") as tmp:
+        paths: dict[int, Path] = {}
+        for i, (text, stub) in enumerate(zip(texts, stubs, strict=True)):
+            path = Path(tmp) / f"{i}.pyi" if stub else Path(tmp) / f"{i}.py"
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # lone surrogates
+                out[i] = FormatError(f"not valid Unicode text ({exc.reason})")
+                continue
+            path.write_bytes(data)
+            paths[i] = path
+        if not paths:
+            return out
+        env = {**os.environ, "RAYON_NUM_THREADS": "1", "NO_COLOR": "1"}
+        cmd = [ruff_binary(), "format", "--isolated", "--no-cache"]
+        try:
+            proc = subprocess.run(
+                [*cmd, *map(str, paths.values())],
+                capture_output=True,
+                env=env,
+                timeout=_RUFF_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise GenloopError(
+                f"ruff format took over {_RUFF_TIMEOUT_S} s on {len(paths)} files; "
+                "turn data.code.format off or split the corpus"
+            ) from exc
+        # ruff may print the folder relative to the working directory: match its name
+        errors = _ruff_errors(proc.stderr.decode("utf-8", "replace"), Path(tmp).name)
+        if proc.returncode != 0 and not errors:
+            message = proc.stderr.decode("utf-8", "replace").strip()[:500]
+            raise GenloopError(f"ruff format failed (exit {proc.returncode}): {message}")
+        for i, path in paths.items():
+            out[i] = FormatError(errors[i]) if i in errors else path.read_bytes().decode("utf-8")
+    return out
+
+
+def _ruff_errors(stderr: str, folder: str) -> dict[int, str]:
+    """File index → ruff's message (``line:column: what``), from its
+    ``error: Failed to parse …/FOLDER/3.py:1:7: …`` lines."""
+    errors: dict[int, str] = {}
+    for line in stderr.splitlines():
+        if not line.startswith("error:") or folder not in line:
+            continue
+        name = line.split(folder, 1)[1].lstrip("/\\")
+        index, _, rest = name.partition(".")
+        if index.isdigit():
+            message = rest.split(":", 1)[1] if ":" in rest else rest
+            errors[int(index)] = message.strip(" :")[:500] or "ruff could not format it"
+    return errors
+
+
+def ruff_binary() -> str:
+    """The ruff executable: the ``ruff`` package's own (``find_ruff_bin``), else one next to
+    this Python interpreter."""
+    try:
+        from ruff.__main__ import find_ruff_bin
+
+        return str(find_ruff_bin())
+    except (ImportError, FileNotFoundError):
+        pass
+    name = "ruff.exe" if sys.platform == "win32" else "ruff"
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    raise GenloopError(
+        "data.code.format needs ruff, which is not installed in this environment: "
+        "pip install ruff (a genloop dependency), or set data.code.format to false"
+    )
+
+
+def _check_formatted(record: Record, result: str | FormatError) -> Record | Dropped:
+    """The record with ruff's formatting, if the syntax tree is unchanged; else dropped."""
+    if isinstance(result, FormatError):
+        return Dropped("unformattable", result.message, quarantine=True)
+    text = record.text or ""
+    if not text.endswith("\n"):  # normalize strips the final newline: keep it off
+        result = result.removesuffix("\n")
+    if result == text:
+        return record
+    try:
+        same = _dump(text) == _dump(result)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        # ruff's parser took it, CPython's does not (newer syntax): it cannot be checked
+        detail = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
+        return Dropped("unformattable", f"Python cannot parse it to check: {detail}", True)
+    if not same:
+        return Dropped("format_changed_ast", "formatting changes the syntax tree")
+    record.text = result
+    return record
 
 
 def _strip_trailing(text: str) -> str:
-    """Trailing whitespace off every line, and exactly one newline at the end."""
+    """Trailing whitespace off every line; one final newline if the text ended with one."""
     if " \n" in text or "\t\n" in text or "\r" in text or "\f" in text or "\v" in text:
         text = "\n".join([line.rstrip() for line in text.split("\n")])
     stripped = text.rstrip()
-    return stripped + "\n" if stripped else text
+    return stripped + "\n" if stripped and text.endswith("\n") else stripped or text
 
 
 def _dump(text: str) -> Any:

@@ -128,47 +128,58 @@ def init_worker(steps: Steps) -> None:
 def process_chunk(
     records: list[Record], steps: Steps | None = None
 ) -> tuple[list[Outcome], dict[str, StepCounts]]:
-    """Run the per-record steps and compute dedup keys for one chunk (in a worker)."""
+    """Run the per-record steps and compute dedup keys for one chunk (in a worker).
+
+    Each step runs over the records still in the chunk before the next step starts; a step
+    with a ``batch(records) -> list[Record | Dropped]`` method gets them all in one call
+    (``code.FormatCode`` runs one formatter process per chunk), the others record by record.
+    Steps are independent per record, so the order changes no output.
+    """
     from genloop.data.dedup import exact_key, minhash_signature
 
     pipeline = steps or _WORKER_STEPS
     assert pipeline is not None
     counts = {s.name: StepCounts() for s in pipeline.steps}
-    out: list[Outcome] = []
-    for record in records:
-        outcome = Outcome(record)
-        for step in pipeline.steps:
-            before = (record.text, record.data)
-            result = step(record)
-            c = counts[step.name]
+    out = [Outcome(record) for record in records]
+    alive = list(range(len(records)))  # indices of the records no step has dropped
+    current = list(records)
+    for step in pipeline.steps:
+        if not alive:
+            break
+        c = counts[step.name]
+        before = [(current[i].text, current[i].data) for i in alive]
+        batch = getattr(step, "batch", None)
+        results = batch([current[i] for i in alive]) if batch else [step(current[i]) for i in alive]
+        still: list[int] = []
+        for i, old, result in zip(alive, before, results, strict=True):
             c.seen += 1
             if isinstance(result, Dropped):
                 c.dropped[result.reason] += 1
-                outcome = Outcome(None, dropped=result, step=step.name)
-                outcome.record = record if result.quarantine else None
-                break
-            record = result
-            after = (record.text, record.data)
-            if after != before:  # compares by identity first: cheap when unchanged
+                kept = current[i] if result.quarantine else None
+                out[i] = Outcome(kept, dropped=result, step=step.name)
+                continue
+            current[i] = result
+            if (result.text, result.data) != old:  # compares by identity first: cheap
                 c.changed += 1
+            still.append(i)
+        alive = still
+    for i in alive:
+        record = out[i].record = current[i]
+        if pipeline.binary:
+            if pipeline.exact and record.data is not None:
+                # the same image with another caption is another example
+                h = hashlib.blake2b(record.data, digest_size=16)
+                if record.text is not None:
+                    h.update(b"\0caption\0" + record.text.encode("utf-8"))
+                out[i].exact_key = h.digest()
         else:
-            outcome.record = record
-            if pipeline.binary:
-                if pipeline.exact and record.data is not None:
-                    # the same image with another caption is another example
-                    h = hashlib.blake2b(record.data, digest_size=16)
-                    if record.text is not None:
-                        h.update(b"\0caption\0" + record.text.encode("utf-8"))
-                    outcome.exact_key = h.digest()
-            else:
-                text = record.text or ""
-                if pipeline.exact:
-                    outcome.exact_key = exact_key(text)
-                if pipeline.near:
-                    outcome.signature = minhash_signature(
-                        text, num_perm=pipeline.num_perm, shingle_size=pipeline.shingle_size
-                    )
-        out.append(outcome)
+            text = record.text or ""
+            if pipeline.exact:
+                out[i].exact_key = exact_key(text)
+            if pipeline.near:
+                out[i].signature = minhash_signature(
+                    text, num_perm=pipeline.num_perm, shingle_size=pipeline.shingle_size
+                )
     return out, counts
 
 
