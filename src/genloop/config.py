@@ -443,6 +443,14 @@ class TokenizerConfig(BaseModel):
         "template, which marks assistant turns for SFT loss masking.",
     )
     seq_len: int = Field(256, ge=8, description="Tokens per packed training sequence.")
+    sentinel_tokens: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Add this many sentinel tokens <extra_id_0>, <extra_id_1>, … (T5's names) "
+        "to a bpe tokenizer's special tokens: the span_corruption objective needs them (T5 "
+        "has 100).",
+    )
 
     @model_validator(mode="after")
     def _path_for_pretrained(self) -> TokenizerConfig:
@@ -452,6 +460,11 @@ class TokenizerConfig(BaseModel):
             raise ValueError("'path' is only used with kind 'pretrained'")
         if len(set(self.special_tokens)) != len(self.special_tokens):
             raise ValueError("special_tokens has duplicates")
+        if self.kind == "pretrained" and self.sentinel_tokens:
+            raise ValueError(
+                "sentinel_tokens is only used with kind 'bpe' (a pretrained tokenizer brings "
+                "its own, like T5's <extra_id_N>)"
+            )
         return self
 
 
@@ -655,6 +668,7 @@ Objective = Literal[
     "captioning",
     "autoencoder_kl",
     "text_to_image",
+    "span_corruption",
 ]
 OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "lm": TEXT_FAMILIES,
@@ -667,6 +681,7 @@ OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "captioning": ("captioning",),
     "autoencoder_kl": ("autoencoder_kl",),
     "text_to_image": ("text_to_image",),
+    "span_corruption": ("seq2seq",),
 }
 
 
@@ -695,7 +710,8 @@ class TrainConfig(BaseModel):
     objective: Objective = Field(
         "lm",
         description="lm (pretraining), sft, dpo, an image family's loss (vae, gan, diffusion), "
-        "contrastive (clip), captioning, autoencoder_kl or text_to_image.",
+        "contrastive (clip), captioning, autoencoder_kl, text_to_image or span_corruption "
+        "(T5 pretraining for seq2seq).",
     )
     dataset: str | None = Field(
         None, description="Dataset NAME or NAME@VERSION. Unset: the one the data section makes."
@@ -724,6 +740,12 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the CE loss.")
     z_loss: float = Field(0.0, ge=0, description="Weight of the z-loss (log² of the softmax sum).")
     dpo_beta: float = Field(0.1, gt=0, description="DPO β (strength of the KL anchor).")
+    noise_density: float = Field(
+        0.15, gt=0, lt=1, description="span_corruption: share of tokens masked (T5: 0.15)."
+    )
+    mean_noise_span_length: float = Field(
+        3.0, ge=1, description="span_corruption: mean length of a masked span (T5: 3)."
+    )
     hard_negatives: float = Field(
         0.0,
         ge=0,

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the artifact layout or the steps' behaviour changes
+FORMAT_VERSION = 2  # bump when the artifact layout or the steps' behaviour changes (2: ruff format)
 ProgressFn = Callable[[str, int], None]  # (stage, items just done)
 
 
@@ -373,6 +373,7 @@ def _tokenize(
             min_frequency=tok.min_frequency,
             special_tokens=tuple(tok.special_tokens),
             chat_template=tok.chat_template,
+            sentinel_tokens=tok.sentinel_tokens,
         )
     vocab_size = load_tokenizer(tok_dir).get_vocab_size()
     total = 0

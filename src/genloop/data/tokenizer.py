@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>")
+SENTINEL = "<extra_id_{}>"  # T5's sentinel tokens, <extra_id_0> … (span corruption)
 
 # One turn per message: the role's token, a newline, the content, end of text. The
 # assistant's content and its end-of-text sit in a {% generation %} block, so that
@@ -106,15 +107,19 @@ def train_bpe(
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     chat_template: str | None = None,
     model_max_length: int = 2048,
+    sentinel_tokens: int = 0,
 ) -> Path:
     """Train a byte-level BPE on ``texts`` and save it to ``out_dir`` (Hugging Face layout).
 
     The first special token ends documents and is also bos and unk; ``<|pad|>`` pads when
     present (else the first token). ``chat_template`` defaults to
     :data:`DEFAULT_CHAT_TEMPLATE`, which needs the default special tokens.
-    Returns ``out_dir``.
+    ``sentinel_tokens`` adds ``<extra_id_0>`` … ``<extra_id_{n-1}>`` after the special
+    tokens (T5's sentinels, see :func:`sentinel_ids`). Returns ``out_dir``.
     """
-    special = list(special_tokens)
+    if sentinel_tokens < 0:
+        raise ConfigError(f"sentinel_tokens must be at least 0, not {sentinel_tokens}")
+    special = list(special_tokens) + [SENTINEL.format(i) for i in range(sentinel_tokens)]
     if not special:
         raise ConfigError("special_tokens is empty; the first one ends documents")
     if len(set(special)) != len(special):
@@ -245,6 +250,16 @@ def eos_token_id(path: Path, tokenizer: Tokenizer | None = None) -> int:
             f"{CONFIG_FILE}"
         )
     return token_id
+
+
+def sentinel_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids of the tokenizer's sentinels ``<extra_id_0>``, ``<extra_id_1>`` … in order,
+    up to the first name it lacks (T5 tokenizers have 100; ``train_bpe`` adds
+    ``sentinel_tokens`` of them)."""
+    ids: list[int] = []
+    while (token_id := tokenizer.token_to_id(SENTINEL.format(len(ids)))) is not None:
+        ids.append(token_id)
+    return ids
 
 
 # ------------------------------------------------------------------------- tokenizing

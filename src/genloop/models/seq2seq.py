@@ -1,5 +1,6 @@
 """The seq2seq family: a T5-style encoder-decoder (transformers ``T5ForConditionalGeneration``)
-for input → output tasks.
+for input → output tasks, pretrained with T5's span corruption
+(``genloop.train.span_corruption``) and fine-tuned on pairs (``sft``).
 
 A batch is a dict of tensors:
 

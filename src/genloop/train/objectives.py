@@ -7,6 +7,8 @@ builder (``families.py``) makes the objective ``train.objective`` names.
 - ``lm``: next-token prediction on packed token shards (pretraining).
 - ``sft``: supervised fine-tuning on prompt → response pairs, loss on the response only.
 - ``dpo``: direct preference optimisation on (prompt, chosen, rejected) triples.
+- ``span_corruption``: T5's seq2seq pretraining on the token shards
+  (``span_corruption.py``).
 - ``vae``, ``gan``, ``diffusion``: the image families' losses (``images.py``).
 
 SFT and DPO read a pairs dataset (``genloop.data.pairs``), its rows tokenized into

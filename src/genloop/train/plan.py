@@ -313,7 +313,7 @@ def default_candidates(cfg: GenloopConfig) -> dict[str, dict[str, Any]]:
 
 def _family(cfg: GenloopConfig) -> str:
     m, objective = cfg.model, cfg.train.objective
-    if objective not in ("lm", "sft", "dpo"):
+    if objective not in ("lm", "sft", "dpo", "span_corruption"):  # text: the checks below
         raise GenloopError(
             f"genloop plan sizes text models; train.objective {objective!r} trains an image "
             "family, whose size is set by model.base_channels and model.latent_dim"

@@ -3,9 +3,10 @@
 The model is a preset with the model section's architecture overrides, sized to the
 dataset's tokenizer (vocabulary and special tokens), or a pretrained checkpoint
 (``model.base_model``: a model ref or a local Hugging Face directory), optionally with
-LoRA adapters. The objective is ``lm`` on the dataset's token shards, or ``sft`` / ``dpo``
-on a pairs dataset (``genloop.data.pairs``). A trained model is sampled by the serving
-engine (``genloop.serve.engine.loader.load_engine``).
+LoRA adapters. The objective is ``lm`` (or, for seq2seq, T5's ``span_corruption``) on the
+dataset's token shards, or ``sft`` / ``dpo`` on a pairs dataset (``genloop.data.pairs``).
+A trained model is sampled by the serving engine
+(``genloop.serve.engine.loader.load_engine``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TEXT_OBJECTIVES = ("lm", "sft", "dpo")
+TEXT_OBJECTIVES = ("lm", "sft", "dpo", "span_corruption")
 T = TypeVar("T")
 
 
@@ -118,24 +119,28 @@ def _special_ids(tokenizer_dir: Path | None) -> dict[str, int]:
 def make_objective(
     t: TrainConfig, data: TrainingData, model: nn.Module, device: torch.device
 ) -> Objective:
-    """The objective ``t.objective`` names: ``lm``, ``sft`` or ``dpo``.
+    """The objective ``t.objective`` names: ``lm``, ``sft``, ``dpo`` or ``span_corruption``.
 
-    ``lm`` reads the dataset's token shards in windows of ``data.seq_len``. SFT and DPO
-    read a pairs dataset of their kind. Sequences are truncated to the model's context
+    ``lm`` reads the dataset's token shards in windows of ``data.seq_len``;
+    ``span_corruption`` (seq2seq) reads them in windows whose corrupted input fits in
+    ``data.seq_len``, with the tokenizer's sentinel tokens. SFT and DPO read a pairs
+    dataset of their kind. Sequences are truncated to the model's context
     length (``data.seq_len`` for seq2seq, on both sides); an example with no response
     token left is left out, with a warning.
     """
     name = t.objective
     if name not in TEXT_OBJECTIVES:
         raise wrong_family(name)
+    if name in ("lm", "span_corruption") and not (data.dir / "tokens").is_dir():
+        raise GenloopError(
+            f"dataset {data.ref} has no token shards; give it a "
+            "tokenizer section and prepare it again"
+        )
+    if name == "span_corruption":
+        return _span_corruption(t, data, model, device)
     if name == "lm":
         from genloop.train.objectives import LanguageModeling
 
-        if not (data.dir / "tokens").is_dir():
-            raise GenloopError(
-                f"dataset {data.ref} has no token shards; give it a "
-                "tokenizer section and prepare it again"
-            )
         return LanguageModeling(
             data.dir / "tokens",
             data.seq_len,
@@ -146,6 +151,38 @@ def make_objective(
             z_loss=t.z_loss,
         )
     return _pairs_objective(name, t, data, model, device)
+
+
+def _span_corruption(
+    t: TrainConfig, data: TrainingData, model: nn.Module, device: torch.device
+) -> Objective:
+    """T5 span corruption on the token shards, with the tokenizer's sentinels and eos."""
+    from genloop.data.tokenizer import eos_token_id, load_tokenizer, sentinel_ids
+    from genloop.train.span_corruption import SpanCorruption
+
+    if data.tokenizer_dir is None:
+        raise GenloopError(f"dataset {data.ref} has no tokenizer/; prepare it again with one")
+    tokenizer = load_tokenizer(data.tokenizer_dir)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    sentinels = sentinel_ids(tokenizer)
+    if isinstance(vocab, int) and sentinels and max(sentinels) >= vocab:
+        raise GenloopError(
+            f"the dataset's sentinel tokens go up to id {max(sentinels)} but the model has "
+            f"only {vocab} tokens: prepare the data with the model's own tokenizer"
+        )
+    return SpanCorruption(
+        data.dir / "tokens",
+        data.seq_len,
+        t.batch_size,
+        t.seed,
+        device,
+        sentinels,
+        eos_token_id(data.tokenizer_dir, tokenizer),
+        noise_density=t.noise_density,
+        mean_noise_span_length=t.mean_noise_span_length,
+        label_smoothing=t.label_smoothing,
+        z_loss=t.z_loss,
+    )
 
 
 def _pairs_objective(
