@@ -137,8 +137,9 @@ def labeled_rows(n: int, seed: int) -> tuple[list[dict[str, str]], list[dict[str
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
-    """A workspace with ``prose`` (text with a mask token in its BPE) and the labeled rows
-    ``topics`` (classification) and ``tags`` (token classification) in its tokenizer."""
+    """A workspace with ``prose`` (text with a mask token in its BPE) and, in its tokenizer,
+    the labeled rows ``topics`` (classification), ``tags`` (token classification) and
+    ``pairs`` (retrieval)."""
     from genloop.config import DataConfig, TokenizerConfig
     from genloop.data.pairs import write_pairs_dataset
     from genloop.data.prepare import prepare_dataset
@@ -159,6 +160,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     texts, tagged = labeled_rows(240, 0)
     write_pairs_dataset(workspace, "topics", "classification", texts, tokenizer_dir=tok_dir)
     write_pairs_dataset(workspace, "tags", "token_classification", tagged, tokenizer_dir=tok_dir)
+    pairs = [{"query": t["text"], "positive": t["text"].upper()} for t in texts[:40]]
+    write_pairs_dataset(workspace, "pairs", "retrieval", pairs, tokenizer_dir=tok_dir)
     yield workspace
     workspace.close()
 
@@ -311,3 +314,24 @@ def test_pretraining_without_a_mask_token_names_the_fix(
                 "train": {"objective": "mlm"},
             }
         )
+
+
+def test_retrieval_rows_build_the_bare_encoder_for_the_embedding_objective(
+    ws: Workspace, pretrained: TrainResult
+) -> None:
+    from genloop.models.masked_lm import task_of
+    from genloop.workspace.datasets import resolve_dataset
+
+    dataset = ws.store.open_verified(resolve_dataset(ws, "pairs").artifact)
+    data = TrainingData(ref="pairs@1", dir=dataset, tokenizer_dir=dataset / "tokenizer", seq_len=32)
+    builder = get_builder("masked_lm")
+    assert pretrained.model is not None
+    for m in (
+        config("e", "embedding", "pairs", **TINY).model,
+        config("e", "embedding", "pairs", base_model=pretrained.model.ref).model,
+    ):
+        model, model_config, _ = builder.build_model(ws, m, data, torch.device("cpu"))
+        assert task_of(model) == "embedding" and type(model).__name__ == "BertModel"
+        assert model.base_model is model  # what the contrastive objective calls
+        assert model_config["task"] == "embedding"
+        assert not any(p.requires_grad for p in model.pooler.parameters())  # unused: frozen

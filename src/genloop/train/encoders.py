@@ -191,6 +191,8 @@ def build_model(
         _check_same_tokenizer(base_dir, tokenizer_dir, data.ref)
         tuned = family.with_task(base, task, labels)
         tuned.train()
+        if task == "embedding":
+            _freeze_pooler(tuned)
         return BuiltModel(tuned, {"task": task, **tuned.config.to_dict()}, parent)
 
     tok = load_hf_tokenizer(tokenizer_dir)
