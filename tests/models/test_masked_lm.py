@@ -196,6 +196,21 @@ def test_our_loss_is_transformers_own(architecture: str) -> None:
         mlm.masked_lm_loss(build(architecture, "embedding"), {"input_ids": ids, "labels": ids})
 
 
+def test_the_loss_of_a_wrapped_model_is_the_same() -> None:
+    """Under a wrapper (torch.compile here; DDP alike) the model runs whole, its task read
+    from the model inside; on a plain one only the masked positions reach the head."""
+    model = build("bert", "mlm")
+    ids = torch.randint(6, 320, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, 4] = ids[:, 4]
+    batch = {"input_ids": ids, "labels": labels}
+    wrapped = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mlm.masked_lm_loss(wrapped, batch), mlm.masked_lm_loss(model, batch)
+        )
+
+
 def test_with_task_moves_the_encoder_under_a_fresh_head() -> None:
     pretrained = build("bert", "mlm")
     classifier = mlm.with_task(pretrained, "sequence_classification", LABELS)

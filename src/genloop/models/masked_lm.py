@@ -380,16 +380,34 @@ def _mlm_head(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)
+    plain: nn.Module = getattr(inner, "_orig_mod", inner)
+    return plain
+
+
+def _plain(model: nn.Module) -> bool:
+    """Whether the model's parts may be called on their own: not wrapped by DDP or
+    ``torch.compile``, nor sharded by FSDP2, whose hooks run on the whole model's call."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and not isinstance(model, FSDPModule)
+
+
 def mlm_logits(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Logits (N, V) at the N positions whose label is not -100, and those labels (N,).
 
-    Only the masked positions go through the vocabulary projection (about 15% of them),
-    which is most of an MLM head's cost.
+    On a plain model only the masked positions go through the vocabulary projection
+    (about 15% of them), which is most of an MLM head's cost; a wrapped or sharded model
+    runs whole.
     """
     _check_batch(batch)
     labels = batch["labels"]
     keep = labels != IGNORE_INDEX  # (B, T)
-    head = _mlm_head(model)
+    head = _mlm_head(model) if _plain(model) else None
     if head is None:
         logits: Tensor = model(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
@@ -402,10 +420,13 @@ def mlm_logits(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, T
     return head(hidden[keep]), labels[keep]
 
 
-def masked_lm_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    """Cross-entropy against ``batch["labels"]`` (-100: no loss) for the model's task:
-    the masked tokens (mlm), each sequence's label, or each word's label."""
-    task = task_of(model)
+def masked_lm_loss(
+    model: nn.Module, batch: Mapping[str, Tensor], *, task: Task | None = None
+) -> Tensor:
+    """Cross-entropy against ``batch["labels"]`` (-100: no loss) for ``task`` (default: the
+    model's, under any DDP or compile wrapper): the masked tokens (mlm), each sequence's
+    label, or each word's label."""
+    task = task or task_of(_unwrapped(model))
     if task == "embedding":
         raise GenloopError(
             "an embedding model has no head to compute a loss with; it trains with the "

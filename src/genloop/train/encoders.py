@@ -455,8 +455,11 @@ class LabeledRows:
         from genloop.train.examples import IGNORE_INDEX
 
         labels = batch["labels"]
-        count = int((labels != IGNORE_INDEX).sum()) if self.per_token else labels.shape[0]
-        return masked_lm_loss(model, batch), count
+        if self.per_token:
+            return masked_lm_loss(model, batch, task="token_classification"), int(
+                (labels != IGNORE_INDEX).sum()
+            )
+        return masked_lm_loss(model, batch, task="sequence_classification"), labels.shape[0]
 
 
 @dataclass
@@ -523,7 +526,8 @@ class MaskedLanguageModeling:
         from genloop.models.masked_lm import masked_lm_loss
         from genloop.train.masking import IGNORE_INDEX
 
-        return masked_lm_loss(model, batch), int((batch["labels"] != IGNORE_INDEX).sum())
+        loss = masked_lm_loss(model, batch, task="mlm")
+        return loss, int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 @dataclass(frozen=True)
