@@ -335,3 +335,27 @@ def test_retrieval_rows_build_the_bare_encoder_for_the_embedding_objective(
         assert model.base_model is model  # what the contrastive objective calls
         assert model_config["task"] == "embedding"
         assert not any(p.requires_grad for p in model.pooler.parameters())  # unused: frozen
+
+
+def test_mlm_batches_resume_exactly_and_validation_masks_stay_fixed(
+    ws: Workspace, pretrained: TrainResult
+) -> None:
+    from genloop.models.masked_lm import load_masked_lm
+    from genloop.workspace.datasets import resolve_dataset
+
+    assert pretrained.model is not None
+    encoder, tok = load_masked_lm(registry.artifact_path(ws, pretrained.model.ref))
+    dataset = ws.store.open_verified(resolve_dataset(ws, "prose").artifact)
+    data = TrainingData("prose@1", dataset, dataset / "tokenizer", seq_len=32)
+    t = config("enc", "mlm", "prose").train
+    objective = get_builder("masked_lm").make_objective(t, data, encoder, torch.device("cpu"))
+    stream = objective.train_batches(0)
+    first = [next(stream) for _ in range(6)]
+    resumed = next(objective.train_batches(5))  # as --resume at micro-step 5 starts
+    for key in ("input_ids", "labels"):
+        assert torch.equal(resumed[key], first[5][key])
+        assert not torch.equal(first[4][key], first[5][key])  # a new mask each batch
+    a, b = objective.val_batches(2), objective.val_batches(2)
+    assert all(torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b, strict=True))
+    ids = first[0]["input_ids"]
+    assert ids.shape == (16, 32) and (ids[:, 0] == tok.cls_token_id).all()  # cls + 31 tokens
