@@ -29,3 +29,9 @@ def test_shapes_t2i_trains_its_parts_first_and_gates_on_compositional_accuracy()
     assert cfg.eval.suites == ["t2i"]
     gated = {r.metric for r in cfg.gate.rules}
     assert gated == {"compositional_accuracy_seen", "compositional_accuracy_held_out"}
+
+
+def test_text_encoder_pretrains_a_masked_lm_with_a_mask_token() -> None:
+    cfg = load_config(EXAMPLES[0].parent / "text-encoder.yaml")
+    assert (cfg.model.family, cfg.train.objective) == ("masked_lm", "mlm")
+    assert "<|mask|>" in cfg.tokenizer.special_tokens and cfg.train.whole_word_mask

@@ -416,6 +416,8 @@ class DataConfig(BaseModel):
 # ---------------------------------------------------------------------------------------
 
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# special tokens a genloop BPE makes its mask token (genloop.data.tokenizer.MASK_TOKENS)
+MASK_TOKENS = ("<|mask|>", "[MASK]", "<mask>")
 
 
 class TokenizerConfig(BaseModel):
@@ -571,6 +573,18 @@ class ClipModelConfig(BaseModel):
     max_text_length: int = Field(32, ge=4, description="Text context in tokens (eos included).")
 
 
+class MaskedLmConfig(BaseModel):
+    """masked_lm only: which BERT-class encoder (transformers BertConfig or ModernBertConfig)."""
+
+    model_config = _STRICT
+
+    architecture: Literal["bert", "modernbert"] = Field(
+        "bert",
+        description="bert (absolute positions, post-norm) or modernbert (rotary positions, "
+        "pre-norm, gated MLP, alternating local/global attention).",
+    )
+
+
 class ModelConfig(BaseModel):
     """The model family and its size; text overrides apply on top of the preset."""
 
@@ -586,6 +600,7 @@ class ModelConfig(BaseModel):
         "captioning",
         "autoencoder_kl",
         "text_to_image",
+        "masked_lm",
     ] = Field("causal_lm", description="Model family.")
     preset: Preset | None = Field(
         None,
@@ -635,6 +650,9 @@ class ModelConfig(BaseModel):
     autoencoder_kl: AutoencoderKlConfig = Field(
         default_factory=AutoencoderKlConfig, description="autoencoder_kl settings."
     )
+    masked_lm: MaskedLmConfig = Field(
+        default_factory=MaskedLmConfig, description="masked_lm settings."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -669,6 +687,10 @@ Objective = Literal[
     "autoencoder_kl",
     "text_to_image",
     "span_corruption",
+    "mlm",
+    "classification",
+    "token_classification",
+    "embedding",
 ]
 OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "lm": TEXT_FAMILIES,
@@ -682,6 +704,10 @@ OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "autoencoder_kl": ("autoencoder_kl",),
     "text_to_image": ("text_to_image",),
     "span_corruption": ("seq2seq",),
+    "mlm": ("masked_lm",),
+    "classification": ("masked_lm",),
+    "token_classification": ("masked_lm",),
+    "embedding": ("masked_lm",),
 }
 
 
@@ -710,8 +736,9 @@ class TrainConfig(BaseModel):
     objective: Objective = Field(
         "lm",
         description="lm (pretraining), sft, dpo, an image family's loss (vae, gan, diffusion), "
-        "contrastive (clip), captioning, autoencoder_kl, text_to_image or span_corruption "
-        "(T5 pretraining for seq2seq).",
+        "contrastive (clip), captioning, autoencoder_kl, text_to_image, span_corruption "
+        "(T5 pretraining for seq2seq), or for masked_lm: mlm (pretraining), classification, "
+        "token_classification, embedding.",
     )
     dataset: str | None = Field(
         None, description="Dataset NAME or NAME@VERSION. Unset: the one the data section makes."
@@ -745,6 +772,12 @@ class TrainConfig(BaseModel):
     )
     mean_noise_span_length: float = Field(
         3.0, ge=1, description="span_corruption: mean length of a masked span (T5: 3)."
+    )
+    mlm_probability: float = Field(
+        0.15, gt=0, lt=1, description="mlm: share of tokens (or words) masked per sequence."
+    )
+    whole_word_mask: bool = Field(
+        False, description="mlm: mask whole words (every sub-token of a chosen word)."
     )
     hard_negatives: float = Field(
         0.0,
@@ -801,6 +834,9 @@ EvalSuite = Literal[
     "clip",
     "captioning",
     "t2i",
+    "mlm",
+    "classification",
+    "token_classification",
 ]
 _DEFAULT_SUITES: tuple[EvalSuite, ...] = ("perplexity", "generation")
 
@@ -1415,6 +1451,7 @@ class GenloopConfig(BaseModel):
             _check_part_references(f"parts.{part}.model", section.model, earlier)
             earlier.append(part)
         _check_part_references("model", self.model, earlier)
+        _check_mask_token(self)
         ctx = self.model.context_length
         if ctx is not None and self.tokenizer.seq_len > ctx:
             raise ValueError(
@@ -1425,6 +1462,25 @@ class GenloopConfig(BaseModel):
                 if not _has_field(GenloopConfig, key.split(".")):
                     raise ValueError(f"tune.space key {key!r} is not a config key")
         return self
+
+
+def _check_mask_token(cfg: GenloopConfig) -> None:
+    """Masked-LM pretraining on a BPE this config trains needs a mask token among its
+    special tokens (the tokenizer of an existing dataset is checked when training starts)."""
+    sections = [(cfg.model, cfg.train), *((p.model, p.train) for p in cfg.parts.values())]
+    pretrains = any(
+        m.family == "masked_lm" and t.objective == "mlm" and t.dataset is None for m, t in sections
+    )
+    if (
+        pretrains
+        and cfg.data is not None
+        and cfg.tokenizer.kind == "bpe"
+        and not set(MASK_TOKENS) & set(cfg.tokenizer.special_tokens)
+    ):
+        raise ValueError(
+            "masked_lm pretraining (train.objective mlm) masks tokens, so the tokenizer needs "
+            'a mask token: add "<|mask|>" to tokenizer.special_tokens'
+        )
 
 
 def _check_part_references(where: str, model: ModelConfig, earlier: list[str]) -> None:

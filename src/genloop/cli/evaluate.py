@@ -58,7 +58,9 @@ def run(
             "--suite",
             "-s",
             help="perplexity, generation, code, bias, lm_eval; image or augment for image "
-            "models (repeatable) \\[default: eval.suites; image for image models].",
+            "models; mlm, classification or token_classification for masked LMs "
+            "(repeatable) \\[default: eval.suites; image for image models; a masked LM's "
+            "head's suite].",
         ),
     ] = None,
     lm_eval_tasks: Annotated[

@@ -67,8 +67,8 @@ def import_(
     path: Annotated[
         Path,
         typer.Argument(
-            help="A local Hugging Face checkpoint directory (causal or seq2seq LM), or a "
-            "diffusers Stable Diffusion pipeline folder (model_index.json)."
+            help="A local Hugging Face checkpoint directory (causal, seq2seq or masked LM), "
+            "or a diffusers Stable Diffusion pipeline folder (model_index.json)."
         ),
     ],
     name: Annotated[
@@ -148,6 +148,13 @@ def import_(
         console.print(f"left out: {item}", highlight=False)
     for note in lineage.get("notes", []):
         console.print(f"note: {note}", highlight=False)
+    if info.family == "masked_lm":  # an encoder: trained on, evaluated, not served for text
+        console.print(
+            f"fine-tune it:  model.base_model: {info.ref} (train.objective mlm, "
+            "classification, token_classification or embedding)",
+            highlight=False,
+        )
+        return
     console.print(f"serve it:  genloop serve -m {info.ref}", highlight=False)
 
 

@@ -53,6 +53,8 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>")
 SENTINEL = "<extra_id_{}>"  # T5's sentinel tokens, <extra_id_0> … (span corruption)
+# a special token by one of these names becomes the mask token (masked-LM pretraining)
+MASK_TOKENS: tuple[str, ...] = ("<|mask|>", "[MASK]", "<mask>")
 
 # One turn per message: the role's token, a newline, the content, end of text. The
 # assistant's content and its end-of-text sit in a {% generation %} block, so that
@@ -112,7 +114,8 @@ def train_bpe(
     """Train a byte-level BPE on ``texts`` and save it to ``out_dir`` (Hugging Face layout).
 
     The first special token ends documents and is also bos and unk; ``<|pad|>`` pads when
-    present (else the first token). ``chat_template`` defaults to
+    present (else the first token); ``<|mask|>`` (or another of :data:`MASK_TOKENS`) is
+    the mask token when present. ``chat_template`` defaults to
     :data:`DEFAULT_CHAT_TEMPLATE`, which needs the default special tokens.
     ``sentinel_tokens`` adds ``<extra_id_0>`` … ``<extra_id_{n-1}>`` after the special
     tokens (T5's sentinels, see :func:`sentinel_ids`). Returns ``out_dir``.
@@ -176,6 +179,9 @@ def train_bpe(
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / TOKENIZER_FILE))
     names = {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": pad}
+    mask = next((t for t in special if t in MASK_TOKENS), None)
+    if mask is not None:
+        names["mask_token"] = mask
     extra = [t for t in special if t not in names.values()]
     config = {
         # PreTrainedTokenizerFast: what transformers 4.x and engines reading this layout
@@ -233,16 +239,19 @@ def load_hf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 def eos_token_id(path: Path, tokenizer: Tokenizer | None = None) -> int:
     """The id that ends a document: ``eos_token`` of ``tokenizer_config.json`` when the
-    directory has one, else ``<|endoftext|>``."""
+    directory has one, else its ``sep_token`` (BERT-style tokenizers have no eos; BERT
+    separates documents with [SEP]), else ``<|endoftext|>``."""
     tok = tokenizer or load_tokenizer(path)
     config_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
     name: str = EOS
     if config_path.is_file():
-        value = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token")
-        if isinstance(value, dict):  # the AddedToken form {"content": ...}
-            value = value.get("content")
-        if isinstance(value, str):
-            name = value
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        for key in ("sep_token", "eos_token"):  # eos_token wins when both are set
+            value = config.get(key)
+            if isinstance(value, dict):  # the AddedToken form {"content": ...}
+                value = value.get("content")
+            if isinstance(value, str):
+                name = value
     token_id = tok.token_to_id(name)
     if token_id is None:
         raise GenloopError(

@@ -37,6 +37,30 @@ def _mean(x: np.ndarray) -> np.ndarray:
     return np.asarray(x.mean(axis=-1))
 
 
+def bootstrap_ci(
+    n: int,
+    statistic: Statistic,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> tuple[float, float]:
+    """Percentile interval of a statistic of ``n`` samples over bootstrap resamples.
+
+    ``statistic`` maps the (R, n) resampled sample *indices* to the (R,) statistic of each
+    resample, so it can be any function of the samples (macro F1 of predictions and
+    labels, F1 of summed entity counts), not only a mean of one value each.
+    """
+    if n < 1:
+        raise ValueError(f"a bootstrap needs at least one sample (got {n})")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, n))  # (R, n)
+    values = statistic(idx)  # (R,)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
 def paired_bootstrap_ci(
     a: Sequence[float],
     b: Sequence[float],
@@ -55,12 +79,13 @@ def paired_bootstrap_ci(
     xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if xa.shape != xb.shape or xa.ndim != 1 or len(xa) == 0:
         raise ValueError(f"paired samples need equal, non-zero lengths (got {len(xa)}, {len(xb)})")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(xa), size=(resamples, len(xa)))  # (R, n)
-    deltas = statistic(xb[idx]) - statistic(xa[idx])  # (R,)
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(deltas, [tail, 100 - tail])
-    return float(lo), float(hi)
+    return bootstrap_ci(
+        len(xa),
+        lambda idx: statistic(xb[idx]) - statistic(xa[idx]),  # (R,) deltas
+        resamples=resamples,
+        seed=seed,
+        level=level,
+    )
 
 
 def _exp_mean(x: np.ndarray) -> np.ndarray:

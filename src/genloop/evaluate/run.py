@@ -11,7 +11,9 @@
 
 Other families run their own suites in place of steps 4-5 (``FAMILY_SUITES``): image
 models (vae, gan, diffusion) the ``image`` (FID/KID/IS, conditional accuracy) and
-``augment`` suites of ``evaluate/image.py``; clip models the ``clip`` suite of
+``augment`` suites of ``evaluate/image.py``; masked_lm models the ``mlm``,
+``classification`` and ``token_classification`` suites of ``evaluate/encoders.py`` (by
+default the one of their head); clip models the ``clip`` suite of
 ``evaluate/clip_metrics.py``; captioning models the ``captioning`` suite (BLEU, attribute
 accuracy) of ``evaluate/captioning.py``; text_to_image models the ``t2i`` suite
 (compositional accuracy, CLIP score) of ``evaluate/text_to_image.py``.
@@ -49,6 +51,7 @@ IMAGE_SUITES = ("image", "augment")  # see evaluate/image.py
 CLIP_SUITES = ("clip",)  # see evaluate/clip_metrics.py
 CAPTION_SUITES = ("captioning",)  # see evaluate/captioning.py
 T2I_SUITES = ("t2i",)  # see evaluate/text_to_image.py
+ENCODER_SUITES = ("mlm", "classification", "token_classification")  # evaluate/encoders.py
 NEEDS_DATASET = (
     "perplexity",
     "generation",
@@ -56,6 +59,7 @@ NEEDS_DATASET = (
     *CLIP_SUITES,
     *CAPTION_SUITES,
     *T2I_SUITES,
+    *ENCODER_SUITES,
 )
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
 # the suites each family can run, and (non-text families) the ones it runs by default
@@ -65,6 +69,7 @@ FAMILY_SUITES: dict[str, tuple[str, ...]] = {
     "clip": CLIP_SUITES,
     "captioning": CAPTION_SUITES,
     "text_to_image": T2I_SUITES,
+    "masked_lm": ENCODER_SUITES,
 }
 DEFAULT_SUITES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(IMAGE_FAMILIES, ("image",)),
@@ -110,6 +115,10 @@ def evaluate_model(
     info = registry.resolve(ws, ref)
     if not suites and info.family in DEFAULT_SUITES and cfg.suites == EvalConfig().suites:
         suites = list(DEFAULT_SUITES[info.family])
+    elif not suites and info.family == "masked_lm" and cfg.suites == EvalConfig().suites:
+        from genloop.evaluate.encoders import default_suites
+
+        suites = default_suites(ws.store.path(info.artifact))  # the head's suite
     chosen = check_suites(list(suites) if suites else list(cfg.suites))
     _check_family(info, chosen)
     if "lm_eval" in chosen:  # a bad task file is an error before anything loads
@@ -146,6 +155,12 @@ def evaluate_model(
         assert ds is not None and data_dir is not None  # _dataset() made sure
         _seed_everything(cfg.seed)
         results = [run_t2i_suite(ws, info, model_dir, ds, data_dir, cfg, device, progress)]
+    elif info.family == "masked_lm":  # 4-5. MLM, classification, tagging (evaluate/encoders.py)
+        from genloop.evaluate.encoders import run_encoder_suites
+
+        assert ds is not None and data_dir is not None  # _dataset() made sure
+        _seed_everything(cfg.seed)
+        results = run_encoder_suites(model_dir, data_dir, ds, chosen, cfg, device, progress)
     elif info.family in IMAGE_FAMILIES:  # 4-5. FID/KID/IS, augmentation (evaluate/image.py)
         from genloop.evaluate.image import run_image_suites
 
@@ -182,7 +197,7 @@ def evaluate_model(
 
 def check_suites(suites: list[str]) -> list[str]:
     """The suites in the order given, without repeats; unknown or unrunnable ones refused."""
-    known = (*RUNNABLE, *IMAGE_SUITES, *CLIP_SUITES, *CAPTION_SUITES, *T2I_SUITES)
+    known = (*RUNNABLE, *IMAGE_SUITES, *CLIP_SUITES, *CAPTION_SUITES, *T2I_SUITES, *ENCODER_SUITES)
     if not suites:
         raise ConfigError(f"no suite to run; choose from: {', '.join(known)}")
     out: list[str] = []

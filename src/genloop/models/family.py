@@ -2,8 +2,8 @@
 
 A family builds a network from a plain config dict, computes its default training loss on
 a batch, and saves and loads its artifact directory. Text families (``causal_lm``,
-``seq2seq``) use the Hugging Face layout; image families (``vae``, ``gan``, ``diffusion``)
-follow the same protocol (their sampling is in ``models/image_generation.py``). Text
+``seq2seq``, ``masked_lm``) use the Hugging Face layout; image families (``vae``, ``gan``,
+``diffusion``) follow the same protocol (their sampling is in ``models/image_generation.py``). Text
 sampling is not a family's job (see ``serve/engine/sampling.py``), and
 other objectives (SFT, DPO, …) are plain classes in ``train/objectives.py`` that call
 a family's building blocks. What training makes of a family (a model sized by the model
@@ -40,6 +40,7 @@ _FAMILIES = {
     "captioning": "genloop.models.captioning",
     "autoencoder_kl": "genloop.models.autoencoder_kl",
     "text_to_image": "genloop.models.text_to_image",
+    "masked_lm": "genloop.models.masked_lm",
 }
 
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 TextFamily = Literal["causal_lm", "seq2seq"]
-CheckpointFamily = Literal["causal_lm", "seq2seq", "clip"]  # clip: models/clip.py
+CheckpointFamily = Literal["causal_lm", "seq2seq", "clip", "masked_lm"]  # clip.py, masked_lm.py
 WeightFormat = Literal["safetensors", "pickle"]
 VariantFormat = Literal["onnx", "quantized", "torch"]
 
@@ -51,8 +51,8 @@ DTYPES = {
 
 
 class UnsupportedArchitectureError(GenloopError):
-    """A checkpoint whose ``model_type`` is not a causal or seq2seq LM that this version of
-    transformers builds offline (``model_type`` None: the config names none)."""
+    """A checkpoint whose ``model_type`` is not a causal, seq2seq or masked LM that this
+    version of transformers builds offline (``model_type`` None: the config names none)."""
 
     def __init__(self, message: str, model_type: str | None) -> None:
         super().__init__(message)
@@ -287,6 +287,9 @@ def _family_of(
 
     if model_type == "clip":  # the dual encoder (models/clip.py)
         return "clip", "CLIPModel"
+    masked = _masked_lm_architecture(model_type, config, path)
+    if masked is not None:  # a BERT-class encoder (models/masked_lm.py)
+        return "masked_lm", masked
     if model_type in SEQ2SEQ and (model_type not in CAUSAL or config.get("is_encoder_decoder")):
         return "seq2seq", str(SEQ2SEQ[model_type])
     if model_type in CAUSAL:
@@ -297,9 +300,52 @@ def _family_of(
         else ""
     )
     raise UnsupportedArchitectureError(
-        f"{path}: model_type {model_type!r} is not a causal or seq2seq language model this "
-        f"version of transformers can build{custom}; supported include llama, gpt2, mistral, "
-        "qwen2, phi3, gemma, t5, bart",
+        f"{path}: model_type {model_type!r} is not a causal, seq2seq or masked language model "
+        f"this version of transformers can build{custom}; supported include llama, gpt2, "
+        "mistral, qwen2, phi3, gemma, t5, bart, bert, modernbert",
+        model_type,
+    )
+
+
+def _masked_lm_architecture(model_type: str, config: Mapping[str, Any], path: Path) -> str | None:
+    """The class of an encoder checkpoint (BERT, ModernBERT, RoBERTa, …) under a head the
+    masked_lm family trains; None for any other checkpoint.
+
+    An encoder type is one transformers builds a masked LM of (and not an encoder-decoder
+    such as BART). Its ``architectures`` say the head: ``…ForMaskedLM``,
+    ``…ForSequenceClassification``, ``…ForTokenClassification`` or the bare model keep
+    theirs; ``…ForPreTraining`` (MLM + next-sentence heads) loads as the masked LM, whose
+    weights it holds; a decoder head (``BertLMHeadModel``, or ``is_decoder`` without
+    architectures) stays a causal LM. Any other head is refused by name.
+    """
+    from transformers.models.auto import modeling_auto as auto
+
+    masked = auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if model_type not in masked or model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return None
+    names = config.get("architectures")
+    first = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
+    if first is None:
+        return None if config.get("is_decoder") else str(masked[model_type])
+    if first == auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type):
+        return None
+    heads = {
+        str(mapping[model_type])
+        for mapping in (
+            masked,
+            auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+            auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+            auto.MODEL_MAPPING_NAMES,
+        )
+        if model_type in mapping
+    }
+    if first in heads:
+        return first
+    if first.endswith("ForPreTraining"):
+        return str(masked[model_type])
+    raise UnsupportedArchitectureError(
+        f"{path}: {first} is a {model_type} head genloop does not train; the masked_lm "
+        f"family takes {', '.join(sorted(heads))}",
         model_type,
     )
 

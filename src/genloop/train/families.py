@@ -43,6 +43,7 @@ _BUILDERS = {
     "captioning": "genloop.train.captioning",
     "autoencoder_kl": "genloop.train.text_to_image",
     "text_to_image": "genloop.train.text_to_image",
+    "masked_lm": "genloop.train.encoders",
 }
 
 

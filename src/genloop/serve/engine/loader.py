@@ -223,9 +223,10 @@ def load_engine(
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no tqdm in server logs
     model_dir = Path(model_dir)
     family = model_family(model_dir)
-    if family in IMAGE_FAMILIES:
+    if family in IMAGE_FAMILIES or family == "masked_lm":
+        kind = "an encoder" if family == "masked_lm" else "an image model"
         raise GenloopError(
-            f"model {model_name} is an image model ({family}); the text engine serves "
+            f"model {model_name} is {kind} ({family}); the text engine serves "
             "causal_lm and seq2seq models"
         )
     on_onnx = onnx_device(model_dir, cfg.device)  # None: the model runs in PyTorch
