@@ -776,6 +776,7 @@ EvalSuite = Literal[
     "clip",
     "captioning",
     "t2i",
+    "retrieval",
 ]
 _DEFAULT_SUITES: tuple[EvalSuite, ...] = ("perplexity", "generation")
 

@@ -14,7 +14,8 @@ models (vae, gan, diffusion) the ``image`` (FID/KID/IS, conditional accuracy) an
 ``augment`` suites of ``evaluate/image.py``; clip models the ``clip`` suite of
 ``evaluate/clip_metrics.py``; captioning models the ``captioning`` suite (BLEU, attribute
 accuracy) of ``evaluate/captioning.py``; text_to_image models the ``t2i`` suite
-(compositional accuracy, CLIP score) of ``evaluate/text_to_image.py``.
+(compositional accuracy, CLIP score) of ``evaluate/text_to_image.py``; masked_lm models the
+``retrieval`` suite (recall@k and MRR against TF-IDF) of ``evaluate/retrieval.py``.
 
 The same model version, dataset version, settings and seed give the same numbers.
 """
@@ -49,6 +50,7 @@ IMAGE_SUITES = ("image", "augment")  # see evaluate/image.py
 CLIP_SUITES = ("clip",)  # see evaluate/clip_metrics.py
 CAPTION_SUITES = ("captioning",)  # see evaluate/captioning.py
 T2I_SUITES = ("t2i",)  # see evaluate/text_to_image.py
+RETRIEVAL_SUITES = ("retrieval",)  # see evaluate/retrieval.py
 NEEDS_DATASET = (
     "perplexity",
     "generation",
@@ -56,6 +58,7 @@ NEEDS_DATASET = (
     *CLIP_SUITES,
     *CAPTION_SUITES,
     *T2I_SUITES,
+    *RETRIEVAL_SUITES,
 )
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
 # the suites each family can run, and (non-text families) the ones it runs by default
@@ -65,12 +68,14 @@ FAMILY_SUITES: dict[str, tuple[str, ...]] = {
     "clip": CLIP_SUITES,
     "captioning": CAPTION_SUITES,
     "text_to_image": T2I_SUITES,
+    "masked_lm": RETRIEVAL_SUITES,
 }
 DEFAULT_SUITES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(IMAGE_FAMILIES, ("image",)),
     "clip": CLIP_SUITES,
     "captioning": CAPTION_SUITES,
     "text_to_image": T2I_SUITES,
+    "masked_lm": RETRIEVAL_SUITES,
 }
 PERPLEXITY_BATCH = 8
 GENERATION_BATCH = 8
@@ -146,6 +151,15 @@ def evaluate_model(
         assert ds is not None and data_dir is not None  # _dataset() made sure
         _seed_everything(cfg.seed)
         results = [run_t2i_suite(ws, info, model_dir, ds, data_dir, cfg, device, progress)]
+    elif info.family == "masked_lm":  # 4-5. retrieval vs TF-IDF (evaluate/retrieval.py)
+        from genloop.evaluate.retrieval import run_retrieval_suite
+
+        assert ds is not None and data_dir is not None  # _dataset() made sure
+        for i, suite in enumerate(chosen, 1):
+            if progress is not None:
+                progress(suite, i, len(chosen))
+            _seed_everything(cfg.seed)
+            results.append(run_retrieval_suite(model_dir, data_dir, ds.ref, cfg, device))
     elif info.family in IMAGE_FAMILIES:  # 4-5. FID/KID/IS, augmentation (evaluate/image.py)
         from genloop.evaluate.image import run_image_suites
 
@@ -182,7 +196,14 @@ def evaluate_model(
 
 def check_suites(suites: list[str]) -> list[str]:
     """The suites in the order given, without repeats; unknown or unrunnable ones refused."""
-    known = (*RUNNABLE, *IMAGE_SUITES, *CLIP_SUITES, *CAPTION_SUITES, *T2I_SUITES)
+    known = (
+        *RUNNABLE,
+        *IMAGE_SUITES,
+        *CLIP_SUITES,
+        *CAPTION_SUITES,
+        *T2I_SUITES,
+        *RETRIEVAL_SUITES,
+    )
     if not suites:
         raise ConfigError(f"no suite to run; choose from: {', '.join(known)}")
     out: list[str] = []
