@@ -95,6 +95,10 @@ def test_bad_models_rows_and_options_get_one_clear_line(ws: Workspace, tmp_path:
     assert "long.jsonl:1" in line and "at most 16" in line and "--truncate" in line
     cut = run_genloop(ws, "generate", "enc", "--embed", "-i", long, "--truncate")
     assert cut.returncode == 0 and len(json.loads(cut.stdout)["embedding"]) == 32
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text('{"text": "owl"}\n{"text": "\\ud800"}\n')
+    line = error_line(run_genloop(ws, "generate", "enc", "--embed", "-i", lone))
+    assert "lone.jsonl:2: the text is not valid Unicode" in line
     line = error_line(run_genloop(ws, "generate", "enc", "--embed", "-p", "owl"))
     assert "--embed reads --input" in line
     line = error_line(
@@ -103,3 +107,5 @@ def test_bad_models_rows_and_options_get_one_clear_line(ws: Workspace, tmp_path:
     assert "dimensions is 64" in line and "32" in line
     line = error_line(run_genloop(ws, "generate", "enc", "-p", "owl", "--dimensions", "4"))
     assert "go with --embed" in line
+    line = error_line(run_genloop(ws, "generate", "enc", "-p", "owl"))
+    assert "embedding model (masked_lm)" in line and "--embed --input" in line

@@ -164,6 +164,14 @@ def test_bad_input_is_a_400_and_too_much_a_413_naming_the_limit(server: LiveServ
     assert vocab.status_code == 400 and "vocabulary" in vocab.json()["error"]["message"]
     fmt = post({"input": "owl", "encoding_format": "int8"})
     assert fmt.status_code == 400 and fmt.json()["error"]["param"] == "encoding_format"
+    assert post({"input": [True, False]}).status_code == 400  # not token ids 1 and 0
+    with server.client(server.keys["generate"]) as c:
+        lone = c.post(
+            "/v1/embeddings",
+            content=b'{"model": "enc", "input": ["owl", "\\ud800"]}',
+            headers={"content-type": "application/json"},
+        )
+    assert lone.status_code == 400 and "input[1] is not valid Unicode" in lone.text
 
 
 def test_models_of_the_wrong_kind_are_refused_naming_the_fix(

@@ -151,6 +151,11 @@ def generate(
     if input_ is not None and prompt is not None:
         raise ConfigError("give either --prompt or --input, not both")
     path, name, version, family = _resolve(model)
+    if family == "masked_lm":
+        raise ConfigError(
+            f"{name} is an embedding model (masked_lm): it generates no text; embed a file "
+            "with --embed --input FILE.jsonl"
+        )
     if family in IMAGE_FAMILIES:
         if input_ is not None:
             raise ConfigError(f"{name} is an image model ({family}); --input is for text models")
@@ -269,6 +274,10 @@ def _embed(
                     raise GenloopError(
                         f'{where}: no "{field}" text to embed (name another key with --field)'
                     )
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:  # JSON allows a lone surrogate ("\ud800")
+                    raise GenloopError(f"{where}: the text is not valid Unicode") from None
                 batch.append((where, row))
                 if len(batch) >= batch_size:
                     flush()

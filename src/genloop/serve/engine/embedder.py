@@ -89,12 +89,12 @@ class EmbeddingEngine:
     max_batch_tokens: int = 16_384
     max_queue: int = 64  # requests waiting for a forward before 429
     batch_wait_s: float = 0.0
-    _queue: deque[_Input] = field(default_factory=deque)
-    _wake: asyncio.Event | None = None
-    _loop: asyncio.Task[None] | None = None
-    _waiting: int = 0
-    _stopped: bool = False
-    _counts: _Counts = field(default_factory=_Counts)
+    _queue: deque[_Input] = field(default_factory=deque, init=False)
+    _wake: asyncio.Event | None = field(default=None, init=False)
+    _loop: asyncio.Task[None] | None = field(default=None, init=False)
+    _waiting: int = field(default=0, init=False)  # requests with inputs still queued
+    _stopped: bool = field(default=False, init=False)
+    _counts: _Counts = field(default_factory=_Counts, init=False)
 
     @property
     def hidden_size(self) -> int:

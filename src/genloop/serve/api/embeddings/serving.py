@@ -116,9 +116,14 @@ def _inputs(body: EmbeddingRequest, limit: int) -> list[str] | list[list[int]]:
     if not items:
         raise invalid(EMPTY, "input")
     for i, item in enumerate(items):
+        where = "input" if len(items) == 1 else f"input[{i}]"
         if len(item) == 0:
-            where = "input" if len(items) == 1 else f"input[{i}]"
             raise invalid(f"{where} is empty; {EMPTY[len('input is empty: ') :]}", "input")
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"), text does not
+                raise invalid(f"{where} is not valid Unicode (a lone surrogate)", "input") from None
     if len(items) > limit:
         raise ApiError(
             f"input holds {len(items)} items; this server embeds at most {limit} per request "
