@@ -81,6 +81,19 @@ def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return summed / m.sum(dim=1).float().clamp(min=1.0)
 
 
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded token ids and their attention mask, (N, T) long each."""
+    import torch
+
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def normalize(x: Tensor) -> Tensor:
     """Rows of ``x`` scaled to unit L2 norm (a zero row stays zero)."""
     import torch.nn.functional as F
@@ -165,13 +178,7 @@ class Embedder:
 
         if not ids:
             return np.zeros((0, self.hidden_size), dtype=np.float32)
-        rows = [list(r[: self.context_length]) for r in ids]
-        longest = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+        input_ids, mask = pad_batch([r[: self.context_length] for r in ids], self.pad_id)
         device = self.device
         with torch.inference_mode():
             out = self.encoder(input_ids=input_ids.to(device), attention_mask=mask.to(device))

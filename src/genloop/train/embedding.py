@@ -109,6 +109,8 @@ class ContrastiveEmbedding:
         ``same`` marks each query's duplicates of its answer among the documents."""
         import torch
 
+        from genloop.models.embeddings import pad_batch
+
         docs = [r.positive for r in rows] + [r.negative for r in rows if r.negative is not None]
         doc_ids = [r.positive_doc for r in rows] + [
             r.negative_doc for r in rows if r.negative_doc is not None
@@ -117,8 +119,8 @@ class ContrastiveEmbedding:
         answers = groups[: len(rows)]
         same = answers[:, None] == groups[None, :]  # (B, B + H)
         same.fill_diagonal_(False)
-        q_ids, q_mask = _pad([r.query for r in rows], self.pad_id)
-        d_ids, d_mask = _pad(docs, self.pad_id)
+        q_ids, q_mask = pad_batch([r.query for r in rows], self.pad_id)
+        d_ids, d_mask = pad_batch(docs, self.pad_id)
         batch = {
             "query_ids": q_ids,
             "query_mask": q_mask,
@@ -150,19 +152,6 @@ class ContrastiveEmbedding:
         d = sentence_embeddings(model, batch["doc_ids"], batch["doc_mask"])  # (B + H', H)
         loss = multiple_negatives_ranking_loss(q, d, scale=self.scale, same=batch["same"])
         return loss, int(batch["query_mask"].sum() + batch["doc_mask"].sum())
-
-
-def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-padded ids and their attention mask, (N, T) long each."""
-    import torch
-
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 def make_embedding_objective(
