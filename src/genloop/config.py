@@ -837,6 +837,7 @@ EvalSuite = Literal[
     "mlm",
     "classification",
     "token_classification",
+    "retrieval",
 ]
 _DEFAULT_SUITES: tuple[EvalSuite, ...] = ("perplexity", "generation")
 
@@ -1188,6 +1189,29 @@ class ServeConfig(BaseModel):
     max_tokens: int = Field(512, ge=1, description="Largest max_tokens accepted.")
     max_n: int = Field(8, ge=1, le=128, description="Largest n (choices per request).")
     max_stop: int = Field(4, ge=0, le=64, description="Most stop sequences per request.")
+    max_embedding_inputs: int = Field(
+        2048, ge=1, description="Most inputs in one /v1/embeddings request (413 beyond)."
+    )
+    max_embedding_tokens: int = Field(
+        65_536,
+        ge=1,
+        description="Most tokens, all inputs together, in one /v1/embeddings request (413 beyond).",
+    )
+    embedding_batch_size: int = Field(
+        64, ge=1, description="Most inputs per embedding forward pass (requests share them)."
+    )
+    embedding_batch_tokens: int = Field(
+        16_384,
+        ge=1,
+        description="Most padded tokens (inputs × the longest) per embedding forward pass.",
+    )
+    embedding_batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="How long an idle embedding engine waits for more requests to join its "
+        "next forward pass (0: none; under load they join anyway).",
+    )
     max_body_bytes: int = Field(MiB, ge=1024, description="Largest request body.")
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="Largest request header block.")
     max_concurrent_requests: int = Field(

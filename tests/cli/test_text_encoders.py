@@ -112,5 +112,5 @@ def test_labeled_rows_to_a_trained_classifier(workspace: Workspace, tmp_path: Pa
     assert record["metrics"]["accuracy_ci_low"] <= record["metrics"]["accuracy"]
 
     ran = run_genloop(workspace, "generate", "sentiment", "-p", "hello")
-    assert ran.returncode == 1 and "Traceback" not in ran.stderr
-    assert "is an encoder (masked_lm)" in ran.stderr
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr
+    assert "generates no text; embed a file with --embed" in ran.stderr

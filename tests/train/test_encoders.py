@@ -271,7 +271,9 @@ def test_an_objective_needs_a_dataset_of_its_kind(ws: Workspace) -> None:
         train(ws, config("wrong", "mlm", "topics", **TINY))
 
 
-def test_a_validation_label_the_training_rows_lack_is_an_error(ws: Workspace) -> None:
+def test_a_validation_label_the_training_rows_lack_is_an_error(
+    ws: Workspace, pretrained: TrainResult
+) -> None:
     from genloop.data.pack import assign_split
     from genloop.data.pairs import write_pairs_dataset
 
@@ -281,7 +283,8 @@ def test_a_validation_label_the_training_rows_lack_is_an_error(ws: Workspace) ->
     texts, _ = labeled_rows(60, 1)
     rows = ({"label": "weather", "text": f"rain {i}"} for i in range(1000))
     odd = next(row for row in rows if split(row) == "val")
-    tok_dir = registry.artifact_path(ws, "enc")
+    assert pretrained.model is not None
+    tok_dir = registry.artifact_path(ws, pretrained.model.ref)
     write_pairs_dataset(ws, "odd", "classification", [*texts, odd], tokenizer_dir=tok_dir)
     with pytest.raises(
         GenloopError,
@@ -335,6 +338,33 @@ def test_retrieval_rows_build_the_bare_encoder_for_the_embedding_objective(
         assert model.base_model is model  # what the contrastive objective calls
         assert model_config["task"] == "embedding"
         assert not any(p.requires_grad for p in model.pooler.parameters())  # unused: frozen
+
+
+def test_an_embedding_model_trains_contrastively_and_is_evaluated_by_retrieval(
+    ws: Workspace, pretrained: TrainResult
+) -> None:
+    """The whole path: the pretrained encoder fine-tuned on retrieval rows through the loop,
+    saved as an embedding model, embedded by the serving loader and scored by its default
+    suite (retrieval, beside TF-IDF)."""
+    from genloop.evaluate.run import evaluate_model
+    from genloop.models.embeddings import load_embedder
+
+    assert pretrained.model is not None
+    cfg = config("emb", "embedding", "pairs", steps=40, base_model=pretrained.model.ref)
+    result = train(ws, cfg)
+    falls(result)
+    assert result.model is not None and result.model.family == "masked_lm"
+    path = registry.artifact_path(ws, result.model.ref)
+    assert json.loads((path / "config.json").read_text())["architectures"] == ["BertModel"]
+    embedder = load_embedder(path)
+    vectors = embedder.embed(["the cat sat", "THE CAT SAT", "a quiet river"])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    ids = embedder.tokenizer("a cat")["input_ids"]  # framed as the family trains: cls … sep
+    assert ids[0] == embedder.tokenizer.cls_token_id and ids[-1] == embedder.tokenizer.sep_token_id
+    record = evaluate_model(ws, result.model.ref, dataset="pairs", device="cpu")
+    assert record.suite == "retrieval"  # an embedding model's default suite
+    assert 0.0 <= record.metrics["mrr"] <= 1.0  # type: ignore[operator]
+    assert "tfidf_mrr" in record.metrics
 
 
 def test_mlm_batches_resume_exactly_and_validation_masks_stay_fixed(

@@ -1,7 +1,10 @@
-"""``genloop generate``: text from a prompt or a JSONL batch, images from a prompt.
+"""``genloop generate``: text from a prompt or a JSONL batch, images from a prompt,
+embeddings of a JSONL file.
 
 Text models run on the serving engine (``genloop.serve.engine``), the same continuous
-batching the server uses; image models (vae, gan, diffusion) on their family's sampler.
+batching the server uses; image models (vae, gan, diffusion) on their family's sampler;
+``--embed`` runs a masked_lm model's encoder (``genloop.models.embeddings``), as
+``/v1/embeddings`` does.
 """
 
 from __future__ import annotations
@@ -91,8 +94,29 @@ def generate(
         float | None,
         typer.Option("--guidance-scale", min=0.0, max=50.0, help="Text-to-image: guidance."),
     ] = None,
+    embed: Annotated[
+        bool,
+        typer.Option(
+            "--embed",
+            help="Embed the text of each --input row (masked_lm models); rows are written "
+            "with their 'embedding' to --output, or to stdout.",
+        ),
+    ] = False,
+    field: Annotated[
+        str, typer.Option("--field", help="With --embed: the key of each row's text.")
+    ] = "text",
+    dimensions: Annotated[
+        int | None,
+        typer.Option(
+            "--dimensions", min=1, help="With --embed: keep the first N dimensions, renormalised."
+        ),
+    ] = None,
+    truncate: Annotated[
+        bool,
+        typer.Option("--truncate", help="With --embed: cut texts longer than the model's context."),
+    ] = False,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Sequences decoded together.")
+        int, typer.Option("--batch-size", min=1, help="Sequences decoded (or embedded) together.")
     ] = 16,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -103,11 +127,23 @@ def generate(
     genloop generate tiny-lm --input prompts.jsonl --output out.jsonl
     genloop generate digits-gan -p "7" -n 16 --out sevens/
     genloop generate shapes-t2i -p "a large red circle on the left" -n 8 --out circles/
+    genloop generate my-bert --embed --input docs.jsonl --output vectors.jsonl
     """
     from genloop.errors import ConfigError
 
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if embed:
+        if input_ is None or prompt is not None:
+            raise ConfigError(
+                f'--embed reads --input FILE.jsonl (rows with a "{field}" text), not --prompt'
+            )
+        if json and output is None:
+            raise ConfigError("--embed --json prints a summary: give --output for the rows")
+        _embed(model, input_, output, field, dimensions, truncate, batch_size, device, json)
+        return
+    if field != "text" or dimensions is not None or truncate:
+        raise ConfigError("--field, --dimensions and --truncate go with --embed")
     if (input_ is None) != (output is None):
         raise ConfigError("--input and --output go together")
     if input_ is None and prompt is None:
@@ -115,6 +151,11 @@ def generate(
     if input_ is not None and prompt is not None:
         raise ConfigError("give either --prompt or --input, not both")
     path, name, version, family = _resolve(model)
+    if family == "masked_lm":
+        raise ConfigError(
+            f"{name} is an embedding model (masked_lm): it generates no text; embed a file "
+            "with --embed --input FILE.jsonl"
+        )
     if family in IMAGE_FAMILIES:
         if input_ is not None:
             raise ConfigError(f"{name} is an image model ({family}); --input is for text models")
@@ -148,6 +189,128 @@ def generate(
     else:
         assert prompt is not None
         _prompt(engine, prompt, params, n, chat, json)
+
+
+def _embed(
+    ref: str,
+    input_: Path,
+    output: Path | None,
+    field: str,
+    dimensions: int | None,
+    truncate: bool,
+    batch_size: int,
+    device: str,
+    json: bool,
+) -> None:
+    """Embed the ``field`` text of every row of ``input_``; write each row with its
+    ``embedding`` to ``output`` (through a ``.part`` file, renamed when done) or stdout."""
+    import json as json_lib
+    import sys
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from genloop.data.jsonl import read_jsonl
+    from genloop.errors import GenloopError
+    from genloop.models.embeddings import EMBEDDING_FAMILIES, cannot_embed, load_embedder
+
+    if not input_.is_file():
+        raise GenloopError(f"{input_}: no such file")
+    local = Path(ref)
+    if ("/" in ref or ref.startswith(".")) and local.is_dir():
+        path, name = local, local.resolve().name  # load_embedder checks what it holds
+    else:
+        path, name, _version, family = _resolve(ref)
+        if family not in EMBEDDING_FAMILIES:
+            raise cannot_embed(name, family)
+    with err_console.status(f"loading {name}", spinner="dots"):
+        embedder = load_embedder(path, device=device, name=name)
+    from genloop.models.embeddings import check_dimensions
+
+    check_dimensions(dimensions, embedder.hidden_size)
+    with input_.open(encoding="utf-8") as f:
+        total = sum(1 for line in f if line.strip())
+    part = output.with_name(output.name + ".part") if output is not None else None
+    sink = part.open("w", encoding="utf-8") if part is not None else sys.stdout
+    started, written, width = time.monotonic(), 0, 0
+    try:
+        with Progress(
+            TextColumn("embed"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=err_console,
+            transient=True,
+            disable=json,
+        ) as bar:
+            task = bar.add_task("embed", total=total)
+            batch: list[tuple[str, dict[str, Any]]] = []
+
+            def flush() -> None:
+                nonlocal written, width
+                ids = embedder.token_ids([row[field] for _, row in batch])
+                for (where, _), row_ids in zip(batch, ids, strict=True):
+                    if len(row_ids) > embedder.context_length and not truncate:
+                        raise GenloopError(
+                            f"{where}: the text is {len(row_ids)} tokens; {name} reads at "
+                            f"most {embedder.context_length} (shorten it, or pass --truncate)"
+                        )
+                    if not row_ids:
+                        raise GenloopError(f"{where}: the text has no tokens")
+                vectors = embedder.embed(
+                    ids, dimensions=dimensions, batch_size=batch_size, truncate=truncate
+                )
+                for (_, row), vector in zip(batch, vectors, strict=True):
+                    sink.write(json_lib.dumps(row | {"embedding": vector.tolist()}) + "\n")
+                written += len(batch)
+                width = int(vectors.shape[1])
+                bar.update(task, completed=written)
+                batch.clear()
+
+            for _n, where, row in read_jsonl(input_):
+                if not isinstance(row, dict):
+                    raise GenloopError(f"{where}: expected a JSON object")
+                text = row.get(field)
+                if not isinstance(text, str) or not text.strip():
+                    raise GenloopError(
+                        f'{where}: no "{field}" text to embed (name another key with --field)'
+                    )
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:  # JSON allows a lone surrogate ("\ud800")
+                    raise GenloopError(f"{where}: the text is not valid Unicode") from None
+                batch.append((where, row))
+                if len(batch) >= batch_size:
+                    flush()
+            if batch:
+                flush()
+        if written == 0:
+            raise GenloopError(f"{input_}: no rows to embed")
+    except BaseException:
+        if part is not None:
+            sink.close()
+            part.unlink(missing_ok=True)
+        raise
+    if part is not None and output is not None:
+        sink.close()
+        part.replace(output)
+    seconds = time.monotonic() - started
+    summary = {
+        "model": name,
+        "rows": written,
+        "dimensions": width,
+        "output": str(output) if output is not None else None,
+        "seconds": round(seconds, 3),
+    }
+    if json:
+        print_json(summary)
+        return
+    where_to = str(output) if output is not None else "stdout"
+    (console if output is not None else err_console).print(
+        f"{written} rows embedded ({width} dimensions) to {where_to} in {seconds:.1f} s",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def _resolve(ref: str) -> tuple[Path, str, int | None, str]:

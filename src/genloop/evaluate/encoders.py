@@ -305,18 +305,15 @@ def evaluate_mlm(
 
 
 def default_suites(model_dir: Path) -> list[str]:
-    """The suite of the masked LM in ``model_dir``, by its task."""
+    """The suite of the masked LM in ``model_dir``, by its task (``retrieval`` for an
+    embedding model)."""
     from genloop.models.masked_lm import artifact_task
 
     task = artifact_task(model_dir)
     for suite, wanted in SUITE_TASK.items():
         if wanted == task:
             return [suite]
-    raise GenloopError(
-        f"the model in {model_dir} is an embedding model (the bare encoder); the "
-        f"{', '.join(ENCODER_SUITES)} suites need an MLM or classification head: name the "
-        "suite to run"
-    )
+    return ["retrieval"]  # an embedding model (the bare encoder)
 
 
 def run_encoder_suites(

@@ -12,11 +12,12 @@
 Other families run their own suites in place of steps 4-5 (``FAMILY_SUITES``): image
 models (vae, gan, diffusion) the ``image`` (FID/KID/IS, conditional accuracy) and
 ``augment`` suites of ``evaluate/image.py``; masked_lm models the ``mlm``,
-``classification`` and ``token_classification`` suites of ``evaluate/encoders.py`` (by
-default the one of their head); clip models the ``clip`` suite of
-``evaluate/clip_metrics.py``; captioning models the ``captioning`` suite (BLEU, attribute
-accuracy) of ``evaluate/captioning.py``; text_to_image models the ``t2i`` suite
-(compositional accuracy, CLIP score) of ``evaluate/text_to_image.py``.
+``classification`` and ``token_classification`` suites of ``evaluate/encoders.py`` and the
+``retrieval`` suite (recall@k and MRR against TF-IDF) of ``evaluate/retrieval.py`` (by
+default the one of their head; ``retrieval`` for an embedding model); clip models the
+``clip`` suite of ``evaluate/clip_metrics.py``; captioning models the ``captioning`` suite
+(BLEU, attribute accuracy) of ``evaluate/captioning.py``; text_to_image models the ``t2i``
+suite (compositional accuracy, CLIP score) of ``evaluate/text_to_image.py``.
 
 The same model version, dataset version, settings and seed give the same numbers.
 """
@@ -52,6 +53,7 @@ CLIP_SUITES = ("clip",)  # see evaluate/clip_metrics.py
 CAPTION_SUITES = ("captioning",)  # see evaluate/captioning.py
 T2I_SUITES = ("t2i",)  # see evaluate/text_to_image.py
 ENCODER_SUITES = ("mlm", "classification", "token_classification")  # evaluate/encoders.py
+RETRIEVAL_SUITES = ("retrieval",)  # see evaluate/retrieval.py
 NEEDS_DATASET = (
     "perplexity",
     "generation",
@@ -60,6 +62,7 @@ NEEDS_DATASET = (
     *CAPTION_SUITES,
     *T2I_SUITES,
     *ENCODER_SUITES,
+    *RETRIEVAL_SUITES,
 )
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
 # the suites each family can run, and (non-text families) the ones it runs by default
@@ -69,7 +72,7 @@ FAMILY_SUITES: dict[str, tuple[str, ...]] = {
     "clip": CLIP_SUITES,
     "captioning": CAPTION_SUITES,
     "text_to_image": T2I_SUITES,
-    "masked_lm": ENCODER_SUITES,
+    "masked_lm": (*ENCODER_SUITES, *RETRIEVAL_SUITES),
 }
 DEFAULT_SUITES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(IMAGE_FAMILIES, ("image",)),
@@ -155,12 +158,20 @@ def evaluate_model(
         assert ds is not None and data_dir is not None  # _dataset() made sure
         _seed_everything(cfg.seed)
         results = [run_t2i_suite(ws, info, model_dir, ds, data_dir, cfg, device, progress)]
-    elif info.family == "masked_lm":  # 4-5. MLM, classification, tagging (evaluate/encoders.py)
+    elif info.family == "masked_lm":  # 4-5. heads (evaluate/encoders.py), retrieval vs TF-IDF
         from genloop.evaluate.encoders import run_encoder_suites
+        from genloop.evaluate.retrieval import run_retrieval_suite
 
         assert ds is not None and data_dir is not None  # _dataset() made sure
         _seed_everything(cfg.seed)
-        results = run_encoder_suites(model_dir, data_dir, ds, chosen, cfg, device, progress)
+        heads = [s for s in chosen if s in ENCODER_SUITES]
+        if heads:
+            results = run_encoder_suites(model_dir, data_dir, ds, heads, cfg, device, progress)
+        if "retrieval" in chosen:
+            if progress is not None:
+                progress("retrieval", len(chosen), len(chosen))
+            _seed_everything(cfg.seed)
+            results.append(run_retrieval_suite(model_dir, data_dir, ds.ref, cfg, device))
     elif info.family in IMAGE_FAMILIES:  # 4-5. FID/KID/IS, augmentation (evaluate/image.py)
         from genloop.evaluate.image import run_image_suites
 
@@ -197,7 +208,15 @@ def evaluate_model(
 
 def check_suites(suites: list[str]) -> list[str]:
     """The suites in the order given, without repeats; unknown or unrunnable ones refused."""
-    known = (*RUNNABLE, *IMAGE_SUITES, *CLIP_SUITES, *CAPTION_SUITES, *T2I_SUITES, *ENCODER_SUITES)
+    known = (
+        *RUNNABLE,
+        *IMAGE_SUITES,
+        *CLIP_SUITES,
+        *CAPTION_SUITES,
+        *T2I_SUITES,
+        *ENCODER_SUITES,
+        *RETRIEVAL_SUITES,
+    )
     if not suites:
         raise ConfigError(f"no suite to run; choose from: {', '.join(known)}")
     out: list[str] = []

@@ -43,8 +43,9 @@ if TYPE_CHECKING:
     from genloop.config import GenloopConfig, ServeConfig
     from genloop.monitor.metrics import ServingMetrics
     from genloop.monitor.scheduler import EvaluateFn
+    from genloop.serve.engine.embedder import EmbeddingEngine
     from genloop.serve.engine.protocol import ImageCaptioner, ImageGenerator, TextEngine
-    from genloop.serve.models import ImageLoader, TextLoader, VisionLoader
+    from genloop.serve.models import EmbeddingLoader, ImageLoader, TextLoader, VisionLoader
     from genloop.workspace import Workspace
     from genloop.workspace.registry import ModelVersionInfo
 
@@ -85,6 +86,7 @@ def create_app(
         load_text=load_text or _text_loader(serve, metrics),
         load_image=load_image or _image_loader,
         load_vision=_vision_loader(serve),
+        load_embedding=_embedding_loader(serve),
         observer=metrics,
         poll_interval_s=poll_interval_s,
         swap_timeout_s=serve.request_timeout_s + 5.0,
@@ -164,6 +166,7 @@ def create_app(
     from genloop.serve.api import models as models_api
     from genloop.serve.api.chat import router as chat
     from genloop.serve.api.completions import router as completions
+    from genloop.serve.api.embeddings import router as embeddings
     from genloop.serve.api.feedback import router as feedback
     from genloop.serve.api.images import router as images
 
@@ -172,6 +175,7 @@ def create_app(
     app.include_router(completions.router)
     app.include_router(chat.router)
     app.include_router(images.router)
+    app.include_router(embeddings.router)
     app.include_router(feedback.router)
     app.include_router(admin.router)
 
@@ -329,6 +333,17 @@ def _vision_loader(serve: ServeConfig) -> VisionLoader:
         from genloop.serve.engine.loader import load_vision_engine
 
         return load_vision_engine(path, cfg=serve)
+
+    return load
+
+
+def _embedding_loader(serve: ServeConfig) -> EmbeddingLoader:
+    def load(path: Path, info: ModelVersionInfo) -> EmbeddingEngine:
+        from genloop.serve.engine.loader import load_embedding_engine
+
+        return load_embedding_engine(
+            path, model_name=info.name, model_version=info.version, cfg=serve
+        )
 
     return load
 

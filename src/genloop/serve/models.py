@@ -18,8 +18,9 @@ name (``code-lm``: the first served ref of that name), or the concrete version i
 serving now (``code-lm@3``). Nothing else is loaded on demand.
 
 A version is of one kind: ``text`` (a text engine: completions and chat), ``image`` (an
-image generator: ``/v1/images/generations``) or ``vision`` (a captioner: chat messages
-with image parts). Image generators and captioners run one call at a time per version
+image generator: ``/v1/images/generations``), ``vision`` (a captioner: chat messages
+with image parts) or ``embedding`` (an embedding engine, ``engine/embedder.py``:
+``/v1/embeddings``). Image generators and captioners run one call at a time per version
 (:meth:`LoadedModel.run_exclusive`): each call uses every core already.
 """
 
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from sqlalchemy import func, select
 
 from genloop.errors import GenloopError, NotFoundError
+from genloop.models.embeddings import EMBEDDING_FAMILIES
 from genloop.models.family import IMAGE_FAMILIES
 from genloop.serve.engine.protocol import ImageCaptioner, ImageGenerator, TextEngine
 from genloop.serve.errors import ApiError
@@ -47,20 +49,22 @@ from genloop.workspace.registry import ModelVersionInfo
 from genloop.workspace.tables import Alias, ModelVersion
 
 if TYPE_CHECKING:
+    from genloop.serve.engine.embedder import EmbeddingEngine
     from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 TEXT_FAMILIES = ("causal_lm", "seq2seq")
 VISION_FAMILIES = ("captioning",)  # image → text, through the chat endpoint
-SERVED_FAMILIES = TEXT_FAMILIES + IMAGE_FAMILIES + VISION_FAMILIES
+SERVED_FAMILIES = TEXT_FAMILIES + IMAGE_FAMILIES + VISION_FAMILIES + EMBEDDING_FAMILIES
 RETRY_FAILED_LOAD_S = 30.0  # a version that failed to load is not retried more often
 
 
 TextLoader = Callable[[Path, ModelVersionInfo], TextEngine]
 ImageLoader = Callable[[Path, ModelVersionInfo], ImageGenerator]
 VisionLoader = Callable[[Path, ModelVersionInfo], ImageCaptioner]
-Kind = Literal["text", "image", "vision"]
+EmbeddingLoader = Callable[[Path, ModelVersionInfo], "EmbeddingEngine"]
+Kind = Literal["text", "image", "vision", "embedding"]
 T = TypeVar("T")
 
 
@@ -88,6 +92,7 @@ class LoadedModel:
     engine: TextEngine | None = None
     images: ImageGenerator | None = None
     captioner: ImageCaptioner | None = None
+    embeddings: EmbeddingEngine | None = None
     leases: int = 0
     retired: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -114,11 +119,18 @@ class LoadedModel:
             raise self._wrong_kind()
         return self.captioner
 
+    def embedding_engine(self) -> EmbeddingEngine:
+        if self.embeddings is None:
+            raise self._wrong_kind()
+        return self.embeddings
+
     def _wrong_kind(self) -> ApiError:
         use = {
             "text": "a text model; use /v1/completions or /v1/chat/completions",
             "image": "an image model; use /v1/images/generations",
             "vision": "a captioning model; send it images in /v1/chat/completions",
+            "embedding": f"an embedding model ({self.info.family}), which does not generate "
+            "text; use /v1/embeddings",
         }[self.kind]
         return ApiError(f"model {self.served} is {use}", param="model", code="wrong_model_kind")
 
@@ -177,6 +189,7 @@ class ModelManager:
         load_text: TextLoader,
         load_image: ImageLoader,
         load_vision: VisionLoader | None = None,
+        load_embedding: EmbeddingLoader | None = None,
         observer: SwapObserver | None = None,
         poll_interval_s: float = 1.0,
         swap_timeout_s: float = 60.0,
@@ -187,6 +200,7 @@ class ModelManager:
         self.load_text = load_text
         self.load_image = load_image
         self.load_vision = load_vision
+        self.load_embedding = load_embedding
         self.observer = observer
         self.poll_interval_s = poll_interval_s
         self.swap_timeout_s = swap_timeout_s
@@ -230,7 +244,9 @@ class ModelManager:
     async def drain(self, timeout_s: float) -> None:
         """Stop admitting; let running requests finish, abort what is left at the deadline."""
         self.draining = True
-        engines = [m.engine for m in self._all_loaded() if m.engine is not None]
+        loaded = self._all_loaded()
+        engines: list[Any] = [m.engine for m in loaded if m.engine is not None]
+        engines += [m.embeddings for m in loaded if m.embeddings is not None]
         await asyncio.gather(*(e.drain(timeout_s) for e in engines), return_exceptions=True)
 
     async def close(self) -> None:
@@ -467,12 +483,16 @@ class ModelManager:
             if self.draining:  # shutting down while it loaded: it never serves
                 if new.engine is not None:
                     await new.engine.drain(0.0)
+                if new.embeddings is not None:
+                    await new.embeddings.drain(0.0)
                 return
             served.current = new
             served.error = None
             if self.observer is not None:
                 if new.engine is not None:
                     self.observer.watch_engine(info.name, info.version, new.engine.stats)
+                if new.embeddings is not None:
+                    self.observer.watch_engine(info.name, info.version, new.embeddings.stats)
                 if cur is None:
                     self.observer.model_loaded(info.name, info.version)
                 else:
@@ -487,10 +507,14 @@ class ModelManager:
         kind = model_kind(info.family)
         if kind is None:
             raise GenloopError(f"model {info.ref} has family {info.family}: cannot serve it")
-        load_vision = self.load_vision
+        load_vision, load_embedding = self.load_vision, self.load_embedding
         if kind == "vision" and load_vision is None:
             raise GenloopError(
                 f"model {info.ref} is a captioning model: this server has no loader for it"
+            )
+        if kind == "embedding" and load_embedding is None:
+            raise GenloopError(
+                f"model {info.ref} is an embedding model: this server has no loader for it"
             )
 
         def load() -> LoadedModel:
@@ -500,11 +524,16 @@ class ModelManager:
             if kind == "vision":
                 assert load_vision is not None
                 return LoadedModel(spec, info, kind, captioner=load_vision(path, info))
+            if kind == "embedding":
+                assert load_embedding is not None
+                return LoadedModel(spec, info, kind, embeddings=load_embedding(path, info))
             return LoadedModel(spec, info, kind, engine=self.load_text(path, info))
 
         loaded = await asyncio.to_thread(load)
         if loaded.engine is not None:
             await loaded.engine.start()
+        if loaded.embeddings is not None:
+            await loaded.embeddings.start()
         return loaded
 
     def _retire(self, old: LoadedModel) -> None:
@@ -525,12 +554,16 @@ class ModelManager:
             )
         if old.engine is not None:
             await old.engine.drain(0.0)
+        if old.embeddings is not None:
+            await old.embeddings.drain(0.0)
         self._retired.discard(old)
-        if self.observer is not None and old.engine is not None:
+        watched = old.engine is not None or old.embeddings is not None
+        if self.observer is not None and watched:
             self.observer.unwatch_engine(old.info.name, old.info.version)
         old.engine = None
         old.images = None
         old.captioner = None
+        old.embeddings = None
         gc.collect()
         _empty_cuda_cache()
         log.info("unloaded %s", old.ref)
@@ -557,6 +590,8 @@ def model_kind(family: str) -> Kind | None:
         return "image"
     if family in VISION_FAMILIES:
         return "vision"
+    if family in EMBEDDING_FAMILIES:
+        return "embedding"
     return None
 
 

@@ -16,7 +16,9 @@ The server asks :func:`load_text_engine`, which first picks the backend
 process (``vllm.py``) for architectures the native engine does not batch. Both satisfy
 ``protocol.TextEngine``, so the gateway in front of them is the same. A ``captioning``
 model version loads as a :class:`~genloop.serve.engine.captioner.Captioner`
-(:func:`load_vision_engine`): images in through the chat endpoint, captions out.
+(:func:`load_vision_engine`): images in through the chat endpoint, captions out; a
+``masked_lm`` one as an :class:`~genloop.serve.engine.embedder.EmbeddingEngine`
+(:func:`load_embedding_engine`): ``/v1/embeddings``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
     from genloop.config import ServeConfig
     from genloop.serve.engine.captioner import Captioner
+    from genloop.serve.engine.embedder import EmbeddingEngine
     from genloop.serve.engine.protocol import TextEngine
     from genloop.serve.engine.types import EngineObserver
     from genloop.serve.engine.vllm import VllmEngine
@@ -83,6 +86,27 @@ def load_vision_engine(model_dir: Path, *, cfg: ServeConfig) -> Captioner:
 
     model, tokenizer = load_captioner(model_dir, device=resolve_device(cfg.device))
     return Captioner(model, tokenizer)
+
+
+def load_embedding_engine(
+    model_dir: Path, *, model_name: str, model_version: int | None, cfg: ServeConfig
+) -> EmbeddingEngine:
+    """The embedding engine of a ``masked_lm`` model directory (not started: ``await
+    engine.start()``): its encoder on ``cfg.device``, batched within the ``serve.embedding_*``
+    limits."""
+    from genloop.models.embeddings import load_embedder
+    from genloop.serve.engine.embedder import EmbeddingEngine
+
+    embedder = load_embedder(model_dir, device=resolve_device(cfg.device), name=model_name)
+    return EmbeddingEngine(
+        embedder,
+        model_name=model_name,
+        model_version=model_version,
+        max_batch_inputs=cfg.embedding_batch_size,
+        max_batch_tokens=cfg.embedding_batch_tokens,
+        max_queue=cfg.max_queue,
+        batch_wait_s=cfg.embedding_batch_wait_ms / 1000.0,
+    )
 
 
 def select_backend(model_dir: Path, *, model_name: str, cfg: ServeConfig) -> Backend:
