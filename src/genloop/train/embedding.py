@@ -164,8 +164,8 @@ def make_embedding_objective(
 
     from genloop.data.pairs import pairs_kind, read_pairs
     from genloop.data.tokenizer import load_hf_tokenizer
-    from genloop.models.masked_lm import frame_tokenizer
     from genloop.models.embeddings import encoder_context
+    from genloop.models.masked_lm import frame_tokenizer
 
     if t.objective != OBJECTIVE:
         raise wrong_family(t.objective)
