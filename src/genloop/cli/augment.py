@@ -110,8 +110,12 @@ def text(
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", min=1, help="Most tokens per teacher answer.")
     ] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="Teacher: 0 decodes greedily.")
+    ] = 0.7,
+    top_p: Annotated[
+        float, typer.Option("--top-p", min=0.0, max=1.0, help="Teacher: nucleus sampling cut.")
+    ] = 0.95,
     name: Annotated[
         str | None,
         typer.Option("--name", help="Dataset written \\[default: DATASET_NAME-augmented]."),
