@@ -105,3 +105,25 @@ def test_labeled_rows_make_a_dataset_of_their_kind(
     data = workspace.store.open_verified(info.artifact)
     assert pairs_kind(data) == kind
     assert read_pairs(data, "train", kind) == [GOOD_ROWS[kind]]
+
+
+def test_a_caller_may_split_the_rows_itself(workspace: Workspace, tok_dir: Path) -> None:
+    info = write_pairs_dataset(
+        workspace,
+        "given",
+        "sft",
+        SFT_ROWS[:7],
+        tokenizer_dir=tok_dir,
+        val_rows=SFT_ROWS[7:],
+        extra_stats={"augment": {"kept": 3}},
+    )
+    data = workspace.store.open_verified(info.artifact)
+    assert read_pairs(data, "train", "sft") == SFT_ROWS[:7]
+    assert read_pairs(data, "val", "sft") == SFT_ROWS[7:]
+    assert info.config["split"] == "given" and info.stats["augment"] == {"kept": 3}
+    assert info.stats["splits"] == {"train": {"rows": 7}, "val": {"rows": 3}}
+    # the split is part of the content: the same rows split otherwise are another version
+    other = write_pairs_dataset(
+        workspace, "given", "sft", SFT_ROWS[:6], tokenizer_dir=tok_dir, val_rows=SFT_ROWS[6:]
+    )
+    assert other.version == 2

@@ -86,13 +86,13 @@ def test_eval_and_augment_through_the_cli(home: Path) -> None:
     )
     assert Path(record["report_dir"], "report.html").is_file()
 
-    ran = genloop(home, "augment", "digits-diffusion", "--per-class", "10", "--json")
+    ran = genloop(home, "augment", "images", "digits-diffusion", "--per-class", "10", "--json")
     assert ran.returncode == 0, ran.stderr
     made = json.loads(ran.stdout)
     assert made["ref"] == "digits-diffusion-synthetic@1" and made["created"] is True
     assert made["stats"]["documents"] == 100
 
-    ran = genloop(home, "augment", "digits-diffusion", "--per-class", "0")
+    ran = genloop(home, "augment", "digits-diffusion", "--per-class", "0")  # the short form
     assert ran.returncode == 1 and "between 1 and" in ran.stderr and "Traceback" not in ran.stderr
     ran = genloop(home, "eval", "digits-diffusion", "--suite", "perplexity")
     assert ran.returncode == 1 and "needs a text model" in ran.stderr

@@ -93,7 +93,8 @@ def test_augment_writes_a_synthetic_dataset_and_measures_it(ws: Workspace) -> No
     model = registry.resolve(ws, "cvae")
     real = resolve_dataset(ws, "digits")
     real_dir = ws.store.open_verified(real.artifact)
-    with pytest.raises(GenloopError, match="run 'genloop augment cvae@1 --per-class N' first"):
+    first = "run 'genloop augment images cvae@1 --per-class N' first"
+    with pytest.raises(GenloopError, match=first):
         evaluate_augmentation(ws, model, real_dir, real)
 
     info, created = synthetic_dataset(ws, "cvae", per_class=20, seed=1)

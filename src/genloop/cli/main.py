@@ -15,13 +15,13 @@ import typer
 
 import genloop
 from genloop.cli import (
+    augment,
     config_cmd,
     data,
     evaluate,
     export,
     feedback,
     generate,
-    images,
     keys,
     models,
     monitor,
@@ -59,7 +59,7 @@ app.command("tune")(tune.tune)
 app.command("optimize")(optimize.optimize)
 app.command("export")(export.export)
 app.command("generate")(generate.generate)
-app.command("augment")(images.augment)
+app.add_typer(augment.app, name="augment")
 app.command("serve")(serve.serve)
 app.add_typer(keys.app, name="keys")
 app.add_typer(privacy.app, name="privacy")

@@ -29,6 +29,7 @@ and :func:`pairs_kind` read one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 from collections.abc import Iterable, Mapping
@@ -138,14 +139,19 @@ def write_pairs_dataset(
     val_fraction: float = 0.1,
     seed: int = 0,
     lineage: dict[str, Any] | None = None,
+    val_rows: Iterable[Mapping[str, Any]] | None = None,
+    extra_stats: Mapping[str, Any] | None = None,
 ) -> DatasetVersionInfo:
     """Publish ``rows`` as the next version of dataset ``name``, or find the same one.
 
     Every row is checked (a bad one is an error naming its index, and nothing is
     published). A row's split follows from a hash of its content and ``seed``, so identical
-    rows share a split. The tokenizer files of ``tokenizer_dir`` (a tokenizer or model
-    directory) are copied into the artifact. The version's content hash covers the rows,
-    ``kind``, ``val_fraction``, ``seed`` and the tokenizer files, not ``lineage``.
+    rows share a split; with ``val_rows`` the caller splits instead (an augmented version
+    keeps its source's split): ``rows`` all train, ``val_rows`` all validation. The
+    tokenizer files of ``tokenizer_dir`` (a tokenizer or model directory) are copied into
+    the artifact. The version's content hash covers the rows (and, when given, their
+    split), ``kind``, ``val_fraction``, ``seed`` and the tokenizer files, not ``lineage``;
+    ``extra_stats`` joins the version's stats.
     """
     from genloop.data.pack import assign_split
     from genloop.data.tokenizer import TOKENIZER_FILES, tokenizer_file
@@ -165,6 +171,8 @@ def write_pairs_dataset(
         "val_fraction": val_fraction,
         "seed": seed,
     }
+    if val_rows is not None:
+        config["split"] = "given"
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode() + b"\n")
     tok_files = [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
     for file in tok_files:
@@ -175,14 +183,22 @@ def write_pairs_dataset(
         (work / "pairs").mkdir()
         outs = {s: (work / "pairs" / f"{s}.jsonl").open("w", encoding="utf-8") for s in counts}
         try:
-            for i, row in enumerate(rows):
+            given = val_rows is not None
+            tagged = itertools.chain(
+                ((None, row) for row in rows), (("val", row) for row in val_rows or ())
+            )
+            for i, (fixed, row) in enumerate(tagged):
                 check_pair_row(kind, row, f"row {i}")
                 try:
                     line = json.dumps(dict(row), sort_keys=True, ensure_ascii=False)
                 except (TypeError, ValueError) as exc:
                     raise GenloopError(f"row {i}: not JSON-serializable ({exc})") from None
+                if given:
+                    split = fixed or "train"
+                    digest.update(f"{split}\0".encode())
+                else:
+                    split = assign_split(line, val_fraction, 0.0, seed)
                 digest.update(line.encode() + b"\n")
-                split = assign_split(line, val_fraction, 0.0, seed)
                 outs[split].write(line + "\n")
                 counts[split] += 1
         finally:
@@ -201,6 +217,7 @@ def write_pairs_dataset(
         stats = {
             "rows": sum(counts.values()),
             "splits": {s: {"rows": n} for s, n in counts.items()},
+            **(extra_stats or {}),
         }
         (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (work / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")

@@ -316,7 +316,7 @@ def evaluate_augmentation(
     synthetic = synthetic_version_of(ws, info)
     if synthetic is None:
         raise GenloopError(
-            f"{info.ref} has written no synthetic dataset: run 'genloop augment {info.ref} "
+            f"{info.ref} has written no synthetic dataset: run 'genloop augment images {info.ref} "
             "--per-class N' first"
         )
     images, labels, classes = require_images(data_dir, f"dataset {dataset.ref}")
