@@ -45,6 +45,7 @@ FAMILIES = (
     "captioning",
     "autoencoder_kl",
     "text_to_image",
+    "masked_lm",
 )
 
 
