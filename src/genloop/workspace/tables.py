@@ -353,7 +353,8 @@ class LabelItem(Base):
     task_id: Mapped[int] = mapped_column(ForeignKey("label_tasks.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)  # the queue's order
     payload: Mapped[dict[str, Any]] = mapped_column()
-    prelabel: Mapped[dict[str, Any] | None] = mapped_column()
+    # SQL NULL when there is none (not JSON null), so "has a pre-label" is a plain filter
+    prelabel: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
 
 class Label(Base):
