@@ -181,3 +181,35 @@ def test_a_model_that_cannot_pre_label_the_kind_is_refused(ws: Workspace, tmp_pa
         create_task(ws, "x", "caption", file=file, model="sentiment")
     with pytest.raises(LabelError, match=r"label \"neg\" is not in the label set \(x, y\)"):
         create_task(ws, "x", "classification", file=file, model="sentiment", labels=["x", "y"])
+
+
+def test_chosen_candidates_export_to_dpo_rows_that_train(ws: Workspace, tmp_path: Path) -> None:
+    from genloop.config import GenloopConfig
+    from genloop.feedback.labeling.export import export_task
+    from genloop.train.loop import train
+
+    file = jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    create_task(ws, "duel", "preference", file=file, model="lm", max_new_tokens=8)
+    while (item := next_item(ws, "duel", "alice")) is not None:
+        submit_label(ws, "duel", item.id, "alice", {"choice": "b" if item.position else "a"})
+    result = export_task(ws, "duel")  # the rows take the generator's tokenizer
+    assert result.kind == "dpo" and result.rows + result.counts["identical"] == len(PROMPTS)
+    cfg = GenloopConfig.model_validate(
+        {
+            "name": "lm-dpo",
+            "model": {"base_model": "lm"},
+            "train": {
+                "objective": "dpo",
+                "dataset": result.dataset.ref,
+                "max_steps": 2,
+                "warmup_steps": 1,
+                "batch_size": 2,
+                "eval_every": 2,
+                "checkpoint_every": 2,
+                "device": "cpu",
+            },
+        }
+    )
+    train(ws, cfg)
+    trained = registry.resolve(ws, "lm-dpo")
+    assert trained.dataset_version_id == result.dataset.id

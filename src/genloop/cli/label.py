@@ -145,6 +145,8 @@ def create(
         return
     labels_note = f", labels {', '.join(task.label_set)}" if task.label_set else ""
     pre = f", pre-labels from {task.prelabel_source}" if task.prelabel_source else ""
+    if task.kind == "preference" and "model" in task.source:
+        pre = f", candidates A and B from {task.source['model']}"
     console.print(
         f"task {task.name} ({task.kind}): {task.items:,} items{labels_note}{pre}",
         highlight=False,
@@ -207,7 +209,8 @@ def show(name: TaskArg, annotator: AnnotatorOpt = None, json: JsonOpt = False) -
         out("labels: " + ", ".join(task.label_set), highlight=False, markup=False)
     src = task.source
     where = f"dataset {src['dataset']}" if "dataset" in src else f"file {src.get('file')}"
-    out(f"source: {where}", highlight=False, markup=False)
+    made = f"; model {src['model']}" if "model" in src else ""
+    out(f"source: {where}{made}", highlight=False, markup=False)
     out(
         f"items {state['items']:,}: {state['labeled_items']:,} labeled, "
         f"{state['complete_items']:,} complete; {state['labels']:,} labels",
