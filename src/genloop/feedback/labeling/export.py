@@ -198,7 +198,7 @@ def export_task(
     dataset = write_pairs_dataset(
         ws,
         name or f"{task_name}-labels",
-        EXPORT_KINDS[kind],  # type: ignore[arg-type]  # a PairsKind by construction
+        EXPORT_KINDS[kind],
         rows,
         tokenizer_dir=_tokenizer_dir(ws, source, tokenizer),
         val_fraction=val_fraction,

@@ -39,6 +39,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
+from genloop.data.pairs import PairsKind
 from genloop.errors import ConflictError, GenloopError, NotFoundError
 from genloop.workspace import audit
 from genloop.workspace.refs import check_name
@@ -50,7 +51,7 @@ KINDS: tuple[Kind, ...] = get_args(Kind)
 OUTSIDE = "O"  # the spans label of a token outside every span; always allowed
 CHOICES = ("a", "b")
 # what an export makes of each kind (genloop.data.pairs)
-EXPORT_KINDS: dict[str, str] = {
+EXPORT_KINDS: dict[str, PairsKind] = {
     "classification": "classification",
     "spans": "token_classification",
     "caption": "sft",
