@@ -30,6 +30,7 @@ SAMPLE = {
     "alert_id": "1",
     "feedback_id": "1",
     "key_id": "999",
+    "item_id": "1",
 }
 SECRET = "TOPSECRET-do-not-serve"
 
@@ -104,7 +105,7 @@ def test_every_route_without_a_key_is_401(server: LiveServer) -> None:
 
 
 def test_every_route_with_the_wrong_scope_is_403(server: LiveServer) -> None:
-    lacking = {"generate": "feedback", "feedback": "generate", "admin": "client"}
+    lacking = {"generate": "feedback", "feedback": "generate", "label": "client", "admin": "client"}
     checked = 0
     with server.client() as c:
         for (method, path), (_, scope) in routes(server).items():

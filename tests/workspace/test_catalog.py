@@ -39,6 +39,9 @@ TABLES = {
     "alerts",
     "audit_events",
     "locks",
+    "label_tasks",
+    "label_items",
+    "labels",
 }
 
 

@@ -23,6 +23,7 @@ from genloop.cli import (
     feedback,
     generate,
     keys,
+    label,
     models,
     monitor,
     optimize,
@@ -65,6 +66,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(privacy.app, name="privacy")
 app.add_typer(monitor.app, name="monitor")
 app.add_typer(feedback.app, name="feedback")
+app.add_typer(label.app, name="label")
 app.command("retrain")(retrain.retrain)
 app.command("loop")(retrain.loop)
 

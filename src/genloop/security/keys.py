@@ -11,9 +11,10 @@ cannot tell which keys once existed. Successful checks are cached in the process
 at once in the process that revoked and within ``CACHE_TTL_S`` in every other replica.
 Expiry is checked on every call, cached or not.
 
-Scopes: ``generate`` (completions, chat, images), ``feedback`` (POST /v1/feedback) and
-``admin`` (runs, models, keys, privacy…). ``admin`` implies the other two: an operator's
-key works everywhere; give clients only what they need.
+Scopes: ``generate`` (completions, chat, images), ``feedback`` (POST /v1/feedback),
+``label`` (the labeling queue, /v1/label: an annotator's key) and ``admin`` (runs, models,
+keys, privacy…). ``admin`` implies the others: an operator's key works everywhere; give
+clients only what they need.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ KEY_LENGTH = len(KEY_PREFIX) + _RANDOM_CHARS
 PREFIX_LENGTH = 11  # "gl_" + 8 characters: shown in lists and logs, not enough to guess
 _KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
-SCOPES = ("generate", "feedback", "admin")
+SCOPES = ("generate", "feedback", "label", "admin")
 CACHE_TTL_S = 5.0
 _CACHE_MAX = 10_000
 

@@ -169,6 +169,7 @@ def create_app(
     from genloop.serve.api.embeddings import router as embeddings
     from genloop.serve.api.feedback import router as feedback
     from genloop.serve.api.images import router as images
+    from genloop.serve.api.labeling import router as labeling
 
     app.include_router(health.build_router(metrics_public=serve.metrics_public))
     app.include_router(models_api.router)
@@ -177,6 +178,7 @@ def create_app(
     app.include_router(images.router)
     app.include_router(embeddings.router)
     app.include_router(feedback.router)
+    app.include_router(labeling.router)
     app.include_router(admin.router)
 
     @app.get(

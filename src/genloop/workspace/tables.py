@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -320,3 +321,55 @@ class Lock(Base):
     owner: Mapped[str] = mapped_column(String(128))
     acquired_at: Mapped[datetime] = _ts()
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class LabelTask(Base):
+    """A labeling task: items to label with one ``kind`` of label (genloop.feedback.labeling).
+
+    kind: ``classification`` | ``spans`` (a label per token) | ``caption`` (edit a text) |
+    ``preference`` (choose between two generations).
+    """
+
+    __tablename__ = "label_tasks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    label_set: Mapped[list[Any]] = mapped_column(default=list)  # classification, spans
+    overlap: Mapped[int] = mapped_column(Integer, default=1)  # labels wanted per item
+    source: Mapped[dict[str, Any]] = mapped_column(default=dict)  # dataset ref or file + hash
+    # where the pre-labels came from: "model:NAME@V", "dataset", "file", or none
+    prelabel_source: Mapped[str | None] = mapped_column(String(256))
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime] = _ts()
+
+
+class LabelItem(Base):
+    """One thing to label: its payload (text; tokens; prompt + two generations) and an
+    optional pre-label the annotator accepts or corrects."""
+
+    __tablename__ = "label_items"
+    __table_args__ = (UniqueConstraint("task_id", "position", name="uq_label_items_task_position"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("label_tasks.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)  # the queue's order
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    # SQL NULL when there is none (not JSON null), so "has a pre-label" is a plain filter
+    prelabel: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+
+
+class Label(Base):
+    """One annotator's label of one item; a second one by the same annotator is refused."""
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        UniqueConstraint("item_id", "annotator", name="uq_labels_item_annotator"),
+        Index("ix_labels_task_id", "task_id"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("label_items.id", ondelete="CASCADE"))
+    task_id: Mapped[int] = mapped_column(ForeignKey("label_tasks.id", ondelete="CASCADE"))
+    annotator: Mapped[str] = mapped_column(String(128))
+    value: Mapped[dict[str, Any]] = mapped_column()
+    # whether the value equals the item's pre-label (None: the item had none)
+    prelabel_accepted: Mapped[bool | None] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = _ts()

@@ -1,4 +1,4 @@
-// Sign-in and view routing (#playground, #runs, #models, #data, #monitoring).
+// Sign-in and view routing (#playground, #runs, #models, #data, #monitoring, #label).
 import { ApiError, api, getKey, setKey } from "./api.js";
 import { clearNotice, notify } from "./ui.js";
 
@@ -8,21 +8,37 @@ const VIEWS = {
   models: () => import("./models.js"),
   data: () => import("./data.js"),
   monitoring: () => import("./monitoring.js"),
+  label: () => import("./labeling.js"),
 };
 const ADMIN_VIEWS = new Set(["runs", "models", "data", "monitoring"]);
-let session = null; // {models, admin}
+let session = null; // {models, generate, admin, label}
 
-async function signIn(key) {
-  const models = await api("/v1/models", { key });
-  let admin = false;
+// The answer of a GET with this key, or null when the key lacks the scope (403).
+async function allowed(path, key) {
   try {
-    await api("/v1/admin/overview", { key });
-    admin = true;
+    return await api(path, { key });
   } catch (err) {
     if (!(err instanceof ApiError) || err.status !== 403) throw err;
+    return null;
+  }
+}
+
+async function signIn(key) {
+  const models = await allowed("/v1/models", key); // a wrong key fails here (401)
+  const admin = (await allowed("/v1/admin/overview", key)) !== null;
+  const label = (await allowed("/v1/label/tasks", key)) !== null;
+  if (models === null && !label) {
+    throw new ApiError(403, "This API key may not use the web UI: it needs the generate, label or admin scope.");
   }
   setKey(key);
-  session = { models: models.data, admin };
+  session = { models: models?.data ?? [], generate: models !== null, admin, label };
+}
+
+// Whether this session's key may open a view (a label-only key: the Label view alone).
+function may(view) {
+  if (ADMIN_VIEWS.has(view)) return session.admin;
+  if (view === "label") return session.label;
+  return session.generate;
 }
 
 function showSignedIn(on) {
@@ -30,15 +46,16 @@ function showSignedIn(on) {
   document.getElementById("nav").hidden = !on;
   document.getElementById("signout").hidden = !on;
   for (const link of document.querySelectorAll("#nav a")) {
-    link.parentElement.hidden = on && !session?.admin && ADMIN_VIEWS.has(link.dataset.view);
+    link.parentElement.hidden = on && !may(link.dataset.view);
   }
   if (!on) for (const v of document.querySelectorAll(".view")) v.hidden = true;
 }
 
 async function route() {
   if (!session) return;
-  let name = location.hash.slice(1) || "playground";
-  if (!VIEWS[name] || (ADMIN_VIEWS.has(name) && !session.admin)) name = "playground";
+  const home = may("playground") ? "playground" : "label";
+  let name = location.hash.slice(1) || home;
+  if (!VIEWS[name] || !may(name)) name = home;
   for (const link of document.querySelectorAll("#nav a")) {
     if (link.dataset.view === name) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
