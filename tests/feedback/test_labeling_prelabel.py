@@ -123,24 +123,18 @@ def test_a_classifier_pre_labels_and_its_accuracy_is_reported(
 
 
 def test_a_token_classifier_pre_labels_each_token(ws: Workspace, tmp_path: Path) -> None:
-    import torch
-    from transformers import AutoModelForTokenClassification
+    """Each word gets the tag the model gives its first piece, read as the family reads
+    words in training and evaluation (``masked_lm.predict_tags``)."""
+    from genloop.models.masked_lm import load_masked_lm, predict_tags
 
     file = jsonl(tmp_path / "tokens.jsonl", [{"tokens": t} for t in TOKENS])
     task = create_task(ws, "tags", "spans", file=file, model="tagger")
     assert task.label_set == ["PER", "LOC"]  # O is implicit
-    path = registry.artifact_path(ws, "tagger")
-    model = AutoModelForTokenClassification.from_pretrained(path).eval()
-    tok = load_hf_tokenizer(path)
-    for (_id, _payload, prelabel), tokens in zip(items(ws, "tags"), TOKENS, strict=True):
-        enc = tok(tokens, is_split_into_words=True)
-        with torch.no_grad():
-            best = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0].argmax(-1)
-        first = {}
-        for t, word in enumerate(enc.word_ids()):
-            if word is not None and word not in first:
-                first[word] = ["O", "PER", "LOC"][int(best[t])]
-        assert prelabel == {"labels": [first[w] for w in range(len(tokens))]}
+    model, tok = load_masked_lm(registry.artifact_path(ws, "tagger"))
+    want = predict_tags(model, tok, TOKENS)
+    got = [prelabel for _id, _payload, prelabel in items(ws, "tags")]
+    assert got == [{"labels": tags} for tags in want]
+    assert all(len(t) == len(w) for t, w in zip(want, TOKENS, strict=True))
 
 
 def test_a_generator_writes_both_candidates_and_caption_drafts(

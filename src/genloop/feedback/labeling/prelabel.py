@@ -86,10 +86,10 @@ def predict(
                 f"…{head} head); {info.ref} is a {info.family} model ({arch})"
             )
         if kind == "classification":
-            names, labels = classify(path, [p["text"] for p in payloads], device, batch_size)
+            names, labels = classify(path, [p["text"] for p in payloads], device)
             values: list[dict[str, Any] | None] = [{"label": x} for x in labels]
         else:
-            names, tags = tag_tokens(path, [p["tokens"] for p in payloads], device, batch_size)
+            names, tags = tag_tokens(path, [p["tokens"] for p in payloads], device)
             values = [{"labels": x} for x in tags]
         return Prelabels(info.ref, values, payloads, names, {"architecture": arch})
     if info.family not in GENERATORS:
@@ -153,85 +153,21 @@ def _generate(
     )
 
 
-def _classifier(path: Path, head: str, device: str) -> tuple[Any, Any, list[str]]:
-    """(model in eval mode, tokenizer with a pad token, label names by class id)."""
-    import transformers
+def classify(path: Path, texts: list[str], device: str = "cpu") -> tuple[list[str], list[str]]:
+    """(label names, the predicted label of each text) of a masked_lm sequence classifier
+    (read as the family reads text: ``genloop.models.masked_lm``)."""
+    from genloop.models.masked_lm import load_masked_lm, model_labels, predict_labels
 
-    from genloop.data.tokenizer import load_hf_tokenizer
-
-    auto = getattr(transformers, f"AutoModelFor{head}")
-    model = auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
-    model.to(device).eval()
-    tokenizer = load_hf_tokenizer(path)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise PrelabelError(f"the tokenizer of {path.name} has no pad or end-of-text token")
-        tokenizer.pad_token = tokenizer.eos_token
-    id2label = model.config.id2label
-    names = [str(id2label[i]) for i in range(model.config.num_labels)]
-    return model, tokenizer, names
-
-
-def _max_length(model: Any) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 512) or 512)
-
-
-def classify(
-    path: Path, texts: list[str], device: str = "cpu", batch_size: int = 16
-) -> tuple[list[str], list[str]]:
-    """(label names, the predicted label of each text) of a sequence classifier."""
-    import torch
-
-    model, tokenizer, names = _classifier(path, "SequenceClassification", device)
-    out: list[str] = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[start : start + batch_size],
-            truncation=True,
-            max_length=_max_length(model),
-            padding=True,
-            return_tensors="pt",
-        )
-        with torch.no_grad():
-            logits = model(
-                input_ids=enc["input_ids"].to(device),
-                attention_mask=enc["attention_mask"].to(device),
-            ).logits  # (B, num_labels)
-        out.extend(names[i] for i in logits.argmax(-1).tolist())
-    return names, out
+    model, tok = load_masked_lm(path, device=device)
+    return model_labels(model), predict_labels(model, tok, texts)
 
 
 def tag_tokens(
-    path: Path, token_lists: list[list[str]], device: str = "cpu", batch_size: int = 16
+    path: Path, token_lists: list[list[str]], device: str = "cpu"
 ) -> tuple[list[str], list[list[str]]]:
-    """(label names, a label per token) of a token classifier: each token takes the label
-    of its first piece; tokens cut off by the model's length limit get ``O``."""
-    import torch
+    """(label names, a label per token) of a masked_lm token classifier: each token takes
+    the label of its first piece; tokens cut off by the model's length limit get ``O``."""
+    from genloop.models.masked_lm import load_masked_lm, model_labels, predict_tags
 
-    model, tokenizer, names = _classifier(path, "TokenClassification", device)
-    out: list[list[str]] = []
-    for start in range(0, len(token_lists), batch_size):
-        batch = token_lists[start : start + batch_size]
-        enc = tokenizer(
-            batch,
-            is_split_into_words=True,
-            truncation=True,
-            max_length=_max_length(model),
-            padding=True,
-            return_tensors="pt",
-        )
-        with torch.no_grad():
-            logits = model(
-                input_ids=enc["input_ids"].to(device),
-                attention_mask=enc["attention_mask"].to(device),
-            ).logits  # (B, T, num_labels)
-        best = logits.argmax(-1).tolist()
-        for b, tokens in enumerate(batch):
-            labels = [OUTSIDE] * len(tokens)
-            seen: set[int] = set()
-            for t, word in enumerate(enc.word_ids(b)):
-                if word is not None and word not in seen:
-                    seen.add(word)
-                    labels[word] = names[best[b][t]]
-            out.append(labels)
-    return names, out
+    model, tok = load_masked_lm(path, device=device)
+    return model_labels(model), predict_tags(model, tok, token_lists, outside=OUTSIDE)
