@@ -373,10 +373,9 @@ def genloop_format(records: list[Any]) -> list[str]:
 
 def baseline_format(texts: list[str]) -> list[str]:
     """``ruff format -`` once per file, then the same ``ast.dump`` comparison."""
-    import ast
     import subprocess
 
-    from genloop.data.code import ruff_binary
+    from genloop.data.code import ruff_binary, same_program
 
     ruff = ruff_binary()
     env = {**os.environ, "RAYON_NUM_THREADS": "1"}
@@ -399,7 +398,7 @@ def baseline_format(texts: list[str]) -> list[str]:
             out.append(text)
             continue
         try:
-            same = ast.dump(ast.parse(text)) == ast.dump(ast.parse(new))
+            same = same_program(text, new)
         except SyntaxError:
             out.append("unformattable")
             continue

@@ -221,8 +221,10 @@ class FormatCode:
     A Python file is formatted when ruff formats it and the result parses to the same
     syntax tree (``ast.dump`` of before and after equal); otherwise it is dropped:
     ``unformattable`` (ruff reports an error, e.g. a syntax error; quarantined with ruff's
-    message) or ``format_changed_ast`` (the formatted file is another program: most often a
-    docstring whose indentation ruff normalizes, which changes the string). Other languages
+    message) or ``format_changed_ast`` (the formatted file would be another program; a guard
+    against a formatter bug). Docstrings compare as Black's safety check compares them, each
+    line's surrounding whitespace aside: ruff re-indents them, and a strict comparison
+    dropped a third of the standard library for it. Other languages
     get trailing whitespace stripped, as editors do; Markdown and plain text are left
     alone. A file keeps its end: one final newline if it had any, none if it had none
     (``Normalize`` strips it by default; the end-of-document token ends each file).
@@ -356,7 +358,7 @@ def _check_formatted(record: Record, result: str | FormatError) -> Record | Drop
     if result == text:
         return record
     try:
-        same = _dump(text) == _dump(result)
+        same = same_program(text, result)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         # ruff's parser took it, CPython's does not (newer syntax): it cannot be checked
         detail = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
@@ -375,5 +377,30 @@ def _strip_trailing(text: str) -> str:
     return stripped + "\n" if stripped and text.endswith("\n") else stripped or text
 
 
+def same_program(before: str, after: str) -> bool:
+    """Whether two Python sources parse to the same syntax tree, docstrings compared as
+    Black's safety check compares them (:func:`_dump`); raises SyntaxError when one does not
+    parse."""
+    return bool(_dump(before) == _dump(after))
+
+
 def _dump(text: str) -> Any:
-    return ast.dump(_parse(text))
+    """The syntax tree of ``text`` as a string, docstrings compared as Black compares them
+    (each line stripped, then the whole): a formatter re-indents docstrings, which changes
+    the string but not what it documents."""
+    tree = _parse(text)
+    for node in ast.walk(tree):
+        if not isinstance(node, _DOCUMENTED) or not node.body:
+            continue
+        first = node.body[0]
+        if (
+            isinstance(first, ast.Expr)
+            and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)
+        ):
+            lines = first.value.value.splitlines()
+            first.value.value = "\n".join(line.strip() for line in lines).strip()
+    return ast.dump(tree)
+
+
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
