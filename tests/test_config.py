@@ -517,6 +517,10 @@ def test_bad_source_type_suggests_the_nearest_kind() -> None:
             "val + test must be below 1",
         ),
         ({"model": {"family": "gan"}}, "train.objective 'lm' does not fit model.family 'gan'"),
+        (
+            {"model": {"family": "seq2seq"}},
+            "(it trains causal_lm; seq2seq trains with sft, span_corruption)",
+        ),
         ({"model": {"lora": {}}}, "lora needs a base_model"),
         ({"gate": {"rules": [{"metric": "ppl", "op": "max"}]}}, "op 'max' needs a value"),
         ({"eval": {"k": [1, 20]}}, "every k must be between 1 and num_samples (10)"),

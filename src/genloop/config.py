@@ -693,7 +693,7 @@ Objective = Literal[
     "embedding",
 ]
 OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
-    "lm": TEXT_FAMILIES,
+    "lm": ("causal_lm",),  # seq2seq pretrains with span_corruption
     "sft": TEXT_FAMILIES,
     "dpo": ("causal_lm",),
     "vae": ("vae",),
@@ -1408,9 +1408,11 @@ class PartConfig(BaseModel):
 
 def _check_objective(family: str, objective: str) -> None:
     if family not in OBJECTIVE_FAMILIES[objective]:
+        fits = [o for o, families in OBJECTIVE_FAMILIES.items() if family in families]
         raise ValueError(
             f"train.objective {objective!r} does not fit model.family {family!r} "
-            f"(use one of: {', '.join(OBJECTIVE_FAMILIES[objective])})"
+            f"(it trains {', '.join(OBJECTIVE_FAMILIES[objective])}; {family} trains with "
+            f"{', '.join(fits)})"
         )
 
 
