@@ -34,8 +34,8 @@ def create(
         str,
         typer.Option(
             "--scopes",
-            help="Comma-separated: generate (completions, chat, images), feedback, label "
-            "(the labeling queue), admin (admin implies the others).",
+            help="Comma-separated: generate (completions, chat, images, embeddings), feedback, "
+            "label (the labeling queue), admin (admin implies the others).",
         ),
     ] = "generate",
     expires: Annotated[
