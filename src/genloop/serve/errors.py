@@ -5,7 +5,9 @@ Every error the server answers goes through :func:`error_response`, so the offic
 ``AuthenticationError``, ``RateLimitError`` …) for our answers. A user mistake is a
 :class:`~genloop.errors.GenloopError` and keeps its ``http_status`` and message; anything
 else is a bug: it is logged with its traceback on the server and answered with a generic
-500 that shows nothing of the internals.
+500 that shows nothing of the internals. The one exception is a catalog that cannot be
+reached (PostgreSQL restarting, a failover): that is a 503 with ``Retry-After``, so clients
+and load balancers retry instead of treating it as a bug.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genloop.errors import GenloopError
@@ -205,8 +208,29 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal server error", code="internal_error")
 
 
+def _catalog_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # The database is down or restarting: transient, not a bug. One line, no traceback
+    # (the driver's message names the host, not a secret: the URL's password is not in it).
+    log.warning(
+        "catalog unavailable on %s %s: %s",
+        request.method,
+        request.url.path,
+        type(getattr(exc, "orig", None) or exc).__name__,
+    )
+    return error_response(
+        503,
+        "the catalog database is unavailable; retry shortly",
+        code="catalog_unavailable",
+        retry_after_s=CATALOG_RETRY_AFTER_S,
+    )
+
+
+CATALOG_RETRY_AFTER_S = 2.0
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GenloopError, _genloop_error)
+    app.add_exception_handler(OperationalError, _catalog_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
