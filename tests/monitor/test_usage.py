@@ -303,6 +303,32 @@ def test_a_flushed_record_is_in_the_catalog(workspace: Workspace) -> None:
         recorder.stop()
 
 
+def test_recorder_holds_records_while_the_catalog_is_unreachable(workspace: Workspace) -> None:
+    """A PostgreSQL restart loses no request rows: they wait, then are written first."""
+    import socket
+
+    from genloop.workspace.db import Catalog
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: connections are refused
+    down = Workspace(workspace.root, Catalog(f"postgresql://genloop@127.0.0.1:{port}/genloop"))
+    recorder = RequestRecorder(down, None, store_text=False, max_batch=4)
+    for i in range(10):
+        recorder.submit(record(request_id=f"cmpl-{i}"))
+    assert recorder.flush() == 0  # PostgreSQL is down: nothing written, nothing lost
+    recorder.submit(record(request_id="cmpl-10"))
+    assert recorder.flush() == 0
+    assert recorder.failed == 0 and recorder.dropped == 0
+    down.catalog.dispose()
+    down.catalog = workspace.catalog  # the database is back
+    assert recorder.flush() == 11
+    with workspace.catalog.session() as s:
+        ids = set(s.scalars(select(RequestLog.id)).all())
+    assert ids == {f"cmpl-{i}" for i in range(11)}
+    assert recorder.flush() == 0
+
+
 def test_parse_since() -> None:
     assert parse_since("7d") == timedelta(days=7)
     assert parse_since("30m") == timedelta(minutes=30)

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
+from sqlalchemy.exc import OperationalError
 
 from genloop.errors import GenloopError
 from genloop.workspace.tables import ApiKey, RequestLog, Usage, utcnow
@@ -287,7 +288,9 @@ class RequestRecorder:
     ``max_batch`` records) with :func:`record_requests`: one transaction per batch instead
     of one per request, which on SQLite (one fsync per commit) is the difference between
     about 100 and several thousand requests a second. A batch that fails is retried one
-    record at a time, so one bad record (a duplicate id) loses only itself.
+    record at a time, so one bad record (a duplicate id) loses only itself. While the
+    catalog cannot be reached (PostgreSQL restarting), records are held, up to
+    ``max_queue``, and written first once it answers again.
     """
 
     def __init__(
@@ -310,11 +313,14 @@ class RequestRecorder:
         self.guardrails = guardrails
         self.flush_s = flush_s
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self.on_recorded = on_recorded
         self._queue: queue.Queue[RequestRecord] = queue.Queue(max_queue)
         self._stop = threading.Event()
         self._flush_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._held: list[RequestRecord] = []  # the catalog was unreachable: written first
+        self._unreachable = False
         self.dropped = 0
         self.failed = 0
 
@@ -333,6 +339,10 @@ class RequestRecorder:
             self._thread.join(timeout)
             self._thread = None
         self.flush()
+        if self._held:
+            self.dropped += len(self._held)
+            log.error("catalog unreachable at stop: %d request(s) not recorded", len(self._held))
+            self._held = []
 
     def submit(self, record: RequestRecord) -> None:
         """Queue ``record`` (any thread). A full queue drops it with a logged error rather
@@ -345,11 +355,12 @@ class RequestRecorder:
 
     def flush(self) -> int:
         """Write everything queued now (in the calling thread); returns how many. When it
-        returns, every record submitted before the call is in the catalog (or failed)."""
+        returns, every record submitted before the call is in the catalog (or failed, or is
+        held because the catalog is unreachable)."""
         written = 0
         with self._flush_lock:  # also waits for a batch the thread is writing
             while True:
-                batch: list[RequestRecord] = []
+                batch, self._held = self._held[: self.max_batch], self._held[self.max_batch :]
                 while len(batch) < self.max_batch:
                     try:
                         batch.append(self._queue.get_nowait())
@@ -357,7 +368,11 @@ class RequestRecorder:
                         break
                 if not batch:
                     return written
-                written += self._write(batch)
+                done, held = self._write(batch)
+                written += done
+                if held:  # the catalog is down: try again at the next flush
+                    self._hold(held)
+                    return written
 
     async def aflush(self) -> int:
         """:meth:`flush` from async code (e.g. before feedback links to a request)."""
@@ -365,24 +380,45 @@ class RequestRecorder:
 
         return await asyncio.to_thread(self.flush)
 
-    def _write(self, batch: list[RequestRecord]) -> int:
+    def _write(self, batch: list[RequestRecord]) -> tuple[int, list[RequestRecord]]:
+        """Write ``batch``: how many were written, and those to hold (catalog unreachable)."""
         kw = {"store_text": self.store_text, "guardrails": self.guardrails}
+        held: list[RequestRecord] = []
         try:
             record_requests(self.ws, self.cipher, batch, **kw)
             done = batch
+        except OperationalError:
+            done, held = [], batch
         except Exception:
             done = []
-            for record in batch:  # find the bad one(s); keep the rest
+            for i, record in enumerate(batch):  # find the bad one(s); keep the rest
                 try:
                     record_requests(self.ws, self.cipher, [record], **kw)
                     done.append(record)
+                except OperationalError:
+                    held = batch[i:]
+                    break
                 except Exception as exc:
                     self.failed += 1
                     log.error("request %s not recorded: %s", record.request_id, type(exc).__name__)
+        if done and self._unreachable:
+            log.warning("catalog reachable again: writing held request records")
+            self._unreachable = False
         if self.on_recorded is not None:
             for record in done:
                 self.on_recorded(record)
-        return len(done)
+        return len(done), held
+
+    def _hold(self, records: list[RequestRecord]) -> None:
+        if not self._unreachable:
+            self._unreachable = True
+            log.warning("catalog unreachable: holding request records until it answers")
+        self._held = records + self._held
+        excess = len(self._held) - self.max_queue
+        if excess > 0:  # bounded: the oldest go first
+            self.dropped += excess
+            self._held = self._held[excess:]
+            log.error("catalog unreachable: %d request(s) not recorded (hold full)", excess)
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):
