@@ -78,6 +78,8 @@ def test_detect_target_from_platform_environment() -> None:
     assert detect_target({"AIP_HTTP_PORT": "8080", "AIP_PREDICT_ROUTE": "/p"}) == "vertex"
     assert detect_target({"AZUREML_MODEL_DIR": "/var/azureml-app/models"}) == "azureml"
     assert detect_target({"HOME": "/root"}) is None
+    assert detect_target({"GENLOOP_TARGET": "sagemaker"}) == "sagemaker"
+    assert detect_target({"GENLOOP_TARGET": "none", "AZUREML_MODEL_DIR": "/m"}) is None
 
 
 def test_sagemaker_ping_and_invocations(sagemaker: LiveServer) -> None:
@@ -98,6 +100,9 @@ def test_sagemaker_ping_and_invocations(sagemaker: LiveServer) -> None:
         first, second = batch.json()["predictions"]
         assert first["text"] == one.json()["text"]  # greedy: same prompt, same text
         assert second["message"]["role"] == "assistant"
+        plain = c.post("/invocations", content="The cat", headers={"Content-Type": "text/plain"})
+        assert plain.status_code == 200, plain.text
+        assert plain.json()["text"] != ""
     # the model served is the one imported from the mounted directory
     assert [m["id"] for m in sagemaker.state.models.listing()] == ["model@1"]
 
@@ -111,6 +116,8 @@ def test_sagemaker_bad_payloads_are_4xx_json(sagemaker: LiveServer) -> None:
             (b'{"instances": [{"prompt": "x", "messages": []}]}', 400),
             (b"[" + b'"x",' * 64 + b'"x"]', 400),  # a list is one instance, not a prompt
             (b'{"instances": [' + b'"x",' * 64 + b'"x"]}', 413),
+            (b'{"prompt": "x", "max_tokens": 100000000}', 400),
+            (b'{"messages": [{"role": "wizard", "content": "x"}]}', 400),
         ):
             r = c.post("/invocations", content=body, headers={"Content-Type": "application/json"})
             assert r.status_code == status, (body[:40], r.text)
@@ -133,6 +140,8 @@ def test_vertex_contract(vertex: LiveServer) -> None:
         assert "instances" in bad.json()["error"]
         bad = c.post(health + ":predict", json={"instances": [{"prompt": "x", "model": "y"}]})
         assert bad.status_code == 400 and "model" in bad.json()["error"]
+        too_big = c.post(health + ":predict", content=b"x" * (2 << 20))  # over max_body_bytes
+        assert too_big.status_code == 413 and "error" in too_big.json()
         # the genloop API is still there, behind its keys
         assert c.post("/v1/completions", json={"model": "x", "prompt": "a"}).status_code == 401
 
@@ -221,4 +230,5 @@ def test_cli_bad_target_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     r = CliRunner().invoke(app, ["serve", "--target", "lambda"])
     # a ConfigError: main() prints it as one line and exits non-zero
     assert r.exit_code != 0 and isinstance(r.exception, ConfigError)
-    assert "--target must be one of sagemaker, vertex, azureml, none" in str(r.exception)
+    message = "--target (GENLOOP_TARGET) must be one of sagemaker, vertex, azureml, none"
+    assert message in str(r.exception)

@@ -61,8 +61,9 @@ def serve(
         typer.Option(
             "--target",
             help="Serve a cloud platform's container contract too: sagemaker, vertex, azureml, "
-            "or none (genloop's API only) \\[default: detected from the platform's environment "
-            "variables]. Binds 0.0.0.0 on the platform's port; see docs/deploy.md.",
+            "or none (genloop's API only) \\[default: $GENLOOP_TARGET, else detected from the "
+            "platform's environment variables]. Binds 0.0.0.0 on the platform's port; see "
+            "docs/deploy.md.",
             show_default=False,
         ),
     ] = None,

@@ -57,7 +57,13 @@ class TargetRoutes:
 
 
 def detect_target(env: Mapping[str, str]) -> Target | None:
-    """The platform whose variables ``env`` holds (None: none, serve genloop's own API)."""
+    """The platform whose variables ``env`` holds (None: none, serve genloop's own API).
+
+    ``GENLOOP_TARGET`` (a target or ``none``) decides when set: SageMaker runs the image
+    with ``serve`` and sets none of its own variables on a single-container endpoint.
+    """
+    if env.get("GENLOOP_TARGET"):
+        return check_target(env["GENLOOP_TARGET"])
     if env.get("AIP_HTTP_PORT") or env.get("AIP_PREDICT_ROUTE"):
         return "vertex"
     if env.get("AZUREML_MODEL_DIR"):
@@ -72,7 +78,9 @@ def check_target(name: str) -> Target | None:
     if name == "none":
         return None
     if name not in TARGETS:
-        raise ConfigError(f"--target must be one of {', '.join(TARGETS)}, none (got {name!r})")
+        raise ConfigError(
+            f"--target (GENLOOP_TARGET) must be one of {', '.join(TARGETS)}, none (got {name!r})"
+        )
     return name  # type: ignore[return-value]
 
 

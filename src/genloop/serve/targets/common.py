@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import JSONResponse
 
 from genloop.errors import GenloopError
+from genloop.serve.errors import invalid
 from genloop.serve.targets.predict import parse_body, predict
 
 if TYPE_CHECKING:
@@ -47,13 +48,23 @@ async def answer(
     shape: ErrorShape,
     to_instances: Callable[[Any, Request], Any] | None = None,
     respond: Callable[[Any, list[dict[str, Any]]], Any] | None = None,
+    *,
+    plain_text: bool = False,
 ) -> JSONResponse:
-    """Read the body, predict, answer ``{"predictions": [...]}`` (or ``respond``'s body);
-    any refusal is its status with ``shape``'s body, never a 500 for bad input."""
+    """Read the body (``plain_text``: a ``text/plain`` body is one prompt), predict, and
+    answer ``{"predictions": [...]}`` (or ``respond``'s body); any refusal is its status
+    with ``shape``'s body, never a 500 for bad input."""
     from genloop.serve.state import get_state
 
     try:
-        body = parse_body(await request.body())
+        raw = await request.body()
+        if plain_text and request.headers.get("content-type", "").startswith("text/plain"):
+            try:
+                body: Any = raw.decode("utf-8")  # a bare prompt
+            except UnicodeDecodeError:
+                raise invalid("a text/plain body must be UTF-8 text") from None
+        else:
+            body = parse_body(raw)
         wrapped = to_instances(body, request) if to_instances is not None else body
         predictions = await predict(get_state(request), request, principal, wrapped)
     except GenloopError as exc:

@@ -39,7 +39,9 @@ def build_router(principal: Principal) -> APIRouter:
 
     @router.post("/invocations", summary="SageMaker inference: instances in, predictions out")
     async def invocations(request: Request) -> JSONResponse:
-        return await answer(request, principal, error_shape, _as_instances, _respond)
+        return await answer(
+            request, principal, error_shape, _as_instances, _respond, plain_text=True
+        )
 
     return router
 
