@@ -19,6 +19,7 @@ from genloop.errors import ConfigError
 from genloop.serve.targets import detect_target, import_model_dir, model_dir, target_routes
 from genloop.workspace import Workspace, init_workspace
 
+from ..tiny_encoders import build_bert, encoder_tokenizer
 from .conftest import LiveServer, make_keys, serve_config
 
 GREEDY = {"temperature": 0, "max_tokens": 4}
@@ -71,6 +72,15 @@ def azureml(
     root = tmp_path_factory.mktemp("azureml-models")
     shutil.copytree(model_dirs[0], root / "tiny-chat")
     yield from _serve(ws, "azureml", {"AZUREML_MODEL_DIR": str(root)})
+
+
+@pytest.fixture(scope="module")
+def vertex_embeddings(
+    ws: Workspace, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    root = tmp_path_factory.mktemp("vertex-enc")
+    bert = build_bert(root / "enc", encoder_tokenizer(root / "tok"), context=32)
+    yield from _serve(ws, "vertex", {"AIP_STORAGE_URI": f"file://{bert}"})
 
 
 def test_detect_target_from_platform_environment() -> None:
@@ -232,3 +242,16 @@ def test_cli_bad_target_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert r.exit_code != 0 and isinstance(r.exception, ConfigError)
     message = "--target (GENLOOP_TARGET) must be one of sagemaker, vertex, azureml, none"
     assert message in str(r.exception)
+
+
+def test_vertex_embedding_model(vertex_embeddings: LiveServer) -> None:
+    with vertex_embeddings.client() as c:
+        r = c.post(
+            "/predict",  # the default route outside Vertex
+            json={"instances": ["a cat", {"input": "a dog"}], "parameters": {"dimensions": 8}},
+        )
+        assert r.status_code == 200, r.text
+        vectors = [p["embedding"] for p in r.json()["predictions"]]
+        assert [len(v) for v in vectors] == [8, 8] and vectors[0] != vectors[1]
+        bad = c.post("/predict", json={"instances": [{"prompt": "a cat"}]})
+        assert bad.status_code == 400 and "embedding model" in bad.json()["error"]

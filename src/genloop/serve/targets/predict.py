@@ -12,7 +12,9 @@ An *instance* is what one prediction is made from:
 ``parameters`` (Vertex AI's, or the same key in a SageMaker or Azure ML body) are defaults
 for every instance; an instance's own fields win. A prediction is
 ``{"text", "finish_reason", "usage"}`` (plus ``"message"`` for a chat instance, and
-``"choices"`` when ``n`` > 1). Every instance is checked before any is generated, and the
+``"choices"`` when ``n`` > 1). For an embedding model an instance is a text (or
+``{"input": text}``), ``parameters`` may hold ``dimensions``, and a prediction is
+``{"embedding": [...]}``. Every instance is checked before any is generated, and the
 instances then run concurrently, so the engine batches them.
 """
 
@@ -105,12 +107,12 @@ def to_request(
         raise invalid(f"{where}.{loc}: {first['msg']}", where) from None
 
 
-def served_model(state: ServerState) -> str:
-    """The model the target serves (its first served model), or 503 while it loads."""
+def served_model(state: ServerState) -> tuple[str, str]:
+    """(id, kind) of the model the target serves (its first), or 503 while it loads."""
     listing = state.models.listing()
     if not listing or not state.models.ready:
         raise ApiError("the model is still loading; retry shortly", status=503, retry_after_s=2)
-    return str(listing[0]["id"])
+    return str(listing[0]["id"]), str(listing[0]["kind"])
 
 
 async def predict(
@@ -118,7 +120,9 @@ async def predict(
 ) -> list[dict[str, Any]]:
     """The predictions for ``body``'s instances, in order (4xx ApiError for bad input)."""
     instances, parameters = instances_of(body)
-    model = served_model(state)
+    model, kind = served_model(state)
+    if kind == "embedding":
+        return await _embed(state, request, principal, model, instances, parameters)
     requests = [
         to_request(x, parameters, model, f"instances[{i}]") for i, x in enumerate(instances)
     ]
@@ -147,6 +151,41 @@ async def _run(
     if len(choices) > 1:
         prediction["choices"] = choices
     return prediction
+
+
+async def _embed(
+    state: ServerState,
+    request: Request,
+    principal: Principal,
+    model: str,
+    instances: list[Any],
+    parameters: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """An embedding model's instances (texts, or ``{"input": text}``) in one
+    ``/v1/embeddings`` request: ``[{"embedding": [...]}, ...]``."""
+    from genloop.serve.api.embeddings.protocol import EmbeddingRequest
+    from genloop.serve.api.embeddings.serving import serve_embeddings
+
+    texts = []
+    for i, x in enumerate(instances):
+        text = x.get("input") if isinstance(x, dict) and set(x) == {"input"} else x
+        if not isinstance(text, str):
+            raise invalid(
+                f'instances[{i}] must be a text or {{"input": text}} (an embedding model)',
+                f"instances[{i}]",
+            )
+        texts.append(text)
+    unknown = sorted(set(parameters) - {"dimensions"})
+    if unknown:
+        raise invalid(f"parameters.{unknown[0]}: an embedding model takes dimensions only")
+    try:
+        body = EmbeddingRequest.model_validate({"model": model, "input": texts} | parameters)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise invalid(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    response = await serve_embeddings(state, request, body, principal)
+    data = sorted(json.loads(bytes(response.body))["data"], key=lambda d: d["index"])
+    return [{"embedding": d["embedding"]} for d in data]
 
 
 def _choice(choice: dict[str, Any]) -> dict[str, Any]:
