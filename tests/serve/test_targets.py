@@ -126,6 +126,7 @@ def test_sagemaker_bad_payloads_are_4xx_json(sagemaker: LiveServer) -> None:
             (b'{"instances": [{"prompt": "x", "messages": []}]}', 400),
             (b"[" + b'"x",' * 64 + b'"x"]', 400),  # a list is one instance, not a prompt
             (b'{"instances": [' + b'"x",' * 64 + b'"x"]}', 413),
+            (b'{"instances": ["x", "y"], "parameters": {"n": 40}}', 413),
             (b'{"prompt": "x", "max_tokens": 100000000}', 400),
             (b'{"messages": [{"role": "wizard", "content": "x"}]}', 400),
         ):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from genloop.serve.api.completions.protocol import CompletionRequest
     from genloop.serve.state import ServerState
 
-MAX_INSTANCES = 64  # per request: each instance is a whole generation
+MAX_INSTANCES = 64  # per request, and generations (instances × n) per request
 RESERVED = ("model", "stream", "stream_options")  # set by the target, not by the caller
 
 
@@ -126,6 +126,14 @@ async def predict(
     requests = [
         to_request(x, parameters, model, f"instances[{i}]") for i, x in enumerate(instances)
     ]
+    choices = sum(r.n for r in requests)
+    if choices > MAX_INSTANCES:
+        raise ApiError(
+            f"{choices} generations in one request (instances × n); at most {MAX_INSTANCES} "
+            "(split the request)",
+            status=413,
+            param="instances",
+        )
     return list(await asyncio.gather(*(_run(state, request, principal, r) for r in requests)))
 
 
