@@ -256,3 +256,18 @@ def test_vertex_embedding_model(vertex_embeddings: LiveServer) -> None:
         assert [len(v) for v in vectors] == [8, 8] and vectors[0] != vectors[1]
         bad = c.post("/predict", json={"instances": [{"prompt": "a cat"}]})
         assert bad.status_code == 400 and "embedding model" in bad.json()["error"]
+
+
+def test_a_restart_reuses_the_imported_version(
+    tmp_path: Path, model_dirs: tuple[Path, Path]
+) -> None:
+    ws = init_workspace(tmp_path / "ws")
+    try:
+        mounted = tmp_path / "model"
+        shutil.copytree(model_dirs[0], mounted)
+        first = import_model_dir(ws, mounted)
+        assert import_model_dir(ws, mounted) == first == "model@1"
+        (mounted / "generation_config.json").write_text('{"max_new_tokens": 3}')
+        assert import_model_dir(ws, mounted) == "model@2"  # other files: a new version
+    finally:
+        ws.close()

@@ -19,7 +19,8 @@ in ``genloop monitor``.
 The model comes from the platform's model directory (:func:`model_dir`): a genloop model
 directory (with ``genloop.json``) is registered as it is, a Hugging Face checkpoint is
 imported (``models/importer.py``), each as a new version of a model named after the
-directory.
+directory, unless the newest version of that name already holds the same files (a
+restart on a kept catalog).
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def import_model_dir(ws: Workspace, path: Path) -> str:
             "--model-dir PATH (or --model NAME@ALIAS for a registry model)"
         )
     name = default_name(path)
+    same = _same_as_newest(ws, name, path)
+    if same is not None:  # a restart on a kept catalog: serve what is there
+        return same
     meta = path / GENLOOP_JSON
     if meta.is_file():
         family = json.loads(meta.read_text(encoding="utf-8")).get("family")
@@ -135,6 +139,39 @@ def import_model_dir(ws: Workspace, path: Path) -> str:
     else:
         info = import_checkpoint(ws, path, name=name)
     return f"{info.name}@{info.version}"
+
+
+def _same_as_newest(ws: Workspace, name: str, path: Path) -> str | None:
+    """The ref of ``name``'s newest version when it holds exactly ``path``'s files (by
+    SHA-256; ``genloop.json``, which registering rewrites, aside), else None."""
+    from genloop.errors import NotFoundError
+    from genloop.workspace.layout import GENLOOP_JSON
+    from genloop.workspace.manifest import MANIFEST, file_sha256
+    from genloop.workspace.registry import resolve
+
+    try:
+        info = resolve(ws, name)
+    except NotFoundError:
+        return None
+    manifest = ws.store.path(info.artifact) / MANIFEST
+    if not manifest.is_file():
+        return None
+    stored = {}
+    for line in manifest.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+        digest, _, rel = line.partition("  ")
+        stored[rel] = digest
+    source = {
+        p.relative_to(path).as_posix(): p
+        for p in path.rglob("*")
+        if p.is_file() and p.name != MANIFEST
+    }
+    stored.pop(GENLOOP_JSON, None)
+    source.pop(GENLOOP_JSON, None)
+    if set(stored) != set(source):
+        return None
+    if any(file_sha256(p) != stored[rel] for rel, p in source.items()):
+        return None
+    return info.ref
 
 
 def platform_principal(ws: Workspace, target: Target) -> Principal:
