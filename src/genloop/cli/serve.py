@@ -84,6 +84,10 @@ def serve(
     told otherwise. SIGTERM drains: no new requests, running ones finish (or are aborted
     after serve.drain_timeout_s), then the process exits.
 
+    With --target (SageMaker, Vertex AI, Azure ML), the platform's health and prediction
+    routes are served too, without a key (the platform's endpoint auth sits in front), and
+    the platform's model directory is imported and served: see docs/deploy.md.
+
     Example: genloop serve -m code-lm@production --port 8000
     """
     from pydantic import ValidationError
