@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from genloop.config import GenloopConfig, ServeConfig
+    from genloop.serve.targets import Target, TargetRoutes
+    from genloop.workspace import Workspace
 
 
 def serve(
@@ -53,6 +56,26 @@ def serve(
     ssl_keyfile: Annotated[
         Path | None, typer.Option("--ssl-keyfile", help="TLS private key (PEM).")
     ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            help="Serve a cloud platform's container contract too: sagemaker, vertex, azureml, "
+            "or none (genloop's API only) \\[default: $GENLOOP_TARGET, else detected from the "
+            "platform's environment variables]. Binds 0.0.0.0 on the platform's port; see "
+            "docs/deploy.md.",
+            show_default=False,
+        ),
+    ] = None,
+    model_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--model-dir",
+            help="With a target: the model directory to import and serve \\[default: the "
+            "platform's, e.g. /opt/ml/model]. Ignored when --model is given.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible API: /v1/completions, /v1/chat/completions,
     /v1/images/generations, /v1/models, plus /v1/feedback, the admin API and the web UI.
@@ -60,6 +83,10 @@ def serve(
     Every route but /health needs an API key (genloop keys create). Binds 127.0.0.1 unless
     told otherwise. SIGTERM drains: no new requests, running ones finish (or are aborted
     after serve.drain_timeout_s), then the process exits.
+
+    With --target (SageMaker, Vertex AI, Azure ML), the platform's health and prediction
+    routes are served too, without a key (the platform's endpoint auth sits in front), and
+    the platform's model directory is imported and served: see docs/deploy.md.
 
     Example: genloop serve -m code-lm@production --port 8000
     """
@@ -69,7 +96,9 @@ def serve(
     from genloop.errors import ConfigError
     from genloop.evaluate.run import evaluate_model
     from genloop.serve.app import create_app
+    from genloop.serve.targets import check_target, detect_target
 
+    platform = check_target(target) if target is not None else detect_target(os.environ)
     cfg = load_config(config, set_ or []) if config else parse_config({}, set_ or [])
     updates: dict[str, Any] = {}
     if model:
@@ -93,7 +122,7 @@ def serve(
     for path in (serve_cfg.ssl_certfile, serve_cfg.ssl_keyfile):
         if path is not None and not path.is_file():
             raise ConfigError(f"TLS file not found: {path}")
-    if not serve_cfg.models and not serve_cfg.upstreams:
+    if not serve_cfg.models and not serve_cfg.upstreams and platform is None:
         raise ConfigError(
             "nothing to serve: pass --model NAME@ALIAS (or set serve.models / serve.upstreams)"
         )
@@ -101,13 +130,20 @@ def serve(
         from genloop.serve.engine.vllm import require_vllm_python
 
         require_vllm_python(serve_cfg.vllm.python)
-    cfg = cfg.model_copy(update={"serve": serve_cfg})
     ws = open_workspace()
     try:
-        app = create_app(ws, cfg, evaluate=evaluate_model)
+        routes = None
+        if platform is not None:
+            serve_cfg, routes = _platform_setup(ws, platform, serve_cfg, model_dir, host, port)
+        cfg = cfg.model_copy(update={"serve": serve_cfg})
+        app = create_app(ws, cfg, evaluate=evaluate_model, target=routes)
         for info in app.state.server.models.check_refs():
             console.print(f"model {info.ref} ({info.family})", highlight=False)
-        if not _is_loopback(serve_cfg.host) and serve_cfg.ssl_certfile is None:
+        if routes is not None:
+            console.print(
+                f"{routes.target} routes: {', '.join(sorted(routes.public))}", highlight=False
+            )
+        elif not _is_loopback(serve_cfg.host) and serve_cfg.ssl_certfile is None:
             err_console.print(
                 f"[yellow]warning:[/] serving on {serve_cfg.host} without TLS: API keys cross "
                 "the network in the clear (use --ssl-certfile/--ssl-keyfile or a TLS proxy)"
@@ -115,6 +151,33 @@ def serve(
         run_server(app, cfg)
     finally:
         ws.close()
+
+
+def _platform_setup(
+    ws: Workspace,
+    platform: Target,
+    serve_cfg: ServeConfig,
+    model_dir: Path | None,
+    host: str | None,
+    port: int | None,
+) -> tuple[ServeConfig, TargetRoutes]:
+    """A cloud target's routes, and ``serve_cfg`` on its address and model: the platform's
+    model directory is imported unless a model or upstream is named."""
+    from genloop.serve.targets import import_model_dir, target_routes
+    from genloop.serve.targets import model_dir as platform_model_dir
+
+    routes = target_routes(ws, platform)
+    updates: dict[str, Any] = {}
+    if not serve_cfg.models and not serve_cfg.upstreams:
+        path = model_dir or platform_model_dir(platform, os.environ)
+        ref = import_model_dir(ws, path)
+        console.print(f"imported {path} as {ref}", highlight=False)
+        updates["models"] = [ref]
+    if host is None:  # the platform reaches the container from outside it
+        updates["host"] = "0.0.0.0"  # noqa: S104
+    if port is None:
+        updates["port"] = routes.port
+    return serve_cfg.model_copy(update=updates), routes
 
 
 def _is_loopback(host: str) -> bool:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from genloop.serve.engine.embedder import EmbeddingEngine
     from genloop.serve.engine.protocol import ImageCaptioner, ImageGenerator, TextEngine
     from genloop.serve.models import EmbeddingLoader, ImageLoader, TextLoader, VisionLoader
+    from genloop.serve.targets import TargetRoutes
     from genloop.workspace import Workspace
     from genloop.workspace.registry import ModelVersionInfo
 
@@ -63,6 +64,7 @@ def create_app(
     upstream_transport: httpx.AsyncBaseTransport | None = None,
     poll_interval_s: float = 1.0,
     evaluate: EvaluateFn | None = None,
+    target: TargetRoutes | None = None,
 ) -> FastAPI:
     """The server for ``cfg.serve``; ``app.state.server`` is its :class:`ServerState`.
 
@@ -70,6 +72,7 @@ def create_app(
     of the swap logic); ``upstream_transport`` the HTTP transport to upstream servers.
     ``evaluate`` (``genloop.evaluate.run.evaluate_model``) runs the scheduled bias probes
     (``monitor.bias_interval_s``); serving never imports evaluation (nor training) itself.
+    ``target`` (``serve/targets``): a cloud platform's routes, matched before the others.
     """
     from genloop.monitor.metrics import ServingMetrics
     from genloop.security.crypto import load_cipher
@@ -171,6 +174,8 @@ def create_app(
     from genloop.serve.api.images import router as images
     from genloop.serve.api.labeling import router as labeling
 
+    if target is not None:  # first: the platform's paths win over genloop's own
+        app.include_router(target.router)
     app.include_router(health.build_router(metrics_public=serve.metrics_public))
     app.include_router(models_api.router)
     app.include_router(completions.router)
@@ -192,6 +197,7 @@ def create_app(
 
     _add_security_scheme(app)
     public = {"/health"} | ({"/metrics"} if serve.metrics_public else set())
+    public |= target.public if target is not None else set()
     check_routes_guarded(app, public)
     _mount_ui(app, serve)
 
