@@ -1164,7 +1164,9 @@ class UpstreamConfig(BaseModel):
     """One upstream server: its URL and the credentials this server sends it.
 
     The caller's key never leaves this server: an upstream gets only its own key, read from
-    the environment variable ``api_key_env`` (none: no ``Authorization`` header at all).
+    the environment variable ``api_key_env`` or the workspace's encrypted secret store
+    (``api_key_secret``, set with ``genloop secrets set NAME``); neither: no
+    ``Authorization`` header at all.
     """
 
     model_config = _STRICT
@@ -1174,13 +1176,25 @@ class UpstreamConfig(BaseModel):
         None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Environment variable holding the key sent to this upstream as "
-        "'Authorization: Bearer …'; unset: no key is sent.",
+        "'Authorization: Bearer …'; unset (and no api_key_secret): no key is sent.",
+    )
+    api_key_secret: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name of the workspace secret (genloop secrets set NAME) holding the key "
+        "sent to this upstream; instead of api_key_env.",
     )
     allow_http: bool = Field(
         False,
         description="Allow plain http to a host that is not loopback (keys and text then "
         "cross the network in clear).",
     )
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> UpstreamConfig:
+        if self.api_key_env is not None and self.api_key_secret is not None:
+            raise ValueError("give api_key_env or api_key_secret, not both")
+        return self
 
 
 class ServeConfig(BaseModel):

@@ -197,26 +197,31 @@ def test_each_upstream_gets_exactly_its_own_key(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    from genloop.security.secret_store import set_secret
+
     monkeypatch.setenv("GENLOOP_TEST_OTHER_KEY", "sk-other-upstream-secret")
+    set_secret(module_ws, "stored-key", "sk-stored-upstream-secret")
     with header_recorder() as (url, seen):
         cfg = serve_config(
             models=[],
             upstreams={
                 "with-key": [{"url": url, "api_key_env": "GENLOOP_TEST_OTHER_KEY"}],
                 "no-key": [url],
+                "stored": [{"url": url, "api_key_secret": "stored-key"}],
             },
         )
         with running_server(module_ws, cfg, keys) as s:
-            for model in ("with-key", "no-key"):
+            for model in ("with-key", "no-key", "stored"):
                 with s.client(keys["admin"]) as c:
                     r = c.post("/v1/completions", json={"model": model, "prompt": "Hi"})
                     assert r.status_code == 200, r.text
-            assert "sk-other" not in repr(s.state.upstreams.routes)
-            assert "sk-other" not in str(s.state.upstreams.status())
+            assert "sk-" not in repr(s.state.upstreams.routes)
+            assert "sk-" not in str(s.state.upstreams.status())
     assert seen[0]["authorization"] == "Bearer sk-other-upstream-secret"
     assert "authorization" not in seen[1]
+    assert seen[2]["authorization"] == "Bearer sk-stored-upstream-secret"
     assert all(keys["admin"] not in str(h) for h in seen)
-    assert "sk-other-upstream-secret" not in caplog.text
+    assert "upstream-secret" not in caplog.text
 
 
 def test_an_unset_key_variable_is_a_clear_error(
@@ -247,6 +252,10 @@ def test_an_unset_key_variable_is_a_clear_error(
             r"serve\.upstreams\.big\[0\].*credentials.*api_key_env",
         ),
         ({"url": "https://gpu.internal/v1", "api_key_env": "not a name"}, r"api_key_env"),
+        (
+            {"url": "https://gpu.internal/v1", "api_key_env": "K", "api_key_secret": "k"},
+            r"api_key_env or api_key_secret, not both",
+        ),
     ],
 )
 def test_bad_upstream_entries_are_refused_at_config_load(entry: Any, error: str) -> None:
@@ -270,3 +279,15 @@ def test_https_loopback_and_allowed_http_upstreams_load() -> None:
     ups = cfg.serve.upstreams["big"]
     assert [u.allow_http for u in ups] == [False, False, False, False, True]
     assert ups[4].api_key_env == "K" and ups[0].api_key_env is None
+
+
+def test_a_missing_stored_secret_is_a_clear_error(module_ws: Workspace) -> None:
+    from genloop.serve.app import create_app
+
+    cfg = serve_config(
+        models=[], upstreams={"big": [{"url": "https://gpu.internal/v1", "api_key_secret": "nope"}]}
+    )
+    with pytest.raises(
+        ConfigError, match=r"serve\.upstreams\.big\[0\]\.api_key_secret: no secret 'nope'"
+    ):
+        create_app(module_ws, cfg)

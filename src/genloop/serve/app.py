@@ -92,7 +92,7 @@ def create_app(
         swap_timeout_s=serve.request_timeout_s + 5.0,
     )
     upstreams = UpstreamRouter(
-        build_routes(serve.upstreams),
+        build_routes(ws, serve.upstreams),
         health_interval_s=serve.upstream_health_interval_s,
         request_timeout_s=serve.request_timeout_s,
         transport=upstream_transport,

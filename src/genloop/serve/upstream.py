@@ -3,8 +3,9 @@
 ``serve.upstreams: {code-lm: [{url: https://10.0.0.5:8000/v1, api_key_env: CODE_LM_KEY}]}``
 sends requests for ``code-lm`` to those servers (other genloop replicas, or vLLM on a GPU
 fleet) after this server has checked the key, the limits and the rate. The caller's key
-never leaves this server: each upstream gets its own key, read from the environment
-variable its entry names (``api_key_env``) when the router is built, or no
+never leaves this server: each upstream gets its own key, read when the router is built
+from the environment variable its entry names (``api_key_env``) or the workspace's
+encrypted secret store (``api_key_secret``, :mod:`genloop.security.secret_store`), or no
 ``Authorization`` header at all. Keys live in :class:`Upstream` only, never in its
 ``repr``, its status or a log line.
 
@@ -37,6 +38,7 @@ from genloop.serve.errors import ApiError
 
 if TYPE_CHECKING:
     from genloop.config import UpstreamConfig
+    from genloop.workspace.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +67,42 @@ def normalize_base_url(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
-def upstream_key(name: str, index: int, env: str | None) -> str | None:
-    """The key ``serve.upstreams.<name>[<index>]`` sends: ``$env``'s value (None: no env)."""
+def upstream_key(ws: Workspace, name: str, index: int, entry: UpstreamConfig) -> str | None:
+    """The key ``serve.upstreams.<name>[<index>]`` sends: ``$api_key_env``'s value, or the
+    workspace secret ``api_key_secret``; None when the entry names neither."""
+    where = f"serve.upstreams.{name}[{index}]"
+    if entry.api_key_secret is not None:
+        from genloop.errors import NotFoundError
+        from genloop.security.secret_store import get_secret
+
+        try:
+            return get_secret(ws, entry.api_key_secret)
+        except NotFoundError as exc:
+            raise ConfigError(f"{where}.api_key_secret: {exc}") from None
+    env = entry.api_key_env
     if env is None:
         return None
     key = os.environ.get(env, "").strip()
     if not key:
         raise ConfigError(
-            f"serve.upstreams.{name}[{index}].api_key_env names ${env}, which is not set: "
+            f"{where}.api_key_env names ${env}, which is not set: "
             f"export {env}=<the upstream's key> before starting the server"
         )
     return key
 
 
-def build_routes(upstreams: dict[str, list[UpstreamConfig]]) -> dict[str, list[Upstream]]:
-    """``serve.upstreams`` → upstreams with their keys read from the environment."""
+def build_routes(
+    ws: Workspace, upstreams: dict[str, list[UpstreamConfig]]
+) -> dict[str, list[Upstream]]:
+    """``serve.upstreams`` → upstreams with their keys read from the environment or the
+    workspace's secret store."""
     routes: dict[str, list[Upstream]] = {}
     for name, entries in upstreams.items():
         seen: dict[str, Upstream] = {}
         for i, entry in enumerate(entries):
             url = normalize_base_url(entry.url)
             if url not in seen:
-                seen[url] = Upstream(url, api_key=upstream_key(name, i, entry.api_key_env))
+                seen[url] = Upstream(url, api_key=upstream_key(ws, name, i, entry))
         routes[name] = list(seen.values())
     return routes
 
