@@ -216,7 +216,7 @@ serve:
   metrics_public: true
   ui: false
   store_requests: false
-  upstreams: {big: ["http://10.0.0.1:8000/v1", "https://vllm.internal/v1"]}
+  upstreams: {big: [{url: "http://10.0.0.1:8000/v1", allow_http: true}, "https://vllm.internal/v1"]}
   upstream_health_interval_s: 2
   redis_url: redis://127.0.0.1:6379/0
   rate_limit: {requests_per_min: 10, tokens_per_min: null}
@@ -298,7 +298,7 @@ def test_every_section_parses_from_a_full_example(tmp_path: Path) -> None:
     assert isinstance(cfg.tune.space["train.lr"], FloatParam)
     assert isinstance(cfg.tune.space["model.n_layer"], IntParam)
     assert cfg.optimize is not None and cfg.optimize.budget == "ppl+3%"
-    assert cfg.serve.upstreams["big"][1] == "https://vllm.internal/v1"
+    assert cfg.serve.upstreams["big"][1].url == "https://vllm.internal/v1"
     assert cfg.serve.rate_limit.tokens_per_min is None
     assert cfg.monitor.webhook_url == "http://127.0.0.1:9999/hook"
     assert cfg.feedback.retrain.lr == pytest.approx(5e-5)

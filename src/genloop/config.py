@@ -33,6 +33,7 @@ from typing import (
     get_origin,
     overload,
 )
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -1144,6 +1145,58 @@ class VllmConfig(BaseModel):
     )
 
 
+_LOOPBACK_HOSTS = ("localhost",)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.lower()
+    if host in _LOOPBACK_HOSTS or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class UpstreamConfig(BaseModel):
+    """One upstream server: its URL and the credentials this server sends it.
+
+    The caller's key never leaves this server: an upstream gets only its own key, read from
+    the environment variable ``api_key_env`` or the workspace's encrypted secret store
+    (``api_key_secret``, set with ``genloop secrets set NAME``); neither: no
+    ``Authorization`` header at all.
+    """
+
+    model_config = _STRICT
+
+    url: str = Field(description="OpenAI-compatible base URL, e.g. https://host:8000/v1.")
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the key sent to this upstream as "
+        "'Authorization: Bearer …'; unset (and no api_key_secret): no key is sent.",
+    )
+    api_key_secret: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name of the workspace secret (genloop secrets set NAME) holding the key "
+        "sent to this upstream; instead of api_key_env.",
+    )
+    allow_http: bool = Field(
+        False,
+        description="Allow plain http to a host that is not loopback (keys and text then "
+        "cross the network in clear).",
+    )
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> UpstreamConfig:
+        if self.api_key_env is not None and self.api_key_secret is not None:
+            raise ValueError("give api_key_env or api_key_secret, not both")
+        return self
+
+
 class ServeConfig(BaseModel):
     """The HTTP server, its engine and its limits (safe by default)."""
 
@@ -1227,9 +1280,10 @@ class ServeConfig(BaseModel):
     store_requests: bool = Field(
         True, description="Keep prompts and responses (encrypted) so feedback can link to them."
     )
-    upstreams: dict[str, list[str]] = Field(
+    upstreams: dict[str, list[UpstreamConfig]] = Field(
         default_factory=dict,
-        description="Model name → OpenAI-compatible base URLs to route to, with failover.",
+        description="Model name → upstream servers to route to, with failover: each a URL, "
+        "or {url, api_key_env, allow_http}. The caller's key is never forwarded.",
     )
     upstream_health_interval_s: float = Field(
         10.0, gt=0, description="Seconds between upstream health checks."
@@ -1254,9 +1308,39 @@ class ServeConfig(BaseModel):
     def _tls_and_urls(self) -> ServeConfig:
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
-        for urls in self.upstreams.values():
-            _check_http_urls(urls)
+        for name, ups in self.upstreams.items():
+            for i, up in enumerate(ups):
+                _check_http_urls([up.url])
+                parts = urlsplit(up.url)
+                if parts.username is not None or parts.password is not None:
+                    raise ValueError(
+                        f"serve.upstreams.{name}[{i}]: {up.url!r} holds credentials; "
+                        "put the key in an environment variable named by api_key_env"
+                    )
+                if (
+                    up.url.startswith("http://")
+                    and not up.allow_http
+                    and not _is_loopback(parts.hostname or "")
+                ):
+                    raise ValueError(
+                        f"serve.upstreams.{name}[{i}]: {up.url!r} is plain http to a host "
+                        "that is not loopback; use https, or give this upstream "
+                        "'allow_http: true' ({url: ..., allow_http: true})"
+                    )
         return self
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _upstream_urls(cls, value: Any) -> Any:
+        """A bare URL is ``{url: URL}`` (no key, https unless loopback)."""
+        if isinstance(value, dict):
+            return {
+                name: [{"url": u} if isinstance(u, str) else u for u in ups]
+                if isinstance(ups, list)
+                else ups
+                for name, ups in value.items()
+            }
+        return value
 
 
 # ---------------------------------------------------------------------------------------

@@ -105,7 +105,13 @@ def test_every_route_without_a_key_is_401(server: LiveServer) -> None:
 
 
 def test_every_route_with_the_wrong_scope_is_403(server: LiveServer) -> None:
-    lacking = {"generate": "feedback", "feedback": "generate", "label": "client", "admin": "client"}
+    lacking = {
+        "generate": "feedback",
+        "feedback": "generate",
+        "label": "client",
+        "metrics": "client",
+        "admin": "client",
+    }
     checked = 0
     with server.client() as c:
         for (method, path), (_, scope) in routes(server).items():
@@ -150,6 +156,28 @@ def test_public_routes_and_the_ui_need_no_key(server: LiveServer) -> None:
         assert c.get("/openapi.json").status_code == 401
         missing = c.get("/v1/no-such-route")
         assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_metrics_takes_a_metrics_key_or_admin_not_generate(
+    server: LiveServer, module_ws: Workspace
+) -> None:
+    from genloop.security.keys import create_key
+
+    scraper = create_key(module_ws.catalog, name="prometheus", scopes=["metrics"]).plaintext
+    with server.client(scraper) as c:
+        r = c.get("/metrics")
+        assert r.status_code == 200 and "genloop:model_loads_total" in r.text
+        # the scraper's key reads metrics only
+        assert c.get("/v1/admin/runs").status_code == 403
+        assert c.post("/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code == 403
+    with server.client(server.keys["admin"]) as c:
+        assert c.get("/metrics").status_code == 200
+    with server.client(server.keys["generate"]) as c:
+        r = c.get("/metrics")
+        assert r.status_code == 403 and "'metrics'" in r.json()["error"]["message"]
+    with server.client(server.keys["admin"]) as c:  # the admin API makes such keys too
+        r = c.post("/v1/admin/keys", json={"name": "scrape2", "scopes": ["metrics"]})
+        assert r.status_code in (200, 201) and r.json()["scopes"] == ["metrics"]
 
 
 def test_metrics_can_be_made_public(served_ws: Workspace) -> None:

@@ -35,7 +35,8 @@ def create(
         typer.Option(
             "--scopes",
             help="Comma-separated: generate (completions, chat, images, embeddings), feedback, "
-            "label (the labeling queue), admin (admin implies the others).",
+            "label (the labeling queue), metrics (GET /metrics, for a Prometheus scraper), "
+            "admin (admin implies the others).",
         ),
     ] = "generate",
     expires: Annotated[

@@ -32,6 +32,7 @@ from genloop.cli import (
     privacy,
     quickstart,
     retrain,
+    secrets,
     serve,
     train,
     tune,
@@ -63,6 +64,7 @@ app.command("generate")(generate.generate)
 app.add_typer(augment.app, name="augment")
 app.command("serve")(serve.serve)
 app.add_typer(keys.app, name="keys")
+app.add_typer(secrets.app, name="secrets")
 app.add_typer(privacy.app, name="privacy")
 app.add_typer(monitor.app, name="monitor")
 app.add_typer(feedback.app, name="feedback")

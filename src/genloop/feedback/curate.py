@@ -10,8 +10,10 @@
     cap       at most ``per_user_cap`` rows per user (the newest), so no single user can
               dominate a training set however much they post
 
-Users are told apart by the user id the feedback carries; rows without one count as one
-user per API key that made the request (or one anonymous user). Every drop is counted by
+Users are told apart by the feedback's principal, which comes from the API key that sent
+it (``genloop.feedback.store.principal_of``), never by the ``user`` label the client
+sends: one key cannot pass as many users. Rows without one count as one user per API key
+that made the request (or one anonymous user). Every drop is counted by
 reason in the :class:`CurationReport` stored with the dataset version it feeds.
 """
 
@@ -92,9 +94,10 @@ class CurationReport:
         return asdict(self)
 
 
-def user_bucket(user_id: str | None, api_key_id: int | None) -> str:
-    if user_id is not None:
-        return f"user:{user_id}"
+def user_bucket(principal: str | None, api_key_id: int | None) -> str:
+    """Who a row counts as: its principal, else the key that made the request."""
+    if principal is not None:
+        return principal
     return f"key:{api_key_id}" if api_key_id is not None else "anonymous"
 
 
@@ -136,7 +139,7 @@ def load_items(
             items.append(
                 Item(
                     id=fb.id,
-                    user=user_bucket(fb.user_id, req.api_key_id),
+                    user=user_bucket(fb.principal, req.api_key_id),
                     user_id=fb.user_id,
                     rating=fb.rating,
                     status=fb.status,

@@ -85,7 +85,7 @@ def pending_counts(ws: Workspace, name: str, fb: FeedbackConfig) -> tuple[int, i
     mark = (finished.summary or {}).get("feedback_max_id", 0) if finished is not None else 0
     trained = sorted(trained_feedback_sets(ws, name))
     query = (
-        select(Feedback.id, Feedback.user_id, RequestLog.api_key_id)
+        select(Feedback.id, Feedback.principal, RequestLog.api_key_id)
         .join(RequestLog, Feedback.request_id == RequestLog.id)
         .where(
             RequestLog.model_name == name,

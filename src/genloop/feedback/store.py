@@ -1,8 +1,11 @@
 """Feedback rows: submit (``POST /v1/feedback``), list, show, approve and reject.
 
 A feedback row links to the logged request whose id is the response id, so it reaches the
-prompt, the response and the model version that produced it. Its user is the one the
-client names (the OpenAI-style ``user`` field), else the API key's. The correction and
+prompt, the response and the model version that produced it. Its ``user_id`` is the one
+the client names (the OpenAI-style ``user`` field), else the API key's: a label only. Who
+gave it is its ``principal``, taken from the API key that sent it (:func:`principal_of`):
+per-user caps, majority votes and erasure count principals, so one key cannot pass as
+many users by varying ``user``. The correction and
 the comment are encrypted with the workspace's cipher, like the request's prompt and
 response (``genloop.security.crypto``); listing never decrypts, showing one row does.
 
@@ -110,6 +113,14 @@ def _check_user(user: object) -> str | None:
     return user
 
 
+def principal_of(key_id: int | None, key_user_id: str | None) -> str | None:
+    """Who is behind an API key: ``user:<its user id>`` (several keys of one user are one
+    principal), else ``key:<its id>``; None without a key."""
+    if key_user_id is not None:
+        return f"user:{key_user_id}"
+    return f"key:{key_id}" if key_id is not None else None
+
+
 def submit_feedback(
     ws: Workspace,
     cipher: Cipher,
@@ -119,19 +130,24 @@ def submit_feedback(
     correction: str | None = None,
     comment: str | None = None,
     user_id: str | None = None,
+    key_id: int | None = None,
     key_user_id: str | None = None,
 ) -> int:
     """Store one rating (+1 / -1) of a served response, with an optional corrected answer
     and comment; returns the feedback id.
 
-    ``user_id`` is the user the client names, ``key_user_id`` the API key's (used when the
-    client names none). An unknown response id is a :class:`NotFoundError` (404); a bad
-    rating, text or user a :class:`FeedbackError` (422).
+    ``user_id`` is the user the client names (a label), ``key_id`` and ``key_user_id`` the
+    API key's that sent it: they make the row's principal. Without a key (a trusted local
+    caller, such as an import) the label is the principal. An unknown response id is a
+    :class:`NotFoundError` (404); a bad rating, text or user a :class:`FeedbackError` (422).
     """
     rating = _check_rating(rating)
     correction = _check_text("correction", correction, MAX_CORRECTION_CHARS)
     comment = _check_text("comment", comment, MAX_COMMENT_CHARS)
     user = _check_user(user_id) if user_id is not None else _check_user(key_user_id)
+    principal = principal_of(key_id, _check_user(key_user_id))
+    if principal is None and user is not None:
+        principal = f"user:{user}"
     if not isinstance(response_id, str) or not response_id.strip():
         raise FeedbackError("response_id must be a non-empty string")
     if len(response_id) > MAX_RESPONSE_ID_CHARS:
@@ -142,6 +158,7 @@ def submit_feedback(
         row = Feedback(
             request_id=response_id,
             user_id=user,
+            principal=principal,
             rating=rating,
             correction_enc=cipher.encrypt(correction) if correction is not None else None,
             comment_enc=cipher.encrypt(comment) if comment is not None else None,

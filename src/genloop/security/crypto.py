@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 ENV_SECRET_KEY = "GENLOOP_SECRET_KEY"  # noqa: S105 - the variable's name, not a secret
 KEY_FILE = "secret.key"
+SECRET_STORE_FILE = "secrets.json"  # noqa: S105 - a file name (genloop.security.secret_store)
 MAGIC = b"GL1"
 KEY_BYTES = 32
 _KEY_ID_BYTES = 4
@@ -347,6 +348,39 @@ def _batches(ws: Workspace, table: Any, columns: tuple[str, ...], size: int) -> 
         yield rows
 
 
+def _reseal_secret_store(ws: Workspace, cipher: Cipher) -> int:
+    """Seal every value of the workspace's secret store with the primary key; returns how
+    many changed (a value no key of the ring opens is left as it is)."""
+    import json
+
+    path = _root(ws) / SECRET_STORE_FILE
+    if not path.exists():
+        return 0
+    data: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+    changed = 0
+    for name, sealed in data.items():
+        try:
+            blob = base64.b64decode(sealed, validate=True)
+            if cipher.sealed_with_primary(blob):
+                continue
+            data[name] = base64.b64encode(cipher.encrypt(cipher.decrypt(blob))).decode("ascii")
+        except (DecryptionError, binascii.Error):
+            continue
+        changed += 1
+    if changed:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return changed
+
+
 def rotate_secret(
     ws: Workspace, *, prune: bool = True, actor: str = "local", batch_size: int = 500
 ) -> RotationResult:
@@ -397,6 +431,7 @@ def rotate_secret(
                     for row_id, values in changes:
                         s.execute(update(table).where(table.id == row_id).values(**values))
                 result.reencrypted += len(changes)
+    result.reencrypted += _reseal_secret_store(ws, cipher)  # the named secrets (upstream keys)
     if prune and not from_env:
         path = key_file(ws)
         keys = _read_key_file(path)

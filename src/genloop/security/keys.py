@@ -12,9 +12,9 @@ at once in the process that revoked and within ``CACHE_TTL_S`` in every other re
 Expiry is checked on every call, cached or not.
 
 Scopes: ``generate`` (completions, chat, images), ``feedback`` (POST /v1/feedback),
-``label`` (the labeling queue, /v1/label: an annotator's key) and ``admin`` (runs, models,
-keys, privacy…). ``admin`` implies the others: an operator's key works everywhere; give
-clients only what they need.
+``label`` (the labeling queue, /v1/label: an annotator's key), ``metrics`` (GET /metrics:
+a Prometheus scraper's key) and ``admin`` (runs, models, keys, privacy…). ``admin``
+implies the others: an operator's key works everywhere; give clients only what they need.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ KEY_LENGTH = len(KEY_PREFIX) + _RANDOM_CHARS
 PREFIX_LENGTH = 11  # "gl_" + 8 characters: shown in lists and logs, not enough to guess
 _KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
-SCOPES = ("generate", "feedback", "label", "admin")
+SCOPES = ("generate", "feedback", "label", "metrics", "admin")
 CACHE_TTL_S = 5.0
 _CACHE_MAX = 10_000
 

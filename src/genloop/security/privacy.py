@@ -1,7 +1,10 @@
 """Right of access, right to erasure, and retention.
 
 Every stored request and feedback row carries a user id: the one the client gives (the
-OpenAI-style ``user`` field), else its API key's. From it:
+OpenAI-style ``user`` field), else its API key's. A feedback row also carries its
+principal, from the API key that sent it (``user:<the key's user id>``): a user's feedback
+is what their keys sent, whatever label the client put on it, plus what names them. From
+it:
 
 * :func:`export_user` gathers what genloop holds about a user: requests with their
   prompts and responses decrypted, feedback with corrections and comments, the user's API
@@ -57,6 +60,8 @@ from genloop.workspace.tables import (
 )
 
 if TYPE_CHECKING:
+    from sqlalchemy import ColumnElement
+
     from genloop.workspace.workspace import Workspace
 
 LOGS_DIR = "logs"
@@ -73,6 +78,12 @@ def _check_user(user_id: str) -> str:
     if not isinstance(user_id, str) or not user_id.strip() or len(user_id) > 128:
         raise ConfigError("give a user id of 1 to 128 characters")
     return user_id
+
+
+def _feedback_of(user_id: str) -> ColumnElement[bool]:
+    """The feedback rows about ``user_id``: given through the user's API keys (its
+    principal, whatever ``user`` label the client sent), or labelled with the user."""
+    return (Feedback.principal == f"user:{user_id}") | (Feedback.user_id == user_id)
 
 
 def _pseudonyms(cipher: Cipher, user_id: str) -> set[str]:
@@ -136,7 +147,7 @@ def export_user(
             )
         feedback = []
         fb_rows = list(
-            s.scalars(select(Feedback).where(Feedback.user_id == user_id).order_by(Feedback.id))
+            s.scalars(select(Feedback).where(_feedback_of(user_id)).order_by(Feedback.id))
         )
         for f in fb_rows:
             bad = []
@@ -221,7 +232,7 @@ def _affected_versions(s: Session, user_id: str, names: set[str]) -> set[int]:
     ``names`` are the user's pseudonyms (:func:`_pseudonyms`).
     """
     user_requests = select(RequestLog.id).where(RequestLog.user_id == user_id)
-    fb_filter = (Feedback.user_id == user_id) | Feedback.request_id.in_(user_requests)
+    fb_filter = _feedback_of(user_id) | Feedback.request_id.in_(user_requests)
     fb_ids = set(s.scalars(select(Feedback.id).where(fb_filter)))
     pointed = {v for v in s.scalars(select(Feedback.exported_to).where(fb_filter)) if v}
     rows = [
@@ -259,7 +270,7 @@ def _user_texts(s: Session, cipher: Cipher, user_id: str) -> list[str]:
         texts.update(t for t in (_try(cipher, p), _try(cipher, r)) if t)
     for c, m in s.execute(
         select(Feedback.correction_enc, Feedback.comment_enc).where(
-            (Feedback.user_id == user_id) | Feedback.request_id.in_(user_requests)
+            _feedback_of(user_id) | Feedback.request_id.in_(user_requests)
         )
     ):
         texts.update(t for t in (_try(cipher, c), _try(cipher, m)) if t)
@@ -342,7 +353,7 @@ def erase_user(
         _sqlite_secure_delete(s)
         user_requests = select(RequestLog.id).where(RequestLog.user_id == user_id)
         affected = _affected_versions(s, user_id, names)
-        counts["feedback"] = _rows(s, delete(Feedback).where(Feedback.user_id == user_id))
+        counts["feedback"] = _rows(s, delete(Feedback).where(_feedback_of(user_id)))
         counts["feedback_on_user_requests"] = _rows(
             s, delete(Feedback).where(Feedback.request_id.in_(user_requests))
         )
@@ -467,7 +478,7 @@ def count_user_rows(ws: Workspace, user_id: str) -> dict[str, int]:
             )
             or 0,
             "feedback": s.scalar(
-                select(func.count()).select_from(Feedback).where(Feedback.user_id == user_id)
+                select(func.count()).select_from(Feedback).where(_feedback_of(user_id))
             )
             or 0,
         }

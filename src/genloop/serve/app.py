@@ -35,7 +35,7 @@ from genloop.serve.errors import install_error_handlers
 from genloop.serve.limits import LimitsMiddleware
 from genloop.serve.models import ModelManager
 from genloop.serve.state import ServerState, UsageRecorder
-from genloop.serve.upstream import UpstreamRouter
+from genloop.serve.upstream import UpstreamRouter, build_routes
 
 if TYPE_CHECKING:
     import httpx
@@ -95,7 +95,7 @@ def create_app(
         swap_timeout_s=serve.request_timeout_s + 5.0,
     )
     upstreams = UpstreamRouter(
-        serve.upstreams,
+        build_routes(ws, serve.upstreams),
         health_interval_s=serve.upstream_health_interval_s,
         request_timeout_s=serve.request_timeout_s,
         transport=upstream_transport,

@@ -22,8 +22,8 @@ from genloop.serve.state import get_state
 if TYPE_CHECKING:
     from genloop.security.keys import Principal
 
-Scope = Literal["generate", "feedback", "label", "admin"]
-SCOPES: tuple[Scope, ...] = ("generate", "feedback", "label", "admin")
+Scope = Literal["generate", "feedback", "label", "metrics", "admin"]
+SCOPES: tuple[Scope, ...] = ("generate", "feedback", "label", "metrics", "admin")
 
 # auto_error=False: a missing header is our 401 in the OpenAI shape, not FastAPI's 403.
 bearer = HTTPBearer(

@@ -1,10 +1,13 @@
 """Route a model name to upstream OpenAI-compatible servers, with health checks and failover.
 
-``serve.upstreams: {code-lm: [http://10.0.0.5:8000/v1, http://10.0.0.6:8000/v1]}`` sends
-requests for ``code-lm`` to those servers (other genloop replicas sharing the catalog, or
-vLLM on a GPU fleet) after this server has checked the key, the limits and the rate. The
-caller's ``Authorization`` header is passed on, so a replica sharing the catalog accepts
-the same key.
+``serve.upstreams: {code-lm: [{url: https://10.0.0.5:8000/v1, api_key_env: CODE_LM_KEY}]}``
+sends requests for ``code-lm`` to those servers (other genloop replicas, or vLLM on a GPU
+fleet) after this server has checked the key, the limits and the rate. The caller's key
+never leaves this server: each upstream gets its own key, read when the router is built
+from the environment variable its entry names (``api_key_env``) or the workspace's
+encrypted secret store (``api_key_secret``, :mod:`genloop.security.secret_store`), or no
+``Authorization`` header at all. Keys live in :class:`Upstream` only, never in its
+``repr``, its status or a log line.
 
 Each upstream's ``/health`` is polled every ``upstream_health_interval_s``. A request goes
 to the healthy upstreams in turn (round robin), and fails over to the next one when an
@@ -20,26 +23,34 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from genloop.errors import ConfigError
 from genloop.serve.errors import ApiError
+
+if TYPE_CHECKING:
+    from genloop.config import UpstreamConfig
+    from genloop.workspace.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-FORWARDED_HEADERS = ("authorization", "content-type", "accept", "x-request-id")
+# never "authorization": the caller's key stays here (each upstream has its own)
+FORWARDED_HEADERS = ("content-type", "accept", "x-request-id")
 CONNECT_TIMEOUT_S = 3.0
 
 
 @dataclass(eq=False)
 class Upstream:
     base_url: str  # ends with /v1
+    api_key: str | None = field(default=None, repr=False)  # this upstream's own key
     healthy: bool = True  # optimistic until the first check says otherwise
     last_error: str | None = None
     checked_at: float | None = None
@@ -56,19 +67,56 @@ def normalize_base_url(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
+def upstream_key(ws: Workspace, name: str, index: int, entry: UpstreamConfig) -> str | None:
+    """The key ``serve.upstreams.<name>[<index>]`` sends: ``$api_key_env``'s value, or the
+    workspace secret ``api_key_secret``; None when the entry names neither."""
+    where = f"serve.upstreams.{name}[{index}]"
+    if entry.api_key_secret is not None:
+        from genloop.errors import NotFoundError
+        from genloop.security.secret_store import get_secret
+
+        try:
+            return get_secret(ws, entry.api_key_secret)
+        except NotFoundError as exc:
+            raise ConfigError(f"{where}.api_key_secret: {exc}") from None
+    env = entry.api_key_env
+    if env is None:
+        return None
+    key = os.environ.get(env, "").strip()
+    if not key:
+        raise ConfigError(
+            f"{where}.api_key_env names ${env}, which is not set: "
+            f"export {env}=<the upstream's key> before starting the server"
+        )
+    return key
+
+
+def build_routes(
+    ws: Workspace, upstreams: dict[str, list[UpstreamConfig]]
+) -> dict[str, list[Upstream]]:
+    """``serve.upstreams`` → upstreams with their keys read from the environment or the
+    workspace's secret store."""
+    routes: dict[str, list[Upstream]] = {}
+    for name, entries in upstreams.items():
+        seen: dict[str, Upstream] = {}
+        for i, entry in enumerate(entries):
+            url = normalize_base_url(entry.url)
+            if url not in seen:
+                seen[url] = Upstream(url, api_key=upstream_key(ws, name, i, entry))
+        routes[name] = list(seen.values())
+    return routes
+
+
 class UpstreamRouter:
     def __init__(
         self,
-        routes: dict[str, list[str]],
+        routes: dict[str, list[Upstream]],
         *,
         health_interval_s: float = 10.0,
         request_timeout_s: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.routes = {
-            name: [Upstream(normalize_base_url(u)) for u in dict.fromkeys(urls)]
-            for name, urls in routes.items()
-        }
+        self.routes = routes
         self.health_interval_s = health_interval_s
         self.request_timeout_s = request_timeout_s
         self._transport = transport
@@ -175,7 +223,7 @@ class UpstreamRouter:
         errors: list[str] = []
         for upstream in self.candidates(model):
             request = self.client.build_request(
-                "POST", upstream.base_url + path, content=payload, headers=sent
+                "POST", upstream.base_url + path, content=payload, headers=sent | _auth(upstream)
             )
             try:
                 response = await self.client.send(request, stream=True)
@@ -221,6 +269,10 @@ class UpstreamRouter:
         log.warning("upstream %s failed: %s; trying the next one", upstream.base_url, error)
         upstream.healthy, upstream.last_error = False, error
         errors.append(f"{upstream.root}: {error}")
+
+
+def _auth(upstream: Upstream) -> dict[str, str]:
+    return {"authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
 
 
 async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:

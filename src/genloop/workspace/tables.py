@@ -275,10 +275,15 @@ class Usage(Base):
 
 class Feedback(Base):
     __tablename__ = "feedback"
-    __table_args__ = (Index("ix_feedback_user_id", "user_id"),)
+    __table_args__ = (
+        Index("ix_feedback_user_id", "user_id"),
+        Index("ix_feedback_principal", "principal"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     request_id: Mapped[str] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
-    user_id: Mapped[str | None] = mapped_column(String(128))
+    user_id: Mapped[str | None] = mapped_column(String(128))  # the client's label
+    # who gave it, from the API key: "user:<key's user id>" or "key:<key id>" (caps, votes)
+    principal: Mapped[str | None] = mapped_column(String(160))
     rating: Mapped[int] = mapped_column(Integer)  # +1 | -1
     correction_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
     comment_enc: Mapped[bytes | None] = mapped_column(LargeBinary)

@@ -42,7 +42,8 @@ def build_router(*, metrics_public: bool) -> APIRouter:
             )
         return JSONResponse(body)
 
-    metrics_deps = [] if metrics_public else [Depends(require_scope("admin"))]
+    # a Prometheus scraper's key needs only "metrics" (admin implies it)
+    metrics_deps = [] if metrics_public else [Depends(require_scope("metrics"))]
 
     @router.get(
         "/metrics",

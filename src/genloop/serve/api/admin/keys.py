@@ -28,8 +28,8 @@ def list_keys(
 class CreateKeyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=128)
-    scopes: list[Literal["generate", "feedback", "label", "admin"]] = Field(
-        min_length=1, max_length=4
+    scopes: list[Literal["generate", "feedback", "label", "metrics", "admin"]] = Field(
+        min_length=1, max_length=5
     )
     expires_in: str | None = Field(
         None, max_length=16, description="Lifetime, e.g. 30d, 12h, 2w; unset: no expiry."

@@ -22,7 +22,8 @@ class FeedbackRequest(BaseModel):
         None,
         min_length=1,
         max_length=128,
-        description="The end user giving it (default: the API key's user).",
+        description="The end user giving it, as a label (default: the API key's user). "
+        "Per-user caps and erasure go by the API key, not this field.",
     )
 
 

@@ -29,7 +29,8 @@ async def serve_feedback(
             rating=body.rating,
             correction=body.correction,
             comment=body.comment,
-            user_id=body.user,
+            user_id=body.user,  # a label; caps and erasure go by the key (the principal)
+            key_id=principal.key_id,
             key_user_id=principal.user_id,
         )
     )
