@@ -340,6 +340,21 @@ def test_an_unreachable_redis_fails_closed_and_alerts_once() -> None:
     assert limiter.down
 
 
+def test_a_failing_outage_report_does_not_fail_the_request() -> None:
+    def broken(reason: str) -> None:
+        raise OSError("the catalog is down too")
+
+    limiter = RedisRateLimiter(Limits(5), CLOSED_PORT_URL, on_outage=broken)
+
+    async def run() -> RateDecision:
+        try:
+            return await limiter.check("k", strict=False)
+        finally:
+            await limiter.aclose()
+
+    assert asyncio.run(run()).allowed
+
+
 def test_local_fallback_limits_each_process_on_its_own() -> None:
     outages: list[str] = []
     cfg = RateLimitConfig(requests_per_min=None, tokens_per_min=None, tokens_per_day=100)

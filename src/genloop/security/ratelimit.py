@@ -516,13 +516,13 @@ class RedisRateLimiter:
                     extra={"redis": _redacted(self.redis_url)},
                 )
                 if self.on_outage is not None:
-                    await asyncio.to_thread(self.on_outage, reason)
+                    await _report(self.on_outage, reason)
             return None
         if self._down:
             self._down = False
             log.warning("rate limiter: Redis reachable again; limits are shared again")
             if self.on_recovery is not None:
-                await asyncio.to_thread(self.on_recovery)
+                await _report(self.on_recovery)
         return [float(x) for x in raw]
 
     async def check(
@@ -580,6 +580,15 @@ class RedisRateLimiter:
         if self._client is not None:
             await self._client.aclose()
             self._client = self._script = None
+
+
+async def _report(callback: Callable[..., None], *args: str) -> None:
+    """Run an outage callback (it writes an alert) off the event loop; a failure there (the
+    catalog may be down too) is logged, never the request's error."""
+    try:
+        await asyncio.to_thread(callback, *args)
+    except Exception:
+        log.exception("rate limiter: could not report the Redis outage or its end")
 
 
 def _redacted(url: str) -> str:
