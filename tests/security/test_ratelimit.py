@@ -68,7 +68,9 @@ def test_a_refused_request_takes_nothing() -> None:
     assert limiter.check_sync("k", tokens=70).allowed
     refused = limiter.check_sync("k", tokens=70)  # 30 left: wait for 40 more at 100/min
     assert not refused.allowed and refused.retry_after_s == pytest.approx(24.0)
-    assert refused.limit == "tokens per minute"
+    assert refused.message == (
+        "tokens per minute: 70 used of 100, this request needs up to 70; retry in 24s"
+    )
     assert refused.remaining_requests == 59  # the refused request took no request either
     assert limiter.check_sync("k", tokens=30).allowed
 

@@ -80,6 +80,10 @@ class Limits:
     def enabled(self) -> bool:
         return any(v is not None for v in self.as_tuple())
 
+    @property
+    def counts_tokens(self) -> bool:
+        return any(v is not None for v in self.as_tuple()[1:])
+
     def as_tuple(self) -> tuple[int | None, int | None, int | None, int | None]:
         return (
             self.requests_per_min,
@@ -175,7 +179,7 @@ class RateDecision:
         if not per_minute and self.needed > self.cap:
             text += f"; this request needs up to {self.needed}, more than the whole limit"
             text += " (lower max_tokens)"
-        elif not per_minute:
+        elif self.limit != LIMIT_NAMES[0]:  # a token window: the reservation matters
             text += f", this request needs up to {self.needed}"
         verb = "retry in" if per_minute else "resets in"
         return f"{text}; {verb} {format_wait(self.retry_after_s)}"
@@ -324,7 +328,7 @@ class InProcessRateLimiter:
         _check_amounts(0, used_tokens)
         delta = used_tokens - reservation.tokens
         limits, key, windows = reservation.limits, reservation.key, reservation.windows
-        if delta == 0:
+        if delta == 0 or not limits.counts_tokens:
             return
         with self._lock:
             t_cap = limits.tokens_per_min
@@ -569,7 +573,7 @@ class RedisRateLimiter:
             self.local.settle_sync(reservation, used_tokens)
             return
         delta = used_tokens - reservation.tokens
-        if delta == 0 or not reservation.limits.enabled:
+        if delta == 0 or not reservation.limits.counts_tokens:
             return
         # down: the reservation stays counted (the safe side)
         await self._run(
