@@ -1073,13 +1073,37 @@ class OptimizeConfig(BaseModel):
 
 
 class RateLimitConfig(BaseModel):
-    """Per-key token buckets (shared through Redis when serve.redis_url is set)."""
+    """Per-key limits, the defaults of every key (``genloop keys set-limits`` overrides them
+    per key); shared through Redis when serve.redis_url is set."""
 
     model_config = _STRICT
 
     requests_per_min: int | None = Field(600, ge=1, description="Requests per minute; unset: off.")
     tokens_per_min: int | None = Field(
         100_000, ge=1, description="Prompt + generated tokens per minute; unset: off."
+    )
+    tokens_per_day: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt + generated tokens per UTC day (a fixed window); unset: off.",
+    )
+    tokens_per_month: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt + generated tokens per UTC calendar month; unset: off.",
+    )
+    redis_prefix: str = Field(
+        "genloop:rl:",
+        min_length=1,
+        max_length=64,
+        description="Prefix of the Redis keys (deployments sharing one Redis use their own).",
+    )
+    on_redis_down: Literal["fail_closed", "local"] = Field(
+        "fail_closed",
+        description=(
+            "With serve.redis_url, while Redis is unreachable: fail_closed refuses client "
+            "requests with 503; local limits each process on its own. Either raises one alert."
+        ),
     )
 
 

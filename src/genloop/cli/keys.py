@@ -16,6 +16,52 @@ app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
+_LIMIT_HELP = "a number, 'unlimited' or 'default' (serve.rate_limit's)"
+RpmOpt = Annotated[
+    str | None, typer.Option("--rpm", help=f"Requests per minute for this key: {_LIMIT_HELP}.")
+]
+TpmOpt = Annotated[
+    str | None, typer.Option("--tpm", help=f"Tokens per minute for this key: {_LIMIT_HELP}.")
+]
+DayOpt = Annotated[
+    str | None,
+    typer.Option("--tokens-per-day", help=f"Tokens per UTC day for this key: {_LIMIT_HELP}."),
+]
+MonthOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tokens-per-month", help=f"Tokens per UTC calendar month for this key: {_LIMIT_HELP}."
+    ),
+]
+
+
+def _limit_changes(
+    rpm: str | None, tpm: str | None, day: str | None, month: str | None
+) -> dict[str, int | None]:
+    """The limits given on the command line, parsed (None: back to the default)."""
+    from genloop.security.keys import parse_limit
+
+    given = {
+        "requests_per_min": ("--rpm", rpm),
+        "tokens_per_min": ("--tpm", tpm),
+        "tokens_per_day": ("--tokens-per-day", day),
+        "tokens_per_month": ("--tokens-per-month", month),
+    }
+    return {k: parse_limit(v, opt) for k, (opt, v) in given.items() if v is not None}
+
+
+def _describe_limits(limits: dict[str, int | None]) -> str:
+    names = {
+        "requests_per_min": "rpm",
+        "tokens_per_min": "tpm",
+        "tokens_per_day": "tokens/day",
+        "tokens_per_month": "tokens/month",
+    }
+    parts = [
+        f"{names[k]} {'unlimited' if v == 0 else v}" for k, v in limits.items() if v is not None
+    ]
+    return ", ".join(parts) or "server defaults"
+
 
 def cli_actor() -> str:
     """How the audit log names whoever runs a command here: ``cli:<OS user>``."""
@@ -50,14 +96,20 @@ def create(
             help="User id recorded on this key's requests when the client names none.",
         ),
     ] = None,
+    rpm: RpmOpt = None,
+    tpm: TpmOpt = None,
+    tokens_per_day: DayOpt = None,
+    tokens_per_month: MonthOpt = None,
     json: Annotated[
         bool, typer.Option("--json", help="Print the key and its details as JSON.")
     ] = False,
 ) -> None:
     """Create a key and print it ONCE: only its SHA-256 is stored, it cannot be shown again."""
     from genloop.security.keys import create_key, parse_duration
+    from genloop.security.ratelimit import Limits
 
     lifetime = parse_duration(expires) if expires is not None else None
+    limits = Limits(**_limit_changes(rpm, tpm, tokens_per_day, tokens_per_month))
     with open_workspace() as ws:
         created = create_key(
             ws.catalog,
@@ -65,6 +117,7 @@ def create(
             scopes=scopes,
             expires_in=lifetime,
             user_id=user,
+            limits=limits,
             actor=cli_actor(),
         )
     info = created.info
@@ -74,7 +127,8 @@ def create(
     sys.stdout.write(created.plaintext + "\n")  # plain, so that `$(genloop keys create …)` works
     expiry = info.expires_at.strftime("%Y-%m-%d %H:%M UTC") if info.expires_at else "never"
     err_console.print(  # on stderr: stdout holds the key alone
-        f"key {info.id} ({info.prefix}…, scopes {','.join(info.scopes)}, expires {expiry}). "
+        f"key {info.id} ({info.prefix}…, scopes {','.join(info.scopes)}, expires {expiry}, "
+        f"limits: {_describe_limits(info.limits.to_dict())}). "
         "Store it now: it is not shown again.",
         highlight=False,
         markup=False,
@@ -103,7 +157,17 @@ def list_(
 
     print_table(
         None,
-        ["id", "name", "prefix", "scopes", "user", "status", "expires (UTC)", "last used (UTC)"],
+        [
+            "id",
+            "name",
+            "prefix",
+            "scopes",
+            "user",
+            "status",
+            "limits",
+            "expires (UTC)",
+            "last used (UTC)",
+        ],
         [
             [
                 i.id,
@@ -112,6 +176,7 @@ def list_(
                 ",".join(i.scopes),
                 i.user_id or "-",
                 i.status,
+                _describe_limits(i.limits.to_dict()),
                 when(i.expires_at),
                 when(i.last_used_at),
             ]
@@ -134,6 +199,35 @@ def revoke(
         print_json(info.to_dict())
     else:
         console.print(f"revoked key {info.id} ({info.prefix}…, {info.name})", highlight=False)
+
+
+@app.command("set-limits")
+def set_limits(
+    key: Annotated[
+        str, typer.Argument(help="The key's id, prefix (as 'keys list' shows) or name.")
+    ],
+    rpm: RpmOpt = None,
+    tpm: TpmOpt = None,
+    tokens_per_day: DayOpt = None,
+    tokens_per_month: MonthOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Set a key's own limits, overriding serve.rate_limit for it ('default' drops one).
+
+    Servers apply the change within a few seconds (at once in this process)."""
+    from genloop.security.keys import set_key_limits
+
+    changes = _limit_changes(rpm, tpm, tokens_per_day, tokens_per_month)
+    with open_workspace() as ws:
+        info = set_key_limits(ws.catalog, key, changes, actor=cli_actor())
+    if json:
+        print_json(info.to_dict())
+        return
+    console.print(
+        f"key {info.id} ({info.prefix}…, {info.name}): {_describe_limits(info.limits.to_dict())}",
+        highlight=False,
+        markup=False,
+    )
 
 
 @app.command("rotate-secret")

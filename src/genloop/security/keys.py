@@ -25,13 +25,14 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 
 from genloop.errors import ConfigError, GenloopError, NotFoundError
+from genloop.security.ratelimit import Limits
 from genloop.workspace import audit
 from genloop.workspace.db import Catalog
 from genloop.workspace.tables import ApiKey
@@ -71,6 +72,7 @@ class Principal:
     scopes: frozenset[str]
     user_id: str | None
     expires_at: datetime | None = None
+    limits: Limits | None = None  # this key's overrides of serve.rate_limit (0: no limit)
 
     def has(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
@@ -102,6 +104,7 @@ class KeyInfo:
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
+    limits: Limits = field(default_factory=Limits)  # overrides: None → default, 0 → none
 
     @property
     def status(self) -> str:
@@ -126,6 +129,7 @@ class KeyInfo:
             "expires_at": iso(self.expires_at),
             "revoked_at": iso(self.revoked_at),
             "last_used_at": iso(self.last_used_at),
+            "limits": self.limits.to_dict(),
         }
 
 
@@ -174,9 +178,12 @@ def create_key(
     scopes: list[str] | str,
     expires_in: timedelta | None = None,
     user_id: str | None = None,
+    limits: Limits | None = None,
     actor: str = "local",
 ) -> CreatedKey:
-    """Make a key; the catalog keeps its hash, the caller gets the key (once)."""
+    """Make a key; the catalog keeps its hash, the caller gets the key (once).
+
+    ``limits``: this key's overrides of ``serve.rate_limit`` (None fields: the default)."""
     name = name.strip()
     if not name or len(name) > 128:
         raise ConfigError("a key needs a name of 1 to 128 characters")
@@ -185,6 +192,7 @@ def create_key(
         raise ConfigError("a key's lifetime must be positive")
     if user_id is not None and not (0 < len(user_id) <= 128):
         raise ConfigError("user id must be 1 to 128 characters")
+    limits = _checked_limits(limits or Limits())
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     now = datetime.now(UTC)
     with catalog.session() as s:
@@ -196,6 +204,7 @@ def create_key(
             user_id=user_id,
             created_at=now,
             expires_at=now + expires_in if expires_in is not None else None,
+            **limits.to_dict(),
         )
         s.add(row)
         s.flush()
@@ -208,6 +217,7 @@ def create_key(
             name=name,
             scopes=checked,
             expires_at=row.expires_at.isoformat() if row.expires_at else None,
+            limits=limits.to_dict(),
         )
         return CreatedKey(plaintext, _info(row))
 
@@ -304,6 +314,7 @@ def _lookup(catalog: Catalog, prefix: str, digest: str) -> Principal:
             scopes=frozenset(x for x in match.scopes.split(",") if x),
             user_id=match.user_id,
             expires_at=match.expires_at,
+            limits=_limits(match),
         )
 
 
@@ -321,7 +332,94 @@ def _info(row: ApiKey) -> KeyInfo:
         expires_at=row.expires_at,
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
+        limits=_limits(row),
     )
+
+
+def _limits(row: ApiKey) -> Limits:
+    return Limits(
+        row.requests_per_min, row.tokens_per_min, row.tokens_per_day, row.tokens_per_month
+    )
+
+
+LIMIT_FIELDS = tuple(Limits().to_dict())
+
+
+def parse_limit(text: str, what: str = "limit") -> int | None:
+    """A limit as the CLI takes it: a positive number, ``unlimited`` (0: no limit for this
+    key) or ``default`` (None: the server's default)."""
+    t = text.strip().lower().replace("_", "")
+    if t == "default":
+        return None
+    if t in ("unlimited", "0"):
+        return 0
+    if t.isdigit() and len(t) <= 15:
+        return int(t)
+    raise ConfigError(f"invalid {what} {text!r}: give a positive number, 'unlimited' or 'default'")
+
+
+_LIMIT_MAX = {"requests_per_min": 2**31 - 1, "tokens_per_min": 2**31 - 1}
+
+
+def _checked_limits(limits: Limits) -> Limits:
+    for name, value in limits.to_dict().items():
+        top = _LIMIT_MAX.get(name, 10**15 - 1)
+        if value is not None and not (0 <= value <= top):
+            raise ConfigError(f"{name} must be 0 (no limit for this key) to {top}, not {value}")
+    return limits
+
+
+def _find_with_name(catalog: Catalog, ref: int | str) -> int:
+    """:func:`_find`, or else the one unrevoked key with that exact name."""
+    try:
+        return _find(catalog, ref)
+    except (NotFoundError, ConfigError) as exc:
+        with catalog.session() as s:
+            ids = list(
+                s.scalars(
+                    select(ApiKey.id).where(ApiKey.name == str(ref), ApiKey.revoked_at.is_(None))
+                )
+            )
+        if len(ids) == 1:
+            return ids[0]
+        if len(ids) > 1:
+            raise ConfigError(f"{len(ids)} keys are named {ref!r}; give the key's id") from None
+        raise exc
+
+
+def set_key_limits(
+    catalog: Catalog,
+    key_id_or_prefix: int | str,
+    changes: dict[str, int | None],
+    *,
+    actor: str = "local",
+) -> KeyInfo:
+    """Change the limit overrides of a key (its id, prefix or name): ``{field: value}``
+    for the fields named (value None: back to the server's default, 0: no limit for this
+    key). Servers apply the change
+    within :data:`CACHE_TTL_S` (at once in this process)."""
+    unknown = sorted(set(changes) - set(LIMIT_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"unknown limit(s) {', '.join(unknown)}; valid: {', '.join(LIMIT_FIELDS)}"
+        )
+    if not changes:
+        raise ConfigError(
+            "give at least one limit to set (--rpm, --tpm, --tokens-per-day, --tokens-per-month)"
+        )
+    _checked_limits(Limits(**{k: changes.get(k) for k in LIMIT_FIELDS}))
+    key_id = _find_with_name(catalog, key_id_or_prefix)
+    with catalog.session() as s:
+        row = s.get(ApiKey, key_id)
+        assert row is not None
+        for name, value in changes.items():
+            setattr(row, name, value)
+        audit.record(s, actor, "key.limits", f"key:{row.id}", prefix=row.prefix, **changes)
+        digest = row.key_hash
+        info = _info(row)
+    with _cache_lock:
+        _cache.pop((catalog.url, digest), None)
+    return info
 
 
 def list_keys(catalog: Catalog, *, user_id: str | None = None) -> list[KeyInfo]:

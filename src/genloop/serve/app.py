@@ -109,7 +109,12 @@ def create_app(
         guardrails=guardrails,
         cipher=cipher,
         recorder=UsageRecorder(ws, cipher, store_text=serve.store_requests, guardrails=guardrails),
-        limiter=make_rate_limiter(serve.rate_limit, serve.redis_url),
+        limiter=make_rate_limiter(
+            serve.rate_limit,
+            serve.redis_url,
+            on_outage=lambda reason: _redis_outage(ws, cfg, state, reason),
+            on_recovery=lambda: _redis_recovered(ws, state),
+        ),
     )
 
     from genloop.monitor.scheduler import MonitorWorker
@@ -290,6 +295,36 @@ def check_routes_guarded(app: FastAPI, public: set[str]) -> None:
     ]
     if open_routes:
         raise RuntimeError(f"routes without an API key check: {', '.join(sorted(open_routes))}")
+
+
+def _redis_outage(ws: Workspace, cfg: GenloopConfig, state: ServerState, reason: str) -> None:
+    """One alert per outage (and one for every replica's, within the alerts' cooldown)."""
+    from genloop.monitor.alerts import raise_alert
+
+    policy = cfg.serve.rate_limit.on_redis_down
+    effect = (
+        "client requests are refused with 503"
+        if policy == "fail_closed"
+        else "each replica limits keys on its own"
+    )
+    state.extras["redis_alert"] = raise_alert(
+        ws,
+        "rate_limits_unavailable",
+        f"Redis for rate limits is unreachable ({reason}); {effect} until it returns "
+        f"(serve.rate_limit.on_redis_down: {policy})",
+        {"policy": policy, "reason": reason},
+        severity="critical" if policy == "fail_closed" else "warning",
+        source="redis",
+        webhook_url=cfg.monitor.webhook_url,
+    )
+
+
+def _redis_recovered(ws: Workspace, state: ServerState) -> None:
+    from genloop.monitor.alerts import resolve_alert
+
+    alert_id = state.extras.pop("redis_alert", None)
+    if alert_id is not None:
+        resolve_alert(ws, alert_id)
 
 
 def _add_security_scheme(app: FastAPI) -> None:

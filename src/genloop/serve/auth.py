@@ -3,7 +3,8 @@
 Every route but ``/health`` (and ``/metrics`` when ``serve.metrics_public``) depends on
 :func:`require_scope`: ``Authorization: Bearer gl_...`` is checked against the catalog
 (``genloop.security.keys.verify_key``: unknown, revoked or expired → 401), then the scope
-(→ 403), then the key's requests-per-minute budget (→ 429 with ``Retry-After``).
+(→ 403), then the key's requests-per-minute budget (→ 429 with ``Retry-After``; 503 on a
+client route while Redis is down and ``serve.rate_limit.on_redis_down`` is fail_closed).
 ``create_app`` refuses to build an app with a route that has no such dependency.
 """
 
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 
 Scope = Literal["generate", "feedback", "label", "metrics", "admin"]
 SCOPES: tuple[Scope, ...] = ("generate", "feedback", "label", "metrics", "admin")
+# scopes whose requests are refused while shared rate limits are down (fail_closed); the
+# others (admin, metrics) fall back to per-process limits so operators and probes go on
+CLIENT_SCOPES = frozenset({"generate", "feedback", "label"})
 
 # auto_error=False: a missing header is our 401 in the OpenAI shape, not FastAPI's 403.
 bearer = HTTPBearer(
@@ -61,7 +65,9 @@ def require_scope(scope: Scope | None) -> AuthDependency:
         if scope is not None:
             principal.require(scope)
         request.state.principal = principal
-        await state.check_rate(principal, requests=1)
+        # Redis down and fail_closed: client routes are refused; admin and health routes
+        # fall back to per-process limits so that operators can still act
+        await state.check_rate(principal, requests=1, strict=scope in CLIENT_SCOPES)
         return principal
 
     dependency.genloop_scope = scope  # type: ignore[attr-defined]  # read by create_app's check

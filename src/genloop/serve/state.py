@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from genloop.security.crypto import Cipher
     from genloop.security.guardrails import Guardrails
     from genloop.security.keys import Principal
-    from genloop.security.ratelimit import RateLimiter
+    from genloop.security.ratelimit import RateLimiter, Reservation
     from genloop.serve.models import ModelManager
     from genloop.serve.upstream import UpstreamRouter
     from genloop.workspace import Workspace
@@ -70,22 +70,47 @@ class ServerState:
     draining: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
-    async def check_rate(self, principal: Principal, *, requests: int = 0, tokens: int = 0) -> None:
-        """Spend from the key's per-minute budgets; 429 with Retry-After when it is empty."""
+    async def check_rate(
+        self, principal: Principal, *, requests: int = 0, tokens: int = 0, strict: bool = True
+    ) -> Reservation | None:
+        """Take from the key's limits (serve.rate_limit, overridden by the key's own): 429
+        with Retry-After naming the limit that refused; 503 when they cannot be checked
+        (Redis down, fail_closed, ``strict``). The reservation is for :meth:`settle`."""
         if self.limiter is None or (requests == 0 and tokens == 0):
-            return
-        decision = await self.limiter.check(
-            f"key:{principal.key_id}", requests=requests, tokens=tokens
-        )
-        if not decision.allowed:
-            what = "tokens" if tokens and not requests else "requests"
+            return None
+        from genloop.security.ratelimit import LimiterUnavailable
+
+        limits = self.limiter.limits.overridden_by(principal.limits)
+        try:
+            decision = await self.limiter.check(
+                f"key:{principal.key_id}",
+                requests=requests,
+                tokens=tokens,
+                limits=limits,
+                strict=strict,
+            )
+        except LimiterUnavailable as exc:
             raise ApiError(
-                f"rate limit exceeded for key {principal.prefix}… ({what} per minute); "
-                f"retry in {decision.retry_after_s:.1f}s",
+                str(exc), status=503, code="rate_limits_unavailable", retry_after_s=1.0
+            ) from None
+        if not decision.allowed:
+            quota = decision.limit in ("tokens per day", "tokens per month")
+            raise ApiError(
+                f"rate limit exceeded for key {principal.prefix}… — {decision.message}",
                 status=429,
-                code="rate_limit_exceeded",
+                code="insufficient_quota" if quota else "rate_limit_exceeded",
                 retry_after_s=decision.retry_after_s,
             )
+        return decision.reservation
+
+    async def settle(self, reservation: Reservation | None, used_tokens: int) -> None:
+        """Move a reservation's token windows to what the request really used."""
+        if self.limiter is None or reservation is None:
+            return
+        try:
+            await self.limiter.settle(reservation, used_tokens)
+        except Exception:  # never fail a finished response over its bookkeeping
+            log.exception("could not settle the token reservation of key %s", reservation.key)
 
     def check_input(self, text: str) -> list[str]:
         """Input guardrails: flags to log, or a 400 when the config says refuse."""

@@ -21,6 +21,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio
 from fastapi import Request
 from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
@@ -88,13 +89,20 @@ async def serve_text(
     if state.upstreams.has(body.model) and not state.models.has(body.model):
         return await _proxy(state, request, body, "/" + handler.endpoint.replace(".", "/"))
     loaded = await state.models.acquire(body.model)
+    job: TextJob | None = None
     try:
         job = await handler.build(loaded)
-        await state.check_rate(principal, tokens=job.prompt_tokens)
+        # reserve the most the request can use; TextRun.finish settles to what it used
+        job.reservation = await state.check_rate(
+            principal, tokens=job.prompt_tokens + job.choices * job.params.max_tokens
+        )
         run = TextRun(state, job)
         await run.submit()
     except BaseException as exc:
         state.models.release(loaded)
+        if job is not None and job.reservation is not None:
+            with anyio.CancelScope(shield=True):
+                await state.settle(job.reservation, 0)
         if isinstance(exc, Exception):
             _failed(state, loaded, exc, handler, principal)
         raise

@@ -40,6 +40,7 @@ from genloop.serve.errors import ApiError
 
 if TYPE_CHECKING:
     from genloop.security.keys import Principal
+    from genloop.security.ratelimit import Reservation
     from genloop.serve.models import LoadedModel
     from genloop.serve.state import ServerState
 
@@ -66,6 +67,7 @@ class TextJob:
     grammar: str | None = None  # the output must match it (api/structured.py)
     started: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
+    reservation: Reservation | None = None  # the tokens the rate limits hold for it
 
     @property
     def choices(self) -> int:
@@ -333,7 +335,6 @@ class TextRun:
                 failed = status >= 500 or finish in ("error", "timeout")
                 monitor.observe(info.name, info.version, e2e * 1000.0, failed)
             with anyio.CancelScope(shield=True):
-                if state.limiter is not None and completion:
-                    await state.limiter.charge(f"key:{job.principal.key_id}", completion)
+                await state.settle(job.reservation, job.prompt_tokens + completion)
         except Exception:
             log.exception("could not record request %s", job.response_id)

@@ -1,4 +1,4 @@
-"""``/v1/admin/keys``: API keys: list, create (shown once), revoke."""
+"""``/v1/admin/keys``: API keys: list, create (shown once), set limits, revoke."""
 
 from __future__ import annotations
 
@@ -25,6 +25,19 @@ def list_keys(
     return Page(data=[k.to_dict() for k in _list(get_state(request).ws.catalog, user_id=user_id)])
 
 
+_LIMIT = "unset or null: the server's default (serve.rate_limit); 0: no limit for this key"
+
+
+class KeyLimits(BaseModel):
+    """A key's own limits; a field left out is not changed (create: the server's default)."""
+
+    model_config = ConfigDict(extra="forbid")
+    requests_per_min: int | None = Field(None, ge=0, le=2**31 - 1, description=_LIMIT)
+    tokens_per_min: int | None = Field(None, ge=0, le=2**31 - 1, description=_LIMIT)
+    tokens_per_day: int | None = Field(None, ge=0, le=10**15 - 1, description=_LIMIT)
+    tokens_per_month: int | None = Field(None, ge=0, le=10**15 - 1, description=_LIMIT)
+
+
 class CreateKeyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=128)
@@ -35,6 +48,9 @@ class CreateKeyRequest(BaseModel):
         None, max_length=16, description="Lifetime, e.g. 30d, 12h, 2w; unset: no expiry."
     )
     user_id: str | None = Field(None, min_length=1, max_length=128)
+    limits: KeyLimits | None = Field(
+        None, description="This key's own limits, overriding serve.rate_limit."
+    )
 
 
 @router.post("/keys", summary="Create a key; the response is the only time it is shown")
@@ -43,6 +59,7 @@ def create_key(
 ) -> dict[str, Any]:
     from genloop.security.keys import create_key as _create
     from genloop.security.keys import parse_duration
+    from genloop.security.ratelimit import Limits
 
     expires = parse_duration(body.expires_in) if body.expires_in else None
     created = _create(
@@ -51,6 +68,7 @@ def create_key(
         scopes=list(body.scopes),
         expires_in=expires,
         user_id=body.user_id,
+        limits=Limits(**body.limits.model_dump()) if body.limits else None,
         actor=principal.actor,
     )
     return created.info.to_dict() | {"key": created.plaintext}
@@ -63,3 +81,17 @@ def revoke_key(
     from genloop.security.keys import revoke_key as _revoke
 
     return _revoke(get_state(request).ws.catalog, key_id, actor=principal.actor).to_dict()
+
+
+@router.patch("/keys/{key_id}/limits", summary="Set a key's own rate limits and quotas")
+def set_limits(
+    request: Request, body: KeyLimits, key_id: int = id_param(), principal: Principal = Admin
+) -> dict[str, Any]:
+    """The fields sent change (null: back to the server's default; 0: no limit for this
+    key); servers apply them within a few seconds."""
+    from genloop.security.keys import set_key_limits
+
+    changes = body.model_dump(exclude_unset=True)
+    return set_key_limits(
+        get_state(request).ws.catalog, key_id, changes, actor=principal.actor
+    ).to_dict()

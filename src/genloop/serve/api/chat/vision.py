@@ -165,6 +165,7 @@ async def serve_vision_chat(
     response_id = new_id("chatcmpl")
     loaded = await state.models.acquire(body.model)
     status, answer = 500, None
+    reservation = None
     try:
         captioner = loaded.image_captioner()
         last = last_user_images(body, loaded.served)
@@ -174,7 +175,10 @@ async def serve_vision_chat(
         parsed = await asyncio.to_thread(parse_messages, body.messages, limits)
         pixels = to_uint8(parsed[last].images, captioner.image_size)  # (N, 3, S, S) uint8
         prompt_tokens = captioner.image_tokens * pixels.shape[0]
-        await state.check_rate(principal, tokens=prompt_tokens)
+        # reserve the most it can use (a caption per image); _record settles to the use
+        reservation = await state.check_rate(
+            principal, tokens=prompt_tokens + max_new_tokens * int(pixels.shape[0])
+        )
 
         def call() -> list[Caption]:
             return captioner.caption(pixels, max_new_tokens, body.num_beams)
@@ -198,6 +202,9 @@ async def serve_vision_chat(
             await _record(
                 state, loaded, body, principal, response_id, status, answer, flags, started
             )
+            with anyio.CancelScope(shield=True):
+                used = answer.prompt_tokens + answer.completion_tokens if answer else 0
+                await state.settle(reservation, used)
         except Exception:
             log.exception("could not record request %s", response_id)
     assert answer is not None
@@ -280,7 +287,7 @@ async def _record(
     flags: list[str],
     started: float,
 ) -> None:
-    """Request row (text only: images as ``[image]``), usage, metrics, the token budget.
+    """Request row (text only: images as ``[image]``), usage and metrics.
     Rate-limited requests (429) are counted, never written to the catalog."""
     from genloop.monitor.usage import RequestRecord
 
@@ -315,6 +322,3 @@ async def _record(
             finish_reason=finish,
         )
     )
-    if state.limiter is not None and completion:
-        with anyio.CancelScope(shield=True):
-            await state.limiter.charge(f"key:{principal.key_id}", completion)
