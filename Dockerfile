@@ -4,9 +4,15 @@
 #   docker build -t genloop:cuda --build-arg VARIANT=cuda .
 #   docker run -p 8000:8000 -v genloop-data:/data genloop
 #
-# The container runs `genloop serve` on 0.0.0.0:8000 (inside the container; publish the
-# port deliberately), as an unprivileged user, with the workspace on the /data volume.
-# Keys are created with `docker run --rm -v genloop-data:/data genloop keys create ...`.
+#   docker run -p 8000:8000 -v genloop-data:/data -v $PWD/my-model:/models/model:ro \
+#     -e GENLOOP_MODEL_DIR=/models/model genloop
+#
+# The container runs `genloop entrypoint` on 0.0.0.0:8000 (inside the container; publish
+# the port deliberately), as an unprivileged user, with the workspace on the /data volume:
+# it migrates the catalog (safe when replicas start at once), imports the checkpoint
+# mounted at $GENLOOP_MODEL_DIR once, serves it and the refs in $GENLOOP_MODELS, and shares
+# rate limits through $GENLOOP_REDIS_URL. /health (liveness) and /ready (readiness) need
+# no key. Keys are created with `docker run --rm -v genloop-data:/data genloop keys create ...`.
 ARG VARIANT=cpu
 
 FROM python:3.11-slim AS base-cpu
@@ -36,4 +42,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
 ENTRYPOINT ["genloop"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["entrypoint", "--host", "0.0.0.0", "--port", "8000"]
