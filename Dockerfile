@@ -19,10 +19,14 @@ FROM python:3.11-slim AS base-cpu
 ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-cuda
+# the distribution's python3.11, whichever patch release the pinned base image carries
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
     && rm -rf /var/lib/apt/lists/* && ln -sf /usr/bin/python3.11 /usr/local/bin/python
 ENV TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
+# a stage of this file (base-cpu or base-cuda), not an image to tag
+# hadolint ignore=DL3006
 FROM base-${VARIANT} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 VIRTUAL_ENV=/opt/genloop \
     PATH=/opt/genloop/bin:$PATH GENLOOP_HOME=/data
@@ -35,11 +39,12 @@ RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" torch==2.13.0 \
     && rm -rf /src
 RUN useradd --system --uid 10001 --home-dir /data genloop && mkdir -p /data \
     && chown genloop /data
-USER genloop
+# numeric, so Kubernetes' runAsNonRoot can check it
+USER 10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 ENTRYPOINT ["genloop"]
 CMD ["entrypoint", "--host", "0.0.0.0", "--port", "8000"]

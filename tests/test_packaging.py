@@ -60,7 +60,7 @@ def test_compose_runs_replicas_on_postgres_and_redis() -> None:
 def test_dockerfile_serves_as_an_unprivileged_user() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "ARG VARIANT=cpu" in text and "base-cuda" in text
-    assert "torch==2.13.0" in text and "USER genloop" in text
+    assert "torch==2.13.0" in text and "USER 10001" in text
     assert 'CMD ["entrypoint"' in text and "/health" in text
 
 

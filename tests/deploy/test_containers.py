@@ -334,12 +334,16 @@ def test_kubernetes_pod_serves_the_registry_ref_and_answers_its_probes(
             "cannot use the catalog database",
         ),
         ({"GENLOOP_MODEL_DIR": "/nonexistent/model"}, "GENLOOP_MODEL_DIR"),
+        ({"GENLOOP_DATABASE_URL": "bad credentials"}, 'role "nosuchuser" does not exist'),
     ],
 )
 def test_a_bad_start_is_one_line_and_a_nonzero_exit(
     here: Here, change: dict[str, str], expect: str
 ) -> None:
     command, env, _ = compose_service("genloop-1")
+    if change.get("GENLOOP_DATABASE_URL") == "bad credentials":  # the real server, a bad user
+        url = make_url(here.pg_url).set(username="nosuchuser", password="wrong")
+        change = {"GENLOOP_DATABASE_URL": url.render_as_string(hide_password=False)}
     base = {"GENLOOP_MODEL_DIR": "", "GENLOOP_MODELS": "chat"}
     proc = here.start(command, env, override=base | change)
     out = proc.output()
