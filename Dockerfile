@@ -4,19 +4,29 @@
 #   docker build -t genloop:cuda --build-arg VARIANT=cuda .
 #   docker run -p 8000:8000 -v genloop-data:/data genloop
 #
-# The container runs `genloop serve` on 0.0.0.0:8000 (inside the container; publish the
-# port deliberately), as an unprivileged user, with the workspace on the /data volume.
-# Keys are created with `docker run --rm -v genloop-data:/data genloop keys create ...`.
+#   docker run -p 8000:8000 -v genloop-data:/data -v $PWD/my-model:/models/model:ro \
+#     -e GENLOOP_MODEL_DIR=/models/model genloop
+#
+# The container runs `genloop entrypoint` on 0.0.0.0:8000 (inside the container; publish
+# the port deliberately), as an unprivileged user, with the workspace on the /data volume:
+# it migrates the catalog (safe when replicas start at once), imports the checkpoint
+# mounted at $GENLOOP_MODEL_DIR once, serves it and the refs in $GENLOOP_MODELS, and shares
+# rate limits through $GENLOOP_REDIS_URL. /health (liveness) and /ready (readiness) need
+# no key. Keys are created with `docker run --rm -v genloop-data:/data genloop keys create ...`.
 ARG VARIANT=cpu
 
 FROM python:3.11-slim AS base-cpu
 ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-cuda
+# the distribution's python3.11, whichever patch release the pinned base image carries
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
     && rm -rf /var/lib/apt/lists/* && ln -sf /usr/bin/python3.11 /usr/local/bin/python
 ENV TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
+# a stage of this file (base-cpu or base-cuda), not an image to tag
+# hadolint ignore=DL3006
 FROM base-${VARIANT} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 VIRTUAL_ENV=/opt/genloop \
     PATH=/opt/genloop/bin:$PATH GENLOOP_HOME=/data
@@ -29,11 +39,12 @@ RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" torch==2.13.0 \
     && rm -rf /src
 RUN useradd --system --uid 10001 --home-dir /data genloop && mkdir -p /data \
     && chown genloop /data
-USER genloop
+# numeric, so Kubernetes' runAsNonRoot can check it
+USER 10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 ENTRYPOINT ["genloop"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["entrypoint", "--host", "0.0.0.0", "--port", "8000"]

@@ -48,18 +48,20 @@ def test_kubernetes_manifests_probe_health_and_ready() -> None:
 def test_compose_runs_replicas_on_postgres_and_redis() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"postgres", "redis", "genloop"} <= services.keys()
-    env = services["genloop"]["environment"]
-    assert env["GENLOOP_DATABASE_URL"].startswith("postgresql+psycopg://")
-    assert "GENLOOP_SECRET_KEY" in env
-    assert services["genloop"]["command"][0] == "serve"
+    assert {"postgres", "redis", "genloop-1", "genloop-2", "lb"} <= services.keys()
+    for name in ("genloop-1", "genloop-2"):
+        env = services[name]["environment"]
+        assert env["GENLOOP_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert env["GENLOOP_REDIS_URL"].startswith("redis://redis:")
+        assert "GENLOOP_SECRET_KEY" in env
+        assert services[name]["command"][0] == "entrypoint"
 
 
 def test_dockerfile_serves_as_an_unprivileged_user() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "ARG VARIANT=cpu" in text and "base-cuda" in text
-    assert "torch==2.13.0" in text and "USER genloop" in text
-    assert 'CMD ["serve"' in text and "/health" in text
+    assert "torch==2.13.0" in text and "USER 10001" in text
+    assert 'CMD ["entrypoint"' in text and "/health" in text
 
 
 def test_workflows_run_make_test_and_gate_before_promoting() -> None:

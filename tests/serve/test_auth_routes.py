@@ -20,7 +20,7 @@ from genloop.workspace import Workspace
 
 from .conftest import LiveServer, auth, make_keys, running_server, serve_config
 
-PUBLIC = {"/health"}
+PUBLIC = {"/health", "/ready"}
 SAMPLE = {
     "name": "tiny",
     "version": "1",
@@ -82,6 +82,15 @@ def call(c: httpx.Client, method: str, path: str, key: str | None = None) -> htt
     return c.request(method, path, headers=headers, json=body)
 
 
+def test_probes_answer_without_a_key_and_reveal_nothing(server: LiveServer) -> None:
+    with server.client() as c:
+        health, ready = c.get("/health"), c.get("/ready")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    for r in (health, ready):
+        assert "tiny" not in r.text  # no model names, versions or counts
+
+
 def test_every_route_without_a_key_is_401(server: LiveServer) -> None:
     checked = 0
     with server.client() as c:
@@ -117,7 +126,7 @@ def test_every_route_with_the_wrong_scope_is_403(server: LiveServer) -> None:
         for (method, path), (_, scope) in routes(server).items():
             if path in PUBLIC:
                 continue
-            if scope is None:  # any valid key: /ready, /openapi.json
+            if scope is None:  # any valid key: /openapi.json
                 r = call(c, method, concrete(path), server.keys["feedback"])
                 assert r.status_code not in (401, 403), (method, path, r.text)
                 continue

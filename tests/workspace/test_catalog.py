@@ -230,3 +230,37 @@ def test_file_that_is_not_a_database_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(WorkspaceError, match="not a database") as exc:
         Workspace.open(tmp_path / "ws")
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.postgres
+def test_processes_migrating_one_postgres_at_once_take_turns(pg_url: str) -> None:
+    """N replicas starting together against an empty database: one migrates, the others
+    wait on the advisory lock and find the schema at head (without it, the second
+    CREATE TABLE fails)."""
+    import multiprocessing
+
+    from ..conftest import reset_postgres
+
+    reset_postgres(pg_url)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        results = pool.map(_migrate, [pg_url] * 3)
+    assert results == [None] * 3, results
+    catalog = catalog_db.Catalog(pg_url)
+    try:
+        assert catalog_db.current_revision(catalog.engine) == catalog_db.head_revision(
+            catalog.engine
+        )
+    finally:
+        catalog.dispose()
+
+
+def _migrate(url: str) -> str | None:
+    catalog = catalog_db.Catalog(url)
+    try:
+        catalog.migrate()
+        return None
+    except Exception as exc:  # reported to the parent, which names it
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        catalog.dispose()

@@ -17,6 +17,7 @@ import genloop
 from genloop.cli import (
     augment,
     config_cmd,
+    container,
     data,
     evaluate,
     export,
@@ -63,6 +64,7 @@ app.command("export")(export.export)
 app.command("generate")(generate.generate)
 app.add_typer(augment.app, name="augment")
 app.command("serve")(serve.serve)
+app.command("entrypoint")(container.entrypoint)
 app.add_typer(keys.app, name="keys")
 app.add_typer(secrets.app, name="secrets")
 app.add_typer(privacy.app, name="privacy")

@@ -80,9 +80,10 @@ def serve(
     """Serve models over an OpenAI-compatible API: /v1/completions, /v1/chat/completions,
     /v1/images/generations, /v1/models, plus /v1/feedback, the admin API and the web UI.
 
-    Every route but /health needs an API key (genloop keys create). Binds 127.0.0.1 unless
-    told otherwise. SIGTERM drains: no new requests, running ones finish (or are aborted
-    after serve.drain_timeout_s), then the process exits.
+    Every route but /health and /ready needs an API key (genloop keys create). Binds
+    127.0.0.1 unless told otherwise. $GENLOOP_REDIS_URL stands in for serve.redis_url
+    (rate limits shared by replicas). SIGTERM drains: no new requests, running ones
+    finish (or are aborted after serve.drain_timeout_s), then the process exits.
 
     With --target (SageMaker, Vertex AI, Azure ML), the platform's health and prediction
     routes are served too, without a key (the platform's endpoint auth sits in front), and
@@ -109,6 +110,8 @@ def serve(
         updates["port"] = port
     if ssl_certfile is not None or ssl_keyfile is not None:
         updates["ssl_certfile"], updates["ssl_keyfile"] = ssl_certfile, ssl_keyfile
+    if cfg.serve.redis_url is None and os.environ.get("GENLOOP_REDIS_URL"):
+        updates["redis_url"] = os.environ["GENLOOP_REDIS_URL"]  # the replicas' shared limits
     try:
         serve_cfg = ServeConfig.model_validate(cfg.serve.model_dump() | updates)
     except ValidationError as exc:

@@ -227,9 +227,14 @@ def plan_pipeline_import(
 
 
 def register_pipeline_plan(
-    ws: Workspace, plan: PipelinePlan, *, progress: Progress | None = None
+    ws: Workspace,
+    plan: PipelinePlan,
+    *,
+    progress: Progress | None = None,
+    tags: dict[str, Any] | None = None,
 ) -> ModelVersionInfo:
-    """Write the checked pipeline into the store as the next version of ``plan.name``."""
+    """Write the checked pipeline into the store as the next version of ``plan.name``
+    (``tags`` are added to the version's ``source: import``)."""
     from genloop.models.checkpoint_files import copy_hashing as _copy_hashing
     from genloop.models.image_io import write_settings
     from genloop.models.text_to_image import FORMAT, SETTINGS_FILE, make_scheduler
@@ -280,7 +285,7 @@ def register_pipeline_plan(
             plan.family,
             staged,
             config={"import": lineage, "model": dict(plan.settings)},
-            tags={"source": "import"},
+            tags={"source": "import", **(tags or {})},
             description=f"imported from {source}",
             link_files=True,
         )

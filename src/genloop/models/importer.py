@@ -178,13 +178,18 @@ def import_checkpoint(
 
 
 def register_plan(
-    ws: Workspace, plan: ImportPlan | PipelinePlan, *, progress: Progress | None = None
+    ws: Workspace,
+    plan: ImportPlan | PipelinePlan,
+    *,
+    progress: Progress | None = None,
+    tags: dict[str, Any] | None = None,
 ) -> ModelVersionInfo:
-    """Copy a checked checkpoint into the store and register it (see :func:`plan_import`)."""
+    """Copy a checked checkpoint into the store and register it (see :func:`plan_import`);
+    ``tags`` are added to the version's ``source: import``."""
     if not isinstance(plan, ImportPlan):
         from genloop.models.import_diffusers import register_pipeline_plan
 
-        return register_pipeline_plan(ws, plan, progress=progress)
+        return register_pipeline_plan(ws, plan, progress=progress, tags=tags)
     info = plan.info
     with ws.store.scratch() as scratch:
         staged = scratch / "model"
@@ -215,7 +220,7 @@ def register_plan(
             info.family,
             staged,
             config={"import": lineage},
-            tags={"source": "import"},
+            tags={"source": "import", **(tags or {})},
             description=f"imported from {plan.lineage['source']}",
             link_files=True,
         )

@@ -4,11 +4,11 @@ Layers, outermost first: CORS (only when ``serve.cors_origins`` is set) → requ
 (header and body size, concurrency: ``limits.py``) → error handlers (OpenAI-shaped,
 never a stack trace: ``errors.py``) → routers (``api/``: each endpoint family's route →
 protocol models → handler → engine), each route behind ``require_scope`` (``auth.py``)
-except ``/health`` and, when configured public, ``/metrics``. The app refuses to build
-if any other route lacks that dependency. The OpenAPI schema is at ``/openapi.json`` (it
-needs a key too). The web UI, when the package ships it (``genloop/ui/static``) and
-``serve.ui`` is on, is served at ``/`` without a key: it is static, and signs in with a
-key itself.
+except the probes ``/health`` and ``/ready`` and, when configured public, ``/metrics``.
+The app refuses to build if any other route lacks that dependency. The OpenAPI schema is
+at ``/openapi.json`` (it needs a key too). The web UI, when the package ships it
+(``genloop/ui/static``) and ``serve.ui`` is on, is served at ``/`` without a key: it is
+static, and signs in with a key itself.
 
 Startup loads every served model in the background (``/health`` answers at once,
 ``/ready`` once they are loaded) and starts the upstream health checks; shutdown drains
@@ -201,7 +201,7 @@ def create_app(
         return JSONResponse(app.openapi())
 
     _add_security_scheme(app)
-    public = {"/health"} | ({"/metrics"} if serve.metrics_public else set())
+    public = {"/health", "/ready"} | ({"/metrics"} if serve.metrics_public else set())
     public |= target.public if target is not None else set()
     check_routes_guarded(app, public)
     _mount_ui(app, serve)

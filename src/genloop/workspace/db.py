@@ -3,7 +3,10 @@
 SQLite by default (``<workspace>/catalog.db``), PostgreSQL when ``$GENLOOP_DATABASE_URL``
 (or ``database_url``) says so. SQLite runs in WAL mode with foreign keys on, a busy
 timeout so concurrent writers wait instead of failing, and ``synchronous=FULL`` so a
-committed row survives a power cut. The schema is owned by Alembic.
+committed row survives a power cut. The schema is owned by Alembic. On PostgreSQL,
+migrations run under a session advisory lock, so N replicas starting at once against a
+fresh database migrate it once: the first takes the lock and upgrades, the others wait,
+then find the schema at head and do nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# pg_advisory_lock key for schema changes and start-up work (a bigint; "genloop" in ASCII)
+STARTUP_LOCK_KEY = 0x67656E6C6F6F70
 
 
 def normalize_url(url: str) -> str:
@@ -134,9 +139,32 @@ class Catalog:
                 s.connection().exec_driver_sql("BEGIN IMMEDIATE")
             yield s
 
+    @contextmanager
+    def startup_lock(self) -> Iterator[None]:
+        """Hold the catalog-wide start-up lock for the block (PostgreSQL; SQLite's own
+        write lock already serializes its writers on one machine).
+
+        A session advisory lock on a connection of its own: the block may open others
+        (Alembic does), and the lock goes with the session if the process dies.
+        """
+        if self.backend != "postgresql":
+            yield
+            return
+        with self._reachable(), self.engine.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_advisory_lock({STARTUP_LOCK_KEY})")
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({STARTUP_LOCK_KEY})")
+                conn.commit()
+
     def migrate(self) -> None:
-        """Bring the schema to this genloop's head revision (nothing to do when it is there)."""
-        with self._reachable():
+        """Bring the schema to this genloop's head revision (nothing to do when it is there).
+
+        Safe to run from many processes at once: they take turns (:meth:`startup_lock`).
+        """
+        with self.startup_lock(), self._reachable():
             before = current_revision(self.engine)
             self._refuse_unknown(before)
             upgrade(self.engine)

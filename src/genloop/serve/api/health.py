@@ -1,8 +1,10 @@
-"""``GET /health`` (liveness, no key), ``GET /ready`` (models loaded), ``GET /metrics``."""
+"""``GET /health`` (liveness), ``GET /ready`` (readiness), ``GET /metrics``.
+
+The two probes need no key (an orchestrator's prober holds none) and so say nothing but a
+status: no model names, versions or counts. ``/v1/models`` (with a key) lists what is served.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -21,26 +23,17 @@ def build_router(*, metrics_public: bool) -> APIRouter:
 
     @router.get(
         "/ready",
-        summary="Readiness: every served model is loaded and the server is not draining",
-        dependencies=[Depends(require_scope(None))],
+        summary="Readiness: every served model is loaded and the server is not draining "
+        "(no key needed)",
         responses={503: {"description": "Not ready (loading, or draining)"}},
     )
     async def ready(request: Request) -> Response:
         state = get_state(request)
-        models = state.models.listing()
-        body: dict[str, Any] = {
-            "status": "ready",
-            "models": [m["id"] for m in models],
-            "upstreams": state.upstreams.status(),
-        }
         if state.draining or state.models.draining:
             return error_response(503, "server is draining", retry_after_s=5)
         if not state.models.ready:
-            missing = [s.spec for s in state.models.served if s.current is None]
-            return error_response(
-                503, f"models not loaded yet: {', '.join(missing)}", retry_after_s=2
-            )
-        return JSONResponse(body)
+            return error_response(503, "models not loaded yet", retry_after_s=2)
+        return JSONResponse({"status": "ready"})
 
     # a Prometheus scraper's key needs only "metrics" (admin implies it)
     metrics_deps = [] if metrics_public else [Depends(require_scope("metrics"))]
