@@ -237,30 +237,32 @@ def test_processes_migrating_one_postgres_at_once_take_turns(pg_url: str) -> Non
     """N replicas starting together against an empty database: one migrates, the others
     wait on the advisory lock and find the schema at head (without it, the second
     CREATE TABLE fails)."""
-    import multiprocessing
+    import subprocess
+    import sys
 
     from ..conftest import reset_postgres
 
     reset_postgres(pg_url)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(3) as pool:
-        results = pool.map(_migrate, [pg_url] * 3)
-    assert results == [None] * 3, results
+    # separate interpreters, as replicas are (no pickled test function: a pool whose worker
+    # cannot load its task waits forever); each migrates and exits 0, or prints why not
+    script = (
+        "import sys; from genloop.workspace import db; c = db.Catalog(sys.argv[1]); c.migrate()"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, pg_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
     catalog = catalog_db.Catalog(pg_url)
     try:
         assert catalog_db.current_revision(catalog.engine) == catalog_db.head_revision(
             catalog.engine
         )
-    finally:
-        catalog.dispose()
-
-
-def _migrate(url: str) -> str | None:
-    catalog = catalog_db.Catalog(url)
-    try:
-        catalog.migrate()
-        return None
-    except Exception as exc:  # reported to the parent, which names it
-        return f"{type(exc).__name__}: {exc}"
     finally:
         catalog.dispose()
