@@ -123,7 +123,7 @@ def test_show_masks_passwords_in_urls(tmp_path: Path) -> None:
         tmp_path,
         "workspace:\n  database_url: postgresql+psycopg://app:s3cret@db:5432/genloop\n"
         "serve:\n  redis_url: redis://:hunter2@127.0.0.1:6379/0\n"
-        "  upstreams: {m: ['http://10.0.0.1:8000/v1@x']}\n",
+        "  upstreams: {m: ['https://10.0.0.1:8000/v1@x']}\n",
     )
     result = runner.invoke(app, ["config", "show", str(path), "--json"])
     assert result.exit_code == 0, result.output
@@ -131,4 +131,5 @@ def test_show_masks_passwords_in_urls(tmp_path: Path) -> None:
     data = json.loads(result.stdout)
     assert data["workspace"]["database_url"] == "postgresql+psycopg://app:***@db:5432/genloop"
     assert data["serve"]["redis_url"] == "redis://:***@127.0.0.1:6379/0"
-    assert data["serve"]["upstreams"] == {"m": ["http://10.0.0.1:8000/v1@x"]}
+    # an "@" in a path is no password: the URL is shown as it is
+    assert [u["url"] for u in data["serve"]["upstreams"]["m"]] == ["https://10.0.0.1:8000/v1@x"]

@@ -27,11 +27,20 @@ def server(module_ws: Workspace) -> Iterator[LiveServer]:
 
 
 def _respond_and_rate(server: LiveServer, key: str, labels: list[str | None]) -> str:
+    # a prompt of its own per key: sampled answers that happen to agree would bring the
+    # vote and correction majorities of curation into a test of the per-user cap
+    prompt = f"Q: what does {key[-8:]} say? A:"
     with server.client(key) as c:
-        r = c.post(
-            "/v1/completions", json={"model": "tiny", "prompt": "Q: 2+2? A:", "max_tokens": 2}
-        )
-        assert r.status_code == 200, r.text
+        # a random tiny model may end at once: curation drops an empty answer, so take the
+        # first seed whose answer has text
+        for seed in range(20):
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "seed": seed}
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            if r.json()["choices"][0]["text"].strip():
+                break
+        else:
+            raise AssertionError("20 seeds, no answer with text")
         rid = r.json()["id"]
         for i, label in enumerate(labels):
             body = {"response_id": rid, "rating": -1, "correction": f" answer {i} from {key[:6]}"}
@@ -67,7 +76,7 @@ def test_caps_and_curation_count_the_key_not_the_user_label(
         [f"key:{ids['spammer']}", f"key:{ids['other']}", "user:bob"]
     )
     kept, report = curate(items, per_user_cap=2)
-    assert report.dropped.get("user_cap") == 3
+    assert report.dropped.get("user_cap") == 3, report
     assert sum(it.user == f"key:{ids['spammer']}" for it in kept) == 2
     new, _ = pending_counts(module_ws, "tiny", FeedbackConfig(per_user_cap=2))
     assert new == 2 + 1 + 1
