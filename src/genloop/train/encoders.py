@@ -513,13 +513,14 @@ class MaskedLanguageModeling:
             return []
         if len(ds) == 0:
             return []
-        # a fixed, evenly spread sample of windows with fixed masks: comparable evaluations
-        count = min(len(ds), n * self.batch_size)
-        idx = [int(i * len(ds) / count) for i in range(count)]
+        from genloop.train.objectives import spread_batches
+
+        # a fixed sample of windows with fixed masks: comparable evaluations
         out = []
-        for b in range(0, count, self.batch_size):
-            windows = np.stack([ds[i][0] for i in idx[b : b + self.batch_size]])
-            out.append(self._batch(windows, np.random.default_rng([self.seed, VAL_STREAM, b])))
+        for k, chunk in enumerate(spread_batches(len(ds), n, self.batch_size)):
+            windows = np.stack([ds[i][0] for i in chunk])
+            rng = np.random.default_rng([self.seed, VAL_STREAM, k * self.batch_size])
+            out.append(self._batch(windows, rng))
         return out
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:

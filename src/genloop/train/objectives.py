@@ -49,6 +49,14 @@ class Objective(Protocol):
         ...
 
 
+def spread_batches(size: int, n: int, batch_size: int) -> list[list[int]]:
+    """Indices of up to ``n`` validation batches: a fixed sample spread evenly over ``size``
+    windows, the same at every evaluation, so that evaluations compare."""
+    count = min(size, n * batch_size)
+    idx = [int(i * size / count) for i in range(count)]
+    return [idx[b : b + batch_size] for b in range(0, count, batch_size)]
+
+
 def batch_indices(
     n: int, batch_size: int, seed: int, start: int, *, rank: int = 0, world_size: int = 1
 ) -> Iterator[list[int]]:
@@ -120,11 +128,8 @@ class LanguageModeling:
         if len(ds) == 0:
             return []
         out = []
-        # a fixed, evenly spread sample of windows: comparable across evaluations
-        count = min(len(ds), n * self.batch_size)
-        idx = [int(i * len(ds) / count) for i in range(count)]
-        for b in range(0, count, self.batch_size):
-            pairs = [ds[i] for i in idx[b : b + self.batch_size]]
+        for chunk in spread_batches(len(ds), n, self.batch_size):
+            pairs = [ds[i] for i in chunk]
             x = torch.stack([torch.from_numpy(p[0]) for p in pairs]).to(self.device)
             y = torch.stack([torch.from_numpy(p[1]) for p in pairs]).to(self.device)
             out.append({"input_ids": x, "targets": y})

@@ -202,12 +202,11 @@ class SpanCorruption:
             return []
         if len(ds) == 0:
             return []
-        # a fixed, evenly spread sample of windows and masks: comparable across evaluations
-        count = min(len(ds), n * self.batch_size)
-        idx = [int(i * len(ds) / count) for i in range(count)]
+        from genloop.train.objectives import spread_batches
+
+        # a fixed sample of windows and masks: comparable across evaluations
         out = []
-        for b in range(0, count, self.batch_size):
-            chunk = idx[b : b + self.batch_size]
+        for chunk in spread_batches(len(ds), n, self.batch_size):
             rngs = [np.random.default_rng([i, _VAL_STREAM]) for i in chunk]
             out.append(self._batch([ds[i][0] for i in chunk], rngs))
         return out
