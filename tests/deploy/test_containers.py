@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,12 +212,20 @@ def compose_service(name: str) -> tuple[list[str], dict[str, str], dict[str, Any
 def replicas(here: Here) -> Iterator[list[Replica]]:
     """The compose file's two genloop services, started at the same moment."""
     started = []
+    # counters of this run only: a fresh catalog numbers its keys from 1 again, and the
+    # shared Redis keeps a minute's counts of the last run's key 1
+    prefix = f"genloop-test-{uuid.uuid4().hex}-"
     try:
         for name in ("genloop-1", "genloop-2"):
             command, env, _ = compose_service(name)
             started.append(
                 here.start(
-                    command, env, "--set", f"serve.rate_limit.requests_per_min={REQUESTS_PER_MIN}"
+                    command,
+                    env,
+                    "--set",
+                    f"serve.rate_limit.requests_per_min={REQUESTS_PER_MIN}",
+                    "--set",
+                    f"serve.rate_limit.redis_prefix={prefix}",
                 )
             )
         for r in started:
