@@ -74,9 +74,14 @@ def prepare(workspace: str | Path | None, env: ContainerEnv) -> list[str]:
 
 
 def import_model_dir(ws: Workspace, path: Path, *, name: str | None = None) -> ModelVersionInfo:
-    """The version imported from the checkpoint at ``path``: found when these files were
-    imported before (same names, sizes and modification times), else imported now."""
+    """The version made from the model at ``path`` (a Hugging Face or diffusers checkpoint,
+    imported and checked, or a genloop model directory, registered as it is): found when
+    these files were brought in before (same names, sizes and modification times), else
+    brought in now."""
+    import json
+
     from genloop.models.importer import default_name, plan_import, register_plan
+    from genloop.workspace.layout import GENLOOP_JSON
 
     if not path.is_dir():
         raise ConfigError(
@@ -88,8 +93,17 @@ def import_model_dir(ws: Workspace, path: Path, *, name: str | None = None) -> M
         if info.tags.get(FINGERPRINT_TAG) == fingerprint:
             log.info("model %s already imported from %s", info.ref, path)
             return info
-    plan = plan_import(path, name=name)
-    info = register_plan(ws, plan, tags={FINGERPRINT_TAG: fingerprint})
+    tags = {FINGERPRINT_TAG: fingerprint}
+    meta = path / GENLOOP_JSON
+    if meta.is_file():  # a genloop model directory: registered as it is
+        family = json.loads(meta.read_text(encoding="utf-8")).get("family")
+        if not isinstance(family, str):
+            raise ConfigError(f"{meta} names no family: it is not a genloop model directory")
+        info = registry.register_model(
+            ws, name, family, path, tags={"source": "import", **tags}, description=f"from {path}"
+        )
+    else:
+        info = register_plan(ws, plan_import(path, name=name), tags=tags)
     log.info("imported %s from %s", info.ref, path)
     return info
 

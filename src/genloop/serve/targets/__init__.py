@@ -25,7 +25,6 @@ restart on a kept catalog).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -115,63 +114,17 @@ def model_dir(target: Target, env: Mapping[str, str]) -> Path:
 
 
 def import_model_dir(ws: Workspace, path: Path) -> str:
-    """Register the model at ``path`` (a genloop model directory, or a Hugging Face
-    checkpoint, imported and checked): the ref of the new version."""
-    from genloop.models.importer import default_name, import_checkpoint
-    from genloop.workspace.layout import GENLOOP_JSON
-    from genloop.workspace.registry import register_model
+    """The ref of the model at ``path`` (a genloop model directory, or a Hugging Face
+    checkpoint, imported and checked), brought in once as the container entrypoint does
+    (``serve.container.import_model_dir``): a restart on a kept catalog serves what is there."""
+    from genloop.serve.container import import_model_dir as bring_in
 
     if not path.is_dir():
         raise ConfigError(
             f"model directory {path} does not exist: mount the model there, or pass "
             "--model-dir PATH (or --model NAME@ALIAS for a registry model)"
         )
-    name = default_name(path)
-    same = _same_as_newest(ws, name, path)
-    if same is not None:  # a restart on a kept catalog: serve what is there
-        return same
-    meta = path / GENLOOP_JSON
-    if meta.is_file():
-        family = json.loads(meta.read_text(encoding="utf-8")).get("family")
-        if not isinstance(family, str):
-            raise ConfigError(f"{meta} names no family: it is not a genloop model directory")
-        info = register_model(ws, name, family, path, description=f"served from {path}")
-    else:
-        info = import_checkpoint(ws, path, name=name)
-    return f"{info.name}@{info.version}"
-
-
-def _same_as_newest(ws: Workspace, name: str, path: Path) -> str | None:
-    """The ref of ``name``'s newest version when it holds exactly ``path``'s files (by
-    SHA-256; ``genloop.json``, which registering rewrites, aside), else None."""
-    from genloop.errors import NotFoundError
-    from genloop.workspace.layout import GENLOOP_JSON
-    from genloop.workspace.manifest import MANIFEST, file_sha256
-    from genloop.workspace.registry import resolve
-
-    try:
-        info = resolve(ws, name)
-    except NotFoundError:
-        return None
-    manifest = ws.store.path(info.artifact) / MANIFEST
-    if not manifest.is_file():
-        return None
-    stored = {}
-    for line in manifest.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
-        digest, _, rel = line.partition("  ")
-        stored[rel] = digest
-    source = {
-        p.relative_to(path).as_posix(): p
-        for p in path.rglob("*")
-        if p.is_file() and p.name != MANIFEST
-    }
-    stored.pop(GENLOOP_JSON, None)
-    source.pop(GENLOOP_JSON, None)
-    if set(stored) != set(source):
-        return None
-    if any(file_sha256(p) != stored[rel] for rel, p in source.items()):
-        return None
-    return info.ref
+    return bring_in(ws, path).ref
 
 
 def platform_principal(ws: Workspace, target: Target) -> Principal:
