@@ -7,7 +7,7 @@ running ``python -m genloop train CONFIG``, and global ranks are handed out by t
 rendezvous, so no node needs to be told its rank.
 
 The launcher runs torchrun's agent in this process rather than ``torchrun`` as a child
-process. The reason is the one failure users meet most: a peer that never arrives (a
+process, for the failure a multi-node launch meets first: a peer that never arrives (a
 typo in the endpoint, a closed port, a node that did not start). torchrun then raises a
 :class:`~torch.distributed.elastic.rendezvous.api.RendezvousError`; in a child process
 that would reach us only as a traceback on stderr, mixed with the ranks' output, while
@@ -31,7 +31,7 @@ from genloop.errors import ConfigError, GenloopError
 
 Emit = Literal["torchrun", "slurm", "pytorchjob"]
 DEFAULT_PORT = 29500  # torchrun's own default rendezvous port
-PYTORCHJOB_PORT = 23456  # the training operator's default for the port it names below
+PYTORCHJOB_PORT = 23456  # the training operator's default for its "pytorchjob-port"
 
 
 @dataclass(frozen=True)
