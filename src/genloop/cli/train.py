@@ -90,8 +90,8 @@ def train(
         str | None,
         typer.Option(
             "--rdzv-id",
-            help="The job's name at the rendezvous, the same on every machine; a new one "
-            "for each job \\[default: genloop-train-CONFIG_NAME].",
+            help="The job's name at the rendezvous, the same on every machine "
+            "\\[default: genloop-train-CONFIG_NAME].",
             rich_help_panel=LAUNCH,
             show_default=False,
         ),
@@ -158,6 +158,8 @@ def train(
             )
         if image and emit != "pytorchjob":
             raise ConfigError("--image goes with --emit pytorchjob")
+        if emit is None:
+            launch.quiet_store_retries()  # before anything loads torch
         job = launch.Launch(
             nnodes=1 if nnodes is None else nnodes,
             nproc_per_node=(

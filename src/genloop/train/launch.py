@@ -83,6 +83,27 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def quiet_store_retries() -> None:
+    """Keep torch's C++ logs in this process to fatal errors; call before torch loads.
+
+    A node that cannot reach the rendezvous retries for a minute, and torch's C++ store
+    logs every retry as a warning with a C++ stack, a screenful each; :func:`launch`
+    reports the failure itself. torch reads ``TORCH_CPP_LOG_LEVEL`` once, as it loads, so
+    the variable is set for that moment only: the training processes this one starts get
+    the user's environment (and torch's logs) back. A level the user set is kept.
+    """
+    import os
+    import sys
+
+    if "torch" in sys.modules or "TORCH_CPP_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    try:
+        import torch  # noqa: F401
+    finally:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+
+
 def default_nproc_per_node(device: str) -> int:
     """One process per GPU of this machine; 1 without GPUs or with ``train.device: cpu``."""
     if device == "cpu":
@@ -148,8 +169,8 @@ def launch(job: Launch, program: list[str]) -> None:
         ) from None
     except RendezvousClosedError:
         raise GenloopError(
-            f"{where} is closed: a job with this id has already finished or failed; "
-            "start every node again with a new --rdzv-id"
+            f"{where} is closed: the job it was for has already ended (finished or "
+            "failed) on the other nodes; start every node again"
         ) from None
     except RendezvousError as exc:
         raise GenloopError(f"{where} failed ({type(exc).__name__}: {exc}); {check}") from None
