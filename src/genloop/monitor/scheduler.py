@@ -13,6 +13,11 @@ and stops at shutdown::
 - :meth:`observe` only appends to a queue (cheap, thread-safe); the thread feeds the
   queue to the latency and error-rate detectors (:mod:`genloop.monitor.anomaly`) about
   once a second and raises their alerts.
+- :meth:`observe_auth_failure` counts a 401 (the server's HTTP layer calls it); each tick
+  the key-guessing watch (:class:`~genloop.monitor.anomaly.AuthFailureWatch`, threshold
+  ``monitor.auth_failures_per_min``) raises the ``auth_failures`` alert once when the
+  401s in the last ``monitor.auth_failure_window_s`` pass it, and resolves it when they
+  stop.
 - every ``monitor.check_interval_s`` it runs :meth:`DriftMonitor.check
   <genloop.monitor.drift.DriftMonitor.check>` for each served model.
 - every ``monitor.purge_interval_s`` (the first time at start), when a retention period is
@@ -38,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from genloop.monitor.anomaly import AnomalyMonitor, alert_anomaly
+from genloop.monitor.anomaly import AnomalyMonitor, AuthFailureWatch, alert_anomaly
 from genloop.monitor.drift import DriftMonitor, DriftReport, record_series
 from genloop.workspace.workspace import Workspace
 
@@ -133,6 +138,14 @@ class MonitorWorker:
         self.anomalies = AnomalyMonitor(
             ewma_alpha=cfg.ewma_alpha, z_threshold=cfg.z_threshold, min_samples=cfg.min_samples
         )
+        self.auth_watch: AuthFailureWatch | None = None
+        if cfg.auth_failures_per_min is not None:
+            self.auth_watch = AuthFailureWatch(
+                threshold=max(1, round(cfg.auth_failures_per_min * cfg.auth_failure_window_s / 60)),
+                window_s=cfg.auth_failure_window_s,
+                clock=clock,
+            )
+        self.auth_alert: int | None = None  # the open auth_failures alert
         self.drift = DriftMonitor()
         self.last_reports: dict[str, DriftReport] = {}
         self.last_bias: dict[str, dict[str, float]] = {}
@@ -184,12 +197,19 @@ class MonitorWorker:
         finished it with ``error`` or ``timeout``; a client's mistake (4xx) is not."""
         self._pending.append((model, latency_ms, failed))
 
+    def observe_auth_failure(self, key_label: str) -> None:
+        """One request refused with 401 (any thread; O(1)); ``key_label``: the presented
+        key's public prefix, or ``missing`` / ``malformed``."""
+        if self.auth_watch is not None:
+            self.auth_watch.observe(key_label)
+
     # ------------------------------------------------------------- the thread
 
     def _run(self) -> None:
         while True:
             stopping = self._stop.wait(TICK_S)
             self._guard("anomaly detection", self.process_observations)
+            self._guard("auth failure watch", self.check_auth_failures)
             if stopping:
                 return
             now = self._clock()
@@ -229,6 +249,33 @@ class MonitorWorker:
                 if alert is not None:
                     raised.append(alert)
         return raised
+
+    def check_auth_failures(self) -> int | None:
+        """Raise or resolve the ``auth_failures`` alert as the watch says; the id of an
+        alert raised now."""
+        from genloop.monitor.alerts import raise_alert, resolve_alert
+
+        if self.auth_watch is None:
+            return None
+        episode = self.auth_watch.check()
+        if episode is None:
+            return None
+        if episode.action == "resolve":
+            if self.auth_alert is not None:
+                resolve_alert(self.ws, self.auth_alert)
+                log.info("monitor: auth failures back to %d per window", episode.count)
+            self.auth_alert = None
+            return None
+        self.auth_alert = raise_alert(
+            self.ws,
+            "auth_failures",
+            episode.message(),
+            episode.details(),
+            severity="warning",
+            source="auth",
+            webhook_url=self.cfg.webhook_url,
+        )
+        return self.auth_alert
 
     def purge(self) -> dict[str, int]:
         """Purge what is past the retention period, now; the counts (also logged)."""

@@ -35,25 +35,50 @@ class UsageRecorder:
 
     Feedback can follow a response within milliseconds, so the feedback route calls
     :meth:`flush` first: the ``requests`` row it links to is then written.
+
+    Refused requests (:meth:`submit_rejected`) have a writer and a queue of their own,
+    smaller (``max_rejected``): a flood of 401s fills only that queue, its overflow is
+    dropped and counted, and the records of served requests still get through.
     """
 
     def __init__(
-        self, ws: Workspace, cipher: Cipher, *, store_text: bool, guardrails: Guardrails
+        self,
+        ws: Workspace,
+        cipher: Cipher,
+        *,
+        store_text: bool,
+        guardrails: Guardrails,
+        max_rejected: int = 10_000,
     ) -> None:
         from genloop.monitor.usage import RequestRecorder
 
         self._recorder = RequestRecorder(ws, cipher, store_text=store_text, guardrails=guardrails)
+        self._rejected = RequestRecorder(ws, None, store_text=False, max_queue=max_rejected)
         self._recorder.start()
+        self._rejected.start()
 
     def submit(self, record: RequestRecord) -> None:
+        from genloop.serve.http_metrics import mark_recorded
+
+        mark_recorded()  # the HTTP layer then leaves this request to us
         self._recorder.submit(record)
+
+    def submit_rejected(self, record: RequestRecord) -> bool:
+        """Queue a refused request's record; False when the queue was full (dropped)."""
+        return self._rejected.submit(record)
+
+    @property
+    def rejected_dropped(self) -> int:
+        return self._rejected.dropped
 
     async def flush(self) -> None:
         await self._recorder.aflush()
+        await self._rejected.aflush()
 
     def close(self) -> None:
-        """Write what is queued, then stop the writer thread."""
+        """Write what is queued, then stop the writer threads."""
         self._recorder.stop()
+        self._rejected.stop()
 
 
 @dataclass
