@@ -272,3 +272,23 @@ def wait_for(fn: Any, timeout: float = 15.0) -> Any:
             assert found, "timed out"
             return found
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("header", "label"),
+    [
+        (None, "missing"),
+        (b"", "missing"),
+        (b"Bearer ", "missing"),
+        (b"Bearer gl_short", "malformed"),
+        (b"Basic dXNlcjpwYXNz", "malformed"),
+        (b"Bearer " + UNKNOWN_KEY.encode(), UNKNOWN_KEY[:11]),
+        (b"bearer  " + UNKNOWN_KEY.encode() + b" ", UNKNOWN_KEY[:11]),
+        (b"Bearer " + UNKNOWN_KEY[:-1].encode() + b"!", "malformed"),
+    ],
+)
+def test_key_label_shows_at_most_the_public_prefix(header: bytes | None, label: str) -> None:
+    from genloop.serve.http_metrics import key_label
+
+    headers = [(b"authorization", header)] if header is not None else []
+    assert key_label({"type": "http", "headers": headers}) == label

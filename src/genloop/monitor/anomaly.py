@@ -280,6 +280,8 @@ class AuthFailureWatch:
                 self._slices[-1][1] += 1
             else:
                 self._slices.append([index, 1])
+                while self._slices[0][0] <= index - AUTH_BUCKETS:  # out of the window
+                    self._slices.popleft()
             if key_label in self._labels or len(self._labels) < MAX_AUTH_LABELS:
                 self._labels[key_label] += 1
             else:
