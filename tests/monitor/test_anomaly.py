@@ -150,10 +150,21 @@ def test_monitor_worker_alerts_key_guessing_once(workspace: Workspace) -> None:
     assert alert.id == first and alert.source == "auth" and alert.resolved_at is None
     top = {"gl_00000000": 11, "gl_00000001": 10, "gl_00000002": 10}
     assert alert.details["key_prefixes"] == top
+    # /metrics shows it as open (from the worker's last count: a scrape does no IO)
+    from genloop.monitor.metrics import ServingMetrics
+
+    metrics = ServingMetrics()
+    metrics.watch_alerts(worker.open_alerts)
+    assert "genloop:alerts_open{" not in metrics.render()[0].decode()  # not counted yet
+    worker.count_open_alerts()
+    shown = 'genloop:alerts_open{kind="auth_failures",severity="warning"} 1.0'
+    assert shown in metrics.render()[0].decode()
     clock.now += 61
     assert worker.check_auth_failures() is None
     (alert,) = [a for a in list_alerts(workspace) if a.kind == "auth_failures"]
     assert alert.resolved_at is not None
+    worker.count_open_alerts()
+    assert 'kind="auth_failures"' not in metrics.render()[0].decode()
     off = MonitorWorker(workspace, MonitorConfig(auth_failures_per_min=None), models=[])
     off.observe_auth_failure("missing")
     assert off.auth_watch is None and off.check_auth_failures() is None

@@ -48,6 +48,7 @@ genloop:http_request_duration_seconds{route,   histogram  request received → l
   method,status}
 genloop:auth_failures_total{key_prefix}        counter    401 answers by the key's public prefix
 genloop:request_log_dropped_total{kind}        counter    records the request log had no room for
+genloop:alerts_open{kind,severity}             gauge      unresolved alerts in the catalog
 genloop:gpu_memory_used_bytes{device}          gauge      CUDA memory allocated (GPU only)
 genloop:gpu_memory_reserved_bytes{device}      gauge      CUDA memory reserved (GPU only)
 genloop:gpu_utilization_perc{device}           gauge      GPU busy % (GPU with NVML only)
@@ -257,6 +258,8 @@ class ServingMetrics:
         )
         ProcessCollector(registry=r)
         r.register(_GpuCollector())
+        self._alerts = _AlertsCollector()
+        r.register(self._alerts)
         self._children: dict[tuple[str, str], _PerModel] = {}
         self._lock = threading.Lock()
         self._watched: dict[tuple[str, str], StatsFn] = {}
@@ -376,6 +379,11 @@ class ServingMetrics:
         with self._lock:
             self._watched.pop((model, _version(version)), None)
 
+    def watch_alerts(self, counts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        """Show ``counts()`` (unresolved alerts by kind and severity, already counted: it
+        is called at each scrape, on the event loop) as ``genloop:alerts_open``."""
+        self._alerts.counts = counts
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for ``GET /metrics``."""
         with self._lock:
@@ -425,3 +433,22 @@ class _GpuCollector(Collector):
         yield reserved
         if have_util:
             yield util
+
+
+class _AlertsCollector(Collector):
+    """``genloop:alerts_open{kind,severity}`` from the monitor's last count of open alerts."""
+
+    def __init__(self) -> None:
+        self.counts: Callable[[], dict[tuple[str, str], int]] | None = None
+
+    def collect(self) -> Iterator[Any]:
+        if self.counts is None:
+            return
+        family = GaugeMetricFamily(
+            PREFIX + "alerts_open",
+            "Unresolved alerts in the catalog, by kind and severity.",
+            labels=["kind", "severity"],
+        )
+        for (kind, severity), n in sorted(self.counts().items()):
+            family.add_metric([kind, severity], float(n))
+        yield family

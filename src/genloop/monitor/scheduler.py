@@ -18,6 +18,8 @@ and stops at shutdown::
   ``monitor.auth_failures_per_min``) raises the ``auth_failures`` alert once when the
   401s in the last ``monitor.auth_failure_window_s`` pass it, and resolves it when they
   stop.
+- every :data:`ALERTS_REFRESH_S` it counts the open alerts, which ``/metrics`` shows as
+  ``genloop:alerts_open{kind,severity}`` (a scrape then never waits for the catalog).
 - every ``monitor.check_interval_s`` it runs :meth:`DriftMonitor.check
   <genloop.monitor.drift.DriftMonitor.check>` for each served model.
 - every ``monitor.purge_interval_s`` (the first time at start), when a retention period is
@@ -56,6 +58,7 @@ ServedModel = tuple[str, int | None]  # (name, version)
 ModelsFn = Callable[[], Sequence[ServedModel]]
 BiasFn = Callable[[Workspace, str], dict[str, float]]  # (ws, "name@version") → metrics
 TICK_S = 1.0
+ALERTS_REFRESH_S = 15.0  # how often the open alerts are counted for /metrics
 MAX_PENDING = 100_000  # observations kept when the thread falls behind (oldest dropped)
 BIAS_SERIES = ("bias_ll_gap", "bias_negative_rate_gap")
 
@@ -146,6 +149,8 @@ class MonitorWorker:
                 clock=clock,
             )
         self.auth_alert: int | None = None  # the open auth_failures alert
+        self._open_alerts: dict[tuple[str, str], int] = {}
+        self._next_alerts = 0.0
         self.drift = DriftMonitor()
         self.last_reports: dict[str, DriftReport] = {}
         self.last_bias: dict[str, dict[str, float]] = {}
@@ -213,6 +218,9 @@ class MonitorWorker:
             if stopping:
                 return
             now = self._clock()
+            if now >= self._next_alerts:
+                self._next_alerts = now + ALERTS_REFRESH_S
+                self._guard("open alert count", self.count_open_alerts)
             if now >= self._next_drift:
                 self._next_drift = now + self.cfg.check_interval_s
                 self._guard("drift check", self.check_drift)
@@ -276,6 +284,18 @@ class MonitorWorker:
             webhook_url=self.cfg.webhook_url,
         )
         return self.auth_alert
+
+    def count_open_alerts(self) -> dict[tuple[str, str], int]:
+        """Count the unresolved alerts by (kind, severity) now (:meth:`open_alerts` then
+        returns them)."""
+        from genloop.monitor.alerts import open_alert_counts
+
+        self._open_alerts = open_alert_counts(self.ws)
+        return self._open_alerts
+
+    def open_alerts(self) -> dict[tuple[str, str], int]:
+        """The unresolved alerts by (kind, severity) as last counted (no IO: for scrapes)."""
+        return dict(self._open_alerts)
 
     def purge(self) -> dict[str, int]:
         """Purge what is past the retention period, now; the counts (also logged)."""

@@ -137,6 +137,7 @@ def create_app(
         retention_days=cfg.security.retention_days,
     )
     state.extras["monitor"] = monitor
+    metrics.watch_alerts(monitor.open_alerts)  # genloop:alerts_open, counted by the monitor
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
