@@ -399,6 +399,14 @@ class ServingMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+# present only on a machine with CUDA (what a dashboard may also ask for)
+GPU_GAUGES = (
+    PREFIX + "gpu_memory_used_bytes",
+    PREFIX + "gpu_memory_reserved_bytes",
+    PREFIX + "gpu_utilization_perc",
+)
+
+
 class _GpuCollector(Collector):
     """CUDA memory and utilization, when torch is already loaded and sees a GPU.
 
@@ -409,17 +417,14 @@ class _GpuCollector(Collector):
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available():
             return
-        used = GaugeMetricFamily(
-            PREFIX + "gpu_memory_used_bytes", "CUDA memory allocated by tensors.", labels=["device"]
-        )
+        used_name, reserved_name, util_name = GPU_GAUGES
+        used = GaugeMetricFamily(used_name, "CUDA memory allocated by tensors.", labels=["device"])
         reserved = GaugeMetricFamily(
-            PREFIX + "gpu_memory_reserved_bytes",
+            reserved_name,
             "CUDA memory reserved by the caching allocator.",
             labels=["device"],
         )
-        util = GaugeMetricFamily(
-            PREFIX + "gpu_utilization_perc", "GPU busy percentage (NVML).", labels=["device"]
-        )
+        util = GaugeMetricFamily(util_name, "GPU busy percentage (NVML).", labels=["device"])
         have_util = False
         for i in range(torch.cuda.device_count()):
             used.add_metric([str(i)], float(torch.cuda.memory_allocated(i)))
