@@ -363,7 +363,10 @@ def genloop(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_rejected_records_are_bounded_bodyless_and_add_no_usage(workspace: Workspace) -> None:
+def test_rejected_records_are_bounded_bodyless_and_add_no_usage(
+    catalog_workspace: Workspace,
+) -> None:
+    workspace = catalog_workspace  # SQLite and PostgreSQL
     # a flood of 401s: the queue keeps max_queue records and counts the rest as dropped
     recorder = RequestRecorder(workspace, None, store_text=False, max_queue=5)
     accepted = [

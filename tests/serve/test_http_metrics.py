@@ -88,9 +88,12 @@ def send_mix(live: LiveServer) -> tuple[Counter[tuple[str, str, int]], float]:
             stream_gap_s = time.perf_counter() - first
         expect(r, "/v1/chat/completions", 200)
         huge_n = {"model": "tiny", "prompt": "Hello", "n": 1e9}
-        expect(
-            c.post("/v1/completions", headers=auth(k["gen"]), json=huge_n), "/v1/completions", 400
-        )
+        refused = c.post("/v1/completions", headers=auth(k["gen"]), json=huge_n)
+        expect(refused, "/v1/completions", 400)
+        # refused by the model's handler, which logs it itself: it must be logged once
+        too_long = {"model": "tiny", "prompt": "Hello", "max_tokens": 100_000}
+        long_refused = c.post("/v1/completions", headers=auth(k["gen"]), json=too_long)
+        expect(long_refused, "/v1/completions", 400)
         for headers in ({}, {}, auth("not-a-key"), auth(UNKNOWN_KEY), auth(UNKNOWN_KEY)):
             expect(c.get("/v1/models", headers=headers), "/v1/models", 401)
         expect(c.get("/v1/nope", headers=auth(k["gen"])), "unmatched", 404)
@@ -147,7 +150,7 @@ def test_metrics_count_every_response_by_route_template(mix: dict[str, Any]) -> 
     assert reasons[("/v1/models", "401", "malformed_key")] == 1
     assert reasons[("/v1/models", "401", "invalid_key")] == 2
     assert reasons[("/v1/completions", "413", "too_large")] == 1
-    assert reasons[("/v1/completions", "400", "invalid_request")] == 1
+    assert reasons[("/v1/completions", "400", "invalid_request")] == 2
     assert reasons[("/v1/models", "429", "busy")] == 1
     assert reasons[(LABELS, "422", "invalid_request")] == 1
     # the latency histogram saw each response once
@@ -168,7 +171,7 @@ def test_metrics_count_every_response_by_route_template(mix: dict[str, Any]) -> 
     assert failures == {"missing": 2.0, "malformed": 1.0, UNKNOWN_KEY[:11]: 2.0}
     # the model-level counter still counts only what reached a model
     reached = sum(v for _, v in samples["genloop:requests_total"])
-    assert reached == 2.0
+    assert reached == 3.0  # two served, one refused by the model's handler
 
 
 def test_request_log_holds_every_refusal_without_its_body(mix: dict[str, Any]) -> None:
@@ -178,10 +181,13 @@ def test_request_log_holds_every_refusal_without_its_body(mix: dict[str, Any]) -
     rows = wait_for_rows(ws, sum(errors.values()) + 2)  # + the two served completions
     served = [r for r in rows if r.model_name]
     rejected = [r for r in rows if not r.model_name]
-    assert sorted((r.endpoint, r.status) for r in served) == [
-        ("chat.completions", 200),
-        ("completions", 200),
+    # the handler logged the 400 it gave itself, with its model: not a second time here
+    assert sorted((r.endpoint, r.model_name, r.status) for r in served) == [
+        ("chat.completions", "tiny", 200),
+        ("completions", "tiny", 200),
+        ("completions", "tiny", 400),
     ]
+    errors[("/v1/completions", "POST", 400)] -= 1
     logged = Counter((r.endpoint, r.params["method"], r.status) for r in rejected)
     assert logged == errors
     for row in rejected:
@@ -212,10 +218,10 @@ def test_admin_api_and_report_count_refusals(mix: dict[str, Any]) -> None:
     # what the UI shows as "N requests, M errors"
     assert sum(p["requests"] for p in mon["requests"]) == n_errors + 2
     assert sum(p["errors"] for p in mon["requests"]) == n_errors
-    assert sum(p["rejected"] for p in mon["requests"]) == n_errors
+    assert sum(p["rejected"] for p in mon["requests"]) == n_errors - 1  # one reached tiny
     report = build_report(ws, hours=1)  # genloop monitor report
     assert (report.requests, report.client_errors, report.errors) == (n_errors + 2, n_errors, 0)
-    assert report.rejected == n_errors
+    assert report.rejected == n_errors - 1
     by_status: Counter[str] = Counter({"200": 2})  # the completions; GETs are not logged
     for (_, _, status), n in sent.items():
         if status >= 400:
@@ -231,7 +237,7 @@ def test_admin_api_and_report_count_refusals(mix: dict[str, Any]) -> None:
         "too_large": 1,
         "busy": 1,
     }
-    assert report.by_model == {"tiny": 2}
+    assert report.by_model == {"tiny": 3}
 
 
 def test_key_guessing_raises_one_alert_and_resolves_it(

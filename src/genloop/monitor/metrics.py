@@ -264,6 +264,9 @@ class ServingMetrics:
         self._lock = threading.Lock()
         self._watched: dict[tuple[str, str], StatsFn] = {}
         self._key_prefixes: set[str] = set()
+        # (route, method, status, reason) → its counter and histogram children; bounded, as
+        # routes are templates and methods and statuses few
+        self._http_children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
 
     def _for(self, model: str, version: int | None) -> _PerModel:
         key = (model, _version(version))
@@ -329,9 +332,17 @@ class ServingMetrics:
     ) -> None:
         """One HTTP response was sent, whatever it was (``reason``: ``""`` below 400, else a
         short stable word); ``seconds`` until its last byte."""
-        code = str(status)
-        self.http_requests.labels(route, method, code, reason).inc()
-        self.http_duration.labels(route, method, code).observe(seconds)
+        key = (route, method, status, reason)
+        children = self._http_children.get(key)
+        if children is None:  # labels() takes a lock and builds a tuple: once per series
+            code = str(status)
+            children = (
+                self.http_requests.labels(route, method, code, reason),
+                self.http_duration.labels(route, method, code),
+            )
+            self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def auth_failure(self, key_prefix: str) -> str:
         """One 401; returns the label it was counted under (``key_prefix`` itself, or

@@ -137,7 +137,7 @@ class HttpMetricsMiddleware:
         method = scope.get("method", "")
         method = method if method in METHODS else "other"
         reason = ""
-        key = key_label(scope)
+        key = key_label(scope) if status >= 400 else ""
         if status == 401:
             reason = {"missing": "missing_key", "malformed": "malformed_key"}.get(
                 key, "invalid_key"
