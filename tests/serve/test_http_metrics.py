@@ -298,3 +298,44 @@ def test_key_label_shows_at_most_the_public_prefix(header: bytes | None, label: 
 
     headers = [(b"authorization", header)] if header is not None else []
     assert key_label({"type": "http", "headers": headers}) == label
+
+
+def test_an_unhandled_error_is_counted_and_logged_as_a_500() -> None:
+    """Starlette's error middleware sits outside every user middleware: the exception passes
+    through ours first, which must count the 500 the client then gets."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from genloop.monitor.metrics import ServingMetrics
+    from genloop.monitor.usage import RequestRecord
+    from genloop.serve.errors import install_error_handlers
+    from genloop.serve.http_metrics import HttpMetricsMiddleware
+
+    class Log:
+        def __init__(self) -> None:
+            self.records: list[RequestRecord] = []
+
+        def submit_rejected(self, record: RequestRecord) -> bool:
+            self.records.append(record)
+            return True
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom/{n}")
+    async def boom(n: int) -> None:
+        raise RuntimeError("a bug")
+
+    metrics, log = ServingMetrics(), Log()
+    app.add_middleware(
+        HttpMetricsMiddleware, metrics=metrics, routes=lambda: ["/boom/{n}"], rejected_log=log
+    )
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.get("/boom/1").status_code == 500
+    text = metrics.render()[0].decode()
+    assert (
+        'genloop:http_requests_total{method="GET",reason="internal",route="/boom/{n}",'
+        'status="500"} 1.0' in text
+    )
+    (record,) = log.records
+    assert (record.endpoint, record.status, record.reason) == ("/boom/{n}", 500, "internal")
