@@ -121,12 +121,13 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, timed_send)
         except Exception:
-            status = status or 500  # the error middleware answers 500 and re-raises
+            # a bug: Starlette's error middleware, outside this one, answers it with a 500
+            status = status or 500
             raise
         finally:
             _marks.reset(token)
             seconds = (ended if ended is not None else time.perf_counter()) - started
-            # no answer at all: the client went away first (nginx's 499)
+            # no answer at all (the request was cancelled): nginx's 499, client closed
             try:
                 self._finished(scope, status or 499, seconds, marks.get("recorded", False))
             except Exception:  # bookkeeping must never turn into a failed response
@@ -146,7 +147,7 @@ class HttpMetricsMiddleware:
             if self.auth_watch is not None:
                 self.auth_watch.observe_auth_failure(key)
         elif status >= 400:
-            reason = "internal" if status == 500 else status_reason(status)
+            reason = {500: "internal", 499: "client_closed"}.get(status) or status_reason(status)
         self.metrics.http_response(route, method, status, reason, seconds)
         if status < 400 or recorded or self.rejected_log is None or route in PROBES:
             return
