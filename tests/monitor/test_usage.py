@@ -368,7 +368,9 @@ def test_rejected_records_are_bounded_bodyless_and_add_no_usage(
 ) -> None:
     workspace = catalog_workspace  # SQLite and PostgreSQL
     # a flood of 401s: the queue keeps max_queue records and counts the rest as dropped
-    recorder = RequestRecorder(workspace, None, store_text=False, max_queue=5)
+    recorder = RequestRecorder(
+        workspace, None, store_text=False, max_queue=5, max_batch=2, max_per_flush=2
+    )
     accepted = [
         recorder.submit(
             RequestRecord(
@@ -386,7 +388,9 @@ def test_rejected_records_are_bounded_bodyless_and_add_no_usage(
         for i in range(20)
     ]
     assert accepted == [True] * 5 + [False] * 15 and recorder.dropped == 15
-    assert recorder.flush() == 5
+    # the writer thread writes at most max_per_flush a tick; a plain flush, everything
+    assert recorder.flush(recorder.max_per_flush) == 2
+    assert recorder.flush() == 3
     with workspace.catalog.session() as s:
         rows = list(s.scalars(select(RequestLog)))
         assert s.scalar(select(Usage.id)) is None  # refusals are not usage

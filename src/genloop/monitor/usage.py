@@ -343,7 +343,9 @@ class RequestRecorder:
     about 100 and several thousand requests a second. A batch that fails is retried one
     record at a time, so one bad record (a duplicate id) loses only itself. While the
     catalog cannot be reached (PostgreSQL restarting), records are held, up to
-    ``max_queue``, and written first once it answers again.
+    ``max_queue``, and written first once it answers again. ``max_per_flush`` caps what
+    the thread writes per ``flush_s`` (the records of refused requests: a flood of them
+    must not keep the catalog busy); what cannot wait is dropped at ``max_queue``.
     """
 
     def __init__(
@@ -356,6 +358,7 @@ class RequestRecorder:
         flush_s: float = 0.5,
         max_batch: int = 500,
         max_queue: int = 50_000,
+        max_per_flush: int | None = None,
         on_recorded: Callable[[RequestRecord], None] | None = None,
     ) -> None:
         if store_text and cipher is None:
@@ -367,6 +370,7 @@ class RequestRecorder:
         self.flush_s = flush_s
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_per_flush = max_per_flush
         self.on_recorded = on_recorded
         self._queue: queue.Queue[RequestRecord] = queue.Queue(max_queue)
         self._stop = threading.Event()
@@ -412,13 +416,14 @@ class RequestRecorder:
         self._full = False
         return True
 
-    def flush(self) -> int:
-        """Write everything queued now (in the calling thread); returns how many. When it
-        returns, every record submitted before the call is in the catalog (or failed, or is
-        held because the catalog is unreachable)."""
+    def flush(self, limit: int | None = None) -> int:
+        """Write everything queued now (in the calling thread), or about ``limit`` records
+        at most; returns how many. When it returns (without a limit), every record
+        submitted before the call is in the catalog (or failed, or is held because the
+        catalog is unreachable)."""
         written = 0
         with self._flush_lock:  # also waits for a batch the thread is writing
-            while True:
+            while limit is None or written < limit:
                 batch, self._held = self._held[: self.max_batch], self._held[self.max_batch :]
                 while len(batch) < self.max_batch:
                     try:
@@ -432,6 +437,7 @@ class RequestRecorder:
                 if held:  # the catalog is down: try again at the next flush
                     self._hold(held)
                     return written
+            return written
 
     async def aflush(self) -> int:
         """:meth:`flush` from async code (e.g. before feedback links to a request)."""
@@ -482,7 +488,7 @@ class RequestRecorder:
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):
             try:
-                self.flush()
+                self.flush(self.max_per_flush)
             except Exception:
                 log.exception("request recorder: flush failed; retrying")
 

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+REJECTED_PER_FLUSH = 1000  # refused requests written per flush (every 0.5 s)
+
+
 class UsageRecorder:
     """Writes request records off the event loop, in batches (``monitor.usage.RequestRecorder``).
 
@@ -37,8 +40,10 @@ class UsageRecorder:
     :meth:`flush` first: the ``requests`` row it links to is then written.
 
     Refused requests (:meth:`submit_rejected`) have a writer and a queue of their own,
-    smaller (``max_rejected``): a flood of 401s fills only that queue, its overflow is
-    dropped and counted, and the records of served requests still get through.
+    smaller (``max_rejected``), written at most ``REJECTED_PER_FLUSH`` per half second: a
+    flood of 401s fills only that queue and costs the catalog a bounded number of writes;
+    the overflow is dropped and counted, and the records of served requests get through.
+    :meth:`flush` (which the feedback route awaits) leaves them to their writer.
     """
 
     def __init__(
@@ -53,7 +58,14 @@ class UsageRecorder:
         from genloop.monitor.usage import RequestRecorder
 
         self._recorder = RequestRecorder(ws, cipher, store_text=store_text, guardrails=guardrails)
-        self._rejected = RequestRecorder(ws, None, store_text=False, max_queue=max_rejected)
+        self._rejected = RequestRecorder(
+            ws,
+            None,
+            store_text=False,
+            max_queue=max_rejected,
+            max_batch=REJECTED_PER_FLUSH,
+            max_per_flush=REJECTED_PER_FLUSH,
+        )
         self._recorder.start()
         self._rejected.start()
 
@@ -73,7 +85,6 @@ class UsageRecorder:
 
     async def flush(self) -> None:
         await self._recorder.aflush()
-        await self._rejected.aflush()
 
     def close(self) -> None:
         """Write what is queued, then stop the writer threads."""
