@@ -1388,6 +1388,17 @@ class MonitorConfig(BaseModel):
     z_threshold: float = Field(4.0, gt=0, description="Anomaly when |z-score| exceeds this.")
     min_samples: int = Field(30, ge=1, description="Observations before anomalies can fire.")
     webhook_url: str | None = Field(None, description="POST alerts here as JSON.")
+    auth_failures_per_min: float | None = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Raise the auth_failures alert (key guessing) when more requests than this per "
+            "minute are refused with 401, over auth_failure_window_s; unset: off."
+        ),
+    )
+    auth_failure_window_s: float = Field(
+        60.0, gt=0, le=3600, description="The sliding window the 401s are counted over."
+    )
     bias_interval_s: float | None = Field(
         None, gt=0, description="Run the bias probes on the served model this often; unset: off."
     )

@@ -11,7 +11,13 @@ import pytest
 
 from genloop.config import MonitorConfig
 from genloop.monitor.alerts import list_alerts
-from genloop.monitor.anomaly import ERROR_BATCH, AnomalyMonitor, EwmaDetector
+from genloop.monitor.anomaly import (
+    AUTH_BUCKETS,
+    ERROR_BATCH,
+    AnomalyMonitor,
+    AuthFailureWatch,
+    EwmaDetector,
+)
 from genloop.monitor.scheduler import MonitorWorker
 from genloop.workspace import Workspace
 
@@ -86,3 +92,79 @@ def test_monitor_thread_raises_a_latency_alert_to_the_webhook(
     assert body["details"]["value"] == 900.0 and body["details"]["z"] > cfg.z_threshold
     [alert] = list_alerts(workspace, kind="latency")
     assert alert.id == body["id"] and "900 ms" in alert.message
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_auth_failure_watch_raises_once_and_resolves_when_it_stops() -> None:
+    clock = FakeClock()
+    watch = AuthFailureWatch(threshold=10, window_s=60.0, clock=clock)
+    for i in range(10):  # at the threshold: nothing
+        watch.observe(f"gl_{i:08d}")
+        clock.now += 1.0
+    assert watch.check() is None
+    watch.observe("missing")
+    episode = watch.check()
+    assert episode is not None and episode.action == "raise" and episode.count == 11
+    assert "guessing" in episode.message() and episode.details()["threshold"] == 10
+    for _ in range(50):  # the guessing goes on: still one episode
+        watch.observe("malformed")
+        clock.now += 0.2
+        assert watch.check() is None
+    assert watch.count() == 61
+    clock.now += 50.0  # most of the window has passed: 6 or fewer left is not enough
+    assert watch.check() is None and watch.count() > 5
+    clock.now += 20.0  # and now none
+    end = watch.check()
+    assert end is not None and end.action == "resolve" and end.count == 0
+    assert watch.check() is None
+
+
+def test_auth_failure_watch_memory_is_fixed_under_a_flood() -> None:
+    clock = FakeClock()
+    watch = AuthFailureWatch(threshold=100, window_s=60.0, clock=clock)
+    for i in range(20_000):
+        watch.observe(f"gl_{i:08d}")
+        clock.now += 0.01
+    assert len(watch._slices) <= AUTH_BUCKETS + 1
+    episode = watch.check()
+    assert episode is not None and len(episode.top) == 10
+    assert len(watch._labels) <= 1001
+
+
+def test_monitor_worker_alerts_key_guessing_once(workspace: Workspace) -> None:
+    clock = FakeClock()
+    cfg = MonitorConfig(auth_failures_per_min=30, auth_failure_window_s=60)
+    worker = MonitorWorker(workspace, cfg, models=[], clock=clock)
+    for i in range(31):
+        worker.observe_auth_failure(f"gl_{i % 3:08d}")
+    first = worker.check_auth_failures()
+    assert first is not None and worker.check_auth_failures() is None
+    (alert,) = [a for a in list_alerts(workspace) if a.kind == "auth_failures"]
+    assert alert.id == first and alert.source == "auth" and alert.resolved_at is None
+    top = {"gl_00000000": 11, "gl_00000001": 10, "gl_00000002": 10}
+    assert alert.details["key_prefixes"] == top
+    # /metrics shows it as open (from the worker's last count: a scrape does no IO)
+    from genloop.monitor.metrics import ServingMetrics
+
+    metrics = ServingMetrics()
+    metrics.watch_alerts(worker.open_alerts)
+    assert "genloop:alerts_open{" not in metrics.render()[0].decode()  # not counted yet
+    worker.count_open_alerts()
+    shown = 'genloop:alerts_open{kind="auth_failures",severity="warning"} 1.0'
+    assert shown in metrics.render()[0].decode()
+    clock.now += 61
+    assert worker.check_auth_failures() is None
+    (alert,) = [a for a in list_alerts(workspace) if a.kind == "auth_failures"]
+    assert alert.resolved_at is not None
+    worker.count_open_alerts()
+    assert 'kind="auth_failures"' not in metrics.render()[0].decode()
+    off = MonitorWorker(workspace, MonitorConfig(auth_failures_per_min=None), models=[])
+    off.observe_auth_failure("missing")
+    assert off.auth_watch is None and off.check_auth_failures() is None

@@ -132,3 +132,23 @@ def test_gpu_memory_is_exported_when_there_is_a_gpu() -> None:
     used = value(m, "genloop:gpu_memory_used_bytes", device="0")
     assert used >= x.numel() * 4
     assert value(m, "genloop:gpu_memory_reserved_bytes", device="0") >= used
+
+
+def test_http_responses_and_auth_failures_have_bounded_labels() -> None:
+    from genloop.monitor.metrics import MAX_KEY_PREFIX_LABELS, ServingMetrics
+
+    m = ServingMetrics()
+    m.http_response("/v1/models/{model}", "GET", 404, "not_found", 0.002)
+    m.http_response("/v1/models/{model}", "GET", 200, "", 0.004)
+    labels = [m.auth_failure(f"gl_{i:08d}") for i in range(MAX_KEY_PREFIX_LABELS + 20)]
+    assert labels[:MAX_KEY_PREFIX_LABELS] == [f"gl_{i:08d}" for i in range(100)]
+    assert set(labels[MAX_KEY_PREFIX_LABELS:]) == {"other"}
+    assert m.auth_failure("missing") == "missing"  # the fixed labels are always there
+    assert m.auth_failure("gl_00000003") == "gl_00000003"  # a prefix already seen keeps its own
+    text = m.render()[0].decode()
+    assert (
+        'genloop:http_requests_total{method="GET",reason="not_found",'
+        'route="/v1/models/{model}",status="404"} 1.0' in text
+    )
+    assert 'genloop:auth_failures_total{key_prefix="other"} 20.0' in text
+    assert text.count("genloop:auth_failures_total{") == MAX_KEY_PREFIX_LABELS + 2

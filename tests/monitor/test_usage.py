@@ -361,3 +361,48 @@ def genloop(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*GENLOOP, *args], env=env, cwd=home.parent, capture_output=True, text=True, timeout=120
     )
+
+
+def test_rejected_records_are_bounded_bodyless_and_add_no_usage(
+    catalog_workspace: Workspace,
+) -> None:
+    workspace = catalog_workspace  # SQLite and PostgreSQL
+    # a flood of 401s: the queue keeps max_queue records and counts the rest as dropped
+    recorder = RequestRecorder(
+        workspace, None, store_text=False, max_queue=5, max_batch=2, max_per_flush=2
+    )
+    accepted = [
+        recorder.submit(
+            RequestRecord(
+                request_id=f"rej-{i}",
+                endpoint="/v1/models",
+                model_name="",
+                key_prefix="gl_AbCdEfGh",
+                latency_ms=0.4,
+                status=401,
+                rejected=True,
+                method="GET",
+                reason="invalid_key",
+            )
+        )
+        for i in range(20)
+    ]
+    assert accepted == [True] * 5 + [False] * 15 and recorder.dropped == 15
+    # the writer thread writes at most max_per_flush a tick; a plain flush, everything
+    assert recorder.flush(recorder.max_per_flush) == 2
+    assert recorder.flush() == 3
+    with workspace.catalog.session() as s:
+        rows = list(s.scalars(select(RequestLog)))
+        assert s.scalar(select(Usage.id)) is None  # refusals are not usage
+    assert {(r.endpoint, r.status, r.model_name) for r in rows} == {("/v1/models", 401, "")}
+    assert rows[0].params == {
+        "rejected": True,
+        "method": "GET",
+        "reason": "invalid_key",
+        "key_prefix": "gl_AbCdEfGh",
+    }
+    assert rows[0].prompt_enc is None and rows[0].response_enc is None
+    (log_file,) = (workspace.root / "logs").glob("requests-*.jsonl")
+    line = json.loads(log_file.read_text().splitlines()[0])
+    assert line["rejected"] is True and line["reason"] == "invalid_key"
+    assert line["endpoint"] == "/v1/models" and line["method"] == "GET"

@@ -296,6 +296,19 @@ def list_alerts(
         return [_info(row) for row in s.scalars(query)]
 
 
+def open_alert_counts(ws: Workspace) -> dict[tuple[str, str], int]:
+    """Unresolved alerts by (kind, severity): the ``genloop:alerts_open`` gauge."""
+    from sqlalchemy import func
+
+    query = (
+        select(Alert.kind, Alert.severity, func.count())
+        .where(Alert.resolved_at.is_(None))
+        .group_by(Alert.kind, Alert.severity)
+    )
+    with ws.catalog.session() as s:
+        return {(kind, severity): int(n) for kind, severity, n in s.execute(query)}
+
+
 def resolve_alert(ws: Workspace, alert_id: int) -> AlertInfo:
     """Mark an alert resolved (an equal alert may fire again at once)."""
     with ws.catalog.session() as s:

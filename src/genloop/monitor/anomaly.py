@@ -16,13 +16,22 @@ Two signals per served model:
   ``error``/``timeout``) in consecutive batches of ``ERROR_BATCH`` requests, scored with
   a binomial standard deviation floored at a 1 % rate (a model that never failed is not
   alarmed by one error in a batch, but is by several).
+
+And one for the whole server: **auth failures** (:class:`AuthFailureWatch`), the 401s in a
+sliding window. Key guessing is not a shift from a baseline but a volume no honest client
+produces, so it is a plain threshold (``monitor.auth_failures_per_min``): above it, one
+``auth_failures`` alert naming the most frequent key prefixes; resolved once the window
+holds at most half the threshold again.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from genloop.workspace.workspace import Workspace
 
@@ -210,3 +219,96 @@ def alert_anomaly(
         webhook_url=webhook_url,
         cooldown_s=cooldown_s,
     )
+
+
+AUTH_BUCKETS = 60  # a window is counted in this many slices (memory: fixed, whatever the rate)
+MAX_AUTH_LABELS = 1000  # distinct key prefixes remembered per episode (the rest: "other")
+
+
+@dataclass
+class AuthEpisode:
+    """What :meth:`AuthFailureWatch.check` found: the alert to raise or to resolve."""
+
+    action: Literal["raise", "resolve"]
+    count: int  # 401s in the window
+    window_s: float
+    threshold: int
+    top: dict[str, int] = field(default_factory=dict)  # key label → 401s, most first
+
+    def message(self) -> str:
+        top = ", ".join(f"{k} ({v})" for k, v in self.top.items())
+        return (
+            f"{self.count} requests refused with 401 in the last {self.window_s:g} s "
+            f"(threshold {self.threshold}): someone may be guessing API keys"
+            + (f"; key prefixes: {top}" if top else "")
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "window_s": self.window_s,
+            "threshold": self.threshold,
+            "key_prefixes": self.top,
+        }
+
+
+class AuthFailureWatch:
+    """401s in a sliding window of ``window_s`` seconds, against ``threshold``.
+
+    :meth:`observe` (any thread, O(1)) adds one failure to the current slice of the window;
+    :meth:`check` (the monitor thread) drops the slices that left the window and says when
+    an episode starts (more than ``threshold`` in the window) and when it ends (at most
+    half the threshold: a rate hovering at the threshold does not flap).
+    """
+
+    def __init__(self, *, threshold: int, window_s: float, clock: Callable[[], float]) -> None:
+        if threshold < 1 or window_s <= 0:
+            raise ValueError("the auth failure watch needs a threshold ≥ 1 and a window > 0")
+        self.threshold = threshold
+        self.window_s = window_s
+        self._slice_s = window_s / AUTH_BUCKETS
+        self._clock = clock
+        self._slices: collections.deque[list[int]] = collections.deque()  # [index, count]
+        self._labels: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        self.active = False
+
+    def observe(self, key_label: str) -> None:
+        index = int(self._clock() / self._slice_s)
+        with self._lock:
+            if self._slices and self._slices[-1][0] == index:
+                self._slices[-1][1] += 1
+            else:
+                self._slices.append([index, 1])
+                while self._slices[0][0] <= index - AUTH_BUCKETS:  # out of the window
+                    self._slices.popleft()
+            if key_label in self._labels or len(self._labels) < MAX_AUTH_LABELS:
+                self._labels[key_label] += 1
+            else:
+                self._labels["other"] += 1
+
+    def count(self) -> int:
+        """401s in the window ending now."""
+        oldest = int((self._clock() - self.window_s) / self._slice_s)
+        with self._lock:
+            while self._slices and self._slices[0][0] <= oldest:
+                self._slices.popleft()
+            return sum(n for _, n in self._slices)
+
+    def check(self) -> AuthEpisode | None:
+        """The start or the end of an episode, when one of them happened since last time."""
+        count = self.count()
+        if not self.active and count > self.threshold:
+            self.active = True
+            with self._lock:
+                top = dict(self._labels.most_common(10))
+            return AuthEpisode("raise", count, self.window_s, self.threshold, top)
+        if self.active and count <= self.threshold // 2:
+            self.active = False
+            with self._lock:
+                self._labels.clear()
+            return AuthEpisode("resolve", count, self.window_s, self.threshold)
+        if not self.active and count == 0:
+            with self._lock:  # nothing in the window: forget the prefixes seen
+                self._labels.clear()
+        return None

@@ -13,6 +13,17 @@ one source, so nothing is counted twice:
   prompt and generation token totals, end-to-end latency as the client saw it; and
   :meth:`ServingMetrics.error` for errors by type.
 
+``genloop:requests_total`` counts only requests that reached a model. Every response the
+server sends, refused ones included (401, 404, 413, 422, 429 …, and answers from the
+request limits before any route ran), is counted once more, without model labels, by the
+outermost ASGI layer (:mod:`genloop.serve.http_metrics`) through
+:meth:`ServingMetrics.http_response`: ``http_requests_total`` and
+``http_request_duration_seconds`` by route *template* (``/v1/models/{model_id}``; any path
+no route matched is ``unmatched``), method and status, and ``auth_failures_total`` by the
+presented key's public prefix (``missing`` / ``malformed`` when there is none; the first
+:data:`MAX_KEY_PREFIX_LABELS` prefixes get a series each, later ones share ``other``, so a
+key-guessing flood cannot grow the series without bound).
+
 =============================================  =========  ===================================
 name                                           type       meaning
 =============================================  =========  ===================================
@@ -31,6 +42,13 @@ genloop:request_prompt_tokens                  histogram  prompt length per engi
 genloop:request_generation_tokens              histogram  generated length per engine request
 genloop:model_loads_total                      counter    model versions loaded
 genloop:model_swaps_total                      counter    live swaps (alias moved)
+genloop:http_requests_total{route,method,      counter    every HTTP response, refused ones too
+  status,reason}
+genloop:http_request_duration_seconds{route,   histogram  request received → last body byte
+  method,status}
+genloop:auth_failures_total{key_prefix}        counter    401 answers by the key's public prefix
+genloop:request_log_dropped_total{kind}        counter    records the request log had no room for
+genloop:alerts_open{kind,severity}             gauge      unresolved alerts in the catalog
 genloop:gpu_memory_used_bytes{device}          gauge      CUDA memory allocated (GPU only)
 genloop:gpu_memory_reserved_bytes{device}      gauge      CUDA memory reserved (GPU only)
 genloop:gpu_utilization_perc{device}           gauge      GPU busy % (GPU with NVML only)
@@ -81,6 +99,14 @@ LATENCY_BUCKETS = (
     40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+# every HTTP answer, from a 0.1 ms refusal to a long stream
+HTTP_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+HTTP_LABELS = ("route", "method", "status")
+MAX_KEY_PREFIX_LABELS = 100  # distinct key prefixes with a series of their own
+AUTH_FIXED_LABELS = frozenset({"missing", "malformed", "other"})
 
 
 class FinishedCounts(Protocol):
@@ -205,11 +231,42 @@ class ServingMetrics:
             LABELS,
             registry=r,
         )
+        self.http_requests = Counter(
+            name("http_requests"),
+            "Every HTTP response, refused ones included, by route template and status.",
+            (*HTTP_LABELS, "reason"),
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            name("http_request_duration_seconds"),
+            "Time from receiving a request to sending the last byte of its response.",
+            HTTP_LABELS,
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            name("auth_failures"),
+            "Requests refused with 401, by the presented key's public prefix.",
+            ("key_prefix",),
+            registry=r,
+        )
+        self.log_dropped = Counter(
+            name("request_log_dropped"),
+            "Request records not written because the request log's queue was full.",
+            ("kind",),
+            registry=r,
+        )
         ProcessCollector(registry=r)
         r.register(_GpuCollector())
+        self._alerts = _AlertsCollector()
+        r.register(self._alerts)
         self._children: dict[tuple[str, str], _PerModel] = {}
         self._lock = threading.Lock()
         self._watched: dict[tuple[str, str], StatsFn] = {}
+        self._key_prefixes: set[str] = set()
+        # (route, method, status, reason) → its counter and histogram children; bounded, as
+        # routes are templates and methods and statuses few
+        self._http_children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
 
     def _for(self, model: str, version: int | None) -> _PerModel:
         key = (model, _version(version))
@@ -270,6 +327,40 @@ class ServingMetrics:
         ``engine``, ``invalid_request`` …), never a message."""
         self.errors.labels(model, _version(version), error_type).inc()
 
+    def http_response(
+        self, route: str, method: str, status: int, reason: str, seconds: float
+    ) -> None:
+        """One HTTP response was sent, whatever it was (``reason``: ``""`` below 400, else a
+        short stable word); ``seconds`` until its last byte."""
+        key = (route, method, status, reason)
+        children = self._http_children.get(key)
+        if children is None:  # labels() takes a lock and builds a tuple: once per series
+            code = str(status)
+            children = (
+                self.http_requests.labels(route, method, code, reason),
+                self.http_duration.labels(route, method, code),
+            )
+            self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def auth_failure(self, key_prefix: str) -> str:
+        """One 401; returns the label it was counted under (``key_prefix`` itself, or
+        ``other`` once :data:`MAX_KEY_PREFIX_LABELS` prefixes have a series)."""
+        label = key_prefix
+        if label not in AUTH_FIXED_LABELS and label not in self._key_prefixes:
+            with self._lock:
+                if len(self._key_prefixes) < MAX_KEY_PREFIX_LABELS:
+                    self._key_prefixes.add(label)
+                elif label not in self._key_prefixes:
+                    label = "other"
+        self.auth_failures.labels(label).inc()
+        return label
+
+    def log_dropped_record(self, kind: str) -> None:
+        """A request record was dropped (``kind``: ``rejected``), the request log being full."""
+        self.log_dropped.labels(kind).inc()
+
     def model_loaded(self, model: str, version: int | None) -> None:
         self.loads.labels(model, _version(version)).inc()
 
@@ -299,6 +390,11 @@ class ServingMetrics:
         with self._lock:
             self._watched.pop((model, _version(version)), None)
 
+    def watch_alerts(self, counts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        """Show ``counts()`` (unresolved alerts by kind and severity, already counted: it
+        is called at each scrape, on the event loop) as ``genloop:alerts_open``."""
+        self._alerts.counts = counts
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for ``GET /metrics``."""
         with self._lock:
@@ -314,6 +410,14 @@ class ServingMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+# present only on a machine with CUDA (what a dashboard may also ask for)
+GPU_GAUGES = (
+    PREFIX + "gpu_memory_used_bytes",
+    PREFIX + "gpu_memory_reserved_bytes",
+    PREFIX + "gpu_utilization_perc",
+)
+
+
 class _GpuCollector(Collector):
     """CUDA memory and utilization, when torch is already loaded and sees a GPU.
 
@@ -324,17 +428,14 @@ class _GpuCollector(Collector):
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available():
             return
-        used = GaugeMetricFamily(
-            PREFIX + "gpu_memory_used_bytes", "CUDA memory allocated by tensors.", labels=["device"]
-        )
+        used_name, reserved_name, util_name = GPU_GAUGES
+        used = GaugeMetricFamily(used_name, "CUDA memory allocated by tensors.", labels=["device"])
         reserved = GaugeMetricFamily(
-            PREFIX + "gpu_memory_reserved_bytes",
+            reserved_name,
             "CUDA memory reserved by the caching allocator.",
             labels=["device"],
         )
-        util = GaugeMetricFamily(
-            PREFIX + "gpu_utilization_perc", "GPU busy percentage (NVML).", labels=["device"]
-        )
+        util = GaugeMetricFamily(util_name, "GPU busy percentage (NVML).", labels=["device"])
         have_util = False
         for i in range(torch.cuda.device_count()):
             used.add_metric([str(i)], float(torch.cuda.memory_allocated(i)))
@@ -348,3 +449,22 @@ class _GpuCollector(Collector):
         yield reserved
         if have_util:
             yield util
+
+
+class _AlertsCollector(Collector):
+    """``genloop:alerts_open{kind,severity}`` from the monitor's last count of open alerts."""
+
+    def __init__(self) -> None:
+        self.counts: Callable[[], dict[tuple[str, str], int]] | None = None
+
+    def collect(self) -> Iterator[Any]:
+        if self.counts is None:
+            return
+        family = GaugeMetricFamily(
+            PREFIX + "alerts_open",
+            "Unresolved alerts in the catalog, by kind and severity.",
+            labels=["kind", "severity"],
+        )
+        for (kind, severity), n in sorted(self.counts().items()):
+            family.add_metric([kind, severity], float(n))
+        yield family

@@ -6,6 +6,13 @@ plots as PNG data URIs (traffic and errors per hour, latency percentiles per hou
 scores and bias metrics over time), like the evaluation reports. :func:`monitoring_series`
 is the web UI's view of the same log (buckets of any width). Both take their latency
 percentiles from :mod:`genloop.monitor.stats`.
+
+Both count every logged request, the *rejected* ones included: requests the server
+refused before they reached a model (401, 404, 413, 429 …; logged by
+:mod:`genloop.serve.http_metrics` with no model name). So "N requests, M errors" is what
+clients were answered, not only what the models saw; the report also breaks the rejected
+ones down by reason. A ``model`` filter keeps only that model's requests (rejected ones
+name no model).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from genloop.workspace.tables import RequestLog
 from genloop.workspace.workspace import Workspace
 
 MAX_ROWS = 500_000  # requests read for one report
+REJECTED_MODEL = ""  # the model name of a request refused before reaching a model
 MAX_HOURS = 24 * 366
 PERCENTILES = (50, 90, 99)
 
@@ -42,6 +50,8 @@ class MonitorReport:
     errors: int = 0  # status >= 500
     client_errors: int = 0  # 400-499
     flagged: int = 0  # with guardrail flags
+    rejected: int = 0  # refused before reaching a model (no model name)
+    by_reason: dict[str, int] = field(default_factory=dict)  # rejected ones, by reason
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_ms: dict[str, float | None] = field(default_factory=dict)  # p50, p90, p99
@@ -62,6 +72,8 @@ class MonitorReport:
             "client_errors": self.client_errors,
             "error_rate": self.errors / self.requests if self.requests else None,
             "flagged": self.flagged,
+            "rejected": self.rejected,
+            "by_reason": self.by_reason,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "latency_ms": self.latency_ms,
@@ -114,7 +126,10 @@ def build_report(
     by_status: Counter[str] = Counter()
     for at, name, status, latency, prompt, completion, flags in rows:
         report.requests += 1
-        by_model[name] += 1
+        if name == REJECTED_MODEL:
+            report.rejected += 1
+        else:
+            by_model[name] += 1
         by_status[str(status)] += 1
         report.prompt_tokens += prompt or 0
         report.completion_tokens += completion or 0
@@ -132,6 +147,8 @@ def build_report(
             latencies.append(sample)
             bucket["latencies"].append(sample)
     report.latency_ms = percentiles(latencies, PERCENTILES)
+    if report.rejected and model is None:
+        report.by_reason = _rejected_reasons(ws, start, end)
     report.by_model = dict(by_model.most_common())
     report.by_status = dict(sorted(by_status.items()))
     report.hourly = [
@@ -155,6 +172,24 @@ def build_report(
     return report
 
 
+def _rejected_reasons(ws: Workspace, start: datetime, end: datetime) -> dict[str, int]:
+    """The rejected requests of a window by reason (``unauthorized`` …), most first."""
+    query = (
+        select(RequestLog.params)
+        .where(
+            RequestLog.model_name == REJECTED_MODEL,
+            RequestLog.created_at >= start,
+            RequestLog.created_at <= end,
+        )
+        .limit(MAX_ROWS)
+    )
+    reasons: Counter[str] = Counter()
+    with ws.catalog.session() as s:
+        for (params,) in s.execute(query):
+            reasons[str((params or {}).get("reason") or "unknown")] += 1
+    return dict(reasons.most_common())
+
+
 UI_PERCENTILES = (50, 95, 99)
 
 
@@ -167,34 +202,37 @@ def monitoring_series(
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """The last ``hours`` hours of logged requests (of one model, or all) in buckets of
-    ``bucket_minutes`` (count, errors = status ≥ 400, latency p50/p95/p99 in ms), and each
-    model's drift series by check time; times in ISO 8601."""
+    ``bucket_minutes`` (count, errors = status ≥ 400 and, of those, ``rejected``: refused
+    before reaching a model; latency p50/p95/p99 in ms), and each model's drift series
+    by check time; times in ISO 8601."""
     width = timedelta(minutes=bucket_minutes)
     until = now or datetime.now(UTC)
     since = until - timedelta(hours=hours)
-    query = select(RequestLog.created_at, RequestLog.latency_ms, RequestLog.status).where(
-        RequestLog.created_at >= since
-    )
+    query = select(
+        RequestLog.created_at, RequestLog.latency_ms, RequestLog.status, RequestLog.model_name
+    ).where(RequestLog.created_at >= since)
     if model is not None:
         query = query.where(RequestLog.model_name == model)
-    buckets: dict[int, tuple[list[float], list[int]]] = {}
+    buckets: dict[int, tuple[list[float], list[int], list[bool]]] = {}
     with ws.catalog.session() as s:
-        for at, latency, status in s.execute(query):
+        for at, latency, status, name in s.execute(query):
             index = int((at.astimezone(UTC) - since) / width)
-            latencies, statuses = buckets.setdefault(index, ([], []))
+            latencies, statuses, rejected = buckets.setdefault(index, ([], [], []))
             statuses.append(status)
+            rejected.append(name == REJECTED_MODEL)
             sample = latency_sample(status, latency)
             if sample is not None:
                 latencies.append(sample)
     points = []
     for index in sorted(buckets):
-        latencies, statuses = buckets[index]
+        latencies, statuses, rejected = buckets[index]
         figures = percentiles(latencies, UI_PERCENTILES)
         points.append(
             {
                 "start": (since + index * width).isoformat(),
                 "requests": len(statuses),
                 "errors": sum(1 for st in statuses if st >= 400),
+                "rejected": sum(rejected),
                 **{f"latency_p{q}_ms": figures[f"p{q}"] for q in UI_PERCENTILES},
             }
         )
@@ -306,6 +344,7 @@ def summary_rows(report: MonitorReport) -> list[list[Any]]:
             f"{report.errors}" + (f" ({rate:.2%})" if rate is not None else ""),
         ],
         ["client errors (4xx)", report.client_errors],
+        ["rejected before a model", report.rejected],
         ["guardrail-flagged", report.flagged],
         ["prompt tokens", report.prompt_tokens],
         ["generated tokens", report.completion_tokens],
@@ -339,6 +378,11 @@ def render_html(report: MonitorReport) -> str:
         parts += [
             "<h2>Status codes</h2>",
             _table(["status", "count"], [[k, v] for k, v in report.by_status.items()]),
+        ]
+    if report.by_reason:
+        parts += [
+            "<h2>Rejected requests</h2>",
+            _table(["reason", "count"], [[k, v] for k, v in report.by_reason.items()]),
         ]
     for model, keys in report.drift.items():
         drift = {k: v for k, v in keys.items() if k.startswith(("psi_", "kl_"))}

@@ -13,6 +13,13 @@ and stops at shutdown::
 - :meth:`observe` only appends to a queue (cheap, thread-safe); the thread feeds the
   queue to the latency and error-rate detectors (:mod:`genloop.monitor.anomaly`) about
   once a second and raises their alerts.
+- :meth:`observe_auth_failure` counts a 401 (the server's HTTP layer calls it); each tick
+  the key-guessing watch (:class:`~genloop.monitor.anomaly.AuthFailureWatch`, threshold
+  ``monitor.auth_failures_per_min``) raises the ``auth_failures`` alert once when the
+  401s in the last ``monitor.auth_failure_window_s`` pass it, and resolves it when they
+  stop.
+- every :data:`ALERTS_REFRESH_S` it counts the open alerts, which ``/metrics`` shows as
+  ``genloop:alerts_open{kind,severity}`` (a scrape then never waits for the catalog).
 - every ``monitor.check_interval_s`` it runs :meth:`DriftMonitor.check
   <genloop.monitor.drift.DriftMonitor.check>` for each served model.
 - every ``monitor.purge_interval_s`` (the first time at start), when a retention period is
@@ -38,7 +45,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from genloop.monitor.anomaly import AnomalyMonitor, alert_anomaly
+from genloop.monitor.anomaly import AnomalyMonitor, AuthFailureWatch, alert_anomaly
 from genloop.monitor.drift import DriftMonitor, DriftReport, record_series
 from genloop.workspace.workspace import Workspace
 
@@ -51,6 +58,7 @@ ServedModel = tuple[str, int | None]  # (name, version)
 ModelsFn = Callable[[], Sequence[ServedModel]]
 BiasFn = Callable[[Workspace, str], dict[str, float]]  # (ws, "name@version") → metrics
 TICK_S = 1.0
+ALERTS_REFRESH_S = 15.0  # how often the open alerts are counted for /metrics
 MAX_PENDING = 100_000  # observations kept when the thread falls behind (oldest dropped)
 BIAS_SERIES = ("bias_ll_gap", "bias_negative_rate_gap")
 
@@ -133,6 +141,16 @@ class MonitorWorker:
         self.anomalies = AnomalyMonitor(
             ewma_alpha=cfg.ewma_alpha, z_threshold=cfg.z_threshold, min_samples=cfg.min_samples
         )
+        self.auth_watch: AuthFailureWatch | None = None
+        if cfg.auth_failures_per_min is not None:
+            self.auth_watch = AuthFailureWatch(
+                threshold=max(1, round(cfg.auth_failures_per_min * cfg.auth_failure_window_s / 60)),
+                window_s=cfg.auth_failure_window_s,
+                clock=clock,
+            )
+        self.auth_alert: int | None = None  # the open auth_failures alert
+        self._open_alerts: dict[tuple[str, str], int] = {}
+        self._next_alerts = 0.0
         self.drift = DriftMonitor()
         self.last_reports: dict[str, DriftReport] = {}
         self.last_bias: dict[str, dict[str, float]] = {}
@@ -184,15 +202,25 @@ class MonitorWorker:
         finished it with ``error`` or ``timeout``; a client's mistake (4xx) is not."""
         self._pending.append((model, latency_ms, failed))
 
+    def observe_auth_failure(self, key_label: str) -> None:
+        """One request refused with 401 (any thread; O(1)); ``key_label``: the presented
+        key's public prefix, or ``missing`` / ``malformed``."""
+        if self.auth_watch is not None:
+            self.auth_watch.observe(key_label)
+
     # ------------------------------------------------------------- the thread
 
     def _run(self) -> None:
         while True:
             stopping = self._stop.wait(TICK_S)
             self._guard("anomaly detection", self.process_observations)
+            self._guard("auth failure watch", self.check_auth_failures)
             if stopping:
                 return
             now = self._clock()
+            if now >= self._next_alerts:
+                self._next_alerts = now + ALERTS_REFRESH_S
+                self._guard("open alert count", self.count_open_alerts)
             if now >= self._next_drift:
                 self._next_drift = now + self.cfg.check_interval_s
                 self._guard("drift check", self.check_drift)
@@ -229,6 +257,45 @@ class MonitorWorker:
                 if alert is not None:
                     raised.append(alert)
         return raised
+
+    def check_auth_failures(self) -> int | None:
+        """Raise or resolve the ``auth_failures`` alert as the watch says; the id of an
+        alert raised now."""
+        from genloop.monitor.alerts import raise_alert, resolve_alert
+
+        if self.auth_watch is None:
+            return None
+        episode = self.auth_watch.check()
+        if episode is None:
+            return None
+        if episode.action == "resolve":
+            if self.auth_alert is not None:
+                resolve_alert(self.ws, self.auth_alert)
+                log.info("monitor: auth failures back to %d per window", episode.count)
+            self.auth_alert = None
+            return None
+        self.auth_alert = raise_alert(
+            self.ws,
+            "auth_failures",
+            episode.message(),
+            episode.details(),
+            severity="warning",
+            source="auth",
+            webhook_url=self.cfg.webhook_url,
+        )
+        return self.auth_alert
+
+    def count_open_alerts(self) -> dict[tuple[str, str], int]:
+        """Count the unresolved alerts by (kind, severity) now (:meth:`open_alerts` then
+        returns them)."""
+        from genloop.monitor.alerts import open_alert_counts
+
+        self._open_alerts = open_alert_counts(self.ws)
+        return self._open_alerts
+
+    def open_alerts(self) -> dict[tuple[str, str], int]:
+        """The unresolved alerts by (kind, severity) as last counted (no IO: for scrapes)."""
+        return dict(self._open_alerts)
 
     def purge(self) -> dict[str, int]:
         """Purge what is past the retention period, now; the counts (also logged)."""

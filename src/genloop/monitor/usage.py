@@ -13,6 +13,14 @@
 4. appends one JSON line to ``<workspace>/logs/requests-YYYY-MM-DD.jsonl`` and to the
    ``genloop.requests`` logger: ids, model, counts, latency, status, guardrail flags.
    Never the key (its id and public prefix only), never text, and the user id as a hash.
+
+Requests refused before they reached a model (a bad key, an unknown route, a body too
+large, a rate limit …) are recorded too, by the server's outermost layer
+(:mod:`genloop.serve.http_metrics`), as *rejected* records: a ``requests`` row with the
+route template as its endpoint, no model (``model_name`` ``""``), the status, the latency
+and ``params`` holding only the method, a short reason word and the presented key's
+public prefix, never a body, a header or a secret. They add no drift features and no
+usage (usage is what models served).
 """
 
 from __future__ import annotations
@@ -75,6 +83,10 @@ class RequestRecord:
     prompt_ids: Sequence[int] | None = None  # when known, spares tokenizing the prompt again
     output_ids: Sequence[int] | None = None
     created_at: datetime | None = None  # default: now
+    # refused before reaching a model (the endpoint is then the route template)
+    rejected: bool = False
+    method: str | None = None  # rejected records: the HTTP method
+    reason: str | None = None  # rejected records: a short stable word (unauthorized …)
 
 
 def _redactor(guardrails: Any) -> Callable[[str], str]:
@@ -160,6 +172,8 @@ def record_requests(
         row, entry = _prepare(ws, cipher if store_text else None, record, redact)
         rows.append(row)
         entries.append(entry)
+        if record.rejected:  # nothing was served: no usage
+            continue
         hour = row.created_at.replace(minute=0, second=0, microsecond=0)
         key = (record.api_key_id, record.model_name, record.model_version, hour)
         counts = buckets.setdefault(key, [0, 0, 0])
@@ -185,6 +199,8 @@ def _prepare(
     from genloop.monitor.drift import featurizer_for, request_features
 
     at = record.created_at or utcnow()
+    if record.rejected:
+        return _prepare_rejected(record, at, redact)
     ok = record.status < 400
     features = request_features(
         featurizer_for(ws, record.model_name, record.model_version) if ok else None,
@@ -233,6 +249,43 @@ def _prepare(
         "completion_tokens": record.completion_tokens,
         "latency_ms": None if record.latency_ms is None else round(record.latency_ms, 2),
         "flags": flags,
+    }
+    return row, entry
+
+
+def _prepare_rejected(
+    record: RequestRecord, at: datetime, redact: Callable[[str], str]
+) -> tuple[RequestLog, dict[str, Any]]:
+    """The row and log line of a refused request: where, how, why, how long; nothing sent."""
+    params = {
+        "rejected": True,
+        "method": (record.method or "")[:16],
+        "reason": (record.reason or "")[:32],
+        "key_prefix": record.key_prefix,
+    }
+    row = RequestLog(
+        id=record.request_id,
+        api_key_id=record.api_key_id,
+        endpoint=record.endpoint[:64],
+        model_name=record.model_name[:128],
+        params=params,
+        latency_ms=record.latency_ms,
+        status=record.status,
+        flags=[],
+        created_at=at,
+    )
+    entry = {
+        "ts": at.isoformat(timespec="milliseconds"),
+        "request_id": redact(record.request_id)[:64],
+        "key_id": record.api_key_id,
+        "key_prefix": record.key_prefix,
+        "endpoint": row.endpoint,
+        "model": record.model_name,
+        "method": params["method"],
+        "status": record.status,
+        "reason": params["reason"],
+        "rejected": True,
+        "latency_ms": None if record.latency_ms is None else round(record.latency_ms, 2),
     }
     return row, entry
 
@@ -290,7 +343,9 @@ class RequestRecorder:
     about 100 and several thousand requests a second. A batch that fails is retried one
     record at a time, so one bad record (a duplicate id) loses only itself. While the
     catalog cannot be reached (PostgreSQL restarting), records are held, up to
-    ``max_queue``, and written first once it answers again.
+    ``max_queue``, and written first once it answers again. ``max_per_flush`` caps what
+    the thread writes per ``flush_s`` (the records of refused requests: a flood of them
+    must not keep the catalog busy); what cannot wait is dropped at ``max_queue``.
     """
 
     def __init__(
@@ -303,6 +358,7 @@ class RequestRecorder:
         flush_s: float = 0.5,
         max_batch: int = 500,
         max_queue: int = 50_000,
+        max_per_flush: int | None = None,
         on_recorded: Callable[[RequestRecord], None] | None = None,
     ) -> None:
         if store_text and cipher is None:
@@ -314,6 +370,7 @@ class RequestRecorder:
         self.flush_s = flush_s
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_per_flush = max_per_flush
         self.on_recorded = on_recorded
         self._queue: queue.Queue[RequestRecord] = queue.Queue(max_queue)
         self._stop = threading.Event()
@@ -323,6 +380,7 @@ class RequestRecorder:
         self._unreachable = False
         self.dropped = 0
         self.failed = 0
+        self._full = False
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -344,22 +402,28 @@ class RequestRecorder:
             log.error("catalog unreachable at stop: %d request(s) not recorded", len(self._held))
             self._held = []
 
-    def submit(self, record: RequestRecord) -> None:
-        """Queue ``record`` (any thread). A full queue drops it with a logged error rather
-        than block a response."""
+    def submit(self, record: RequestRecord) -> bool:
+        """Queue ``record`` (any thread); False when it was dropped: a full queue drops it
+        with a logged error (the first of each run of drops) rather than block a response."""
         try:
             self._queue.put_nowait(record)
         except queue.Full:
             self.dropped += 1
-            log.error("request log queue full: request %s not recorded", record.request_id)
+            if not self._full:  # a flood must not become a flood of log lines
+                log.error("request log queue full: request %s not recorded", record.request_id)
+            self._full = True
+            return False
+        self._full = False
+        return True
 
-    def flush(self) -> int:
-        """Write everything queued now (in the calling thread); returns how many. When it
-        returns, every record submitted before the call is in the catalog (or failed, or is
-        held because the catalog is unreachable)."""
+    def flush(self, limit: int | None = None) -> int:
+        """Write everything queued now (in the calling thread), or about ``limit`` records
+        at most; returns how many. When it returns (without a limit), every record
+        submitted before the call is in the catalog (or failed, or is held because the
+        catalog is unreachable)."""
         written = 0
         with self._flush_lock:  # also waits for a batch the thread is writing
-            while True:
+            while limit is None or written < limit:
                 batch, self._held = self._held[: self.max_batch], self._held[self.max_batch :]
                 while len(batch) < self.max_batch:
                     try:
@@ -373,6 +437,7 @@ class RequestRecorder:
                 if held:  # the catalog is down: try again at the next flush
                     self._hold(held)
                     return written
+            return written
 
     async def aflush(self) -> int:
         """:meth:`flush` from async code (e.g. before feedback links to a request)."""
@@ -423,7 +488,7 @@ class RequestRecorder:
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):
             try:
-                self.flush()
+                self.flush(self.max_per_flush)
             except Exception:
                 log.exception("request recorder: flush failed; retrying")
 

@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(ws, cfg)`` wires routers, limits, auth and state.
 
-Layers, outermost first: CORS (only when ``serve.cors_origins`` is set) → request limits
-(header and body size, concurrency: ``limits.py``) → error handlers (OpenAI-shaped,
+Layers, outermost first: HTTP metrics (every response counted and timed, refusals written
+to the request log: ``http_metrics.py``) → CORS (only when ``serve.cors_origins`` is set)
+→ request limits (header and body size, concurrency: ``limits.py``) → error handlers (OpenAI-shaped,
 never a stack trace: ``errors.py``) → routers (``api/``: each endpoint family's route →
 protocol models → handler → engine), each route behind ``require_scope`` (``auth.py``)
 except the probes ``/health`` and ``/ready`` and, when configured public, ``/metrics``.
@@ -136,6 +137,7 @@ def create_app(
         retention_days=cfg.security.retention_days,
     )
     state.extras["monitor"] = monitor
+    metrics.watch_alerts(monitor.open_alerts)  # genloop:alerts_open, counted by the monitor
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -223,6 +225,16 @@ def create_app(
             expose_headers=["Retry-After", "X-Request-Id"],
             max_age=600,
         )
+    # outermost, so that nothing escapes it: every response counted, refusals logged
+    from genloop.serve.http_metrics import HttpMetricsMiddleware
+
+    app.add_middleware(
+        HttpMetricsMiddleware,
+        metrics=metrics,
+        routes=lambda: [path for _, path in route_scopes(app)],
+        rejected_log=state.recorder,
+        auth_watch=monitor,
+    )
     return app
 
 

@@ -78,17 +78,29 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return ApiError(message, status=400, param=param, code=code)
 
 
+STATUS_REASONS: dict[int, str] = {
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    429: "busy",  # a key's rate limit or a full queue: the client should come back later
+    431: "headers_too_large",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+def status_reason(status: int) -> str:
+    """A short stable word for an error status (the error counters' ``type``/``reason``)."""
+    return STATUS_REASONS.get(status, "invalid_request" if status < 500 else "engine")
+
+
 def error_type(exc: BaseException) -> str:
     """A short stable word for the metrics' error counter."""
     if isinstance(exc, GenloopError):
-        status = int(getattr(exc, "http_status", 400))
-        return {
-            429: "busy",
-            503: "unavailable",
-            504: "timeout",
-            413: "too_large",
-            404: "not_found",
-        }.get(status, "invalid_request" if status < 500 else "engine")
+        return status_reason(int(getattr(exc, "http_status", 400)))
     return "internal"
 
 

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+REJECTED_PER_FLUSH = 1000  # refused requests written per flush (every 0.5 s)
+
+
 class UsageRecorder:
     """Writes request records off the event loop, in batches (``monitor.usage.RequestRecorder``).
 
@@ -35,25 +38,58 @@ class UsageRecorder:
 
     Feedback can follow a response within milliseconds, so the feedback route calls
     :meth:`flush` first: the ``requests`` row it links to is then written.
+
+    Refused requests (:meth:`submit_rejected`) have a writer and a queue of their own,
+    smaller (``max_rejected``), written at most ``REJECTED_PER_FLUSH`` per half second: a
+    flood of 401s fills only that queue and costs the catalog a bounded number of writes;
+    the overflow is dropped and counted, and the records of served requests get through.
+    :meth:`flush` (which the feedback route awaits) leaves them to their writer.
     """
 
     def __init__(
-        self, ws: Workspace, cipher: Cipher, *, store_text: bool, guardrails: Guardrails
+        self,
+        ws: Workspace,
+        cipher: Cipher,
+        *,
+        store_text: bool,
+        guardrails: Guardrails,
+        max_rejected: int = 10_000,
     ) -> None:
         from genloop.monitor.usage import RequestRecorder
 
         self._recorder = RequestRecorder(ws, cipher, store_text=store_text, guardrails=guardrails)
+        self._rejected = RequestRecorder(
+            ws,
+            None,
+            store_text=False,
+            max_queue=max_rejected,
+            max_batch=REJECTED_PER_FLUSH,
+            max_per_flush=REJECTED_PER_FLUSH,
+        )
         self._recorder.start()
+        self._rejected.start()
 
     def submit(self, record: RequestRecord) -> None:
+        from genloop.serve.http_metrics import mark_recorded
+
+        mark_recorded()  # the HTTP layer then leaves this request to us
         self._recorder.submit(record)
+
+    def submit_rejected(self, record: RequestRecord) -> bool:
+        """Queue a refused request's record; False when the queue was full (dropped)."""
+        return self._rejected.submit(record)
+
+    @property
+    def rejected_dropped(self) -> int:
+        return self._rejected.dropped
 
     async def flush(self) -> None:
         await self._recorder.aflush()
 
     def close(self) -> None:
-        """Write what is queued, then stop the writer thread."""
+        """Write what is queued, then stop the writer threads."""
         self._recorder.stop()
+        self._rejected.stop()
 
 
 @dataclass

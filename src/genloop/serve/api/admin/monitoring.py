@@ -22,7 +22,8 @@ def monitoring(
     bucket_minutes: int = Query(60, ge=1, le=24 * 60, description="Width of one bucket."),
     model: str | None = Query(None, pattern=NAME, description="Only this model's requests."),
 ) -> dict[str, Any]:
-    """Buckets of logged requests (count, errors = status ≥ 400, latency p50/p95/p99 in ms)
+    """Buckets of logged requests (count, errors = status ≥ 400, of which ``rejected``:
+    refused before reaching a model, such as 401, 404, 413, 429; latency p50/p95/p99 in ms)
     and each model's drift series (``genloop monitor drift`` scores, by check time)."""
     from genloop.monitor.report import monitoring_series
 
