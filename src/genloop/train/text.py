@@ -49,12 +49,15 @@ def build_model(
     *,
     seq_len: int | None = None,
     trust_pickle: bool = False,
+    shard: Callable[[nn.Module], None] | None = None,
 ) -> BuiltModel:
     """The text model ``m`` describes, its config dict and the ref it was fine-tuned from.
 
     From scratch, the vocabulary and special tokens come from ``tokenizer_dir``, and a
     causal LM's context is at least ``seq_len`` (the training windows; default: the
-    preset's context) unless ``m.context_length`` sets it.
+    preset's context) unless ``m.context_length`` sets it. A causal LM is built on the meta
+    device and initialised in place (:func:`build_on_meta`); ``shard`` (FSDP2, under
+    torchrun) splits it before any weight is allocated, so no rank ever holds it whole.
     """
     from genloop.models.family import get_family
 
@@ -77,6 +80,9 @@ def build_model(
                 dropout=m.lora.dropout,
                 target_modules=m.lora.target_modules,
             )
+        if shard is not None:
+            # the base is read whole on each rank, then sharded (see docs/training.md)
+            shard(model)
         return BuiltModel(model, model.config.to_dict(), parent)
     vocab = _vocab_size(tokenizer_dir)
     overrides = architecture(m)
@@ -93,8 +99,100 @@ def build_model(
             overrides.setdefault("context_length", max(seq_len, 64))
         special = _special_ids(tokenizer_dir)
     model_config = {"preset": m.preset or "tiny", "vocab_size": vocab, **overrides, **special}
+    if m.family == "causal_lm":
+        return BuiltModel(build_on_meta(model_config, device, shard), model_config, None)
+    if shard is not None:
+        raise GenloopError(f"the {m.family} family is not built sharded; build it whole")
     built: nn.Module = family.build(model_config).to(device)
     return BuiltModel(built, model_config, None)
+
+
+def build_on_meta(
+    model_config: dict[str, Any],
+    device: torch.device,
+    shard: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """A fresh causal LM built without ever holding its weights twice, or whole on a rank.
+
+    The network is made on the meta device (shapes only), ``shard`` (FSDP2's
+    ``fully_shard``, under torchrun) splits it, then each rank allocates its own shard on
+    ``device`` and :func:`initialize` fills it. Alone (``shard`` None) the same steps give
+    the whole model, with the very same values: one process and N FSDP2 ranks start from
+    identical weights for the same seed.
+    """
+    import torch
+
+    from genloop.models.family import get_family
+
+    with torch.device("meta"):
+        model: nn.Module = get_family("causal_lm").build(model_config)
+    if shard is not None:
+        shard(model)
+    model.to_empty(device=device)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()  # to_empty gives a plain model's tied parameters separate storage
+    initialize(model)
+    return model
+
+
+def initialize(model: nn.Module) -> None:
+    """Initialise a transformers model's (possibly FSDP2-sharded) weights in place, exactly.
+
+    The modules are visited in the order transformers' own ``initialize_weights`` visits
+    them (children first), and each module's ``_init_weights`` runs on full-size CPU
+    stand-ins of its own parameters and buffers, drawn from torch's CPU generator; each
+    rank keeps its slice. Every rank draws the same numbers, so the shards together equal
+    a single process's weights, and at most one module's full tensors (the embedding, at
+    vocab × d) exist at once.
+    """
+    import torch
+    from transformers import PreTrainedModel
+    from transformers import initialization as hf_init
+
+    def visit(module: nn.Module, owner: Any) -> None:
+        for child in module.children():
+            visit(child, child if isinstance(child, PreTrainedModel) else owner)
+        _init_module(module, owner)
+
+    with torch.no_grad(), hf_init.guard_torch_init_functions():
+        visit(model, model)
+
+
+def _init_module(module: nn.Module, owner: Any) -> None:
+    import torch
+
+    params = dict(module.named_parameters(recurse=False))
+    buffers = {k: b for k, b in module.named_buffers(recurse=False) if b is not None}
+    if not params and not buffers:
+        return
+    full = {
+        name: torch.empty(t.shape, dtype=t.dtype)  # a DTensor's shape is the global one
+        for name, t in {**params, **buffers}.items()
+    }
+    for name in params:
+        module._parameters[name] = torch.nn.Parameter(full[name], requires_grad=False)
+    for name in buffers:
+        module._buffers[name] = full[name]
+    try:
+        owner._init_weights(module)
+    finally:
+        module._parameters.update(params)
+        module._buffers.update(buffers)
+    for name, target in {**params, **buffers}.items():
+        _keep_slice(target, full[name])
+
+
+def _keep_slice(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy ``full`` into ``target``, or this rank's slice of it into a sharded ``target``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        # src_data_rank=None: every rank holds the same ``full``; slice locally, no traffic
+        mine = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(mine.to_local())
+    else:
+        target.copy_(full)
 
 
 def _vocab_size(tokenizer_dir: Path | None) -> int:
@@ -295,6 +393,27 @@ class TextBuilder:
     ) -> BuiltModel:
         return build_model(
             ws, m, data.tokenizer_dir, device, seq_len=data.seq_len, trust_pickle=trust_pickle
+        )
+
+    def build_sharded(
+        self,
+        ws: Workspace,
+        m: ModelConfig,
+        data: TrainingData,
+        device: torch.device,
+        shard: Callable[[nn.Module], None],
+        *,
+        trust_pickle: bool = False,
+    ) -> BuiltModel:
+        """The model split by ``shard`` (FSDP2) as it is built: see :func:`build_on_meta`."""
+        return build_model(
+            ws,
+            m,
+            data.tokenizer_dir,
+            device,
+            seq_len=data.seq_len,
+            trust_pickle=trust_pickle,
+            shard=shard,
         )
 
     def make_objective(
