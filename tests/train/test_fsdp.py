@@ -148,6 +148,8 @@ def test_the_export_is_the_trained_model_in_hugging_face_layout(scenario: Scenar
         names = sorted(p.name for p in exported.iterdir())
     assert {"config.json", "model.safetensors", "genloop.json", "tokenizer.json"} <= set(names)
     assert type(model).__name__ == "LlamaForCausalLM"
+    # written as save_pretrained writes it: the tied lm_head is the embedding, stored once
+    assert "lm_head.weight" not in load_file(str(exported / "model.safetensors"))
     ids = torch.arange(16).reshape(1, 16)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -178,7 +180,7 @@ BUILD = textwrap.dedent(
     import torch
 
     from genloop.train import distributed
-    from genloop.train.text import build_on_meta
+    from genloop.train.text import build_on_meta, load_sharded
 
     dist = distributed.setup("cpu")
     torch.manual_seed(7)
@@ -187,18 +189,29 @@ BUILD = textwrap.dedent(
     # no rank holds more than its half of the embedding
     local = model.model.embed_tokens.weight.to_local().shape[0]
     assert local == 150, local
-    out = Path(sys.argv[1]) if dist.is_main else None
-    distributed.export_sharded(model, out, family="causal_lm", tokenizer_dir=None)
+    out = Path(sys.argv[1])
+    distributed.export_sharded(
+        model, out if dist.is_main else None, family="causal_lm", tokenizer_dir=None
+    )
     draw = torch.rand(4)  # the generator is where one process leaves it, too
+    distributed.barrier(dist)
+    # read back as a base model: each rank reads its slices of model.safetensors
+    base = load_sharded(out, dist.device, distributed.shard)
+    assert base is not None and distributed.is_sharded(base)
+    assert base.model.embed_tokens.weight.to_local().shape[0] == 150
+    again = out.with_name("again")
+    distributed.export_sharded(
+        base, again if dist.is_main else None, family="causal_lm", tokenizer_dir=None
+    )
     if dist.is_main:
-        torch.save(draw, Path(sys.argv[1]) / "draw.pt")
+        torch.save(draw, out / "draw.pt")
     distributed.teardown(dist)
     """
 )
 MODEL = {"preset": "tiny", "vocab_size": 300, "n_layer": 2, "n_embd": 32, "n_head": 2}
 
 
-def test_a_model_built_sharded_starts_from_the_weights_one_process_builds(
+def test_a_model_built_sharded_starts_from_the_weights_one_process_builds_and_reloads(
     tmp_path: Path,
 ) -> None:
     from genloop.models.family import get_family
@@ -217,6 +230,12 @@ def test_a_model_built_sharded_starts_from_the_weights_one_process_builds(
     for k in want:
         assert torch.equal(got[k], want[k]), k  # equal, not close
     assert torch.equal(torch.load(tmp_path / "out" / "draw.pt"), draw)
+    # a base model read back shard by shard holds exactly the weights written
+    reread = load_file(str(tmp_path / "again" / "model.safetensors"))
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert reread.keys() == written.keys() and "lm_head.weight" not in written  # tied
+    for k in written:
+        assert torch.equal(reread[k], written[k]), k
     # and they are transformers' own initialisation: normal(0, 0.02) matrices, unit norms
     std = float(want["model.layers.0.mlp.up_proj.weight"].std())
     assert 0.018 < std < 0.022, std

@@ -284,12 +284,7 @@ def _state(
     optim: Any = get_optimizer_state_dict(
         model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True)
     )
-    # a tied weight (lm_head = the embedding) is one parameter under two names: kept once
-    first: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        tied.update({name: first[id(p)]} if id(p) in first else {})
-        first.setdefault(id(p), name)
+    tied = _tied(model)
     tensors = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor) and k not in tied}
     extras: dict[str, Any] = {}
     for k, v in optim.items():
@@ -298,6 +293,18 @@ def _state(
         else:
             extras[k] = v
     return tensors, tied, extras
+
+
+def _tied(model: nn.Module) -> dict[str, str]:
+    """Tied weights (lm_head = the embedding: one parameter under two names): each later
+    name → the first one, which alone is saved (as ``save_pretrained`` does)."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        first.setdefault(id(p), name)
+    return tied
 
 
 def load_sharded_state(
@@ -383,12 +390,12 @@ def write_full_weights(model: nn.Module, out: Path | None) -> None:
     from torch.distributed.tensor import DTensor
 
     model = unwrap(model)
-    named: list[tuple[str, torch.Tensor]] = []
-    seen: set[int] = set()
-    for name, t in model.state_dict().items():
-        if id(t) not in seen and isinstance(t, torch.Tensor):
-            seen.add(id(t))
-            named.append((name, t))
+    tied = _tied(model)
+    named = [
+        (k, t)
+        for k, t in model.state_dict().items()
+        if isinstance(t, torch.Tensor) and k not in tied
+    ]
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, t in named:

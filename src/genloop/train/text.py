@@ -23,6 +23,7 @@ from genloop.train.families import BuiltModel, TrainingData, base_model_dir, wro
 if TYPE_CHECKING:
     import torch
     from torch import nn
+    from transformers import PreTrainedModel
 
     from genloop.config import ModelConfig, TrainConfig
     from genloop.train.objectives import Objective
@@ -67,6 +68,10 @@ def build_model(
 
         base_dir, parent = base_model_dir(ws, m.base_model)
         load_in_4bit = m.lora is not None and m.lora.load_in_4bit
+        if shard is not None:
+            sharded = load_sharded(base_dir, device, shard)
+            if sharded is not None:
+                return BuiltModel(sharded, sharded.config.to_dict(), parent)
         model = load_pretrained(
             base_dir, device=device, load_in_4bit=load_in_4bit, trust_pickle=trust_pickle
         )
@@ -80,8 +85,7 @@ def build_model(
                 dropout=m.lora.dropout,
                 target_modules=m.lora.target_modules,
             )
-        if shard is not None:
-            # the base is read whole on each rank, then sharded (see docs/training.md)
+        if shard is not None:  # a base load_sharded can't slice: read whole, then sharded
             shard(model)
         return BuiltModel(model, model.config.to_dict(), parent)
     vocab = _vocab_size(tokenizer_dir)
@@ -136,7 +140,72 @@ def build_on_meta(
     return model
 
 
-def initialize(model: nn.Module) -> None:
+def load_sharded(
+    base_dir: Path, device: torch.device, shard: Callable[[nn.Module], None]
+) -> PreTrainedModel | None:
+    """A pretrained checkpoint, each rank reading only its slices of the safetensors files.
+
+    The model is built on the meta device from ``config.json``, sharded, allocated, and
+    each weight filled from ``safe_open(...).get_slice`` with the rows this rank keeps, so
+    no rank reads or holds the whole model; buffers that checkpoints leave out (rotary
+    frequencies) are computed as transformers computes them. None when the directory
+    can't be read that way (pickle weights, a quantized variant, names transformers
+    converts on load): the caller then loads it whole.
+    """
+    import torch
+    import transformers
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    from genloop.models.pretrained import inspect_checkpoint, variant_format
+    from genloop.security.safe_load import check_safetensors
+
+    info = inspect_checkpoint(base_dir)
+    if info.weight_format != "safetensors" or variant_format(info.path) != "torch":
+        return None
+    files = [p for p in info.weights if p.suffix == ".safetensors"]
+    check_safetensors(files)
+    where: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            where.update(dict.fromkeys(f.keys(), path))
+    config = transformers.AutoConfig.from_pretrained(
+        info.path, local_files_only=True, trust_remote_code=False
+    )
+    with torch.device("meta"):
+        model: Any = getattr(transformers, info.architecture)._from_config(config)
+    names = [n for n, _ in model.named_parameters()]  # a tied weight once, by its first name
+    if [n for n in names if n not in where]:
+        return None
+    shard(model)
+    model.to_empty(device=device)
+    model.tie_weights()
+    initialize(model, buffers_only=True)
+    params = dict(model.named_parameters())
+    for path in files:
+        with safe_open(str(path), framework="pt") as f, torch.no_grad():
+            for name in [n for n in names if where[n] == path]:
+                target = params[name]
+                local = target.to_local() if isinstance(target, DTensor) else target
+                local.copy_(f.get_slice(name)[_local_slices(target)])
+    return model.eval()  # type: ignore[no-any-return]
+
+
+def _local_slices(target: torch.Tensor) -> tuple[slice, ...]:
+    """Where this rank's part of ``target`` sits in the full tensor (all of it if plain)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(target, DTensor):
+        return tuple(slice(0, n) for n in target.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        target.shape, target.device_mesh, target.placements
+    )
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+def initialize(model: nn.Module, *, buffers_only: bool = False) -> None:
     """Initialise a transformers model's (possibly FSDP2-sharded) weights in place, exactly.
 
     The modules are visited in the order transformers' own ``initialize_weights`` visits
@@ -144,7 +213,8 @@ def initialize(model: nn.Module) -> None:
     stand-ins of its own parameters and buffers, drawn from torch's CPU generator; each
     rank keeps its slice. Every rank draws the same numbers, so the shards together equal
     a single process's weights, and at most one module's full tensors (the embedding, at
-    vocab × d) exist at once.
+    vocab × d) exist at once. ``buffers_only``: only modules without parameters (rotary
+    frequencies; no random draws), for weights about to be loaded.
     """
     import torch
     from transformers import PreTrainedModel
@@ -153,7 +223,8 @@ def initialize(model: nn.Module) -> None:
     def visit(module: nn.Module, owner: Any) -> None:
         for child in module.children():
             visit(child, child if isinstance(child, PreTrainedModel) else owner)
-        _init_module(module, owner)
+        if not (buffers_only and any(True for _ in module.parameters(recurse=False))):
+            _init_module(module, owner)
 
     with torch.no_grad(), hf_init.guard_torch_init_functions():
         visit(model, model)
