@@ -24,8 +24,9 @@ FSDP2 never holds the whole model on one rank, from the first step to the export
   checkpoint of another model size is refused naming the tensor and both shapes. Whole
   checkpoints (one process, DDP) still load under FSDP2 (:func:`load_full_state_dict`,
   :func:`load_full_optimizer_state_dict`).
-- **export**: :func:`export_sharded` writes the Hugging Face directory on rank 0,
-  gathering one tensor at a time (peak: a rank's shard plus the largest single tensor).
+- **export**: :func:`export_sharded` writes a causal LM's Hugging Face directory on rank
+  0, gathering one tensor at a time (peak: a rank's shard plus the largest single
+  tensor); other families still gather a whole copy on rank 0 (:func:`gathered_model`).
 
 FSDP2 works on CPUs too (gloo), which is how the tests exercise it.
 
@@ -196,6 +197,36 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(unwrap(model), FSDPModule)
+
+
+def _on_rank0() -> bool:
+    import torch.distributed as td
+
+    return not td.is_initialized() or td.get_rank() == 0
+
+
+def _gather_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's complete weights as CPU tensors on rank 0, ``{}`` on other ranks.
+
+    Collective under FSDP2 (every rank must call it: the shards are gathered to rank 0).
+    """
+    import torch
+
+    model = unwrap(model)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        gathered: Any = get_model_state_dict(model, options=_gather_options())
+        return {k: v for k, v in gathered.items() if isinstance(v, torch.Tensor)}
+    if not _on_rank0():
+        return {}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def load_full_state_dict(
@@ -484,6 +515,52 @@ def export_sharded(
     for source in _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []:
         shutil.copyfile(source, out / source.name)
     (out / GENLOOP_JSON).write_text(json.dumps({"family": family}, indent=2, sort_keys=True) + "\n")
+
+
+def gathered_model(model: nn.Module) -> nn.Module | None:
+    """The model to export: itself, or under FSDP2 a plain CPU copy with the full weights
+    on rank 0 (``None`` on other ranks). Collective under FSDP2.
+
+    For families whose export is not a transformers directory (image families): the whole
+    model is gathered on rank 0. Text models use :func:`export_sharded` instead.
+    """
+    plain = unwrap(model)
+    if not is_sharded(plain):
+        return plain
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+
+    state = full_state_dict(plain)
+    if not _on_rank0():
+        return None
+    # fully_shard swapped the class for FSDP<Class>; rebuild the original class empty
+    cls: Any = next(c for c in type(plain).__mro__ if not issubclass(c, FSDPModule))
+    config = getattr(plain, "config", None)
+    if config is None:
+        raise GenloopError(
+            f"cannot export an FSDP2-sharded {cls.__name__}: it has no config to rebuild it "
+            "from; train it with train.strategy 'ddp'"
+        )
+    with torch.device("meta"):
+        copy: nn.Module = cls(config)
+    missing, unexpected = copy.load_state_dict(state, strict=False, assign=True)
+    # buffers FSDP2 does not shard and state dicts leave out (rotary frequencies, say)
+    for name, buf in plain.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        target = copy.get_submodule(owner)
+        current = getattr(target, leaf, None)
+        if current is not None and current.is_meta:
+            target._buffers[leaf] = buf.detach().cpu().clone()
+    tie = getattr(copy, "tie_weights", None)
+    if callable(tie):
+        tie()
+    left = [n for n, p in copy.named_parameters() if p.is_meta]
+    if unexpected or left:
+        raise GenloopError(
+            f"gathering the sharded model lost weights (missing {left[:3] or missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    return copy.eval()
 
 
 def broadcast(value: T, dist: Dist) -> T:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STREAMED_EXPORT = ("causal_lm",)  # FSDP2 exports these without gathering the whole model
 ProgressFn = Callable[[int, int, dict[str, float]], None]  # (step, max_steps, last metrics)
 EvalFn = Callable[[int, dict[str, float]], None]  # (step, metrics incl. val_loss)
 
@@ -177,7 +178,7 @@ def train(
         try:
             state = resume_state(ws, run_id, s, tracker) if resuming else TrainState()
             result = fit(ws, t, s, dist, tracker, run_id, state, progress, on_eval)
-            if register and distributed.is_sharded(s.raw_model):
+            if register and distributed.is_sharded(s.raw_model) and s.family in STREAMED_EXPORT:
                 # FSDP2: rank 0 writes the Hugging Face files one gathered tensor at a
                 # time (collective), then registers them
                 with ws.store.scratch() if dist.is_main else nullcontext(None) as tmp:
@@ -187,8 +188,11 @@ def train(
                     )
                     if out is not None:
                         result.model = finish(ws, cfg, s, name, run_id, result, saved=out)
-            elif dist.is_main and register:
-                result.model = finish(ws, cfg, s, name, run_id, result)
+            elif register:
+                # other families under FSDP2 gather a plain copy on rank 0 (collective)
+                export = distributed.gathered_model(s.raw_model)
+                if dist.is_main:
+                    result.model = finish(ws, cfg, s, name, run_id, result, export)
             if tracker is not None:
                 tracker.set_status("completed", summary=result.metrics)
             return result
