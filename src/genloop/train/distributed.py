@@ -50,6 +50,7 @@ import os
 import shutil
 import signal
 import threading
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -367,7 +368,9 @@ def load_sharded_state(
     reader = HuggingFaceStorageReader(str(shards))
     saved = reader.read_metadata().state_dict_metadata
     _check_fits(tensors, {k: tuple(getattr(m, "size", ())) for k, m in saved.items()}, source)
-    load(tensors, storage_reader=reader, no_dist=not td.is_initialized())
+    with warnings.catch_warnings():  # alone, DCP warns that it reads in one process
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        load(tensors, storage_reader=reader, no_dist=not td.is_initialized())
     weights: Any = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
     weights |= {k: tensors[kept] for k, kept in tied.items()}
     optim: Any = {
