@@ -89,6 +89,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     shutil.copytree(home, root / "one")
     shutil.copytree(home, root / "two")
     shutil.copytree(home, root / "bigger")
+    shutil.copytree(home, root / "tampered")
 
     with Workspace.open(root / "one") as ws:  # the same global batch in one process
         one = train(ws, ref_config(), model_name="f", resume=run.id)
@@ -170,6 +171,23 @@ def test_a_checkpoint_of_another_size_is_refused_naming_the_tensor(scenario: Sce
     assert "model.embed_tokens.weight: checkpoint [300, 32], model [300, 48]" in message, message
 
 
+def test_a_damaged_shard_is_refused_by_the_manifest(scenario: Scenario) -> None:
+    from genloop.train import checkpoint as ckpt
+    from genloop.train.loop import train
+    from genloop.workspace import Workspace
+
+    with Workspace.open(scenario.root / "tampered") as ws:
+        [(step, key)] = ckpt.list_checkpoints(ws.store, scenario.run_id)
+        assert step == 3
+        shard = sorted((ws.store.path(key) / "shards").iterdir())[-1]
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF  # one bit of rank 1's last tensor
+        shard.write_bytes(bytes(data))
+        assert ckpt.load_latest(ws.store, scenario.run_id) is None
+        with pytest.raises(GenloopError, match="none of them verifies"):
+            train(ws, ref_config(), model_name="f", resume=scenario.run_id)
+
+
 # the weights a model starts from: 2 FSDP2 ranks (built on meta, each initialising its
 # shard) write them with export_sharded; one process builds them whole
 BUILD = textwrap.dedent(
@@ -186,9 +204,9 @@ BUILD = textwrap.dedent(
     torch.manual_seed(7)
     model = build_on_meta(CONFIG, dist.device, distributed.shard)
     assert distributed.is_sharded(model)
-    # no rank holds more than its half of the embedding
+    # no rank holds more than its part of the embedding (301 rows: 151 and 150)
     local = model.model.embed_tokens.weight.to_local().shape[0]
-    assert local == 150, local
+    assert local == 151 - dist.rank, local
     out = Path(sys.argv[1])
     distributed.export_sharded(
         model, out if dist.is_main else None, family="causal_lm", tokenizer_dir=None
@@ -198,7 +216,7 @@ BUILD = textwrap.dedent(
     # read back as a base model: each rank reads its slices of model.safetensors
     base = load_sharded(out, dist.device, distributed.shard)
     assert base is not None and distributed.is_sharded(base)
-    assert base.model.embed_tokens.weight.to_local().shape[0] == 150
+    assert base.model.embed_tokens.weight.to_local().shape[0] == 151 - dist.rank
     again = out.with_name("again")
     distributed.export_sharded(
         base, again if dist.is_main else None, family="causal_lm", tokenizer_dir=None
@@ -208,7 +226,7 @@ BUILD = textwrap.dedent(
     distributed.teardown(dist)
     """
 )
-MODEL = {"preset": "tiny", "vocab_size": 300, "n_layer": 2, "n_embd": 32, "n_head": 2}
+MODEL = {"preset": "tiny", "vocab_size": 301, "n_layer": 2, "n_embd": 32, "n_head": 2}
 
 
 def test_a_model_built_sharded_starts_from_the_weights_one_process_builds_and_reloads(
