@@ -451,7 +451,7 @@ def write_full_weights(model: nn.Module, out: Path | None) -> None:
             full = t.full_tensor() if isinstance(t, DTensor) else t  # all-gather: one tensor
             if stream is not None:
                 data = full.detach().cpu().contiguous()
-                stream.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+                stream.write(data.reshape(-1).view(torch.uint8).numpy().data)  # no copy
             del full
     finally:
         if stream is not None:

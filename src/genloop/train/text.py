@@ -68,7 +68,7 @@ def build_model(
 
         base_dir, parent = base_model_dir(ws, m.base_model)
         load_in_4bit = m.lora is not None and m.lora.load_in_4bit
-        if shard is not None:
+        if shard is not None and m.lora is None:  # (FSDP2 refuses LoRA: shard() says so)
             sharded = load_sharded(base_dir, device, shard)
             if sharded is not None:
                 return BuiltModel(sharded, sharded.config.to_dict(), parent)
@@ -105,9 +105,9 @@ def build_model(
     model_config = {"preset": m.preset or "tiny", "vocab_size": vocab, **overrides, **special}
     if m.family == "causal_lm":
         return BuiltModel(build_on_meta(model_config, device, shard), model_config, None)
-    if shard is not None:
-        raise GenloopError(f"the {m.family} family is not built sharded; build it whole")
     built: nn.Module = family.build(model_config).to(device)
+    if shard is not None:  # seq2seq: built whole, then sharded
+        shard(built)
     return BuiltModel(built, model_config, None)
 
 
@@ -150,7 +150,7 @@ def load_sharded(
     no rank reads or holds the whole model; buffers that checkpoints leave out (rotary
     frequencies) are computed as transformers computes them. None when the directory
     can't be read that way (pickle weights, a quantized variant, names transformers
-    converts on load): the caller then loads it whole.
+    converts on load, saved buffers): the caller then loads it whole.
     """
     import torch
     import transformers
@@ -176,6 +176,18 @@ def load_sharded(
         model: Any = getattr(transformers, info.architecture)._from_config(config)
     names = [n for n, _ in model.named_parameters()]  # a tied weight once, by its first name
     if [n for n in names if n not in where]:
+        return None
+    # buffers are computed, not read: decline models with saved buffers, or buffers beside
+    # weights in one module (initialize(buffers_only=True) reaches neither)
+    if set(model.state_dict()) - {n for n, _ in model.named_parameters(remove_duplicate=False)}:
+        return None
+    mixed = [
+        m
+        for m in model.modules()
+        if next(m.buffers(recurse=False), None) is not None
+        and next(m.parameters(recurse=False), None) is not None
+    ]
+    if mixed:
         return None
     shard(model)
     model.to_empty(device=device)
