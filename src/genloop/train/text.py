@@ -72,6 +72,7 @@ def build_model(
             sharded = load_sharded(base_dir, device, shard)
             if sharded is not None:
                 return BuiltModel(sharded, sharded.config.to_dict(), parent)
+            log.info("%s can't be read in slices; each rank reads it whole", base_dir)
         model = load_pretrained(
             base_dir, device=device, load_in_4bit=load_in_4bit, trust_pickle=trust_pickle
         )
