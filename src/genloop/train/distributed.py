@@ -251,8 +251,8 @@ def load_full_state_dict(
 def load_full_optimizer_state_dict(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
-    """Load an optimizer state dict in torch's own format (as saved by
-    :func:`full_optimizer_state_dict`); every rank passes the same ``state``."""
+    """Load an optimizer state dict in torch's own format (a whole checkpoint's, keyed by
+    parameter index); every rank passes the same ``state``."""
     model = unwrap(model)
     if not is_sharded(model):
         optimizer.load_state_dict(state)
