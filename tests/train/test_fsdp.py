@@ -5,12 +5,13 @@ One module-scoped scenario (torchrun, 2 gloo CPU ranks; each start imports torch
 - ``ref``: one process, batch 2B, 6 steps, uninterrupted (in this process);
 - phase A: 2 × FSDP2, batch B per rank; rank 1 SIGKILLs itself after the step-3
   checkpoint, which is sharded (one safetensors file per rank);
-- the workspace is copied twice and the run resumed from step 3 in each copy: by one
-  process (batch 2B) and by 2 × FSDP2 again. Both must go on exactly as ``ref`` did.
+- the workspace is copied and the run resumed from step 3 in each copy: by one process
+  (batch 2B) and by 2 × FSDP2 again. Both must go on exactly as ``ref`` did. Other
+  copies: resumed with a wider model (refused, naming the tensor and both shapes), and
+  with a damaged shard (refused by the manifest).
 
 Separately: a model built sharded on the meta device starts from the very weights one
-process builds with the same seed, and a checkpoint of another model size is refused
-naming the tensor and both shapes.
+process builds with the same seed, and reads back as a base model slice by slice.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Scenario:
     ref_history: list[float]
     run_id: str  # phase A's run, resumed in each copy
     phase_a: subprocess.CompletedProcess[str]
-    one_process: list[float]  # losses of steps 4..6 resumed by one process
+    one_process: list[float]  # the losses of the run one process resumed (steps 1..6)
     two_ranks: subprocess.CompletedProcess[str]
 
 
