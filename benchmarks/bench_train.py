@@ -28,6 +28,9 @@ tokens/s over the device's bf16 dense peak (``genloop.models.presets.flops_per_t
 
     python benchmarks/bench_train.py [--quick] [--preset tiny] [--steps N] [--batch-size B]
                                      [--seq-len T] [--device auto|cpu|cuda] [--compile]
+
+``--fsdp`` measures something else: the weights + optimizer memory per rank of FSDP2 on 2
+CPU ranks next to one process (``benchmarks/_fsdp_memory.py``, which documents its flags).
 """
 
 from __future__ import annotations
@@ -464,4 +467,9 @@ def compare_losses(sides: list[Side]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--fsdp" in sys.argv[1:]:  # memory per rank, FSDP2 next to one process
+        from _fsdp_memory import main as fsdp_memory
+
+        fsdp_memory([a for a in sys.argv[1:] if a != "--fsdp"])
+    else:
+        main()

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STREAMED_EXPORT = ("causal_lm",)  # FSDP2 exports these without gathering the whole model
 ProgressFn = Callable[[int, int, dict[str, float]], None]  # (step, max_steps, last metrics)
 EvalFn = Callable[[int, dict[str, float]], None]  # (step, metrics incl. val_loss)
 
@@ -177,10 +178,21 @@ def train(
         try:
             state = resume_state(ws, run_id, s, tracker) if resuming else TrainState()
             result = fit(ws, t, s, dist, tracker, run_id, state, progress, on_eval)
-            # the weights to export (collective: FSDP2 gathers a plain copy on rank 0)
-            export = distributed.gathered_model(s.raw_model) if register else None
-            if dist.is_main and register:
-                result.model = finish(ws, cfg, s, name, run_id, result, export)
+            if register and distributed.is_sharded(s.raw_model) and s.family in STREAMED_EXPORT:
+                # FSDP2: rank 0 writes the Hugging Face files one gathered tensor at a
+                # time (collective), then registers them
+                with ws.store.scratch() if dist.is_main else nullcontext(None) as tmp:
+                    out = None if tmp is None else tmp / "model"
+                    distributed.export_sharded(
+                        s.raw_model, out, family=s.family, tokenizer_dir=s.tokenizer_dir
+                    )
+                    if out is not None:
+                        result.model = finish(ws, cfg, s, name, run_id, result, saved=out)
+            elif register:
+                # other families under FSDP2 gather a plain copy on rank 0 (collective)
+                export = distributed.gathered_model(s.raw_model)
+                if dist.is_main:
+                    result.model = finish(ws, cfg, s, name, run_id, result, export)
             if tracker is not None:
                 tracker.set_status("completed", summary=result.metrics)
             return result
@@ -242,9 +254,18 @@ def setup(
     # 2. the model (from scratch, sized by the data, or from model.base_model) and
     # 3. the objective (train.objective on this data): the family's builder makes both
     builder = get_builder(m.family)
-    raw_model, model_config, parent = builder.build_model(
-        ws, m, data, dist.device, trust_pickle=trust_pickle
-    )
+    build_sharded = getattr(builder, "build_sharded", None)
+    if dist.enabled and t.strategy == "fsdp" and build_sharded is not None and t.objective != "dpo":
+        # FSDP2 from the start: built on the meta device, sharded, then each rank
+        # allocates and initialises (or loads) its own shard (text.build_on_meta); other
+        # families, and DPO (whose reference is a frozen copy), are built whole, then sharded
+        raw_model, model_config, parent = build_sharded(
+            ws, m, data, dist.device, distributed.shard, trust_pickle=trust_pickle
+        )
+    else:
+        raw_model, model_config, parent = builder.build_model(
+            ws, m, data, dist.device, trust_pickle=trust_pickle
+        )
     objective = builder.make_objective(t, data, raw_model, dist.device)
 
     # 4. the optimizer: AdamW, no weight decay on norms and biases (1-D parameters); made
@@ -418,10 +439,11 @@ def fit(
         ):
             if tracker is not None:
                 tracker.flush()  # the series up to this step is in the catalog before it
-            # full state dicts on rank 0 (collective: FSDP2 gathers the shards)
-            model_state = distributed.full_state_dict(s.raw_model)
-            optimizer_state = distributed.full_optimizer_state_dict(s.raw_model, s.optimizer)
-            if dist.is_main:
+            if distributed.is_sharded(s.raw_model):  # each rank writes its shard
+                ckpt.save_sharded(
+                    ws.store, run_id, state.step, s.raw_model, s.optimizer, asdict(state), dist
+                )
+            elif dist.is_main:
                 ckpt.save_checkpoint(
                     ws.store,
                     run_id,
@@ -429,9 +451,8 @@ def fit(
                     s.raw_model,
                     s.optimizer,
                     asdict(state),
-                    model_state=model_state,
-                    optimizer_state=optimizer_state,
                 )
+            if dist.is_main:
                 ckpt.prune_checkpoints(ws.store, run_id, t.keep_last, {state.best_step})
             distributed.barrier(dist)
         if state.stopped_early:
@@ -498,9 +519,12 @@ def finish(
     run_id: str,
     result: TrainResult,
     model: nn.Module | None = None,
+    *,
+    saved: Path | None = None,
 ) -> ModelVersionInfo:
     """Save the trained model (``model``, else ``s.raw_model``) in Hugging Face layout and
-    register it as a version."""
+    register it as a version; ``saved``: a model directory already written (FSDP2's
+    export, ``distributed.export_sharded``) to register as it is."""
     from genloop.models.family import get_family
     from genloop.workspace import registry
 
@@ -510,8 +534,9 @@ def finish(
 
         model = merge_lora(model)  # the exported model is a plain checkpoint
     with ws.store.scratch() as tmp:
-        out = tmp / "model"
-        get_family(s.family).save(model, out, tokenizer_dir=s.tokenizer_dir)
+        out = tmp / "model" if saved is None else saved
+        if saved is None:
+            get_family(s.family).save(model, out, tokenizer_dir=s.tokenizer_dir)
         return registry.register_model(
             ws,
             name,
