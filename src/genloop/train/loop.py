@@ -270,9 +270,10 @@ def setup(
 
 # train.compile: auto compiles runs at least this long, and only on a GPU. Measured on a
 # CPU (benchmarks/bench_train.py, tiny preset, 2-core AMD EPYC with AVX512-BF16, one torch
-# thread, process CPU time): compiled steps were 1.01× eager ones in fp32, as matrix
-# products take 72% of a step and compiling only fuses the rest, while the warm-up took
-# about 65 s, so on a CPU it does not pay for itself (train.compile: true still compiles).
+# thread, process CPU time): compiled steps were 1.01-1.06× eager ones in fp32 (matrix
+# products take 72% of a step; compiling only fuses the rest), while the warm-up took 13 s
+# with inductor's on-disk cache warm and 65 s cold: 200 to 1,000+ steps to pay it back,
+# too late for a short CPU run (train.compile: true still compiles).
 # On a GPU, fusing the elementwise work and cutting kernel launches usually pays within a
 # few hundred steps; the threshold leaves short runs (tests, smoke runs) eager.
 COMPILE_AUTO_MIN_STEPS = 1000
