@@ -792,7 +792,12 @@ class TrainConfig(BaseModel):
         description="auto: bf16 autocast on a GPU that supports it or a CPU with "
         "AVX512-BF16/AMX, else fp32.",
     )
-    compile: bool = Field(False, description="torch.compile the model.")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the model (falls back to eager if compiling fails). "
+        "auto: for a single-process causal_lm lm run of at least 1000 steps on a GPU, where "
+        "the warm-up pays for itself; on a CPU it does not (see docs/training.md).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="How to shard under torchrun: DDP, or FSDP2 for large models."
