@@ -43,6 +43,4 @@ def get_run(
     ),
 ) -> dict[str, Any]:
     wanted = [k.strip() for k in keys.split(",")] if keys else None
-    return runs.run_details(
-        get_state(request).ws, run_id, wanted, max_points, with_time=with_time
-    )
+    return runs.run_details(get_state(request).ws, run_id, wanted, max_points, with_time=with_time)
