@@ -723,6 +723,8 @@ def test_runs_overlay_smoothing_diff_and_pipeline_stages(page: Any, server: Live
     assert train.get_by_text("cached").is_visible()
     assert train.get_by_role("link", name="tiny@2").get_attribute("href") == "#models"
     assert "…" in train.inner_text() and "{" not in stages.inner_text()  # short, not JSON
+    assert stages.get_by_role("link", name="ui-corpus@1").get_attribute("href") == "#data"
+    assert "null" not in page.locator("#run-detail").inner_text()
     page.get_by_text("Config", exact=True).click()
     config = page.locator("#run-config")
     assert config.is_visible() and '"stages"' in config.inner_text()

@@ -231,7 +231,7 @@ async function show(detail, runId) {
     ];
     const stages = run.summary?.stages && typeof run.summary.stages === "object" ? stagesTable(detail, run.summary.stages) : null;
     const heading = h("h3", { id: "run-title", tabindex: "-1" }, `Run ${run.name || run.id}`);
-    detail.replaceChildren(
+    const parts = [
       heading,
       h("p", {}, h("span", { class: `badge ${run.status}` }, run.status), ` ${run.kind} · ${when(run.started_at)}`),
       h("p", { class: "error", hidden: !run.error }, run.error || ""),
@@ -241,7 +241,8 @@ async function show(detail, runId) {
       h("h4", {}, "Lineage"),
       h("dl", { class: "pairs" }, lineage.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v ?? "–")])),
       h("details", { class: "config" }, h("summary", {}, "Config"), h("pre", { id: "run-config", tabindex: "0" }, JSON.stringify(run.config, null, 2))),
-    );
+    ];
+    detail.replaceChildren(...parts.filter(Boolean));
     heading.focus();
   } catch (err) {
     failed(detail, err, () => show(detail, runId));
@@ -252,10 +253,11 @@ function runLink(detail, id) {
   return h("button", { type: "button", class: "link", title: id, onclick: () => show(detail, id) }, id.slice(0, 8));
 }
 
-// A value of a stage's outputs, short: a model ref links to Models, a run id opens the run.
-function output(detail, value) {
+// A value of a stage's outputs, short: a NAME@VERSION ref links to Data (a dataset) or
+// Models, a run id opens the run, anything long is cut (in full on hover).
+function output(detail, key, value) {
   const text = typeof value === "object" && value !== null ? JSON.stringify(value) : String(value);
-  if (MODEL_REF.test(text)) return h("a", { href: "#models" }, text);
+  if (MODEL_REF.test(text)) return h("a", { href: key.includes("dataset") ? "#data" : "#models" }, text);
   if (RUN_ID.test(text)) return runLink(detail, text);
   return text.length > 40 ? h("span", { title: text }, `${text.slice(0, 39)}…`) : text;
 }
@@ -274,7 +276,7 @@ function stagesTable(detail, stages) {
           h(
             "ul",
             { class: "outputs" },
-            Object.entries(r.outputs || {}).map(([k, v]) => h("li", {}, `${k}: `, output(detail, v))),
+            Object.entries(r.outputs || {}).map(([k, v]) => h("li", {}, `${k}: `, output(detail, k, v))),
           ),
       ],
       ["Note", (r) => r.note || ""],
