@@ -745,3 +745,16 @@ def test_a_view_that_fails_to_load_offers_retry(page: Any, server: LiveServer) -
     page.locator("#view-runs").get_by_role("button", name="Retry").click()
     page.wait_for_selector("#runs-table")
     assert page.locator("#view-runs [role=alert]").count() == 0
+
+
+def test_a_view_whose_code_fails_to_load_offers_retry(page: Any, server: LiveServer) -> None:
+    sign_in(page, server.keys["admin"])
+    page.route("**/monitoring.js*", lambda route: route.abort())
+    page.click("#nav a[data-view=monitoring]")
+    alert = page.locator("#view-monitoring [role=alert]")
+    alert.wait_for()
+    assert "could not be loaded" in alert.inner_text()
+    assert page.locator("#view-monitoring h2").inner_text() == "Monitoring"
+    page.unroute("**/monitoring.js*")
+    page.locator("#view-monitoring").get_by_role("button", name="Retry").click()
+    page.wait_for_selector("#mon-summary")
