@@ -196,6 +196,32 @@ def test_loss_goes_down_and_the_checkpoint_holds_the_4bit_base(
     assert weights[f"{q}.lora_B.default.weight"].abs().sum() > 0  # B starts at zero
 
 
+def test_a_checkpoint_restores_into_a_fresh_4bit_model(
+    ws: Workspace, trained: dict[str, Any]
+) -> None:
+    """What ``--resume`` does: the base is quantized again, the checkpoint's adapters and
+    optimizer state load into it, and its copy of the 4-bit base is checked, not loaded."""
+    from genloop.train.loop import make_optimizer
+
+    found = ckpt.load_latest(ws.store, trained["run_id"])
+    assert found is not None
+    model = qlora_model(ws)
+    optimizer = make_optimizer(
+        model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), device=torch.device("cpu")
+    )
+    ckpt.restore(found, model, optimizer)
+    saved = load_file(str(found.path / "model.safetensors"))
+    state = model.state_dict()
+    assert saved.keys() == state.keys()
+    assert all(torch.equal(saved[k], state[k]) for k in saved)  # adapters, base, its state
+
+    changed = dict(saved)
+    absmax = "base_model.model.model.layers.1.mlp.up_proj.weight.absmax"
+    changed[absmax] = changed[absmax] + 1  # another base, quantized: another block scale
+    with pytest.raises(GenloopError, match="differs from the base loaded now"):
+        model.load_state_dict(changed, strict=False)
+
+
 def test_the_export_is_the_trained_model_merged_into_the_dequantized_base(
     ws: Workspace, trained: dict[str, Any]
 ) -> None:

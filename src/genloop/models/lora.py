@@ -280,22 +280,44 @@ def import_bitsandbytes() -> ModuleType:
 
 
 def keep_4bit_trainable(model: nn.Module) -> int:
-    """Stop bitsandbytes repacking ``model``'s 4-bit weights for CPU inference; the count.
+    """Make ``model``'s 4-bit layers a base to train adapters on; returns how many.
 
-    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` in place the first
-    time it runs in eval mode without gradients (validation), rounding its block scales to
-    bfloat16, and every later call, training included, goes through an inference kernel
-    with no backward: the gradient stops at each 4-bit layer and the adapters below it
-    learn from a wrong one, silently. A QLoRA base is for training, so it keeps the
-    layout its gradients go through.
+    - On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` in place the
+      first time it runs in eval mode without gradients (validation), rounding its block
+      scales to bfloat16, and every later call, training included, goes through an
+      inference kernel with no backward: the gradient stops at each 4-bit layer and the
+      adapters below it learn from a wrong one, silently. That repacking is switched off.
+    - A training checkpoint holds the packed weights with their quantization state (block
+      scales, code books), which ``load_state_dict`` does not take back. On resume the base
+      is quantized again from the same weights, so the state is checked equal and dropped
+      (a different one means the base changed since the run started: an error).
     """
     bnb = import_bitsandbytes()
     count = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+        if isinstance(module, bnb.nn.Linear4bit):
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+            module.register_load_state_dict_pre_hook(_same_4bit_state)
             count += 1
     return count
+
+
+def _same_4bit_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """``load_state_dict`` hook of a frozen 4-bit layer (see ``keep_4bit_trainable``)."""
+    mine: dict[str, Any] = {}
+    module._save_to_state_dict(mine, prefix, keep_vars=False)  # weight + quantization state
+    for key, value in mine.items():
+        given = state_dict.get(key)
+        if not key.startswith(prefix + "weight") or given is None:
+            continue
+        if not torch.equal(given.to(value.device), value):
+            raise GenloopError(
+                f"the checkpoint's 4-bit {key} differs from the base loaded now: "
+                "was model.base_model changed since the run started?"
+            )
+        if key != prefix + "weight":  # the weight loads as usual; the state is this one
+            del state_dict[key]
 
 
 def _preload_bitsandbytes() -> None:
