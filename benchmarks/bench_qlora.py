@@ -13,12 +13,14 @@ with the same LoRA adapters (r 8 on the attention projections), data (the built-
   this machine), where the device runs bf16;
 - ``lora_bf16``: the bfloat16 base with bf16 autocast, where the device runs bf16.
 
-Each variant runs in a process of its own, so that its peak resident memory (``ru_maxrss``)
-is its own; ``rss_mb`` is that peak minus the process's RSS once torch, transformers, peft
-and bitsandbytes are imported (the libraries are the same for all). On a GPU the tracked
-figure is ``torch.cuda.max_memory_allocated`` instead. ``base_mb`` counts the frozen base's
-bytes as loaded for training: parameters and buffers, and for a 4-bit layer its packed
-weight plus its quantization state (block scales, code books), adapters left out.
+Each variant runs in a process of its own, so that its memory is its own. On a CPU,
+``memory_mb`` is the resident memory (RSS) at the end of the training steps, the highest
+sample, and ``peak_mb`` the process's peak (``ru_maxrss``: loading, the first step's
+allocations, the final evaluation and checkpoint included), both above the RSS once the
+libraries are imported (the same for all). On a GPU ``memory_mb`` is
+``torch.cuda.max_memory_allocated``. ``base_mb`` counts the frozen base's bytes as loaded
+for training: parameters and buffers, and for a 4-bit layer its packed weight plus its
+quantization state (block scales, code books), adapters left out.
 Seconds per step are the median over steps ``warmup+1 … N-1`` (the last one evaluates),
 from timestamps at the end of each step. The base is randomly initialized, so the losses
 only show that each variant trains, and how far NF4 moves the curve from fp32's.
@@ -101,7 +103,7 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3  # bytes on macOS, KB else
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes; KiB
 
 
 def base_bytes(model: Any) -> int:
@@ -170,19 +172,23 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         }
     )
     stamps: dict[int, float] = {}
+    resident: list[float] = []
 
     def progress(step: int, total: int, metrics: dict[str, float]) -> None:
         stamps[step] = time.perf_counter()
+        if step < total:  # the last step also evaluates and checkpoints
+            resident.append(rss_mb())
 
     ws = Workspace.open(spec["ws"])
     try:
         result = genloop_train(ws, cfg, progress=progress, register=False)
     finally:
         ws.close()
+    # CPU: resident memory at the end of the training steps, above the imports' floor
     tracked = (
         torch.cuda.max_memory_allocated() / 1e6
         if device.type == "cuda"
-        else peak_rss_mb() - idle_mb
+        else max(resident) - idle_mb
     )
     peak = peak_rss_mb()
     last, warmup = spec["steps"] - 1, spec["warmup"]
@@ -199,7 +205,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         "compute": compute_dtype(precision, device),
         "base_mb": round(base_mb, 2),
         "memory_mb": round(tracked, 1),
-        "peak_rss_mb": round(peak, 1),
+        "peak_mb": round(peak - idle_mb, 1),
         "step_s": round(step_s, 4),
         "tokens_per_s": round(spec["batch_size"] * spec["seq_len"] / step_s, 1),
         "loss": round(result.history[-1], 4),
@@ -321,15 +327,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = rows[BASELINE]
     header = (
         f"{'variant':<16}{'compute':>8}{'base MB':>10}{'×fp32':>7}{'mem MB':>9}{'×fp32':>7}"
-        f"{'s/step':>9}{'×fp32':>7}{'tok/s':>8}{'loss':>8}"
+        f"{'peak MB':>9}{'s/step':>9}{'×fp32':>7}{'tok/s':>8}{'loss':>8}"
     )
-    print(f"device: {base['device']}; mem = peak RSS above the imports (CPU) or CUDA peak")
+    what = "CUDA peak allocated" if base["device"].startswith("cuda") else "RSS while training"
+    print(f"device: {base['device']}; mem = {what}, peak = peak RSS (MB above the imports)")
     print(header)
     for name, r in rows.items():
         ratios = [r[k] / base[k] for k in ("base_mb", "memory_mb", "step_s")]
         print(
             f"{name:<16}{r['compute']:>8}{r['base_mb']:>10.1f}{ratios[0]:>7.2f}"
-            f"{r['memory_mb']:>9.1f}{ratios[1]:>7.2f}{r['step_s']:>9.3f}{ratios[2]:>7.2f}"
+            f"{r['memory_mb']:>9.1f}{ratios[1]:>7.2f}{r['peak_mb']:>9.1f}"
+            f"{r['step_s']:>9.3f}{ratios[2]:>7.2f}"
             f"{r['tokens_per_s']:>8.0f}{r['loss']:>8.3f}"
         )
     figures: dict[str, Any] = {
@@ -345,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures |= {
             f"{name}_base_mb": r["base_mb"],
             f"{name}_memory_mb": r["memory_mb"],
+            f"{name}_peak_mb": r["peak_mb"],
             f"{name}_step_s": r["step_s"],
             f"{name}_loss": r["loss"],
         }
