@@ -27,7 +27,7 @@ from genloop.data.pairs import write_pairs_dataset
 from genloop.data.tokenizer import load_hf_tokenizer, train_bpe
 from genloop.errors import ConfigError, GenloopError
 from genloop.models.causal_lm import forward_logits
-from genloop.models.lora import check_4bit_device, import_bitsandbytes
+from genloop.models.lora import apply_lora, check_4bit_device, import_bitsandbytes, merge_lora
 from genloop.models.pretrained import load_pretrained, save_hf_dir
 from genloop.train import checkpoint as ckpt
 from genloop.workspace import Workspace, init_workspace, registry
@@ -254,6 +254,23 @@ def test_the_export_is_the_trained_model_merged_into_the_dequantized_base(
     assert torch.allclose(got, expected, atol=1e-4)
     # … which is not the full-precision base plus the same update: NF4 moved the weights
     assert not torch.allclose(original, expected, atol=1e-3)
+
+
+def test_a_bfloat16_base_merges_back_to_bfloat16(ws: Workspace, tmp_path: Path) -> None:
+    bf16 = load_pretrained(base_dir(ws)).to(torch.bfloat16)
+    stored = save_hf_dir(bf16, tmp_path / "bf16", family="causal_lm")
+    qlora = apply_lora(load_pretrained(stored, load_in_4bit=True), r=4, alpha=8, dropout=0.0)
+    for name, param in qlora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    merged = merge_lora(qlora)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    assert not hasattr(merged.config, "quantization_config")
+    batch = {"input_ids": torch.randint(5, 300, (1, 8), generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        got = forward_logits(merged, batch).float()
+        expected = forward_logits(qlora.eval(), batch).float()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 rounding only
 
 
 def test_generate_runs_the_result(ws: Workspace, trained: dict[str, Any]) -> None:

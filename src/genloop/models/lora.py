@@ -120,7 +120,7 @@ def merge_dequantized(model: nn.Module) -> Any:
 
     The adapters were trained against the dequantized weights, not the original W₀, so this
     is the function that training optimized and validation measured. The dtype is the one
-    the base was stored in (transformers records it before quantizing), float32 if unknown.
+    the base was stored in (its config's), float32 if unknown.
     """
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -128,7 +128,9 @@ def merge_dequantized(model: nn.Module) -> Any:
     peft_model: Any = model
     inner = peft_model.get_base_model()  # the HF model, adapters inside
     config = copy.deepcopy(inner.config)
-    stored = getattr(config, "_pre_quantization_dtype", None)
+    stored = getattr(config, "_pre_quantization_dtype", None) or getattr(config, "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
     dtype = stored if isinstance(stored, torch.dtype) and stored.is_floating_point else None
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
