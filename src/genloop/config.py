@@ -485,7 +485,9 @@ class LoraConfig(BaseModel):
         "attention projections.",
     )
     load_in_4bit: bool = Field(
-        False, description="QLoRA-style 4-bit base (GPU with bitsandbytes only)."
+        False,
+        description="QLoRA: load the base in 4-bit NF4 (bitsandbytes, on a CUDA GPU or the "
+        "CPU) and train the adapters on top; the export merges them into the dequantized base.",
     )
 
 
