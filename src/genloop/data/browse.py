@@ -10,8 +10,10 @@ What the Data view shows, for each way a version stores its records:
 Paging a JSON Lines split reads lines up to ``offset + limit`` (never the rest of the file);
 a record's long strings are cut at :data:`MAX_FIELD` characters with ``truncated`` set, so
 one page stays small whatever the data. Files are found from the catalog's artifact key and
-a split name checked against the ones present, never from a path in a request, and an
-image is read only after its file's digest matches the artifact's manifest.
+a split name checked against the ones present, never from a path in a request, and the
+files of an image split are read only after their digests match the artifact's manifest
+(checked once per file version). Text splits are read as they are, unverified: hashing a
+multi-gigabyte split to show twenty lines would cost more than the page is worth.
 """
 
 from __future__ import annotations
@@ -78,13 +80,6 @@ def _split(found: dict[str, Any], split: str | None, ref: str) -> str:
     return split
 
 
-def _image_count(path: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="np") as f:
-        return int(f.get_slice("images").get_shape()[0])
-
-
 def read_records(
     ws: Workspace, info: DatasetVersionInfo, split: str | None, offset: int, limit: int
 ) -> dict[str, Any]:
@@ -103,11 +98,7 @@ def read_records(
     splits = info.stats.get("splits")
     known = splits.get(chosen) if isinstance(splits, dict) else None
     if found["storage"] == "images":
-        directory = root / "images" / chosen
-        count = _image_count(directory / "images.safetensors")
-        captions = _captions(directory)
-        classes = json.loads((directory / "classes.json").read_text("utf-8"))
-        labels = _labels(directory, offset, min(count, offset + limit))
+        count, captions, classes, labels = _image_page(root, chosen, offset, limit, info.ref)
         page["data"] = [
             {
                 "index": i,
@@ -120,7 +111,7 @@ def read_records(
         return page
     path = root / found["storage"] / f"{chosen}.jsonl"
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:  # bad bytes: shown as U+FFFD
         lines = (line for line in f if line.strip())
         for n, line in enumerate(islice(lines, offset, offset + limit + 1)):
             if n == limit:
@@ -138,19 +129,28 @@ def read_records(
     return page
 
 
-def _captions(directory: Path) -> list[str] | None:
-    path = directory / "captions.json"
-    if not path.is_file():
-        return None
-    captions = json.loads(path.read_text("utf-8"))
-    return [str(c) for c in captions] if isinstance(captions, list) else None
+def _image_page(
+    root: Path, split: str, offset: int, limit: int, ref: str
+) -> tuple[int, list[str] | None, list[Any], list[int]]:
+    """(image count, captions, class names, labels of the page) of an image split, read
+    from files whose digests match the manifest."""
+    from safetensors import SafetensorError, safe_open
 
-
-def _labels(directory: Path, start: int, stop: int) -> list[int]:
-    from safetensors import safe_open
-
-    with safe_open(str(directory / "images.safetensors"), framework="np") as f:
-        return [int(x) for x in f.get_slice("labels")[start:stop]]
+    rel = f"images/{split}"
+    try:
+        tensors = _verified(root, f"{rel}/images.safetensors")
+        classes = json.loads(_verified(root, f"{rel}/classes.json").read_text("utf-8"))
+        captions = None
+        if (root / rel / "captions.json").is_file():
+            captions = json.loads(_verified(root, f"{rel}/captions.json").read_text("utf-8"))
+        with safe_open(str(tensors), framework="np") as f:
+            count = int(f.get_slice("images").get_shape()[0])
+            labels = [int(x) for x in f.get_slice("labels")[offset : min(count, offset + limit)]]
+    except (OSError, ValueError, SafetensorError) as e:
+        raise IntegrityError(f"{ref}: unreadable image split {split} ({e})") from e
+    if not isinstance(classes, list) or (captions is not None and not isinstance(captions, list)):
+        raise IntegrityError(f"{ref}: not a genloop image dataset (classes or captions)")
+    return count, [str(c) for c in captions] if captions else None, classes, labels
 
 
 def _verified(root: Path, rel: str) -> Path:
@@ -175,7 +175,7 @@ def image_png(ws: Workspace, info: DatasetVersionInfo, split: str, index: int) -
     """Image ``index`` of a split as PNG bytes, at most THUMBNAIL pixels on a side."""
     import numpy as np
     from PIL import Image
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     root = ws.store.path(info.artifact)
     found = layout(root)
@@ -183,12 +183,15 @@ def image_png(ws: Workspace, info: DatasetVersionInfo, split: str, index: int) -
         raise NotFoundError(f"dataset {info.ref} holds no images")
     chosen = _split(found, split, info.ref)
     path = _verified(root, f"images/{chosen}/images.safetensors")
-    with safe_open(str(path), framework="np") as f:
-        images = f.get_slice("images")
-        count = int(images.get_shape()[0])
-        if index >= count:
-            raise NotFoundError(f"dataset {info.ref} split {chosen} has {count} images")
-        pixels = np.asarray(images[index : index + 1])[0]  # (C, H, W) uint8
+    try:
+        with safe_open(str(path), framework="np") as f:
+            images = f.get_slice("images")
+            count = int(images.get_shape()[0])
+            if index >= count:
+                raise NotFoundError(f"dataset {info.ref} split {chosen} has {count} images")
+            pixels = np.asarray(images[index : index + 1])[0]  # (C, H, W) uint8
+    except (OSError, ValueError, SafetensorError) as e:
+        raise IntegrityError(f"{info.ref}: unreadable image split {chosen} ({e})") from e
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[0] not in (1, 3):
         raise IntegrityError(f"{info.ref}: not a genloop image dataset (unexpected tensors)")
     image = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))

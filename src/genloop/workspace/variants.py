@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from genloop.errors import IntegrityError
 from genloop.evaluate.store import list_evaluations
 from genloop.workspace import registry
 from genloop.workspace.manifest import MANIFEST, read_manifest
@@ -28,7 +29,7 @@ PERPLEXITY = ("perplexity", "val_ppl", "ppl")  # first found wins, evaluations b
 LATENCY = ("latency_ms_p50", "latency_ms")
 DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F64": "fp64", "I8": "int8", "U8": "int8"}
 MAX_HEADER = 16 * 1024 * 1024  # a safetensors header larger than this is not read
-_CACHE: dict[tuple[str, int], tuple[int, int, str | None]] = {}  # (key, mtime) → facts
+_CACHE: dict[tuple[str, int], tuple[int | None, int, str | None]] = {}  # (key, mtime) → facts
 _CACHE_MAX = 4096
 
 
@@ -55,18 +56,25 @@ def _header_format(path: Path) -> str | None:
     return DTYPES.get(top, top.lower())
 
 
-def _artifact_facts(ws: Workspace, key: str) -> tuple[int, int, str | None]:
-    """(bytes, files, format from the files) of a published artifact; cached per manifest."""
+def _artifact_facts(ws: Workspace, key: str) -> tuple[int | None, int, str | None]:
+    """(bytes, files, format from the files) of a published artifact; cached per manifest.
+
+    ``None`` bytes: no readable manifest (a missing or damaged artifact), which loading the
+    version reports by name; one broken version does not hide the others.
+    """
     root = ws.store.path(key)
     manifest = root / MANIFEST
     try:
         stamp = manifest.stat().st_mtime_ns
     except OSError:
-        return 0, 0, None
+        return None, 0, None
     cached = _CACHE.get((key, stamp))
     if cached is not None:
         return cached
-    names = sorted(read_manifest(root))
+    try:
+        names = sorted(read_manifest(root))
+    except IntegrityError:
+        return None, 0, None
     total = 0
     for name in names:
         try:
@@ -83,7 +91,7 @@ def _artifact_facts(ws: Workspace, key: str) -> tuple[int, int, str | None]:
         # the main weights first: model.safetensors, then diffusers' unet/ or transformer/
         weights.sort(key=lambda n: (n.count("/"), "unet" not in n, n))
         fmt = _header_format(root / weights[0]) if weights else None
-    facts = (total, len(names), fmt)
+    facts: tuple[int | None, int, str | None] = (total, len(names), fmt)
     if len(_CACHE) >= _CACHE_MAX:
         _CACHE.clear()
     _CACHE[(key, stamp)] = facts
