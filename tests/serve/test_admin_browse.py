@@ -59,6 +59,13 @@ def _add_datasets(ws: Workspace) -> None:
 
     register_dataset_version(ws, "toks", "h-toks", tokens, stats={"tokens": 10})
 
+    def rows(d: Path) -> None:
+        (d / "pairs").mkdir()
+        row = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+        (d / "pairs" / "train.jsonl").write_text(json.dumps(row) + "\n")
+
+    register_dataset_version(ws, "prefs", "h-prefs", rows, kind="dpo")
+
 
 @pytest.fixture(scope="module")
 def ws(
@@ -143,6 +150,18 @@ def test_text_records_page_through_a_split(admin: httpx.Client) -> None:
     assert missing.status_code == 404 and "no split 'test'" in missing.json()["error"]["message"]
     assert admin.get(base, params={"split": "../docs"}).status_code == 400
     assert admin.get(base, params={"limit": 101}).status_code == 400
+
+
+def test_rows_datasets_page_their_rows_whole(admin: httpx.Client) -> None:
+    page = admin.get("/v1/admin/datasets/prefs/1/records").json()
+    assert page["kind"] == "dpo" and page["storage"] == "pairs" and page["splits"] == ["train"]
+    assert page["data"] == [
+        {
+            "index": 0,
+            "record": {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+            "truncated": False,
+        }
+    ]
 
 
 def test_token_only_dataset_says_what_is_stored(admin: httpx.Client) -> None:

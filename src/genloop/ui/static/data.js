@@ -122,7 +122,7 @@ async function browse(box, base, info, split, offset) {
   const list =
     page.storage === "images"
       ? h("ul", { class: "thumbs", id: "records-list" }, page.data.map((r) => thumb(base, page.split, r)))
-      : h("ol", { class: "records", id: "records-list", start: String(offset + 1) }, page.data.map(recordItem));
+      : h("ol", { class: "records", id: "records-list", start: String(offset + 1) }, page.data.map((r) => recordItem(page.storage, r)));
   box.replaceChildren(
     title,
     h(
@@ -137,11 +137,17 @@ async function browse(box, base, info, split, offset) {
   );
 }
 
-// A record as escaped, preformatted text (textContent, never HTML); long ones fold.
-function recordItem(r) {
+// A record as escaped, preformatted text (textContent, never HTML); long ones fold. A
+// document (docs/) shows its text under its id and label; a row (pairs/) shows as JSON,
+// since every field of it matters (prompt and response, chosen and rejected, text and label).
+function recordItem(storage, r) {
   const rec = r.record;
-  const text = typeof rec === "string" ? rec : typeof rec?.text === "string" && Object.keys(rec).length <= 4 ? rec.text : JSON.stringify(rec, null, 2);
+  const isDoc = storage === "docs" && typeof rec?.text === "string";
+  const text = typeof rec === "string" ? rec : isDoc ? rec.text : JSON.stringify(rec, null, 2);
   const item = h("li", { "data-index": r.index });
+  if (isDoc && (rec.id || rec.label !== null && rec.label !== undefined)) {
+    item.append(h("p", { class: "help record-id" }, [rec.id, rec.label !== null && rec.label !== undefined ? `label ${rec.label}` : null].filter(Boolean).join(" · ")));
+  }
   const pre = h("pre", {});
   pre.textContent = text.length > FOLD ? `${text.slice(0, FOLD)}…` : text;
   item.append(pre);
