@@ -174,7 +174,9 @@ function thumb(base, split, r) {
   fetch(`${base}/images/${encodeURIComponent(split)}/${r.index}`, { headers: { Authorization: `Bearer ${getKey() ?? ""}` } })
     .then((res) => (res.ok ? res.blob() : Promise.reject(new Error(`image ${r.index}: ${res.status}`))))
     .then((blob) => {
-      img.src = URL.createObjectURL(blob);
+      const url = URL.createObjectURL(blob);
+      img.addEventListener("load", () => URL.revokeObjectURL(url), { once: true }); // drawn: free it
+      img.src = url;
     })
     .catch((err) => img.replaceWith(h("p", { class: "error" }, err.message)));
   return figure;
