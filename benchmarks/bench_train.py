@@ -3,17 +3,27 @@
 Both train the same model (the same preset, built by the same function from the same seed,
 so the same initial weights) on the same data (the same token windows in the same order),
 with the same batch, steps, learning rate, warmup, cosine decay to ``min_lr``, AdamW
-betas, weight decay and gradient clipping, in this one process:
+betas, weight decay and gradient clipping, in this one process, AT THE SAME PRECISION:
+
+- fp32 vs fp32, always: genloop with ``train.precision: fp32`` against the Trainer's
+  default (fp32);
+- bf16 vs bf16 where the machine runs bf16 natively (a GPU that supports it, a CPU with
+  AVX512-BF16 or AMX: what ``train.precision: auto`` picks): genloop with
+  ``train.precision: bf16`` (autocast) against the Trainer with ``bf16=True``.
 
 - genloop: the real ``genloop.train.loop.train`` on a temporary workspace (dataset version,
-  run tracking, metrics, checkpoint at the end; model registration off), with the
-  precision its ``auto`` rule picks on this machine.
+  run tracking, metrics, checkpoint at the end; model registration off), compiled or not
+  as ``train.compile: auto`` would for a long run (``--compile``: on on a GPU, off on a
+  CPU; auto itself leaves runs shorter than ``COMPILE_AUTO_MIN_STEPS`` eager).
 - Trainer: ``transformers.Trainer`` with default ``TrainingArguments`` apart from those
-  hyperparameters (fp32, its default fused AdamW, no evaluation, no saving,
+  hyperparameters (its default fused AdamW, no evaluation, no saving,
   ``report_to="none"``), fed the same windows in the same order through an
   ``IterableDataset`` (``shift_labels`` = genloop's targets, so both compute the loss on the
-  same next tokens). When genloop trains in bf16 on this machine, the Trainer is also run
-  with ``bf16=True`` and reported as ``hf_trainer_bf16_tokens_per_s``.
+  same next tokens).
+
+When genloop compiles, it also trains once more eagerly in fp32, to put a figure on
+torch.compile's warm-up: the extra seconds of its first step (setup to the end of step 1,
+compiled minus eager) and the steps after which the faster steps have paid them back.
 
 The data is the built-in ``python-stdlib`` corpus (the first few MB; less with ``--quick``),
 prepared by ``prepare_dataset``: byte-level BPE, packed into token shards.
@@ -27,7 +37,11 @@ effect on the loss curve can be checked. On a GPU, MFU = (6N + 12·L·H·Q·T) F
 tokens/s over the device's bf16 dense peak (``genloop.models.presets.flops_per_token``).
 
     python benchmarks/bench_train.py [--quick] [--preset tiny] [--steps N] [--batch-size B]
-                                     [--seq-len T] [--device auto|cpu|cuda] [--compile]
+                                     [--seq-len T] [--device auto|cpu|cuda]
+                                     [--compile on|off|auto] [--no-bf16] [--no-eager]
+
+``--fsdp`` measures something else: the weights + optimizer memory per rank of FSDP2 on 2
+CPU ranks next to one process (``benchmarks/_fsdp_memory.py``, which documents its flags).
 """
 
 from __future__ import annotations
@@ -67,6 +81,11 @@ BF16_PEAK_TFLOPS = {
     "RTX 3090": 71.0,
 }
 TARGET_RATIO_CPU = 1.5
+COMPILE = {"on": True, "off": False, "auto": "auto"}  # --compile → train.compile
+# What a step's time is read from (--clock): wall-clock seconds, or the process's CPU
+# seconds, which with --threads 1 hardly move when others load a shared machine
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = CLOCKS["wall"]
 
 
 @dataclass
@@ -78,6 +97,7 @@ class Side:
     step_seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     tokens_per_step: int = 0
+    first_step_s: float = 0.0  # from the call that starts training to the end of step 1
 
     @property
     def tokens_per_s(self) -> float:
@@ -109,7 +129,9 @@ def write_corpus(out: Path, limit_mb: float) -> float:
     return total / 1e6
 
 
-def make_config(args: argparse.Namespace, corpus: Path, precision: str) -> Any:
+def make_config(
+    args: argparse.Namespace, corpus: Path, precision: str, compile_: str | None = None
+) -> Any:
     from genloop.config import parse_config
 
     return parse_config(
@@ -135,7 +157,7 @@ def make_config(args: argparse.Namespace, corpus: Path, precision: str) -> Any:
                 "eval_batches": 1,
                 "checkpoint_every": args.steps,
                 "precision": precision,
-                "compile": args.compile,
+                "compile": COMPILE[compile_ or args.compile],
                 "device": args.device,
                 "seed": 0,
             },
@@ -155,11 +177,16 @@ def run_genloop(ws: Any, cfg: Any, warmup: int, name: str = "genloop") -> Side:
     dtype = compute_dtype(cfg.train.precision, pick_device(cfg.train.device))
     side = Side(name, dtype, tokens_per_step=cfg.train.batch_size * cfg.tokenizer.seq_len)
     stamps: dict[int, float] = {}
+    first: list[float] = []
 
     def progress(step: int, total: int, metrics: dict[str, float]) -> None:
-        stamps[step] = time.perf_counter()
+        stamps[step] = CLOCK()
+        if step == 1:
+            first.append(time.perf_counter())
 
+    started = time.perf_counter()
     result = genloop_train(ws, cfg, progress=progress, register=False)
+    side.first_step_s = first[0] - started
     side.losses = list(result.history)
     side.step_seconds = _durations(stamps, warmup, cfg.train.max_steps)
     return side
@@ -196,10 +223,14 @@ def run_trainer(ws: Any, cfg: Any, warmup: int, *, bf16: bool, out_dir: Path) ->
                     yield {"input_ids": ids, "labels": targets, "shift_labels": targets}
 
     stamps: dict[int, float] = {}
+    first: list[float] = []
+    started = time.perf_counter()
 
     class Stamps(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            stamps[state.global_step] = time.perf_counter()
+            stamps[state.global_step] = CLOCK()
+            if state.global_step == 1:
+                first.append(time.perf_counter())
 
     targs = TrainingArguments(
         output_dir=str(out_dir),
@@ -227,10 +258,11 @@ def run_trainer(ws: Any, cfg: Any, warmup: int, *, bf16: bool, out_dir: Path) ->
     trainer.remove_callback(PrinterCallback)  # no log line per step on stdout
     trainer.train()
     side = Side(
-        "hf_trainer_bf16" if bf16 else "hf_trainer",
+        "hf_trainer_bf16" if bf16 else "hf_trainer_fp32",
         "bf16" if bf16 else "fp32",
         tokens_per_step=t.batch_size * cfg.tokenizer.seq_len,
     )
+    side.first_step_s = first[0] - started
     side.losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
     side.step_seconds = _durations(stamps, warmup, t.max_steps)
     return side
@@ -273,7 +305,7 @@ def model_flops_per_token(cfg: Any, vocab: int) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smoke run (under a minute, 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a smoke run (a few minutes, 2 cores)")
     p.add_argument("--preset", default=None, help="tiny, small or base [tiny; base on a GPU]")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=None, help="first steps left out of the timing")
@@ -283,15 +315,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus-mb", type=float, default=None, help="MB of python-stdlib to use")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
-    p.add_argument("--compile", action="store_true", help="train.compile for genloop")
-    p.add_argument("--repeat", type=int, default=None, help="runs of each side; the best counts")
-    p.add_argument("--no-bf16-trainer", action="store_true", help="skip the Trainer bf16 run")
     p.add_argument(
-        "--fp32-check",
-        action=argparse.BooleanOptionalAction,
+        "--compile",
         default=None,
-        help="also run genloop in fp32 to check bf16's loss curve [on, off with --quick]",
+        choices=tuple(COMPILE),
+        help="train.compile for genloop [what auto picks for a long run: on on a GPU, "
+        "off on a CPU]",
     )
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=tuple(CLOCKS),
+        help="step times in wall-clock or process CPU seconds (cpu: use with --threads 1)",
+    )
+    p.add_argument("--repeat", type=int, default=None, help="runs of each side; the best counts")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 vs bf16 pair")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager run (compile's cost)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU")
     args = p.parse_args(argv)
 
@@ -307,13 +346,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "seq_len": 1024 if big else 256,
         "corpus_mb": 0.5 if quick else 4.0,
         "repeat": 1 if quick else 2,
-        "fp32_check": not quick,
+        "compile": "on" if gpu else "off",
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
     return args
 
 
@@ -325,13 +366,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from genloop.data.prepare import prepare_dataset
     from genloop.train.distributed import pick_device
+    from genloop.train.loop import compute_dtype
     from genloop.workspace import init_workspace
 
     device = pick_device(args.device)
+    bf16 = compute_dtype("auto", device) == "bf16" and not args.no_bf16
     print(
         f"bench_train: preset {args.preset}, {args.steps} steps (the first {args.warmup} and "
         f"the last untimed), batch {args.batch_size} × seq_len {args.seq_len}, {device}, "
-        f"{torch.get_num_threads()} threads, compile {args.compile}, best of {args.repeat}",
+        f"{torch.get_num_threads()} threads, {args.clock} clock, genloop train.compile "
+        f"{COMPILE[args.compile]}, precisions fp32{' and bf16' if bf16 else ''}, "
+        f"best of {args.repeat}",
         flush=True,
     )
     best: dict[str, Side] = {}
@@ -340,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mb = write_corpus(tmp / "corpus", args.corpus_mb)
         ws = init_workspace(tmp / "ws")
         try:
-            cfg = make_config(args, tmp / "corpus", "auto")
+            cfg = make_config(args, tmp / "corpus", "fp32")
             t0 = time.perf_counter()
             dataset, _ = prepare_dataset(ws, cfg.data, cfg.tokenizer)
             train_tokens = dataset.stats["splits"]["train"]["tokens"]
@@ -350,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"(vocab {vocab:,}) in {time.perf_counter() - t0:.1f} s",
                 flush=True,
             )
-            runs = plan_runs(args, ws, cfg, tmp)
+            runs = plan_runs(args, ws, tmp, bf16=bf16)
             for r in range(args.repeat):
                 # alternate the order, so neither side always runs first on a shared machine
                 for name, run in runs if r % 2 == 0 else runs[::-1]:
@@ -361,78 +406,115 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             ws.close()
 
-    genloop, hf = best["genloop"], best["hf_trainer"]
-    hf16, fp32 = best.get("hf_trainer_bf16"), best.get("genloop_fp32")
-    peak = peak_bf16_flops(device, args.peak_tflops)
-    mfu = None
-    if peak is not None:
-        mfu = model_flops_per_token(cfg, vocab) * genloop.tokens_per_s / peak
-    ratio = genloop.tokens_per_s / hf.tokens_per_s
     compare_losses(list(best.values()))
-    figures: dict[str, Any] = {
-        "tokens_per_s": round(genloop.tokens_per_s, 1),
-        "hf_trainer_tokens_per_s": round(hf.tokens_per_s, 1),
-        "ratio_vs_hf_trainer": round(ratio, 3),
-        "mfu": None if mfu is None else round(mfu, 4),
-        "hf_trainer_bf16_tokens_per_s": _tps(hf16),
-        "ratio_vs_hf_trainer_bf16": _ratio(genloop, hf16),
-        "genloop_fp32_tokens_per_s": _tps(fp32),
-        "final_loss": round(genloop.losses[-1], 4),
-        "genloop_fp32_final_loss": round(fp32.losses[-1], 4) if fp32 else None,
-        "hf_trainer_final_loss": round(hf.losses[-1], 4),
+    figures: dict[str, Any] = {}
+    ratios: dict[str, float] = {}
+    for dtype in ("fp32", "bf16"):
+        ours, hf = best.get(f"genloop_{dtype}"), best.get(f"hf_trainer_{dtype}")
+        if ours is None or hf is None:
+            continue
+        ratios[dtype] = ours.tokens_per_s / hf.tokens_per_s
+        print(
+            f"{dtype} vs {dtype}: genloop ({ours.dtype}) {ours.tokens_per_s:,.0f} tokens/s, "
+            f"Trainer ({hf.dtype}) {hf.tokens_per_s:,.0f} tokens/s: {ratios[dtype]:.2f}×"
+        )
+        figures |= {
+            f"{dtype}_tokens_per_s": round(ours.tokens_per_s, 1),
+            f"hf_trainer_{dtype}_tokens_per_s": round(hf.tokens_per_s, 1),
+            f"ratio_{dtype}": round(ratios[dtype], 3),
+            f"{dtype}_final_loss": round(ours.losses[-1], 4),
+            f"hf_trainer_{dtype}_final_loss": round(hf.losses[-1], 4),
+        }
+    figures |= compile_cost(best.get("genloop_fp32"), best.get("genloop_fp32_eager"))
+    fastest = max((s for s in best.values() if s.name.startswith("genloop")), key=_speed)
+    peak = peak_bf16_flops(device, args.peak_tflops)
+    figures["mfu"] = None
+    if peak is not None:
+        flops = model_flops_per_token(cfg, vocab) * fastest.tokens_per_s
+        figures["mfu"] = round(flops / peak, 4)
+    figures |= {
         "preset": args.preset,
         "steps": args.steps,
-        "timed_steps": len(genloop.step_seconds),
+        "timed_steps": len(fastest.step_seconds),
         "batch": args.batch_size,
         "seq_len": args.seq_len,
         "device": str(device),
-        "dtype": genloop.dtype,
-        "hf_trainer_dtype": hf.dtype,
-        "compile": args.compile,
+        "compile": COMPILE[args.compile],
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "repeat": args.repeat,
         "seconds": round(time.perf_counter() - started, 1),
     }
     if device.type == "cpu" and args.preset == "tiny":
-        verdict = "meets" if ratio >= TARGET_RATIO_CPU else "misses"
-        print(f"target ≥ {TARGET_RATIO_CPU}× Trainer on CPU for tiny: {verdict} ({ratio:.2f}×)")
+        for dtype, ratio in ratios.items():
+            verdict = "meets" if ratio >= TARGET_RATIO_CPU else "misses"
+            print(
+                f"target ≥ {TARGET_RATIO_CPU}× Trainer on CPU for tiny, {dtype} vs {dtype}: "
+                f"{verdict} ({ratio:.2f}×)"
+            )
     print(json.dumps(figures))
     return figures
 
 
 def plan_runs(
-    args: argparse.Namespace, ws: Any, cfg: Any, tmp: Path
+    args: argparse.Namespace, ws: Any, tmp: Path, *, bf16: bool
 ) -> list[tuple[str, Callable[[], Side]]]:
-    """The runs of one repeat: genloop and the Trainer, plus the bf16 and fp32 extras."""
-    from genloop.train.distributed import pick_device
-    from genloop.train.loop import compute_dtype
-
-    bf16 = compute_dtype(cfg.train.precision, pick_device(cfg.train.device)) == "bf16"
+    """The runs of one repeat: genloop and the Trainer in fp32, the same in bf16 where the
+    machine runs it natively, and genloop eager in fp32 when genloop compiles."""
+    corpus = tmp / "corpus"
+    fp32_cfg = make_config(args, corpus, "fp32")
     runs: list[tuple[str, Callable[[], Side]]] = [
-        ("genloop", lambda: run_genloop(ws, cfg, args.warmup)),
-        ("hf_trainer", lambda: run_trainer(ws, cfg, args.warmup, bf16=False, out_dir=tmp / "hf")),
+        ("genloop_fp32", lambda: run_genloop(ws, fp32_cfg, args.warmup, "genloop_fp32")),
+        (
+            "hf_trainer_fp32",
+            lambda: run_trainer(ws, fp32_cfg, args.warmup, bf16=False, out_dir=tmp / "hf"),
+        ),
     ]
-    if bf16 and not args.no_bf16_trainer:
-        runs.append(
+    if bf16:
+        bf16_cfg = make_config(args, corpus, "bf16")
+        runs += [
+            ("genloop_bf16", lambda: run_genloop(ws, bf16_cfg, args.warmup, "genloop_bf16")),
             (
                 "hf_trainer_bf16",
-                lambda: run_trainer(ws, cfg, args.warmup, bf16=True, out_dir=tmp / "hf16"),
-            )
-        )
-    if bf16 and args.fp32_check:
-        fp32_cfg = make_config(args, Path(cfg.data.sources[0].path), "fp32")
+                lambda: run_trainer(ws, bf16_cfg, args.warmup, bf16=True, out_dir=tmp / "hf16"),
+            ),
+        ]
+    if args.compile != "off" and not args.no_eager:
+        eager_cfg = make_config(args, corpus, "fp32", "off")
         runs.append(
-            ("genloop_fp32", lambda: run_genloop(ws, fp32_cfg, args.warmup, "genloop_fp32"))
+            (
+                "genloop_fp32_eager",
+                lambda: run_genloop(ws, eager_cfg, args.warmup, "genloop_fp32_eager"),
+            )
         )
     return runs
 
 
-def _tps(side: Side | None) -> float | None:
-    return None if side is None else round(side.tokens_per_s, 1)
+def compile_cost(compiled: Side | None, eager: Side | None) -> dict[str, Any]:
+    """torch.compile's warm-up against the eager run: extra seconds to the end of step 1,
+    the speed-up per step, and the steps after which it has paid for itself."""
+    if compiled is None or eager is None:
+        return {}
+    extra = compiled.first_step_s - eager.first_step_s
+    saved = statistics.median(eager.step_seconds) - statistics.median(compiled.step_seconds)
+    even = math.ceil(extra / saved) if saved > 0 else None
+    speedup = eager.tokens_per_s and compiled.tokens_per_s / eager.tokens_per_s
+    print(
+        f"torch.compile (fp32): first step {compiled.first_step_s:.1f} s vs "
+        f"{eager.first_step_s:.1f} s eager (+{extra:.1f} s warm-up); steady state "
+        f"{speedup:.2f}× eager; pays for itself after "
+        + (f"{even} steps" if even is not None else "never (no faster than eager)")
+    )
+    return {
+        "eager_fp32_tokens_per_s": round(eager.tokens_per_s, 1),
+        "compile_speedup_fp32": round(speedup, 3),
+        "compile_warmup_s": round(extra, 1),
+        "compile_break_even_steps": even,
+    }
 
 
-def _ratio(side: Side, other: Side | None) -> float | None:
-    return None if other is None else round(side.tokens_per_s / other.tokens_per_s, 3)
+def _speed(side: Side) -> float:
+    return side.tokens_per_s
 
 
 def report(side: Side) -> None:
@@ -445,11 +527,18 @@ def report(side: Side) -> None:
 
 
 def compare_losses(sides: list[Side]) -> None:
-    """bf16 against fp32, step by step: genloop's two runs, and the Trainer's two."""
+    """Loss curves step by step: bf16 against fp32 (genloop's, the Trainer's), compiled
+    against eager, and genloop against the Trainer in fp32."""
     by_name = {s.name: s for s in sides}
-    for low, high in (("genloop", "genloop_fp32"), ("hf_trainer_bf16", "hf_trainer")):
+    pairs = (
+        ("genloop_bf16", "genloop_fp32"),
+        ("hf_trainer_bf16", "hf_trainer_fp32"),
+        ("genloop_fp32", "genloop_fp32_eager"),
+        ("genloop_fp32", "hf_trainer_fp32"),
+    )
+    for low, high in pairs:
         a, b = by_name.get(low), by_name.get(high)
-        if a is None or b is None or a.dtype == b.dtype:
+        if a is None or b is None:
             continue
         gaps = [abs(x - y) for x, y in zip(a.losses, b.losses, strict=True)]
         worst = max(range(len(gaps)), key=gaps.__getitem__)
@@ -464,4 +553,9 @@ def compare_losses(sides: list[Side]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--fsdp" in sys.argv[1:]:  # memory per rank, FSDP2 next to one process
+        from _fsdp_memory import main as fsdp_memory
+
+        fsdp_memory([a for a in sys.argv[1:] if a != "--fsdp"])
+    else:
+        main()

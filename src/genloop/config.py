@@ -485,7 +485,9 @@ class LoraConfig(BaseModel):
         "attention projections.",
     )
     load_in_4bit: bool = Field(
-        False, description="QLoRA-style 4-bit base (GPU with bitsandbytes only)."
+        False,
+        description="QLoRA: load the base in 4-bit NF4 (bitsandbytes, on a CUDA GPU or the "
+        "CPU) and train the adapters on top; the export merges them into the dequantized base.",
     )
 
 
@@ -792,7 +794,12 @@ class TrainConfig(BaseModel):
         description="auto: bf16 autocast on a GPU that supports it or a CPU with "
         "AVX512-BF16/AMX, else fp32.",
     )
-    compile: bool = Field(False, description="torch.compile the model.")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the model (falls back to eager if compiling fails). "
+        "auto: for a single-process causal_lm lm run of at least 1000 steps on a GPU, where "
+        "the warm-up pays for itself; on a CPU it does not (see docs/training.md).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="How to shard under torchrun: DDP, or FSDP2 for large models."

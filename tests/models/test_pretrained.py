@@ -88,12 +88,3 @@ def test_config_cannot_redirect_to_pickle_weights(gpt2_dir: Path) -> None:
     (gpt2_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(GenloopError, match="safetensors only"):
         load_pretrained(gpt2_dir)
-
-
-def test_4bit_without_cuda_and_bitsandbytes_explains_why(gpt2_dir: Path) -> None:
-    import importlib.util
-
-    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
-        pytest.skip("this machine can load 4-bit models")
-    with pytest.raises(GenloopError, match="needs a CUDA GPU with bitsandbytes"):
-        load_pretrained(gpt2_dir, load_in_4bit=True)

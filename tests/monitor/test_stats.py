@@ -52,3 +52,7 @@ def test_the_ui_and_the_report_show_the_same_p99(workspace: Workspace) -> None:
     assert bucket["latency_p50_ms"] == report.latency_ms["p50"]
     assert bucket["latency_p99_ms"] == report.latency_ms["p99"]
     assert bucket["latency_p99_ms"] is not None
+    # the errors split by class, and counted by status for the window (the UI's table)
+    series = monitoring_series(workspace, 1, 60, now=now)
+    assert bucket["server_errors"] == bucket["errors"] == 8 and bucket["client_errors"] == 0
+    assert series["by_status"] == {"500": 8}

@@ -4,6 +4,7 @@ privacy export/erasure, the audit log."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def test_runs_with_their_metric_series(module_ws: Workspace, admin: httpx.Client
     ).json()
     assert list(thin["metrics"]) == ["loss"] and len(thin["metrics"]["loss"]) == 10
     assert thin["metrics"]["loss"][-1] == [50, 0.2]
+    timed = admin.get(
+        f"/v1/admin/runs/{tracker.run_id}", params={"keys": "loss", "with_time": "true"}
+    ).json()["metrics"]["loss"]
+    assert [p[:2] for p in timed] == run["metrics"]["loss"]
+    times = [p[2] for p in timed]
+    assert times == sorted(times) and abs(times[-1] - time.time()) < 600
     assert admin.get("/v1/admin/runs/nope").status_code == 404
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
 LONG_TOKENS = 3000  # the stop test's request: far longer than the test lets it run
 PHONE = {"width": 390, "height": 844}
+WIDE_SCREEN = {"width": 1280, "height": 900}
 # the elements sticking out on the right (outside scrollable tables): a failure's culprits
 WIDE = """() => [...document.querySelectorAll('body *')]
   .filter(e => e.getBoundingClientRect().right > innerWidth + 2 && !e.closest('.table-wrap'))
@@ -76,6 +78,92 @@ def _add_run(ws: Workspace) -> str:
     return run_id
 
 
+def _add_run_pair(ws: Workspace) -> None:
+    """Two training runs to compare: different lr, loss logged every 30 s for 20 steps."""
+    from datetime import UTC, datetime, timedelta
+
+    from genloop.workspace.tables import Run, RunMetric
+
+    start = datetime.now(UTC) - timedelta(hours=2)
+    with ws.catalog.session() as s:
+        for name, lr, scale in [("ui-run-a", 0.001, 4.0), ("ui-run-b", 0.01, 3.0)]:
+            run_id = uuid.uuid4().hex
+            config = {"train": {"lr": lr, "steps": 20, "batch_size": 8}, "seed": 0}
+            s.add(Run(id=run_id, name=name, kind="train", status="completed", config=config))
+            s.flush()
+            for step in range(1, 21):
+                at = start + timedelta(seconds=30 * step)
+                loss = scale / step**0.5 + (0.05 if step % 2 else -0.05)  # a noisy curve
+                s.add(RunMetric(run_id=run_id, key="loss", step=step, value=loss, at=at))
+
+
+def _add_pipeline_run(ws: Workspace) -> None:
+    """A pipeline run whose summary holds its stages, as genloop.pipeline records them."""
+    from genloop.workspace.tables import Run
+
+    stages = {
+        "data": {
+            "status": "completed",
+            "input_hash": "d" * 64,
+            "outputs": {"dataset": "ui-corpus@1", "dataset_version_id": 1},
+            "seconds": 1.234,
+            "note": "",
+        },
+        "train": {
+            "status": "cached",
+            "input_hash": "t" * 64,
+            "outputs": {"model": "tiny@2", "run_id": "ab" * 16, "dir": "/x/" + "y" * 80},
+            "seconds": 0.01,
+            "note": "same inputs as an earlier run",
+        },
+    }
+    with ws.catalog.session() as s:
+        s.add(
+            Run(
+                id=uuid.uuid4().hex,
+                name="ui-pipeline",
+                kind="pipeline",
+                status="completed",
+                config={"pipeline": {"name": "ui-pipeline", "stages": ["data", "train"]}},
+                summary={"stages": stages},
+            )
+        )
+
+
+def _add_traffic(ws: Workspace) -> None:
+    """Logged requests over the last hour: mostly answered, some 404/500, some refused."""
+    from datetime import UTC, datetime, timedelta
+
+    from genloop.monitor.usage import RequestRecord, record_requests
+
+    now = datetime.now(UTC)
+    records = [
+        RequestRecord(
+            request_id=f"ui-traffic-{i}",
+            endpoint="completions",
+            model_name="tiny",
+            latency_ms=20.0 + 3 * (i % 9),
+            status=500 if i % 11 == 5 else 200,
+            created_at=now - timedelta(minutes=58) + timedelta(minutes=2 * i),
+        )
+        for i in range(29)
+    ]
+    records += [
+        RequestRecord(
+            request_id=f"ui-refused-{i}",
+            endpoint="/v1/completions",
+            model_name="",
+            status=401,
+            rejected=True,
+            method="POST",
+            reason="unauthorized",
+            created_at=now - timedelta(minutes=40 - i),
+        )
+        for i in range(3)
+    ]
+    record_requests(ws, None, records, store_text=False)
+
+
 def _add_dataset(ws: Workspace) -> None:
     from genloop.workspace.datasets import register_dataset_version
 
@@ -108,6 +196,9 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     t2i = tiny_text_to_image(tmp_path_factory.mktemp("ui-t2i"))
     registry.register_model(workspace, "shapes", "text_to_image", t2i)
     _add_run(workspace)
+    _add_run_pair(workspace)
+    _add_pipeline_run(workspace)
+    _add_traffic(workspace)
     _add_dataset(workspace)
     raise_alert(workspace, "drift", "prompt length drifted (psi 0.31)", source="tiny@1")
     record_series(workspace, "tiny", {"psi_prompt_length": 0.05})
@@ -149,7 +240,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def page(browser: Any, server: LiveServer) -> Iterator[Any]:
-    context = browser.new_context(base_url=server.url, viewport={"width": 1200, "height": 900})
+    context = browser.new_context(base_url=server.url, viewport=WIDE_SCREEN)
     context.set_default_timeout(20_000)
     pg = context.new_page()
     errors: list[str] = []
@@ -158,6 +249,11 @@ def page(browser: Any, server: LiveServer) -> Iterator[Any]:
     yield pg
     context.close()
     assert not errors, f"JavaScript errors: {errors}"
+
+
+def chart_series(figure: Any) -> list[str]:
+    """The names of the series the uPlot instance behind a chart figure draws."""
+    return figure.evaluate("f => f.uplot.series.slice(1).map(s => s.label)")
 
 
 def shot(page: Any, name: str) -> None:
@@ -344,13 +440,15 @@ def test_a_runs_loss_and_throughput_charts(page: Any, server: LiveServer) -> Non
     page.click("#nav a[data-view=runs]")
     page.get_by_role("button", name="ui-train").click()
     page.wait_for_selector("#run-title")
-    loss = page.locator("figure.chart", has_text="Loss")
-    assert loss.locator("svg path[data-series=loss]").is_visible()
-    assert loss.locator("svg path[data-series=val_loss]").count() == 1
-    label = loss.locator("svg").get_attribute("aria-label")
+    loss = page.locator("figure.chart[data-drawn]", has_text="Loss")
+    loss.wait_for()
+    assert loss.locator("canvas").is_visible()
+    assert chart_series(loss) == ["loss", "val_loss"]
+    label = loss.locator(".plot").get_attribute("aria-label")
     assert "loss: 40 points" in label and "val_loss: 4 points" in label
-    assert page.locator("figure.chart", has_text="Throughput").locator("svg").is_visible()
-    assert page.locator("#run-detail").get_by_text('"lr": 0.003').count() == 1
+    assert page.locator("figure.chart[data-drawn]", has_text="Throughput").is_visible()
+    page.get_by_text("Config", exact=True).click()
+    assert page.locator("#run-config").get_by_text('"lr": 0.003').count() == 1
     shot(page, "run-chart")
 
 
@@ -387,8 +485,8 @@ def test_monitoring_series_and_view(page: Any, server: LiveServer) -> None:
     sign_in(page, server.keys["admin"])
     page.click("#nav a[data-view=monitoring]")
     page.wait_for_selector("#mon-summary")
-    assert page.locator("figure.chart", has_text="Latency percentiles").locator("svg").is_visible()
-    assert page.locator("figure.chart", has_text="Drift: tiny").locator("svg").is_visible()
+    assert page.locator("figure.chart[data-drawn]", has_text="Latency percentiles").is_visible()
+    assert page.locator("figure.chart[data-drawn]", has_text="Drift: tiny").is_visible()
     alerts = page.locator("#alerts-table")
     assert alerts.get_by_text("prompt length drifted").is_visible()
     alerts.get_by_role("button", name="Resolve").click()
@@ -449,3 +547,214 @@ def test_promote_and_roll_back_a_model_version(
     page.get_by_role("button", name="Roll back").click()
     page.locator("#notice").get_by_text("back at version 1").wait_for()
     assert registry.resolve(ws, "tiny@production").version == 1
+
+
+# --------------------------------------------------------------------------- charts (uPlot)
+
+# uPlot draws axes on a canvas: record every text it draws with its box in canvas pixels
+# (measureText's bounding box around the alignment point), per canvas, since its last clear.
+CANVAS_PROBE = """(() => {
+  const P = CanvasRenderingContext2D.prototype, fill = P.fillText, clear = P.clearRect;
+  P.clearRect = function (x, y, w, h) {
+    const c = this.canvas;
+    if (x === 0 && y === 0 && w >= c.width && h >= c.height) c.texts = [];
+    return clear.call(this, x, y, w, h);
+  };
+  P.fillText = function (text, x, y, ...rest) {
+    const t = this.getTransform(), m = this.measureText(text);
+    if (t.b === 0 && t.c === 0) {  // rotated text (the y axis' title) is left out
+      const X = t.a * x + t.e, Y = t.d * y + t.f;
+      (this.canvas.texts ||= []).push({
+        text: String(text), align: this.textAlign, baseline: this.textBaseline, x: X,
+        left: X - m.actualBoundingBoxLeft, right: X + m.actualBoundingBoxRight,
+        top: Y - m.actualBoundingBoxAscent, bottom: Y + m.actualBoundingBoxDescent,
+      });
+    }
+    return fill.call(this, text, x, y, ...rest);
+  };
+})()"""
+DRAWN_TEXTS = """f => { const c = f.querySelector('canvas');
+  return {width: c.width, height: c.height, texts: c.texts || [],
+          xLabel: f.uplot.axes[0].label}; }"""
+
+
+def axis_texts(figure: Any) -> tuple[list[str], list[str]]:
+    """A drawn chart's x tick labels (lines of one tick joined) and y tick labels, after
+    checking that every text lies wholly inside the canvas (none clipped)."""
+    drawn = figure.evaluate(DRAWN_TEXTS)
+    assert drawn["texts"], "nothing was drawn on the chart's canvas"
+    for t in drawn["texts"]:
+        inside = (
+            t["left"] >= 0
+            and t["top"] >= 0
+            and t["right"] <= drawn["width"]
+            and t["bottom"] <= drawn["height"]
+        )
+        assert inside, f"{t['text']!r} is cut off: {t} outside {drawn['width']}x{drawn['height']}"
+    ticks: dict[float, list[str]] = {}
+    for t in drawn["texts"]:
+        if t["align"] == "center" and t["baseline"] == "top" and t["text"] != drawn["xLabel"]:
+            ticks.setdefault(round(t["x"]), []).append(t["text"])
+    xs = [" ".join(parts) for _, parts in sorted(ticks.items())]
+    ys = [t["text"] for t in drawn["texts"] if t["align"] == "right"]
+    return xs, ys
+
+
+def _window(summary: str) -> tuple[Any, Any]:
+    from datetime import datetime
+
+    found = re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d) UTC", summary)
+    assert len(found) == 2, summary
+    since, until = (datetime.strptime(f, "%Y-%m-%d %H:%M") for f in found)
+    return since, until
+
+
+def test_time_axes_are_utc_distinct_and_never_clipped(browser: Any, server: LiveServer) -> None:
+    from datetime import timedelta
+
+    # a browser far from UTC: an axis in the browser's zone would disagree with the header
+    context = browser.new_context(
+        base_url=server.url, viewport=WIDE_SCREEN, timezone_id="America/New_York"
+    )
+    context.add_init_script(CANVAS_PROBE)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        sign_in(page, server.keys["admin"])
+        page.click("#nav a[data-view=monitoring]")
+        page.wait_for_selector("#mon-summary")
+        page.select_option("#mon-window", "1:5")
+        page.get_by_text("in buckets of 5 min").wait_for()
+        since, until = _window(page.locator("#mon-summary").inner_text())
+        assert until - since == timedelta(hours=1)
+        for width in (WIDE_SCREEN["width"], PHONE["width"]):
+            page.set_viewport_size({"width": width, "height": 900})
+            for title in ("Request rate", "Latency percentiles", "Errors by class", "Drift: tiny"):
+                figure = page.locator("figure.chart[data-drawn]", has_text=title)
+                page.wait_for_function(
+                    "([f, w]) => f.uplot.width === Math.floor(f.querySelector('.plot').clientWidth)"
+                    " && f.querySelector('canvas').texts?.length",
+                    arg=[figure.element_handle(), width],
+                )
+                xs, ys = axis_texts(figure)
+                assert figure.evaluate("f => f.uplot.axes[0].label") == "time (UTC)"
+                assert len(xs) >= 2 and len(set(xs)) == len(xs), f"{title}: x labels {xs}"
+                assert len(set(ys)) == len(ys) >= 2, f"{title}: y labels {ys}"
+                # the axis names the same hours as the header (both UTC)
+                for label in xs:
+                    hm = re.match(r"^(\d\d):(\d\d)", label)
+                    if hm is None:
+                        continue
+                    at = since.replace(hour=int(hm[1]), minute=int(hm[2]))
+                    if at < since - timedelta(minutes=30):
+                        at += timedelta(days=1)
+                    assert since - timedelta(minutes=30) <= at <= until + timedelta(minutes=30), (
+                        f"{title}: tick {label} is outside the window {since}–{until} UTC"
+                    )
+            shot(page, f"monitoring-hour-{width}")
+        # thirty days: one hour of traffic still gives readable, distinct labels
+        page.set_viewport_size(WIDE_SCREEN)
+        page.select_option("#mon-window", "720:720")
+        page.get_by_text("in buckets of 720 min").wait_for()
+        figure = page.locator("figure.chart[data-drawn]", has_text="Request rate")
+        drawn = "f => f.querySelector('canvas').texts?.length"
+        page.wait_for_function(drawn, arg=figure.element_handle())
+        xs, _ = axis_texts(figure)
+        assert len(xs) >= 2 and len(set(xs)) == len(xs), xs
+        # a chart with nothing to draw says so in words, not an empty frame
+        empty = page.evaluate(
+            "async () => (await import('./charts.js')).chart('Request rate', [],"
+            " {empty: 'No requests in this window.'}).outerHTML"
+        )
+        assert "No requests in this window." in empty and "canvas" not in empty
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def test_runs_overlay_smoothing_diff_and_pipeline_stages(page: Any, server: LiveServer) -> None:
+    sign_in(page, server.keys["admin"])
+    page.click("#nav a[data-view=runs]")
+    page.get_by_label("Compare ui-run-a").check()
+    assert "one more" in page.locator("#runs-compare").inner_text()
+    page.get_by_label("Compare ui-run-b").check()
+    figure = page.locator("#cmp-chart figure.chart[data-drawn]")
+    figure.wait_for()
+    assert chart_series(figure) == ["ui-run-a", "ui-run-b"]
+    assert "ui-run-a" in figure.locator(".u-legend").inner_text()
+
+    def wiggle() -> float:  # how much run a's curve bends back and forth: |second difference|
+        ys = figure.evaluate("f => f.uplot.data[1]")
+        return sum(abs(c - 2 * b + a) for a, b, c in zip(ys, ys[1:], ys[2:], strict=False))
+
+    raw = wiggle()
+    page.locator("#cmp-smooth").evaluate(
+        "e => { e.value = '0.9'; e.dispatchEvent(new Event('input')); }"
+    )
+    assert page.locator("#cmp-smooth-value").inner_text() == "0.9"
+    figure = page.locator("#cmp-chart figure.chart[data-drawn]")
+    figure.wait_for()
+    assert wiggle() < raw / 2
+    page.select_option("#cmp-x", "time")
+    figure = page.locator("#cmp-chart figure.chart[data-drawn]")
+    figure.wait_for()
+    xs = figure.evaluate("f => f.uplot.data[0]")
+    assert xs[0] == 0 and xs[-1] == pytest.approx(9.5)  # 19 steps, 30 s apart, in minutes
+    diff = page.locator("#runs-diff")
+    lr = diff.locator("tr", has=page.get_by_text("train.lr", exact=True))
+    assert lr.locator("td").all_inner_texts()[2:] == ["0.001000", "0.01000"]
+    assert diff.get_by_text("train.steps").count() == 0  # the same in both: not a difference
+    assert diff.locator("tr", has=page.get_by_text("loss", exact=True)).count() == 1
+    shot(page, "runs-compare")
+    page.set_viewport_size(PHONE)
+    page.wait_for_function("f => f.uplot.width < 390", arg=figure.element_handle())
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], page.evaluate(
+        WIDE
+    )
+    shot(page, "phone-runs-compare")
+
+    page.set_viewport_size(WIDE_SCREEN)
+    page.get_by_role("button", name="ui-pipeline").click()
+    stages = page.locator("#run-stages")
+    stages.wait_for()
+    assert stages.locator("tbody tr").count() == 2
+    train = stages.locator("tr", has=page.get_by_role("cell", name="train", exact=True))
+    assert train.get_by_text("cached").is_visible()
+    assert train.get_by_role("link", name="tiny@2").get_attribute("href") == "#models"
+    assert "…" in train.inner_text() and "{" not in stages.inner_text()  # short, not JSON
+    assert stages.get_by_role("link", name="ui-corpus@1").get_attribute("href") == "#data"
+    assert "null" not in page.locator("#run-detail").inner_text()
+    page.get_by_text("Config", exact=True).click()
+    config = page.locator("#run-config")
+    assert config.is_visible() and '"stages"' in config.inner_text()
+    box, main = config.bounding_box(), page.locator("main").bounding_box()
+    assert box["x"] + box["width"] <= main["x"] + main["width"]
+    shot(page, "run-pipeline")
+
+
+def test_a_view_that_fails_to_load_offers_retry(page: Any, server: LiveServer) -> None:
+    sign_in(page, server.keys["admin"])
+    page.route("**/v1/admin/runs?*", lambda route: route.abort())
+    page.click("#nav a[data-view=runs]")
+    alert = page.locator("#view-runs [role=alert]")
+    alert.wait_for()
+    assert "connection" in alert.inner_text()
+    shot(page, "runs-failed")
+    page.unroute("**/v1/admin/runs?*")
+    page.locator("#view-runs").get_by_role("button", name="Retry").click()
+    page.wait_for_selector("#runs-table")
+    assert page.locator("#view-runs [role=alert]").count() == 0
+
+
+def test_a_view_whose_code_fails_to_load_offers_retry(page: Any, server: LiveServer) -> None:
+    sign_in(page, server.keys["admin"])
+    page.route("**/monitoring.js*", lambda route: route.abort())
+    page.click("#nav a[data-view=monitoring]")
+    alert = page.locator("#view-monitoring [role=alert]")
+    alert.wait_for()
+    assert "could not be loaded" in alert.inner_text()
+    assert page.locator("#view-monitoring h2").inner_text() == "Monitoring"
+    page.unroute("**/monitoring.js*")
+    page.locator("#view-monitoring").get_by_role("button", name="Retry").click()
+    page.wait_for_selector("#mon-summary")

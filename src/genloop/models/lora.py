@@ -3,16 +3,23 @@
 LoRA (Hu et al., 2021) freezes the base weight W and learns ΔW = (α/r)·B·A with
 A (r × d_in), B (d_out × r), B starting at zero so the adapted model starts equal to the
 base. QLoRA (Dettmers et al., 2023) keeps the frozen base in 4-bit NF4: load it with
-``load_pretrained(..., load_in_4bit=True)`` (CUDA and bitsandbytes only), then apply LoRA.
+``load_pretrained(..., load_in_4bit=True)`` (bitsandbytes, on a CUDA GPU or the CPU), then
+apply LoRA. The adapters learn on top of the quantized weights, so a QLoRA model is merged
+into the *dequantized* base: the exported checkpoint computes what was trained and evaluated.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
+import logging
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -40,6 +47,7 @@ def apply_lora(
 
     Returns a ``peft.PeftModel``, which takes the same batches as the model it wraps.
     """
+    _preload_bitsandbytes()  # peft imports it: do it without the network
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     if is_lora(model):
@@ -71,7 +79,11 @@ def apply_lora(
         bias="none",
     )
     if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model)  # type: ignore[no-untyped-call]
+        # norms and embeddings to float32 for stable updates; no activation checkpointing:
+        # genloop's LoRA does not recompute activations either, so QLoRA differs in one thing
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=False
+        )
     try:
         with _quiet_peft():
             return get_peft_model(model, lora_config)
@@ -93,15 +105,58 @@ def merge_lora(model: nn.Module) -> Any:
     """Fold the adapters into the base weights (W + (α/r)·B·A) and return the plain model.
 
     The result is a ``transformers.PreTrainedModel`` that saves as a standard checkpoint.
+    A 4-bit (QLoRA) base is first dequantized (``merge_dequantized``): merging into the
+    NF4 weights would round the adapters' update away.
     """
     if not is_lora(model):
         raise GenloopError("this model has no LoRA adapters to merge")
     if getattr(model, "is_loaded_in_4bit", False):
-        raise GenloopError(
-            "the base is 4-bit: merging into it would round the result to 4 bits; save the "
-            "adapters (save_adapter), load the base in full precision, load_adapter, then merge"
-        )
+        return merge_dequantized(model)
     return model.merge_and_unload()  # type: ignore[operator]
+
+
+def merge_dequantized(model: nn.Module) -> Any:
+    """A QLoRA model as a full-precision plain model, on the CPU: W = dequant(NF4(W₀)) + ΔW.
+
+    The adapters were trained against the dequantized weights, not the original W₀, so this
+    is the function that training optimized and validation measured. The dtype is the one
+    the base was stored in (its config's), float32 if unknown.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    bnb = import_bitsandbytes()
+    peft_model: Any = model
+    inner = peft_model.get_base_model()  # the HF model, adapters inside
+    config = copy.deepcopy(inner.config)
+    stored = getattr(config, "_pre_quantization_dtype", None) or getattr(config, "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    dtype = stored if isinstance(stored, torch.dtype) and stored.is_floating_point else None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = type(inner)._from_config(config, dtype=dtype or torch.float32)
+    wanted = set(plain.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for key, value in inner.state_dict().items():
+        name = key.replace(".base_layer", "")  # peft nests the adapted layer
+        if name in wanted and "lora_" not in key:
+            state[name] = value.detach().cpu()
+    for name, module in inner.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = module.weight
+            full = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+            state[name.replace(".base_layer", "") + ".weight"] = full.float().cpu()
+    plain.load_state_dict(state, strict=True)
+    adapter: str = peft_model.active_adapter
+    lora_config = copy.deepcopy(peft_model.peft_config[adapter])
+    with _quiet_peft():
+        adapted = get_peft_model(plain, lora_config, adapter_name=adapter)
+    adapters = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+    set_peft_model_state_dict(
+        adapted, {k: v.detach().cpu() for k, v in adapters.items()}, adapter_name=adapter
+    )
+    return adapted.merge_and_unload().eval()
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
@@ -115,6 +170,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
 
 def load_adapter(base: nn.Module, adapter_dir: str | Path, *, trainable: bool = False) -> Any:
     """``base`` with the adapters saved in ``adapter_dir`` (safetensors only)."""
+    _preload_bitsandbytes()
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
@@ -128,27 +184,151 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path, *, trainable: bool = 
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
 
-def qlora_quantization_config() -> Any:
-    """The 4-bit NF4 ``BitsAndBytesConfig`` for a QLoRA base; raises where it cannot run."""
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("no CUDA GPU is visible")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("bitsandbytes is not installed (pip install bitsandbytes)")
-    if missing:
-        raise GenloopError(
-            "4-bit (QLoRA) loading needs a CUDA GPU with bitsandbytes, but "
-            + " and ".join(missing)
-            + "; use plain LoRA on a full-precision base instead"
-        )
+def qlora_quantization_config(device: str | torch.device) -> Any:
+    """The 4-bit NF4 ``BitsAndBytesConfig`` for a QLoRA base on ``device``.
+
+    Raises a ``GenloopError`` naming the reason where bitsandbytes cannot quantize there
+    (``check_4bit_device``). Layers compute in bfloat16 on a GPU that has it, else float32
+    (on the CPU, ``train.precision`` still autocasts the matmuls to bfloat16 where it pays).
+    """
+    where = check_4bit_device(device)
     from transformers import BitsAndBytesConfig
 
+    gpu_bf16 = where.type == "cuda" and torch.cuda.is_bf16_supported()
     return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.bfloat16 if gpu_bf16 else torch.float32,
     )
+
+
+def check_4bit_device(device: str | torch.device) -> torch.device:
+    """``device``, once bitsandbytes has quantized and dequantized a small NF4 block on it.
+
+    bitsandbytes runs 4-bit on CUDA GPUs and on the CPU (its own kernels). Anything that
+    stops it (not installed, no GPU, a library without this device's kernels) is a
+    ``GenloopError`` here, before a model is loaded, not a crash halfway through.
+    """
+    where = torch.device(device)
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise GenloopError(
+            f"4-bit (QLoRA) loading on {where} needs a CUDA GPU, and none is visible; "
+            "train on the CPU (train.device: cpu) or use plain LoRA"
+        )
+    if where.type not in ("cpu", "cuda"):
+        raise GenloopError(
+            f"4-bit (QLoRA) loading runs on cpu or cuda, not {where.type}; use plain LoRA there"
+        )
+    import_bitsandbytes()  # a GenloopError of its own when it is missing
+    problem = _nf4_roundtrip_problem(str(where))
+    if problem is not None:
+        raise GenloopError(
+            f"4-bit (QLoRA) loading cannot run on {where}: {problem}; "
+            "use plain LoRA on a full-precision base instead"
+        )
+    return where
+
+
+@functools.lru_cache(maxsize=8)
+def _nf4_roundtrip_problem(device: str) -> str | None:
+    """Why bitsandbytes cannot NF4-quantize on ``device``; None when it can (checked once)."""
+    bnb = import_bitsandbytes()
+    try:
+        w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)).to(device)
+        packed, state = bnb.functional.quantize_4bit(w, quant_type="nf4")
+        back = bnb.functional.dequantize_4bit(packed, state).float()
+    except Exception as exc:  # a library without this device's kernels raises anything
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"bitsandbytes {bnb.__version__} failed to quantize there ({first})"
+    # NF4 keeps 16 levels per 64-value block: about a tenth of |w| is lost, not more
+    if not (back - w).abs().mean() < 0.2 * w.abs().mean():
+        return f"bitsandbytes {bnb.__version__} gives wrong 4-bit values there"
+    return None
+
+
+def import_bitsandbytes() -> ModuleType:
+    """bitsandbytes, imported so that it reaches for nothing on the network.
+
+    On a CPU with AVX512-BF16, bitsandbytes ≥ 0.49 asks the ``kernels`` package, at import,
+    for a compiled kernel from the Hugging Face Hub (a download of code). genloop fetches
+    nothing at run time, so ``kernels`` is hidden for that one import and bitsandbytes
+    uses the kernels it ships (its log line about the fallback is silenced too).
+    """
+    loaded = sys.modules.get("bitsandbytes")
+    if loaded is not None:
+        return loaded
+    saved = sys.modules.get("kernels")
+    sys.modules["kernels"] = None  # type: ignore[assignment]  # `from kernels import` fails
+    cpu_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_log.level
+    cpu_log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise GenloopError(
+            f"4-bit (QLoRA) loading needs bitsandbytes, which cannot be imported ({exc}): "
+            "pip install bitsandbytes, or use plain LoRA on a full-precision base instead"
+        ) from None
+    except Exception as exc:  # a broken native library raises what it likes
+        raise GenloopError(f"bitsandbytes is installed but fails to import: {exc}") from None
+    finally:
+        cpu_log.setLevel(level)
+        if saved is None:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = saved
+    return bitsandbytes
+
+
+def keep_4bit_trainable(model: nn.Module) -> int:
+    """Make ``model``'s 4-bit layers a base to train adapters on; returns how many.
+
+    - On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` in place the
+      first time it runs in eval mode without gradients (validation), rounding its block
+      scales to bfloat16, and every later call, training included, goes through an
+      inference kernel with no backward: the gradient stops at each 4-bit layer and the
+      adapters below it learn from a wrong one, silently. That repacking is switched off.
+    - A training checkpoint holds the packed weights with their quantization state (block
+      scales, code books), which ``load_state_dict`` does not take back. On resume the base
+      is quantized again from the same weights, so the state is checked equal and dropped
+      (a different one means the base changed since the run started: an error).
+    """
+    bnb = import_bitsandbytes()
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+            module.register_load_state_dict_pre_hook(_same_4bit_state)
+            count += 1
+    return count
+
+
+def _same_4bit_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """``load_state_dict`` hook of a frozen 4-bit layer (see ``keep_4bit_trainable``)."""
+    mine: dict[str, Any] = {}
+    module._save_to_state_dict(mine, prefix, keep_vars=False)  # weight + quantization state
+    for key, value in mine.items():
+        given = state_dict.get(key)
+        if not key.startswith(prefix + "weight") or given is None:
+            continue
+        if not torch.equal(given.to(value.device), value):
+            raise GenloopError(
+                f"the checkpoint's 4-bit {key} differs from the base loaded now: "
+                "was model.base_model changed since the run started?"
+            )
+        if key != prefix + "weight":  # the weight loads as usual; the state is this one
+            del state_dict[key]
+
+
+def _preload_bitsandbytes() -> None:
+    """Import bitsandbytes the offline way before peft does (peft imports it if present)."""
+    try:
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            import_bitsandbytes()
+    except (GenloopError, ValueError):
+        pass  # plain LoRA does not need it; peft does without it or fails on its own
 
 
 @contextmanager

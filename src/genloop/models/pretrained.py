@@ -105,7 +105,9 @@ def load_pretrained(
     """Load the model in a local checkpoint directory, in eval mode, for inference or tuning.
 
     ``family`` (when given) must match the checkpoint; ``dtype`` None keeps the stored one;
-    ``load_in_4bit`` loads the base in NF4 for QLoRA (needs CUDA and bitsandbytes).
+    ``load_in_4bit`` loads the base in NF4 for QLoRA: bitsandbytes on a CUDA GPU or the
+    CPU; its linear layers become ``bitsandbytes.nn.Linear4bit`` (a clear error where it
+    cannot run on ``device``).
     """
     import transformers
     from transformers.utils import logging as hf_logging
@@ -132,8 +134,8 @@ def load_pretrained(
     if load_in_4bit:
         from genloop.models.lora import qlora_quantization_config
 
-        kwargs["quantization_config"] = qlora_quantization_config()
-        kwargs["device_map"] = {"": device}
+        kwargs["quantization_config"] = qlora_quantization_config(device)
+        kwargs["device_map"] = {"": str(device)}
     if info.weight_format == "pickle":
         if not trust_pickle:
             names = ", ".join(p.name for p in info.weights)
@@ -153,7 +155,11 @@ def load_pretrained(
 
         check_safetensors(p for p in info.weights if p.suffix == ".safetensors")
         loaded = model_cls.from_pretrained(info.path, use_safetensors=True, **kwargs)
-    if not load_in_4bit:  # 4-bit weights were placed by device_map
+    if load_in_4bit:  # placed by device_map; kept in the layout that gradients go through
+        from genloop.models.lora import keep_4bit_trainable
+
+        keep_4bit_trainable(loaded)
+    else:
         loaded.to(device)
     model: PreTrainedModel = loaded.eval()
     return model

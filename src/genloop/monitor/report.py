@@ -202,9 +202,11 @@ def monitoring_series(
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """The last ``hours`` hours of logged requests (of one model, or all) in buckets of
-    ``bucket_minutes`` (count, errors = status ≥ 400 and, of those, ``rejected``: refused
-    before reaching a model; latency p50/p95/p99 in ms), and each model's drift series
-    by check time; times in ISO 8601."""
+    ``bucket_minutes`` (count, errors = status ≥ 400, split into ``client_errors`` 4xx and
+    ``server_errors`` 5xx and, of those, ``rejected``: refused before reaching a model;
+    latency p50/p95/p99 in ms), the window's error counts ``by_status`` and refusals
+    ``by_reason`` (most first; all models only), and each model's drift series by check
+    time; times in ISO 8601."""
     width = timedelta(minutes=bucket_minutes)
     until = now or datetime.now(UTC)
     since = until - timedelta(hours=hours)
@@ -224,14 +226,18 @@ def monitoring_series(
             if sample is not None:
                 latencies.append(sample)
     points = []
+    by_status: Counter[int] = Counter()
     for index in sorted(buckets):
         latencies, statuses, rejected = buckets[index]
         figures = percentiles(latencies, UI_PERCENTILES)
+        by_status.update(st for st in statuses if st >= 400)
         points.append(
             {
                 "start": (since + index * width).isoformat(),
                 "requests": len(statuses),
                 "errors": sum(1 for st in statuses if st >= 400),
+                "client_errors": sum(1 for st in statuses if 400 <= st < 500),
+                "server_errors": sum(1 for st in statuses if st >= 500),
                 "rejected": sum(rejected),
                 **{f"latency_p{q}_ms": figures[f"p{q}"] for q in UI_PERCENTILES},
             }
@@ -249,6 +255,8 @@ def monitoring_series(
         "until": until.isoformat(),
         "bucket_minutes": bucket_minutes,
         "requests": points,
+        "by_status": {str(st): n for st, n in sorted(by_status.items())},
+        "by_reason": _rejected_reasons(ws, since, until) if model is None else {},
         "drift": drift,
     }
 

@@ -1,16 +1,27 @@
 """Atomic, verifiable training checkpoints that resume exactly.
 
 A checkpoint is an artifact ``runs/<run_id>/ckpt-<step>`` (built in a temporary directory,
-fsynced, renamed into place, manifest last — see ``ArtifactStore.writer``):
+fsynced, renamed into place, manifest last — see ``ArtifactStore.writer``). One process
+and DDP write it whole, from rank 0 (:func:`save_checkpoint`):
 
 - ``model.safetensors``: the unwrapped model's state dict (adapters included);
 - ``optimizer.safetensors`` + the non-tensor part of the optimizer state in ``state.json``;
 - ``rng.safetensors``: torch's CPU (and CUDA) generator states;
 - ``state.json``: step, data position, best validation loss, python and numpy RNG states,
-  the run's counters. Nothing is pickled.
+  the run's counters.
+
+An FSDP2 run writes it sharded (:func:`save_sharded`, ``"format": "sharded"`` in
+``state.json``): instead of the two whole files, ``shards/`` holds one safetensors file per
+rank with that rank's slices of the weights and of the optimizer state, written by
+``torch.distributed.checkpoint``'s Hugging Face storage writer; each file's header records
+where its slices sit in the full tensors, so the checkpoint is read back at any world size
+(one process included) and no rank ever holds the whole model. Nothing is pickled, in
+either format: safetensors and JSON only (DCP's default writer would add a pickled
+``.metadata``; this one does not).
 
 Loading verifies the manifest; a truncated or tampered checkpoint is refused with a clear
-error, and :func:`load_latest` falls back to the newest one that verifies.
+error, and :func:`load_latest` falls back to the newest one that verifies. A checkpoint
+that does not fit the model (another size) is refused naming the tensors that differ.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import json
 import logging
 import os
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +43,8 @@ from genloop.workspace.store import ArtifactStore
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from genloop.train.distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -109,24 +123,15 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
-    *,
-    model_state: dict[str, torch.Tensor] | None = None,
-    optimizer_state: dict[str, Any] | None = None,
 ) -> str:
-    """Write checkpoint ``step`` atomically; returns its artifact key.
-
-    ``model_state``/``optimizer_state``: full state dicts gathered beforehand (under FSDP2,
-    see ``distributed.full_state_dict``); by default the model's and optimizer's own.
-    """
+    """Write checkpoint ``step`` whole and atomically (a plain or DDP model, from rank 0);
+    returns its artifact key. FSDP2 runs use :func:`save_sharded`."""
     from safetensors.torch import save_file
 
     key = checkpoint_key(run_id, step)
-    opt_tensors, opt_meta = _flatten_optimizer(
-        optimizer.state_dict() if optimizer_state is None else optimizer_state
-    )
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = rng_state()
-    weights = model.state_dict() if model_state is None else model_state
-    model_sd = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with store.writer(key, overwrite=True) as d:
         save_file(_dedupe_shared(model_sd), str(d / "model.safetensors"))
         save_file(opt_tensors, str(d / "optimizer.safetensors"))
@@ -135,6 +140,59 @@ def save_checkpoint(
         (d / "state.json").write_text(json.dumps(full))
         for path in d.iterdir():  # on disk before the manifest and the rename publish them
             _fsync(path)
+    return key
+
+
+SHARDS = "shards"  # a sharded checkpoint's folder of per-rank safetensors files
+
+
+def save_sharded(
+    store: ArtifactStore,
+    run_id: str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    dist: Dist,
+) -> str:
+    """Write checkpoint ``step`` of an FSDP2 run, each rank its own shard; collective.
+
+    Rank 0 stages the checkpoint (``ArtifactStore.writer``), every rank writes its part of
+    the weights and optimizer state into ``shards/`` with ``torch.distributed.checkpoint``
+    (safetensors files whose headers carry each piece's offset in the full tensor: no
+    pickle, and readable at any world size), then rank 0 adds the RNG states and
+    ``state.json`` and publishes it, manifest last. The staging folder must be on storage
+    every rank sees (one node, or the workspace on shared storage).
+    """
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict_saver import save
+
+    from genloop.train import distributed
+
+    key = checkpoint_key(run_id, step)
+    tensors, extras = distributed.sharded_state(model, optimizer)
+    with store.writer(key, overwrite=True) if dist.is_main else nullcontext(None) as d:
+        if d is not None:
+            (d / SHARDS).mkdir()
+        staging = Path(distributed.broadcast("" if d is None else str(d), dist))
+        writer = HuggingFaceStorageWriter(str(staging / SHARDS), save_distributed=True)
+        save(tensors, storage_writer=writer)  # fsyncs each rank's file
+        if d is not None:
+            from safetensors.torch import save_file
+
+            rng_tensors, rng_meta = rng_state()
+            save_file(rng_tensors, str(d / "rng.safetensors"))
+            full = {
+                **state,
+                "step": step,
+                "format": "sharded",
+                "world_size": dist.world_size,
+                "optimizer": extras,
+                "rng": rng_meta,
+            }
+            (d / "state.json").write_text(json.dumps(full))
+            for path in (d / "rng.safetensors", d / "state.json"):
+                _fsync(path)
     return key
 
 
@@ -193,8 +251,21 @@ def restore(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer
 
     from genloop.train import distributed
 
+    if ckpt.state.get("format") == "sharded":  # an FSDP2 run's, at any world size
+        distributed.load_sharded_state(
+            model, optimizer, ckpt.path / SHARDS, ckpt.state["optimizer"], source=ckpt.key
+        )
+        set_rng_state(load_file(str(ckpt.path / "rng.safetensors")), ckpt.state["rng"])
+        return
+    # a whole checkpoint (one process, DDP): every rank reads it all and keeps its part
     weights = load_file(str(ckpt.path / "model.safetensors"))
-    missing, unexpected = distributed.load_full_state_dict(model, weights)
+    try:
+        missing, unexpected = distributed.load_full_state_dict(model, weights)
+    except RuntimeError as exc:  # torch's "size mismatch for ..." lines
+        raise GenloopError(
+            f"checkpoint {ckpt.key} does not fit this model: {str(exc).strip()[:500]}; "
+            "was the model config changed since the run started?"
+        ) from None
     if unexpected or [k for k in missing if k not in _tied_keys(model)]:
         raise GenloopError(
             f"checkpoint {ckpt.key} does not fit this model "

@@ -17,7 +17,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STREAMED_EXPORT = ("causal_lm",)  # FSDP2 exports these without gathering the whole model
 ProgressFn = Callable[[int, int, dict[str, float]], None]  # (step, max_steps, last metrics)
 EvalFn = Callable[[int, dict[str, float]], None]  # (step, metrics incl. val_loss)
 
@@ -177,10 +178,21 @@ def train(
         try:
             state = resume_state(ws, run_id, s, tracker) if resuming else TrainState()
             result = fit(ws, t, s, dist, tracker, run_id, state, progress, on_eval)
-            # the weights to export (collective: FSDP2 gathers a plain copy on rank 0)
-            export = distributed.gathered_model(s.raw_model) if register else None
-            if dist.is_main and register:
-                result.model = finish(ws, cfg, s, name, run_id, result, export)
+            if register and distributed.is_sharded(s.raw_model) and s.family in STREAMED_EXPORT:
+                # FSDP2: rank 0 writes the Hugging Face files one gathered tensor at a
+                # time (collective), then registers them
+                with ws.store.scratch() if dist.is_main else nullcontext(None) as tmp:
+                    out = None if tmp is None else tmp / "model"
+                    distributed.export_sharded(
+                        s.raw_model, out, family=s.family, tokenizer_dir=s.tokenizer_dir
+                    )
+                    if out is not None:
+                        result.model = finish(ws, cfg, s, name, run_id, result, saved=out)
+            elif register:
+                # other families under FSDP2 gather a plain copy on rank 0 (collective)
+                export = distributed.gathered_model(s.raw_model)
+                if dist.is_main:
+                    result.model = finish(ws, cfg, s, name, run_id, result, export)
             if tracker is not None:
                 tracker.set_status("completed", summary=result.metrics)
             return result
@@ -242,9 +254,18 @@ def setup(
     # 2. the model (from scratch, sized by the data, or from model.base_model) and
     # 3. the objective (train.objective on this data): the family's builder makes both
     builder = get_builder(m.family)
-    raw_model, model_config, parent = builder.build_model(
-        ws, m, data, dist.device, trust_pickle=trust_pickle
-    )
+    build_sharded = getattr(builder, "build_sharded", None)
+    if dist.enabled and t.strategy == "fsdp" and build_sharded is not None and t.objective != "dpo":
+        # FSDP2 from the start: built on the meta device, sharded, then each rank
+        # allocates and initialises (or loads) its own shard (text.build_on_meta); other
+        # families, and DPO (whose reference is a frozen copy), are built whole, then sharded
+        raw_model, model_config, parent = build_sharded(
+            ws, m, data, dist.device, distributed.shard, trust_pickle=trust_pickle
+        )
+    else:
+        raw_model, model_config, parent = builder.build_model(
+            ws, m, data, dist.device, trust_pickle=trust_pickle
+        )
     objective = builder.make_objective(t, data, raw_model, dist.device)
 
     # 4. the optimizer: AdamW, no weight decay on norms and biases (1-D parameters); made
@@ -253,10 +274,8 @@ def setup(
     optimizer = make_optimizer(
         raw_model, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, device=dist.device
     )
-    if t.compile:
-        import torch
-
-        model = torch.compile(model)  # type: ignore[assignment]
+    if should_compile(t, m.family, objective.name, dist):
+        model = compile_model(model)
     return Setup(
         model=model,
         raw_model=raw_model,
@@ -268,6 +287,47 @@ def setup(
         parent=parent,
         model_config=model_config,
     )
+
+
+# train.compile: auto compiles runs at least this long, and only on a GPU. Measured on a
+# CPU (benchmarks/bench_train.py, tiny preset, 2-core AMD EPYC with AVX512-BF16, one torch
+# thread, process CPU time): compiled steps were 1.01-1.06× eager ones in fp32 (matrix
+# products take 72% of a step; compiling only fuses the rest), while the warm-up took 13 s
+# with inductor's on-disk cache warm and 65 s cold: 200 to 1,000+ steps to pay it back,
+# too late for a short CPU run (train.compile: true still compiles).
+# On a GPU, fusing the elementwise work and cutting kernel launches usually pays within a
+# few hundred steps; the threshold leaves short runs (tests, smoke runs) eager.
+COMPILE_AUTO_MIN_STEPS = 1000
+
+
+def should_compile(t: TrainConfig, family: str, objective: str, dist: distributed.Dist) -> bool:
+    """Whether to ``torch.compile`` the model: ``train.compile`` when set; ``auto`` compiles
+    a single-process causal LM trained with the ``lm`` objective on a GPU for at least
+    ``COMPILE_AUTO_MIN_STEPS`` steps (a run that fails to compile trains eagerly)."""
+    if t.compile != "auto":
+        return bool(t.compile)
+    return (
+        family == "causal_lm"
+        and objective == "lm"
+        and not dist.enabled
+        and dist.device.type == "cuda"
+        and t.max_steps >= COMPILE_AUTO_MIN_STEPS
+    )
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)``. Compiling happens at the first call; :func:`fit` falls back
+    to the eager model (``eager_model``) if it fails there."""
+    import torch
+
+    log.info("torch.compile: compiling the model at the first step (train.compile)")
+    return torch.compile(model)  # type: ignore[return-value]
+
+
+def eager_model(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``model`` itself when not compiled)."""
+    inner: nn.Module = getattr(model, "_orig_mod", model)
+    return inner
 
 
 def make_optimizer(
@@ -335,6 +395,7 @@ def fit(
     )
     val_batches = s.objective.val_batches(t.eval_batches)
     s.model.train()
+    compiling = eager_model(s.model) is not s.model
     tokens_window, time_window = 0, 0.0  # training throughput since the last evaluation
     while state.step < t.max_steps and not state.stopped_early:
         t0 = time.perf_counter()
@@ -348,19 +409,12 @@ def fit(
         )
         for group in s.optimizer.param_groups:
             group["lr"] = lr
-        # one optimizer step = grad_accum micro-batches; each loss is scaled so the
-        # accumulated gradient is the mean over them
-        # the loss stays on the device until the step is done: one host sync per step
-        loss_sum, step_tokens = torch.zeros((), device=dist.device), 0
-        for micro in range(t.grad_accum):
-            batch = next(batches)
-            sync = micro == t.grad_accum - 1 or not dist.enabled
-            no_sync = getattr(s.model, "no_sync", None)
-            with nullcontext() if sync or no_sync is None else no_sync(), autocast:
-                loss, n_tokens = s.objective.loss(s.model, batch)
-            (loss / t.grad_accum).backward()  # type: ignore[no-untyped-call]
-            loss_sum += loss.detach().float() / t.grad_accum
-            step_tokens += n_tokens
+        micro_batches = (next(batches) for _ in range(t.grad_accum))
+        if compiling:  # torch.compile compiles in this step (and may fail there)
+            loss_sum, step_tokens = _first_compiled_step(s, t, dist, micro_batches, autocast)
+            compiling = False
+        else:
+            loss_sum, step_tokens = _forward_backward(s, t, dist, micro_batches, autocast)
         norm = (
             torch.nn.utils.clip_grad_norm_(s.model.parameters(), t.grad_clip)
             if t.grad_clip is not None
@@ -418,10 +472,11 @@ def fit(
         ):
             if tracker is not None:
                 tracker.flush()  # the series up to this step is in the catalog before it
-            # full state dicts on rank 0 (collective: FSDP2 gathers the shards)
-            model_state = distributed.full_state_dict(s.raw_model)
-            optimizer_state = distributed.full_optimizer_state_dict(s.raw_model, s.optimizer)
-            if dist.is_main:
+            if distributed.is_sharded(s.raw_model):  # each rank writes its shard
+                ckpt.save_sharded(
+                    ws.store, run_id, state.step, s.raw_model, s.optimizer, asdict(state), dist
+                )
+            elif dist.is_main:
                 ckpt.save_checkpoint(
                     ws.store,
                     run_id,
@@ -429,9 +484,8 @@ def fit(
                     s.raw_model,
                     s.optimizer,
                     asdict(state),
-                    model_state=model_state,
-                    optimizer_state=optimizer_state,
                 )
+            if dist.is_main:
                 ckpt.prune_checkpoints(ws.store, run_id, t.keep_last, {state.best_step})
             distributed.barrier(dist)
         if state.stopped_early:
@@ -455,6 +509,59 @@ def fit(
     )
 
 
+def _forward_backward(
+    s: Setup, t: TrainConfig, dist: distributed.Dist, micro_batches: Iterable[Any], autocast: Any
+) -> tuple[torch.Tensor, int]:
+    """One optimizer step's gradients: ``grad_accum`` micro-batches, each loss scaled so the
+    accumulated gradient is the mean over them. The step's loss stays on the device (one
+    host sync per step, in ``fit``); returns it and the number of tokens trained on."""
+    import torch
+
+    loss_sum, step_tokens = torch.zeros((), device=dist.device), 0
+    for micro, batch in enumerate(micro_batches):
+        sync = micro == t.grad_accum - 1 or not dist.enabled
+        no_sync = getattr(s.model, "no_sync", None)
+        with nullcontext() if sync or no_sync is None else no_sync(), autocast:
+            loss, n_tokens = s.objective.loss(s.model, batch)
+        (loss / t.grad_accum).backward()  # type: ignore[no-untyped-call]
+        loss_sum += loss.detach().float() / t.grad_accum
+        step_tokens += n_tokens
+    return loss_sum, step_tokens
+
+
+def _first_compiled_step(
+    s: Setup, t: TrainConfig, dist: distributed.Dist, micro_batches: Iterable[Any], autocast: Any
+) -> tuple[torch.Tensor, int]:
+    """The first step of a compiled model, where ``torch.compile`` compiles: timed and
+    logged. If it fails (no working C++ compiler, an unsupported op, …) the model falls back
+    to eager and the step runs again on the same batches from the same RNG state, so the
+    run is what an eager run would have been."""
+    import torch
+
+    batches = list(micro_batches)
+    rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if dist.device.type == "cuda" else None
+    t0 = time.perf_counter()
+    try:
+        out = _forward_backward(s, t, dist, batches, autocast)
+    except Exception as exc:  # dynamo and inductor raise many kinds; eager re-raises real bugs
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        log.warning(
+            "torch.compile failed at the first step (%s: %s); training eagerly instead "
+            "(set train.compile: false to skip compiling)",
+            type(exc).__name__,
+            first_line,
+        )
+        s.model = eager_model(s.model)
+        s.optimizer.zero_grad(set_to_none=True)
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        return _forward_backward(s, t, dist, batches, autocast)
+    log.info("torch.compile: the first step (compiling) took %.1f s", time.perf_counter() - t0)
+    return out
+
+
 def _diverged(what: str, value: float, step: int) -> str:
     return (
         f"the {what} became {value} at step {step}; stopped. The last good checkpoint is "
@@ -476,17 +583,21 @@ def _summary(state: TrainState, best_restored: bool) -> dict[str, float]:
 
 
 def evaluate_loss(s: Setup, batches: list[Any], autocast: Any) -> float:
-    """Mean validation loss over fixed batches, in eval mode, without gradients."""
+    """Mean validation loss over fixed batches, in eval mode, without gradients.
+
+    A compiled model is evaluated eagerly: eval mode without gradients would compile a
+    second graph (seconds to minutes) for a handful of batches."""
     import torch
 
-    s.model.eval()
+    model = eager_model(s.model)
+    model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast:
         for batch in batches:
-            loss, n = s.objective.loss(s.model, batch)
+            loss, n = s.objective.loss(model, batch)
             total += float(loss) * n
             count += n
-    s.model.train()
+    model.train()
     return total / max(count, 1)
 
 
@@ -498,9 +609,12 @@ def finish(
     run_id: str,
     result: TrainResult,
     model: nn.Module | None = None,
+    *,
+    saved: Path | None = None,
 ) -> ModelVersionInfo:
     """Save the trained model (``model``, else ``s.raw_model``) in Hugging Face layout and
-    register it as a version."""
+    register it as a version; ``saved``: a model directory already written (FSDP2's
+    export, ``distributed.export_sharded``) to register as it is."""
     from genloop.models.family import get_family
     from genloop.workspace import registry
 
@@ -510,8 +624,9 @@ def finish(
 
         model = merge_lora(model)  # the exported model is a plain checkpoint
     with ws.store.scratch() as tmp:
-        out = tmp / "model"
-        get_family(s.family).save(model, out, tokenizer_dir=s.tokenizer_dir)
+        out = tmp / "model" if saved is None else saved
+        if saved is None:
+            get_family(s.family).save(model, out, tokenizer_dir=s.tokenizer_dir)
         return registry.register_model(
             ws,
             name,

@@ -23,6 +23,7 @@ from genloop.train.families import BuiltModel, TrainingData, base_model_dir, wro
 if TYPE_CHECKING:
     import torch
     from torch import nn
+    from transformers import PreTrainedModel
 
     from genloop.config import ModelConfig, TrainConfig
     from genloop.train.objectives import Objective
@@ -49,12 +50,15 @@ def build_model(
     *,
     seq_len: int | None = None,
     trust_pickle: bool = False,
+    shard: Callable[[nn.Module], None] | None = None,
 ) -> BuiltModel:
     """The text model ``m`` describes, its config dict and the ref it was fine-tuned from.
 
     From scratch, the vocabulary and special tokens come from ``tokenizer_dir``, and a
     causal LM's context is at least ``seq_len`` (the training windows; default: the
-    preset's context) unless ``m.context_length`` sets it.
+    preset's context) unless ``m.context_length`` sets it. A causal LM is built on the meta
+    device and initialised in place (:func:`build_on_meta`); ``shard`` (FSDP2, under
+    torchrun) splits it before any weight is allocated, so no rank ever holds it whole.
     """
     from genloop.models.family import get_family
 
@@ -64,6 +68,11 @@ def build_model(
 
         base_dir, parent = base_model_dir(ws, m.base_model)
         load_in_4bit = m.lora is not None and m.lora.load_in_4bit
+        if shard is not None and m.lora is None:  # (FSDP2 refuses LoRA: shard() says so)
+            sharded = load_sharded(base_dir, device, shard)
+            if sharded is not None:
+                return BuiltModel(sharded, sharded.config.to_dict(), parent)
+            log.info("%s can't be read in slices; each rank reads it whole", base_dir)
         model = load_pretrained(
             base_dir, device=device, load_in_4bit=load_in_4bit, trust_pickle=trust_pickle
         )
@@ -77,6 +86,8 @@ def build_model(
                 dropout=m.lora.dropout,
                 target_modules=m.lora.target_modules,
             )
+        if shard is not None:  # a base load_sharded can't slice: read whole, then sharded
+            shard(model)
         return BuiltModel(model, model.config.to_dict(), parent)
     vocab = _vocab_size(tokenizer_dir)
     overrides = architecture(m)
@@ -93,8 +104,179 @@ def build_model(
             overrides.setdefault("context_length", max(seq_len, 64))
         special = _special_ids(tokenizer_dir)
     model_config = {"preset": m.preset or "tiny", "vocab_size": vocab, **overrides, **special}
+    if m.family == "causal_lm":
+        return BuiltModel(build_on_meta(model_config, device, shard), model_config, None)
     built: nn.Module = family.build(model_config).to(device)
+    if shard is not None:  # seq2seq: built whole, then sharded
+        shard(built)
     return BuiltModel(built, model_config, None)
+
+
+def build_on_meta(
+    model_config: dict[str, Any],
+    device: torch.device,
+    shard: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """A fresh causal LM built without ever holding its weights twice, or whole on a rank.
+
+    The network is made on the meta device (shapes only), ``shard`` (FSDP2's
+    ``fully_shard``, under torchrun) splits it, then each rank allocates its own shard on
+    ``device`` and :func:`initialize` fills it. Alone (``shard`` None) the same steps give
+    the whole model, with the very same values: one process and N FSDP2 ranks start from
+    identical weights for the same seed.
+    """
+    import torch
+
+    from genloop.models.family import get_family
+
+    with torch.device("meta"):
+        model: nn.Module = get_family("causal_lm").build(model_config)
+    if shard is not None:
+        shard(model)
+    model.to_empty(device=device)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()  # to_empty gives a plain model's tied parameters separate storage
+    initialize(model)
+    return model
+
+
+def load_sharded(
+    base_dir: Path, device: torch.device, shard: Callable[[nn.Module], None]
+) -> PreTrainedModel | None:
+    """A pretrained checkpoint, each rank reading only its slices of the safetensors files.
+
+    The model is built on the meta device from ``config.json``, sharded, allocated, and
+    each weight filled from ``safe_open(...).get_slice`` with the rows this rank keeps, so
+    no rank reads or holds the whole model; buffers that checkpoints leave out (rotary
+    frequencies) are computed as transformers computes them. None when the directory
+    can't be read that way (pickle weights, a quantized variant, names transformers
+    converts on load, saved buffers): the caller then loads it whole.
+    """
+    import torch
+    import transformers
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    from genloop.models.pretrained import inspect_checkpoint, variant_format
+    from genloop.security.safe_load import check_safetensors
+
+    info = inspect_checkpoint(base_dir)
+    if info.weight_format != "safetensors" or variant_format(info.path) != "torch":
+        return None
+    files = [p for p in info.weights if p.suffix == ".safetensors"]
+    check_safetensors(files)
+    where: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            where.update(dict.fromkeys(f.keys(), path))
+    config = transformers.AutoConfig.from_pretrained(
+        info.path, local_files_only=True, trust_remote_code=False
+    )
+    with torch.device("meta"):
+        model: Any = getattr(transformers, info.architecture)._from_config(config)
+    names = [n for n, _ in model.named_parameters()]  # a tied weight once, by its first name
+    if [n for n in names if n not in where]:
+        return None
+    # buffers are computed, not read: decline models with saved buffers, or buffers beside
+    # weights in one module (initialize(buffers_only=True) reaches neither)
+    if set(model.state_dict()) - {n for n, _ in model.named_parameters(remove_duplicate=False)}:
+        return None
+    mixed = [
+        m
+        for m in model.modules()
+        if next(m.buffers(recurse=False), None) is not None
+        and next(m.parameters(recurse=False), None) is not None
+    ]
+    if mixed:
+        return None
+    shard(model)
+    model.to_empty(device=device)
+    model.tie_weights()
+    initialize(model, buffers_only=True)
+    params = dict(model.named_parameters())
+    for path in files:
+        with safe_open(str(path), framework="pt") as f, torch.no_grad():
+            for name in [n for n in names if where[n] == path]:
+                target = params[name]
+                local = target.to_local() if isinstance(target, DTensor) else target
+                local.copy_(f.get_slice(name)[_local_slices(target)])
+    return model.eval()  # type: ignore[no-any-return]
+
+
+def _local_slices(target: torch.Tensor) -> tuple[slice, ...]:
+    """Where this rank's part of ``target`` sits in the full tensor (all of it if plain)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(target, DTensor):
+        return tuple(slice(0, n) for n in target.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        target.shape, target.device_mesh, target.placements
+    )
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+def initialize(model: nn.Module, *, buffers_only: bool = False) -> None:
+    """Initialise a transformers model's (possibly FSDP2-sharded) weights in place, exactly.
+
+    The modules are visited in the order transformers' own ``initialize_weights`` visits
+    them (children first), and each module's ``_init_weights`` runs on full-size CPU
+    stand-ins of its own parameters and buffers, drawn from torch's CPU generator; each
+    rank keeps its slice. Every rank draws the same numbers, so the shards together equal
+    a single process's weights, and at most one module's full tensors (the embedding, at
+    vocab × d) exist at once. ``buffers_only``: only modules without parameters (rotary
+    frequencies; no random draws), for weights about to be loaded.
+    """
+    import torch
+    from transformers import PreTrainedModel
+    from transformers import initialization as hf_init
+
+    def visit(module: nn.Module, owner: Any) -> None:
+        for child in module.children():
+            visit(child, child if isinstance(child, PreTrainedModel) else owner)
+        if not (buffers_only and any(True for _ in module.parameters(recurse=False))):
+            _init_module(module, owner)
+
+    with torch.no_grad(), hf_init.guard_torch_init_functions():
+        visit(model, model)
+
+
+def _init_module(module: nn.Module, owner: Any) -> None:
+    import torch
+
+    params = dict(module.named_parameters(recurse=False))
+    buffers = {k: b for k, b in module.named_buffers(recurse=False) if b is not None}
+    if not params and not buffers:
+        return
+    full = {
+        name: torch.empty(t.shape, dtype=t.dtype)  # a DTensor's shape is the global one
+        for name, t in {**params, **buffers}.items()
+    }
+    for name in params:
+        module._parameters[name] = torch.nn.Parameter(full[name], requires_grad=False)
+    for name in buffers:
+        module._buffers[name] = full[name]
+    try:
+        owner._init_weights(module)
+    finally:
+        module._parameters.update(params)
+        module._buffers.update(buffers)
+    for name, target in {**params, **buffers}.items():
+        _keep_slice(target, full[name])
+
+
+def _keep_slice(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy ``full`` into ``target``, or this rank's slice of it into a sharded ``target``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        # src_data_rank=None: every rank holds the same ``full``; slice locally, no traffic
+        mine = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(mine.to_local())
+    else:
+        target.copy_(full)
 
 
 def _vocab_size(tokenizer_dir: Path | None) -> int:
@@ -295,6 +477,27 @@ class TextBuilder:
     ) -> BuiltModel:
         return build_model(
             ws, m, data.tokenizer_dir, device, seq_len=data.seq_len, trust_pickle=trust_pickle
+        )
+
+    def build_sharded(
+        self,
+        ws: Workspace,
+        m: ModelConfig,
+        data: TrainingData,
+        device: torch.device,
+        shard: Callable[[nn.Module], None],
+        *,
+        trust_pickle: bool = False,
+    ) -> BuiltModel:
+        """The model split by ``shard`` (FSDP2) as it is built: see :func:`build_on_meta`."""
+        return build_model(
+            ws,
+            m,
+            data.tokenizer_dir,
+            device,
+            seq_len=data.seq_len,
+            trust_pickle=trust_pickle,
+            shard=shard,
         )
 
     def make_objective(

@@ -278,25 +278,35 @@ def get_run(ws: Workspace, run_id: str) -> RunInfo:
 
 
 def run_details(
-    ws: Workspace, run_id: str, keys: list[str] | None = None, max_points: int | None = None
+    ws: Workspace,
+    run_id: str,
+    keys: list[str] | None = None,
+    max_points: int | None = None,
+    *,
+    with_time: bool = False,
 ) -> dict[str, Any]:
     """One run with its config, child runs, the model versions it made (``NAME@VERSION``)
     and its metric series (``metrics``: key → [[step, value], …] by step; only ``keys``
-    when given; at most ``max_points`` per series, evenly spaced, the last one kept)."""
+    when given; at most ``max_points`` per series, evenly spaced, the last one kept).
+    ``with_time`` adds each point's time as a third element, Unix seconds (UTC), so that
+    runs can be compared by wall-clock time as well as by step."""
     with ws.catalog.session() as s:
         row = s.get(Run, run_id)
         if row is None:
             raise NotFoundError(f"no run {run_id!r}")
         query = (
-            select(RunMetric.key, RunMetric.step, RunMetric.value)
+            select(RunMetric.key, RunMetric.step, RunMetric.value, RunMetric.at)
             .where(RunMetric.run_id == run_id)
             .order_by(RunMetric.key, RunMetric.step, RunMetric.id)
         )
         if keys:
             query = query.where(RunMetric.key.in_(keys))
         series: dict[str, list[list[float]]] = {}
-        for key, step, value in s.execute(query).all():
-            series.setdefault(key, []).append([step, value])
+        for key, step, value, at in s.execute(query).all():
+            point = [step, value]
+            if with_time:
+                point.append(round(at.astimezone(UTC).timestamp(), 3))
+            series.setdefault(key, []).append(point)
         out = _info(row).to_dict() | {"config": dict(row.config or {})}
         children = s.scalars(select(Run.id).where(Run.parent_run_id == run_id)).all()
         models = s.execute(

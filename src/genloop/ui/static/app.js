@@ -1,6 +1,6 @@
 // Sign-in and view routing (#playground, #runs, #models, #data, #monitoring, #label).
 import { ApiError, api, getKey, setKey } from "./api.js";
-import { clearNotice, notify } from "./ui.js";
+import { clearNotice, h, notify } from "./ui.js";
 
 const VIEWS = {
   playground: () => import("./playground.js"),
@@ -64,8 +64,19 @@ async function route() {
     document.getElementById(`view-${view}`).hidden = view !== name;
   }
   const section = document.getElementById(`view-${name}`);
-  const module = await VIEWS[name]();
-  await module.render(section, session);
+  try {
+    const module = await VIEWS[name]();
+    await module.render(section, session);
+  } catch (err) {
+    // never a blank page: what went wrong, and a way to try again
+    const title = document.querySelector(`#nav a[data-view=${name}]`)?.textContent ?? name;
+    const retry = h("button", { type: "button", class: "secondary retry" }, "Retry");
+    retry.addEventListener("click", () => route().catch((e) => notify(e.message)));
+    section.replaceChildren(
+      h("h2", { id: section.getAttribute("aria-labelledby") }, title),
+      h("div", { class: "failed" }, h("p", { class: "error", role: "alert" }, `This view could not be loaded: ${err.message || err}`), retry),
+    );
+  }
 }
 
 async function start() {

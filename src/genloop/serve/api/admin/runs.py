@@ -38,6 +38,9 @@ def get_run(
         None, max_length=1000, description="Comma-separated metric keys (default: all)."
     ),
     max_points: int = Query(2000, ge=10, le=100_000, description="Points per series, at most."),
+    with_time: bool = Query(
+        False, description="Add each point's time (Unix seconds, UTC): [step, value, time]."
+    ),
 ) -> dict[str, Any]:
     wanted = [k.strip() for k in keys.split(",")] if keys else None
-    return runs.run_details(get_state(request).ws, run_id, wanted, max_points)
+    return runs.run_details(get_state(request).ws, run_id, wanted, max_points, with_time=with_time)
