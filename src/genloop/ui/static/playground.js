@@ -50,7 +50,7 @@ export async function render(section, session) {
   const stop = h("button", { type: "button", id: "pg-stop", disabled: true, onclick: () => controller?.abort() }, "Stop");
   const clear = h("button", { type: "button", class: "secondary", onclick: () => { history.length = 0; transcript.replaceChildren(); } }, "Clear");
   const status = h("p", { id: "pg-status", class: "status", role: "status" });
-  const grid = h("div", { id: "pg-images", class: "image-grid", "aria-label": "Generated images" });
+  const grid = h("div", { id: "pg-images", class: "image-grid", role: "group", "aria-label": "Generated images" });
 
   const form = h(
     "form",

@@ -34,9 +34,10 @@ export function clearNotice() {
 
 // A table with a caption; columns: [[header, row => cell], …].
 export function table(caption, columns, rows, attrs = {}) {
+  // a wrap that may scroll sideways (phone width) is a named region the keyboard can reach
   return h(
     "div",
-    { class: "table-wrap" },
+    { class: "table-wrap", tabindex: "0", role: "region", "aria-label": caption },
     h(
       "table",
       attrs,

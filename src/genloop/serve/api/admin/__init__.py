@@ -20,9 +20,11 @@ from genloop.serve.api.admin import (
     models,
     monitoring,
     privacy,
+    records,
     runs,
     status,
     usage,
+    variants,
 )
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -31,6 +33,8 @@ for part in (
     status,
     runs,
     datasets,
+    records,
+    variants,  # before models: /models/variants is not a model name
     models,
     evaluations,
     usage,
