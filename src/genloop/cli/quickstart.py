@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def quickstart(
     steps: Annotated[
         int | None,
-        typer.Option(help="Training steps \\[default: 400; 40 with --quick].", show_default=False),
+        typer.Option(help="Training steps \\[default: 480; 40 with --quick].", show_default=False),
     ] = None,
     quick: Annotated[
         bool,
