@@ -3,7 +3,7 @@
 # It prepares the python-stdlib corpus, trains a tokenizer and a small code model, evaluates
 # it, quantizes it, gates and promotes it, shows three held-out completions beside the
 # untrained model's, creates an admin key and serves it with the web UI (Ctrl-C stops the
-# server). About five minutes on 2 CPU cores before serving. DEMO_STEPS changes the
+# server). A few minutes on 2 CPU cores before serving. DEMO_STEPS changes the
 # training length (default: quickstart.yaml's); DEMO_SERVE=0 stops before serving;
 # DEMO_PORT picks the port.
 set -euo pipefail
