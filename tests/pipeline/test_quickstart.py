@@ -1,13 +1,15 @@
 """``genloop quickstart --quick``: the main job end to end, then the server answers a chat.
 
 A real subprocess, as a user runs it on a fresh machine: it prepares a reduced
-python-stdlib corpus, trains, evaluates, quantizes, gates, promotes, prints an admin key
-and the URL, and serves. The test then asks for a chat completion with that key and stops
-the server with SIGTERM (which drains).
+python-stdlib corpus, trains, evaluates, quantizes, gates, promotes, shows three held-out
+completions of the trained and the untrained model, prints an admin key and the URL, and
+serves. The test then asks for a chat completion with that key and stops the server with
+SIGTERM (which drains). The held-out prompts themselves are checked on small documents.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -21,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from genloop.pipeline.quickstart import held_out_prompts
 from genloop.workspace import Workspace, registry
 
 pytestmark = pytest.mark.integration
@@ -67,6 +70,13 @@ def test_quickstart_quick_trains_deploys_and_serves_a_chat(tmp_path: Path) -> No
             assert re.search(rf"^\s+{stage}\s+ran\b", output, re.M), output
         m = re.search(r"held-out perplexity: ([\d.]+) trained vs ([\d.]+) untrained", output)
         assert m is not None and float(m.group(1)) < float(m.group(2)), output
+        # three held-out prompts, each followed by both models' completions, which differ
+        samples = _shown_samples(output)
+        assert len(samples) == 3, output
+        for prompt, trained, untrained in samples:
+            assert prompt.lstrip().startswith("def "), output
+            assert '"""' in prompt or "'''" in prompt, output
+            assert trained != untrained, output
 
         reply = httpx.post(
             f"{url}/v1/chat/completions",
@@ -99,3 +109,81 @@ def test_quickstart_quick_trains_deploys_and_serves_a_chat(tmp_path: Path) -> No
         assert production.parent == "code-lm@1"
     finally:
         ws.close()
+
+
+def _shown_samples(output: str) -> list[tuple[str, str, str]]:
+    """(prompt, trained, untrained) of each completion block the quickstart printed."""
+    section = output.split("held-out completions", 1)[1].split("\nproduction:", 1)[0]
+    blocks = re.split(r"^── \d\. .*$", section, flags=re.M)[1:]
+    out = []
+    for block in blocks:
+        prompt, rest = block.split("  ┄ trained:\n", 1)
+        trained, untrained = rest.split("  ┄ untrained:\n", 1)
+        out.append((prompt.strip("\n"), trained.strip("\n"), untrained.strip("\n")))
+    return out
+
+
+def _docs(path: Path, *texts: str) -> Path:
+    path.write_text(
+        "".join(json.dumps({"id": f"m{i}.py", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    return path
+
+
+METHOD = '''class Box:
+    def __init__(self, items):
+        """Hold the items."""
+        self.items = list(items)
+        self.count = len(self.items)
+
+    @property
+    def first(self):
+        """The first item."""
+        x = self.items[0]
+        return x
+
+    def size(self):
+        """Return how many items there are."""
+        n = self.count
+        return n
+'''
+
+FUNCTION = '''def add(a, b):
+    """Return the sum."""
+    total = a + b
+    return total
+
+
+def long(a):
+    """Spread
+    over lines."""
+    a += 1
+    return a
+'''
+
+
+def test_held_out_prompts_are_method_openings_up_to_the_docstring(tmp_path: Path) -> None:
+    docs = _docs(tmp_path / "test.jsonl", METHOD, FUNCTION, "def broken(:\n")
+    prompts = held_out_prompts(docs, 2)
+    # methods first; decorated ones and multi-line docstrings are left out; no syntax error
+    assert [p.source for p in prompts] == ["m0.py:Box.__init__", "m0.py:Box.size"]
+    assert prompts[1].prompt == (
+        '    def size(self):\n        """Return how many items there are."""'
+    )
+    # too few methods: functions count too
+    assert [p.source for p in held_out_prompts(docs, 3)] == [
+        "m0.py:Box.__init__",
+        "m0.py:Box.size",
+        "m1.py:add",
+    ]
+
+
+def test_held_out_prompts_are_spread_over_the_candidates(tmp_path: Path) -> None:
+    texts = [f"class C{i}:\n" + METHOD.split("\n", 1)[1] for i in range(9)]
+    prompts = held_out_prompts(_docs(tmp_path / "test.jsonl", *texts), 3)
+    # 18 candidates (two a file): the middle of each third, never all from one file
+    assert [p.source for p in prompts] == [
+        "m1.py:C1.size",
+        "m4.py:C4.size",
+        "m7.py:C7.size",
+    ]

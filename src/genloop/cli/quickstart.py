@@ -9,13 +9,14 @@ import typer
 from genloop.cli.context import console, err_console, open_workspace
 
 if TYPE_CHECKING:
+    from genloop.pipeline.quickstart import Sample
     from genloop.pipeline.runner import StageOutcome
 
 
 def quickstart(
     steps: Annotated[
         int | None,
-        typer.Option(help="Training steps \\[default: 300; 40 with --quick].", show_default=False),
+        typer.Option(help="Training steps \\[default: 480; 40 with --quick].", show_default=False),
     ] = None,
     quick: Annotated[
         bool,
@@ -32,8 +33,9 @@ def quickstart(
         list[str] | None, typer.Option("--set", help="Override a key: a.b=value (repeatable).")
     ] = None,
 ) -> None:
-    """Prepare the python-stdlib corpus, train a tokenizer and a tiny code model, evaluate
+    """Prepare the python-stdlib corpus, train a tokenizer and a small code model, evaluate
     it (perplexity, BLEU/ROUGE, pass@k), quantize it to int8, gate, register and promote it,
+    show what it writes after three held-out function openings beside the untrained model,
     create an admin key and serve it with the web UI, printing the URL and the key.
 
     Nothing is downloaded. A re-run skips every stage whose inputs did not change.
@@ -69,10 +71,43 @@ def quickstart(
                 f"({result.improvement:.1f}× lower)",
                 highlight=False,
             )
+        _show_samples(result.samples)
         console.print(f"production: {cfg.name}@production → {result.model}", highlight=False)
         if not serve:
             return
         _serve(ws, cfg, host, port)
+
+
+# A completion is shown up to this many lines, each up to this many characters.
+SHOWN_LINES, SHOWN_WIDTH = 6, 88
+
+
+def _show_samples(samples: list[Sample]) -> None:
+    """Each held-out prompt, then what the trained and the untrained model write after it."""
+    from genloop.pipeline.quickstart import SAMPLE_NEW_TOKENS, SAMPLE_TEMPERATURE
+
+    if not samples:
+        return
+    console.print(
+        f"held-out completions ({len(samples)} functions from the test split, "
+        f"{SAMPLE_NEW_TOKENS} new tokens at temperature {SAMPLE_TEMPERATURE}):",
+        highlight=False,
+    )
+    for i, s in enumerate(samples, 1):
+        console.print(f"── {i}. {s.source} ".ljust(SHOWN_WIDTH, "─"), highlight=False, markup=False)
+        console.print(_shown(s.prompt), highlight=False, markup=False)
+        for heading, text in (("trained", s.trained), ("untrained", s.untrained)):
+            console.print(f"  ┄ {heading}:", highlight=False)
+            console.print(_shown(text) or "  (nothing)", highlight=False, markup=False)
+
+
+def _shown(text: str) -> str:
+    """``text`` cut to SHOWN_LINES lines of at most SHOWN_WIDTH characters, "…" where cut."""
+    lines = text.strip("\n").expandtabs(4).splitlines()
+    shown = [line if len(line) <= SHOWN_WIDTH else line[: SHOWN_WIDTH - 1] + "…" for line in lines]
+    if len(shown) > SHOWN_LINES:
+        shown = [*shown[:SHOWN_LINES], "…"]
+    return "\n".join(line.rstrip() for line in shown)
 
 
 def _serve(ws: object, cfg: object, host: str, port: int) -> None:
