@@ -92,17 +92,33 @@ def test_auto_compiles_long_single_process_causal_lm_runs_on_a_gpu_only() -> Non
 def test_a_compile_that_fails_falls_back_to_eager_and_trains_the_same(
     ws: Workspace,
     eager: TrainResult,
-    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     import torch._inductor.config as inductor
 
     # a machine without a working C++ compiler: inductor fails at the first step
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nonexistent/g++"))
+    # (inductor.patch, not monkeypatch: undoing a setattr on inductor's config drops the key)
     torch._dynamo.reset()
-    with caplog.at_level(logging.WARNING, logger="genloop.train.loop"):
+    with (
+        inductor.patch({"cpp.cxx": (None, "/nonexistent/g++")}),
+        caplog.at_level(logging.WARNING, logger="genloop.train.loop"),
+    ):
         result = train(ws, config("fallback", compile=True), register=False)
     assert any("torch.compile failed" in r.getMessage() for r in caplog.records)
     assert result.steps == STEPS
     assert result.history == eager.history  # the failed attempt left no trace
     assert result.metrics["val_loss"] == eager.metrics["val_loss"]
+
+
+def test_a_compiled_run_compiles_each_decoder_layer_and_trains_what_eager_trains(
+    ws: Workspace, eager: TrainResult, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch._dynamo.reset()
+    with caplog.at_level(logging.INFO, logger="genloop.train.loop"):
+        result = train(ws, config("compiled", compile=True), register=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("compiling each of the 2 decoder layers" in m for m in messages)
+    assert not any("torch.compile failed" in m for m in messages)
+    assert result.steps == STEPS
+    assert result.history == pytest.approx(eager.history, abs=1e-4)
+    assert result.metrics["val_loss"] == pytest.approx(eager.metrics["val_loss"], abs=1e-4)

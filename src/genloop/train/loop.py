@@ -289,14 +289,15 @@ def setup(
     )
 
 
-# train.compile: auto compiles runs at least this long, and only on a GPU. Measured on a
-# CPU (benchmarks/bench_train.py, tiny preset, 2-core AMD EPYC with AVX512-BF16, one torch
-# thread, process CPU time): compiled steps were 1.01-1.06× eager ones in fp32 (matrix
-# products take 72% of a step; compiling only fuses the rest), while the warm-up took 13 s
-# with inductor's on-disk cache warm and 65 s cold: 200 to 1,000+ steps to pay it back,
-# too late for a short CPU run (train.compile: true still compiles).
-# On a GPU, fusing the elementwise work and cutting kernel launches usually pays within a
-# few hundred steps; the threshold leaves short runs (tests, smoke runs) eager.
+# train.compile: auto compiles runs at least this long, and only on a GPU. On a CPU
+# (benchmarks/bench_train.py, tiny preset, batch 8 × 256, 2-core AMD EPYC with
+# AVX512-BF16, one torch thread, process CPU time) regional compiling (compile_model) made
+# steps 1.04-1.08× faster than eager in fp32 and 1.24× in bf16, but its first step took
+# 15-20 s more (wall, a cold inductor cache; whole-model compiling took 65 s): 200-550
+# steps to pay back in fp32 on one thread, about twice that on two, too late for a short
+# CPU run (train.compile: true still compiles). On a GPU, fusing the elementwise work and
+# cutting kernel launches usually pays within a few hundred steps; the threshold leaves
+# short runs (tests, smoke runs) eager.
 COMPILE_AUTO_MIN_STEPS = 1000
 
 
@@ -316,17 +317,46 @@ def should_compile(t: TrainConfig, family: str, objective: str, dist: distribute
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """``torch.compile(model)``. Compiling happens at the first call; :func:`fit` falls back
-    to the eager model (``eager_model``) if it fails there."""
+    """Compile the model; compiling happens at the first call, and :func:`fit` falls back
+    to the eager model (``decompiled``) if it fails there.
+
+    A model with a stack of decoder layers (``model.model.layers``, the Llama layout) is
+    compiled regionally: each layer in place (``layer.compile()``), so one graph serves
+    every layer and the warm-up is that of one layer (PyTorch's "regional compilation"
+    recipe); the embedding, final norm and the fused output projection + loss stay eager.
+    Other models are compiled whole."""
     import torch
 
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        log.info(
+            "torch.compile: compiling each of the %d decoder layers at the first step", len(layers)
+        )
+        for layer in layers:
+            layer.compile()
+        return model
     log.info("torch.compile: compiling the model at the first step (train.compile)")
     return torch.compile(model)  # type: ignore[return-value]
 
 
 def eager_model(model: nn.Module) -> nn.Module:
-    """The module ``torch.compile`` wrapped (``model`` itself when not compiled)."""
+    """The module ``torch.compile`` wrapped (``model`` itself when not compiled whole)."""
     inner: nn.Module = getattr(model, "_orig_mod", model)
+    return inner
+
+
+def decompiled(model: nn.Module, *, dry_run: bool = False) -> nn.Module | None:
+    """``model`` without compiling: unwrapped, and its regionally compiled layers back to
+    their eager forward (``nn.Module.compile`` keeps the compiled call in
+    ``_compiled_call_impl``; ``None`` is the eager default). ``None`` when nothing in it
+    was compiled; with ``dry_run`` only that is found out, nothing changes."""
+    inner = eager_model(model)
+    compiled = [m for m in inner.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    if inner is model and not compiled:
+        return None
+    if not dry_run:
+        for module in compiled:
+            module._compiled_call_impl = None
     return inner
 
 
@@ -395,7 +425,7 @@ def fit(
     )
     val_batches = s.objective.val_batches(t.eval_batches)
     s.model.train()
-    compiling = eager_model(s.model) is not s.model
+    compiling = decompiled(s.model, dry_run=True) is not None
     tokens_window, time_window = 0, 0.0  # training throughput since the last evaluation
     while state.step < t.max_steps and not state.stopped_early:
         t0 = time.perf_counter()
@@ -552,7 +582,7 @@ def _first_compiled_step(
             type(exc).__name__,
             first_line,
         )
-        s.model = eager_model(s.model)
+        s.model = decompiled(s.model) or s.model
         s.optimizer.zero_grad(set_to_none=True)
         torch.random.set_rng_state(rng)
         if cuda_rng is not None:
@@ -592,7 +622,8 @@ def evaluate_loss(s: Setup, batches: list[Any], autocast: Any) -> float:
     model = eager_model(s.model)
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), autocast:
+    # regionally compiled layers (compile_model) run their eager forward here too
+    with torch.no_grad(), autocast, torch.compiler.set_stance("force_eager"):
         for batch in batches:
             loss, n = s.objective.loss(model, batch)
             total += float(loss) * n

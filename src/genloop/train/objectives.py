@@ -136,12 +136,15 @@ class LanguageModeling:
         return out
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        from genloop.models.fused_loss import can_fuse, fused_lm_loss
         from genloop.models.token_loss import token_loss
 
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
-        loss = token_loss(
-            logits, batch["targets"], label_smoothing=self.label_smoothing, z_loss_coef=self.z_loss
-        )
+        eps, c, y = self.label_smoothing, self.z_loss, batch["targets"]
+        if can_fuse(model):  # lm_head and the loss a chunk at a time, no full logits
+            loss = fused_lm_loss(model, batch["input_ids"], y, label_smoothing=eps, z_loss_coef=c)
+        else:
+            logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
+            loss = token_loss(logits, y, label_smoothing=eps, z_loss_coef=c)
         return loss, batch["targets"].numel()
 
 
