@@ -31,6 +31,8 @@ SAMPLE = {
     "feedback_id": "1",
     "key_id": "999",
     "item_id": "1",
+    "split": "train",
+    "index": "0",
 }
 SECRET = "TOPSECRET-do-not-serve"
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from genloop.security.keys import Principal
 from genloop.serve.api.admin.common import NAME, Admin, Page
 from genloop.serve.state import get_state
-from genloop.workspace.variants import model_variants
+from genloop.evaluate.variants import model_variants
 
 router = APIRouter()
 
