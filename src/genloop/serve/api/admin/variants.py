@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
 
+from genloop.evaluate.variants import model_variants
 from genloop.security.keys import Principal
 from genloop.serve.api.admin.common import NAME, Admin, Page
 from genloop.serve.state import get_state
-from genloop.evaluate.variants import model_variants
 
 router = APIRouter()
 
