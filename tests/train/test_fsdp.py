@@ -223,7 +223,9 @@ BUILD = textwrap.dedent(
         base, again if dist.is_main else None, family="causal_lm", tokenizer_dir=None
     )
     if dist.is_main:
-        torch.save(draw, out / "draw.pt")
+        from safetensors.torch import save_file
+
+        save_file({"draw": draw}, str(out / "draw.safetensors"))
     distributed.teardown(dist)
     """
 )
@@ -248,7 +250,7 @@ def test_a_model_built_sharded_starts_from_the_weights_one_process_builds_and_re
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k  # equal, not close
-    assert torch.equal(torch.load(tmp_path / "out" / "draw.pt"), draw)
+    assert torch.equal(load_file(str(tmp_path / "out" / "draw.safetensors"))["draw"], draw)
     # a base model read back shard by shard holds exactly the weights written
     reread = load_file(str(tmp_path / "again" / "model.safetensors"))
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
