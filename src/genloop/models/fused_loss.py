@@ -21,7 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from genloop.errors import GenloopError
-from genloop.models.token_loss import IGNORE_INDEX, _cross_entropy_sum
+from genloop.models.token_loss import (
+    IGNORE_INDEX,
+    _cross_entropy_sum,
+    check_options,
+    reduce_sum,
+)
 
 # positions per chunk: the chunk's logits are ROWS × V (16 MiB in fp32 at V = 8,192).
 # Whole tiny-preset training steps (8 × 256, V 6,837, 2-core EPYC, one thread) against the
@@ -92,10 +97,7 @@ def linear_cross_entropy(
             f"hidden states {tuple(hidden.shape)} and targets {tuple(targets.shape)} do not "
             "line up; expected (B, T, D) and (B, T)"
         )
-    if not 0.0 <= label_smoothing < 1.0:
-        raise GenloopError(f"label_smoothing must be in [0, 1) (got {label_smoothing})")
-    if z_loss_coef < 0.0:
-        raise GenloopError(f"z_loss_coef must be ≥ 0 (got {z_loss_coef})")
+    check_options(label_smoothing, z_loss_coef)
     flat_h = hidden.reshape(-1, hidden.size(-1))
     flat_t = targets.reshape(-1)
     args = (label_smoothing, z_loss_coef, ignore_index)
@@ -103,10 +105,7 @@ def linear_cross_entropy(
         loss: Tensor = _LinearCrossEntropy.apply(flat_h, weight, flat_t, *args)  # type: ignore[no-untyped-call]
     else:  # evaluation: the loss alone
         loss = _linear_cross_entropy_sum(flat_h, weight, flat_t, *args, with_grad=False)[0]
-    if reduction == "sum":
-        return loss
-    counted = (flat_t != ignore_index).sum().clamp(min=1)  # an all-masked batch gives 0
-    return loss / counted
+    return reduce_sum(loss, flat_t, reduction, ignore_index)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:

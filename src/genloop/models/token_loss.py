@@ -52,10 +52,7 @@ def token_loss(
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not line up; "
             "expected (B, T, V) and (B, T)"
         )
-    if not 0.0 <= label_smoothing < 1.0:
-        raise GenloopError(f"label_smoothing must be in [0, 1) (got {label_smoothing})")
-    if z_loss_coef < 0.0:
-        raise GenloopError(f"z_loss_coef must be ≥ 0 (got {z_loss_coef})")
+    check_options(label_smoothing, z_loss_coef)
     flat_logits = logits.reshape(-1, logits.size(-1))  # (N, V)
     flat_targets = targets.reshape(-1)  # (N,)
     args = (label_smoothing, z_loss_coef, ignore_index)
@@ -63,11 +60,25 @@ def token_loss(
         loss: Tensor = _CrossEntropy.apply(flat_logits, flat_targets, *args)  # type: ignore[no-untyped-call]
     else:  # evaluation: the loss alone
         loss = _cross_entropy_sum(flat_logits, flat_targets, *args, with_grad=False)[0]
+    return reduce_sum(loss, flat_targets, reduction, ignore_index)
+
+
+def check_options(label_smoothing: float, z_loss_coef: float) -> None:
+    """A clear error for a label smoothing outside [0, 1) or a negative z-loss weight."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise GenloopError(f"label_smoothing must be in [0, 1) (got {label_smoothing})")
+    if z_loss_coef < 0.0:
+        raise GenloopError(f"z_loss_coef must be ≥ 0 (got {z_loss_coef})")
+
+
+def reduce_sum(
+    loss: Tensor, targets: Tensor, reduction: Literal["mean", "sum"], ignore_index: int
+) -> Tensor:
+    """The summed ``loss`` as ``reduction`` asks: itself, or its mean over counted targets.
+    An all-masked batch gives 0 (not NaN), so one empty micro-batch cannot poison a step."""
     if reduction == "sum":
         return loss
-    # An all-masked batch gives 0 (not NaN), so one empty micro-batch cannot poison a step.
-    counted = (flat_targets != ignore_index).sum().clamp(min=1)
-    return loss / counted
+    return loss / (targets != ignore_index).sum().clamp(min=1)
 
 
 def _cross_entropy_sum(
