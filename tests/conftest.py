@@ -84,6 +84,25 @@ def write_corpus(root: Path, docs: int = 40) -> Path:
     return root
 
 
+def prose_workspace(root: Path, dataset: str) -> Workspace:
+    """A workspace under ``root`` holding ``dataset``: :func:`write_corpus`'s files, a
+    320-token BPE tokenizer, windows of 32 tokens, 10% validation and 5% test."""
+    from genloop.config import DataConfig, TokenizerConfig
+    from genloop.data.prepare import prepare_dataset
+
+    workspace = init_workspace(root / "ws")
+    data = DataConfig.model_validate(
+        {
+            "name": dataset,
+            "sources": [{"type": "files", "paths": [str(write_corpus(root / "corpus"))]}],
+            "split": {"val": 0.1, "test": 0.05},
+            "workers": 1,
+        }
+    )
+    prepare_dataset(workspace, data, TokenizerConfig(vocab_size=320, seq_len=32))
+    return workspace
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Iterator[Workspace]:
     """A fresh workspace with a SQLite catalog."""

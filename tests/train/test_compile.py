@@ -16,9 +16,9 @@ import torch
 from genloop.config import GenloopConfig, TrainConfig
 from genloop.train.distributed import Dist
 from genloop.train.loop import COMPILE_AUTO_MIN_STEPS, TrainResult, should_compile, train
-from genloop.workspace import Workspace, init_workspace
+from genloop.workspace import Workspace
 
-from ..conftest import write_corpus
+from ..conftest import prose_workspace
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,20 +49,7 @@ def config(name: str, **train: Any) -> GenloopConfig:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
-    from genloop.config import DataConfig, TokenizerConfig
-    from genloop.data.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("compile")
-    workspace = init_workspace(root / "ws")
-    data = DataConfig.model_validate(
-        {
-            "name": DATASET,
-            "sources": [{"type": "files", "paths": [str(write_corpus(root / "corpus"))]}],
-            "split": {"val": 0.1, "test": 0.05},
-            "workers": 1,
-        }
-    )
-    prepare_dataset(workspace, data, TokenizerConfig(vocab_size=320, seq_len=32))
+    workspace = prose_workspace(tmp_path_factory.mktemp("compile"), DATASET)
     yield workspace
     workspace.close()
 

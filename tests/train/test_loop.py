@@ -23,10 +23,10 @@ from genloop.errors import GenloopError
 from genloop.train import checkpoint as ckpt
 from genloop.train import loop
 from genloop.train.loop import TrainingDiverged, TrainResult, train
-from genloop.workspace import Workspace, init_workspace, registry
+from genloop.workspace import Workspace, registry
 from genloop.workspace.tables import Run, RunMetric
 
-from ..conftest import write_corpus
+from ..conftest import prose_workspace
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,20 +60,7 @@ def config(name: str, **train: Any) -> GenloopConfig:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     """A workspace holding the prepared fixture dataset ``fx``."""
-    from genloop.config import DataConfig, TokenizerConfig
-    from genloop.data.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("loop")
-    workspace = init_workspace(root / "ws")
-    data = DataConfig.model_validate(
-        {
-            "name": DATASET,
-            "sources": [{"type": "files", "paths": [str(write_corpus(root / "corpus"))]}],
-            "split": {"val": 0.1, "test": 0.05},
-            "workers": 1,
-        }
-    )
-    prepare_dataset(workspace, data, TokenizerConfig(vocab_size=320, seq_len=32))
+    workspace = prose_workspace(tmp_path_factory.mktemp("loop"), DATASET)
     yield workspace
     workspace.close()
 
