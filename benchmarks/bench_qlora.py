@@ -220,25 +220,16 @@ def prepare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """The dataset in a workspace, and the base saved in float32 and in bfloat16."""
     import torch
 
+    from bench_train import write_corpus  # this folder is on sys.path: run as a script
     from genloop.config import parse_config
     from genloop.data.prepare import prepare_dataset
-    from genloop.data.records import Record
-    from genloop.data.sources import build_source
     from genloop.data.tokenizer import eos_token_id, load_tokenizer
     from genloop.models.family import get_family
     from genloop.models.pretrained import save_hf_dir
     from genloop.workspace import init_workspace
 
-    corpus, total = tmp / "corpus", 0
-    for item in build_source({"type": "builtin", "name": "python-stdlib"}).records():
-        if not isinstance(item, Record) or item.text is None:
-            continue
-        path = corpus / item.id
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(item.text, encoding="utf-8")
-        total += len(item.text.encode("utf-8", "surrogatepass"))
-        if total >= args.corpus_mb * 1e6:
-            break
+    corpus = tmp / "corpus"
+    write_corpus(corpus, args.corpus_mb)  # the same files bench_train.py trains on
     cfg = parse_config(
         {
             "name": "bench-qlora",
