@@ -13,21 +13,15 @@ import pytest
 
 from ..serve.conftest import LiveServer
 from .test_accessibility import server, ws
-from .test_ui_browser import PHONE, WIDE, browser, shot, sign_in
+from .test_ui_browser import PHONE, WIDE, browser, checked_page, shot, sign_in
 
 __all__ = ["browser", "server", "ws"]  # the module-scoped fixtures this module reuses
 
 
 @pytest.fixture
 def page(browser: Any, server: LiveServer) -> Iterator[Any]:
-    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(20_000)
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors: {errors}"
+    with checked_page(browser, server.url, viewport={"width": 1280, "height": 900}) as pg:
+        yield pg
 
 
 def _cells(page: Any, ref: str) -> dict[str, str]:

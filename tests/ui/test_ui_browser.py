@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -238,17 +239,25 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-@pytest.fixture
-def page(browser: Any, server: LiveServer) -> Iterator[Any]:
-    context = browser.new_context(base_url=server.url, viewport=WIDE_SCREEN)
+@contextmanager
+def checked_page(browser: Any, url: str, **options: Any) -> Iterator[Any]:
+    """A page in a fresh browser context (``options`` as ``new_context`` takes them) that
+    fails the test, once closed, if the page's JavaScript raised."""
+    context = browser.new_context(base_url=url, **options)
     context.set_default_timeout(20_000)
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    pg.on("dialog", lambda dialog: dialog.accept())  # promote / roll back confirmations
     yield pg
     context.close()
     assert not errors, f"JavaScript errors: {errors}"
+
+
+@pytest.fixture
+def page(browser: Any, server: LiveServer) -> Iterator[Any]:
+    with checked_page(browser, server.url, viewport=WIDE_SCREEN) as pg:
+        pg.on("dialog", lambda dialog: dialog.accept())  # promote / roll back confirmations
+        yield pg
 
 
 def chart_series(figure: Any) -> list[str]:
